@@ -1,0 +1,88 @@
+"""``qalora_tune::int4_linear``: ``x @ W^T`` through the torchao int4 kernels, with an input
+gradient.
+
+torchao's int4 subclasses run inference only: the kernels have no derivative and the
+subclasses are created with ``requires_grad=False``. QA-LoRA backpropagates through the
+frozen base to the adapters of earlier layers, so this op supplies
+``grad_x = grad_y @ W`` from the dequantized weight (freed right after the matmul; only
+the current layer's dense weight exists at any time). The op takes the subclass's inner
+tensors, so ``torch.compile`` sees one opaque node per base matmul.
+"""
+
+from typing import Any, Optional, Tuple
+
+import torch
+
+from qalora_tune.quantization.int4_weight import dequantize_packed, tinygemm_padded_in_features
+
+__all__ = ["int4_linear"]
+
+
+def _cpu_forward(x2d, qdata, scale_and_zero, group_size):
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(
+        x2d, qdata, group_size, scale_and_zero
+    )
+
+
+def _cuda_forward(x2d, qdata, scale_and_zero, group_size):
+    k_pad = tinygemm_padded_in_features(qdata)
+    x2d = torch.nn.functional.pad(x2d, (0, k_pad - x2d.shape[-1]))
+    return torch.ops.aten._weight_int4pack_mm(x2d, qdata, group_size, scale_and_zero)
+
+
+@torch.library.custom_op("qalora_tune::int4_linear", mutates_args=())
+def int4_linear(
+    x: torch.Tensor,
+    qdata: torch.Tensor,
+    scale_and_zero: torch.Tensor,
+    group_size: int,
+    out_features: int,
+) -> torch.Tensor:
+    """``x @ W^T`` for an int4 weight given by its packed codes and scales/zeros.
+
+    Args:
+        x (torch.Tensor): ``(..., in_dim)``; computed in ``scale_and_zero.dtype``.
+        qdata (torch.Tensor): packed codes (CPU or tinygemm layout).
+        scale_and_zero (torch.Tensor): ``(n_groups_pad, N_pad, 2)``.
+        group_size (int): quantization group size.
+        out_features (int): ``N``.
+
+    Returns:
+        torch.Tensor: ``(..., out_features)`` in ``x.dtype``.
+    """
+    x2d = x.reshape(-1, x.shape[-1]).to(scale_and_zero.dtype).contiguous()
+    if x.device.type == "cpu":
+        y = _cpu_forward(x2d, qdata, scale_and_zero, group_size)
+    else:
+        y = _cuda_forward(x2d, qdata, scale_and_zero, group_size)
+    return y[:, :out_features].reshape(*x.shape[:-1], out_features).to(x.dtype)
+
+
+@int4_linear.register_fake
+def _(x, qdata, scale_and_zero, group_size, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _setup_context(ctx: Any, inputs: Tuple[Any, ...], output: torch.Tensor) -> None:
+    x, qdata, scale_and_zero, group_size, out_features = inputs
+    ctx.save_for_backward(qdata, scale_and_zero)
+    ctx.group_size = group_size
+    ctx.out_features = out_features
+    ctx.in_features = x.shape[-1]
+    ctx.x_dtype = x.dtype
+
+
+def _backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None, None
+    qdata, scale_and_zero = ctx.saved_tensors
+    # dequantized exactly in fp32, then rounded once to the compute dtype
+    weight = dequantize_packed(
+        qdata, scale_and_zero, ctx.group_size, ctx.out_features, ctx.in_features,
+        torch.float32,
+    ).to(scale_and_zero.dtype)
+    grad_x = grad.to(weight.dtype) @ weight
+    return grad_x.to(ctx.x_dtype), None, None, None, None
+
+
+int4_linear.register_autograd(_backward, setup_context=_setup_context)

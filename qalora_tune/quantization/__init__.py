@@ -1,0 +1,35 @@
+"""Group-wise quantization of the frozen base and its torchao int4 storage."""
+
+from qalora_tune.quantization.group_quant import (
+    GroupQuantizedWeight,
+    QUANTIZERS,
+    get_quantizer,
+    quantize_hqq,
+    quantize_rtn,
+    validate_group_size,
+)
+from qalora_tune.quantization.int4_weight import (
+    INT4_KERNEL_GROUP_SIZES,
+    Int4Weight,
+    dequantize_int4,
+    from_torchao_int4,
+    is_int4_weight,
+    to_torchao_int4,
+    zero_points,
+)
+
+__all__ = [
+    "GroupQuantizedWeight",
+    "INT4_KERNEL_GROUP_SIZES",
+    "Int4Weight",
+    "QUANTIZERS",
+    "dequantize_int4",
+    "from_torchao_int4",
+    "get_quantizer",
+    "is_int4_weight",
+    "quantize_hqq",
+    "quantize_rtn",
+    "to_torchao_int4",
+    "validate_group_size",
+    "zero_points",
+]

@@ -1,0 +1,174 @@
+"""Asymmetric group-wise quantization with zero points in the float domain.
+
+Convention (torchao's tinygemm, and the one QA-LoRA's exact merge needs)::
+
+    w[n, g * G + i] = (q[n, g * G + i] - mid) * scale[n, g] + zero[n, g]
+    q in [0, 2**bits - 1],  mid = 2**(bits - 1)
+
+Groups run along the input dimension and are contiguous (no act-order permutation).
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Dict
+
+import torch
+
+from qalora_tune._compat import (
+    MappingType,
+    choose_qparams_and_quantize_hqq,
+    choose_qparams_tinygemm,
+    quantize_tinygemm,
+)
+
+__all__ = [
+    "GroupQuantizedWeight",
+    "QUANTIZERS",
+    "get_quantizer",
+    "quantize_hqq",
+    "quantize_rtn",
+    "validate_group_size",
+]
+
+SUPPORTED_BITS = (4,)
+
+
+@dataclass
+class GroupQuantizedWeight:
+    """A weight quantized per (output row, contiguous input group), in a plain layout.
+
+    Attributes:
+        qdata (torch.Tensor): integer codes of shape ``(out_dim, in_dim)``, dtype uint8,
+            values in ``[0, 2**bits - 1]``.
+        scale (torch.Tensor): per-group scales of shape ``(out_dim, in_dim // group_size)``.
+        zero (torch.Tensor): per-group float zero points, same shape as ``scale``.
+        group_size (int): number of consecutive input columns sharing one scale/zero.
+        bits (int): bit width of the codes.
+    """
+
+    qdata: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    group_size: int
+    bits: int = 4
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.qdata.shape
+
+    @property
+    def mid(self) -> int:
+        return 2 ** (self.bits - 1)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Return the dequantized weight of shape ``(out_dim, in_dim)`` in ``dtype``."""
+        q = self.qdata.to(dtype) - self.mid
+        scale = self.scale.to(dtype).repeat_interleave(self.group_size, dim=1)
+        zero = self.zero.to(dtype).repeat_interleave(self.group_size, dim=1)
+        return q * scale + zero
+
+
+def validate_group_size(in_dim: int, group_size: int) -> None:
+    """Raise ``ValueError`` unless ``group_size`` is a positive divisor of ``in_dim``."""
+    if group_size <= 0 or in_dim % group_size != 0:
+        raise ValueError(
+            f"group_size={group_size} must be a positive divisor of in_dim={in_dim}; "
+            f"choose a group_size that divides {in_dim}"
+        )
+
+
+def _check_weight(weight: torch.Tensor, group_size: int, bits: int) -> None:
+    if weight.ndim != 2 or not weight.is_floating_point():
+        raise TypeError(
+            f"expected a 2D floating-point weight (out_dim, in_dim), got {tuple(weight.shape)} "
+            f"of dtype {weight.dtype}"
+        )
+    validate_group_size(weight.shape[1], group_size)
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits} is not supported; use one of {SUPPORTED_BITS}")
+
+
+def quantize_rtn(
+    weight: torch.Tensor, group_size: int, bits: int = 4
+) -> GroupQuantizedWeight:
+    """Round-to-nearest min-max quantization with torchao's tinygemm qparams.
+
+    Args:
+        weight (torch.Tensor): full-precision weight of shape ``(out_dim, in_dim)``.
+        group_size (int): input columns per quantization group.
+        bits (int): bit width of the codes.
+
+    Returns:
+        GroupQuantizedWeight: codes, float32 scales and zero points.
+    """
+    _check_weight(weight, group_size, bits)
+    w = weight.detach().float()
+    block_size = (1, group_size)
+    qmax = 2**bits - 1
+    scale, zero = choose_qparams_tinygemm(
+        w,
+        MappingType.ASYMMETRIC,
+        block_size,
+        torch.int32,
+        0,
+        qmax,
+        1e-6,
+        torch.float32,
+        torch.float32,
+    )
+    q = quantize_tinygemm(w, block_size, scale, zero, torch.int32, 0, qmax)
+    n_groups = w.shape[1] // group_size
+    return GroupQuantizedWeight(
+        qdata=q.to(torch.uint8),
+        scale=scale.reshape(w.shape[0], n_groups),
+        zero=zero.reshape(w.shape[0], n_groups),
+        group_size=group_size,
+        bits=bits,
+    )
+
+
+def quantize_hqq(
+    weight: torch.Tensor, group_size: int, bits: int = 4
+) -> GroupQuantizedWeight:
+    """Half-quadratic quantization (torchao's HQQ solver), float zero points.
+
+    Args:
+        weight (torch.Tensor): full-precision weight of shape ``(out_dim, in_dim)``.
+        group_size (int): input columns per quantization group.
+        bits (int): bit width of the codes.
+
+    Returns:
+        GroupQuantizedWeight: codes, float32 scales and zero points.
+    """
+    _check_weight(weight, group_size, bits)
+    w = weight.detach().float()
+    q, scale, zero, _ = choose_qparams_and_quantize_hqq(
+        w,
+        nbits=bits,
+        group_size=group_size,
+        axis=1,
+        compute_dtype=torch.float32,
+        device=w.device,
+    )
+    n_groups = w.shape[1] // group_size
+    return GroupQuantizedWeight(
+        qdata=q.reshape(w.shape).to(torch.uint8),
+        scale=scale.reshape(w.shape[0], n_groups).float(),
+        zero=zero.reshape(w.shape[0], n_groups).float(),
+        group_size=group_size,
+        bits=bits,
+    )
+
+
+Quantizer = Callable[[torch.Tensor, int, int], GroupQuantizedWeight]
+
+QUANTIZERS: Dict[str, Quantizer] = {"rtn": quantize_rtn, "hqq": quantize_hqq}
+
+
+def get_quantizer(name: str) -> Quantizer:
+    """Return the base quantizer registered under ``name`` (``"rtn"`` or ``"hqq"``)."""
+    try:
+        return QUANTIZERS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown base quantizer {name!r}; choose one of {sorted(QUANTIZERS)}"
+        ) from None

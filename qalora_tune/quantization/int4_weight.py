@@ -1,0 +1,276 @@
+"""The frozen QA-LoRA base as torchao int4 tensor subclasses, and what training needs of them.
+
+- CPU: :class:`torchao.prototype.int4_opaque_tensor.Int4OpaqueTensor` (kernel
+  ``aten._weight_int4pack_mm_for_cpu``; bf16, fp16 or fp32 scales and zeros).
+- CUDA sm80+: :class:`torchao.quantization.Int4TilePackedTo4dTensor` (tinygemm kernel
+  ``aten._weight_int4pack_mm``; bf16 only, ``in_dim`` padded to a multiple of 1024).
+
+Both store ``scale_and_zero`` of shape ``(n_groups, out_dim_padded, 2)`` with float zero
+points, which is what makes the QA-LoRA merge a pure zero-point update. torchao 0.15 gives
+neither class a way back to plain codes, nor a device move that changes the packing; this
+module adds both (registered on the classes when ``qalora_tune`` is imported).
+"""
+
+from typing import Optional, Union
+
+import torch
+
+from qalora_tune._compat import (
+    Int4OpaqueTensor,
+    Int4TilePackedTo4dTensor,
+    pack_tinygemm_scales_and_zeros,
+    unpack_tinygemm_scales_and_zeros,
+)
+from qalora_tune.quantization.cpu_int4_layout import (
+    PACK_ROW_MULTIPLE,
+    pack_cpu_int4,
+    unpack_cpu_int4,
+)
+from qalora_tune.quantization.group_quant import GroupQuantizedWeight
+
+__all__ = [
+    "INT4_KERNEL_GROUP_SIZES",
+    "Int4Weight",
+    "dequantize_int4",
+    "dequantize_packed",
+    "from_torchao_int4",
+    "is_int4_weight",
+    "tinygemm_padded_in_features",
+    "to_torchao_int4",
+    "zero_points",
+]
+
+Int4Weight = Union[Int4OpaqueTensor, Int4TilePackedTo4dTensor]
+
+INT4_KERNEL_GROUP_SIZES = (32, 64, 128, 256)
+_CUDA_K_MULTIPLE = 1024
+_CUDA_N_MULTIPLE = 8
+_CUDA_INNER_K_TILES = 8
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return (value + multiple - 1) // multiple * multiple
+
+
+def is_int4_weight(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is one of the torchao int4 subclasses this project computes with."""
+    return isinstance(tensor, (Int4OpaqueTensor, Int4TilePackedTo4dTensor))
+
+
+def _pad_codes(gq: GroupQuantizedWeight, n_pad: int, k_pad: int):
+    n, k = gq.shape
+    g_pad = k_pad // gq.group_size
+    q = torch.full((n_pad, k_pad), gq.mid, dtype=torch.uint8, device=gq.qdata.device)
+    q[:n, :k] = gq.qdata
+    scale = gq.scale.new_zeros(n_pad, g_pad)
+    zero = gq.zero.new_zeros(n_pad, g_pad)
+    scale[:n, : k // gq.group_size] = gq.scale
+    zero[:n, : k // gq.group_size] = gq.zero
+    return q, scale, zero
+
+
+def to_torchao_int4(
+    gq: GroupQuantizedWeight,
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> Int4Weight:
+    """Pack a plain group-quantized weight into the torchao int4 subclass for ``device``.
+
+    Args:
+        gq (GroupQuantizedWeight): 4-bit codes, scales and zeros, shape ``(out_dim, in_dim)``.
+        device (str or torch.device, optional): target device; defaults to ``gq``'s.
+        dtype (torch.dtype, optional): dtype of ``scale_and_zero`` and of the kernel's
+            compute. Defaults to ``torch.get_default_dtype()`` on CPU; CUDA needs bfloat16.
+
+    Returns:
+        Int4OpaqueTensor on CPU, Int4TilePackedTo4dTensor on CUDA.
+
+    Raises:
+        ValueError: for bit widths or group sizes the int4 kernels do not support.
+    """
+    device = torch.device(device) if device is not None else gq.qdata.device
+    if gq.bits != 4:
+        raise ValueError(f"the int4 kernels need bits=4, got bits={gq.bits}")
+    if gq.group_size not in INT4_KERNEL_GROUP_SIZES:
+        raise ValueError(
+            f"group_size={gq.group_size} has no int4 kernel; "
+            f"use one of {INT4_KERNEL_GROUP_SIZES}"
+        )
+    n, k = gq.shape
+    if device.type == "cpu":
+        dtype = dtype or torch.get_default_dtype()
+        q, scale, zero = _pad_codes(gq, _round_up(n, PACK_ROW_MULTIPLE), k)
+        return Int4OpaqueTensor(
+            qdata=pack_cpu_int4(q.cpu()),
+            scale_and_zero=pack_tinygemm_scales_and_zeros(
+                scale.to("cpu", dtype), zero.to("cpu", dtype), dtype
+            ),
+            block_size=[1, gq.group_size],
+            shape=torch.Size([n, k]),
+        )
+    if device.type == "cuda":
+        dtype = dtype or torch.bfloat16
+        if dtype != torch.bfloat16:
+            raise ValueError(
+                f"the CUDA int4 kernel (tinygemm) computes in bfloat16, got dtype={dtype}; "
+                "train with dtype=bf16 on CUDA"
+            )
+        if torch.cuda.get_device_capability(device)[0] < 8:
+            raise ValueError(
+                "the CUDA int4 kernel (tinygemm) needs compute capability 8.0 or newer"
+            )
+        q, scale, zero = _pad_codes(
+            gq, _round_up(n, _CUDA_N_MULTIPLE), _round_up(k, _CUDA_K_MULTIPLE)
+        )
+        q = q.to(device)
+        pairs = (q[:, ::2] << 4 | q[:, 1::2]).contiguous()
+        return Int4TilePackedTo4dTensor(
+            qdata=torch.ops.aten._convert_weight_to_int4pack(pairs, _CUDA_INNER_K_TILES),
+            scale_and_zero=pack_tinygemm_scales_and_zeros(
+                scale.to(device, dtype), zero.to(device, dtype), dtype
+            ),
+            block_size=[1, gq.group_size],
+            shape=torch.Size([n, k]),
+        )
+    raise ValueError(
+        f"no int4 kernel for device {device}; use a CPU or a CUDA (sm80+) device"
+    )
+
+
+def _tinygemm_codes(weight: Int4TilePackedTo4dTensor) -> torch.Tensor:
+    # tinygemm has no unpack: multiply the identity with unit scales and zero offsets,
+    # which yields (q - 8) exactly in bfloat16
+    k_pad = tinygemm_padded_in_features(weight.qdata)
+    unit = torch.zeros_like(weight.scale_and_zero)
+    unit[..., 0] = 1
+    eye = torch.eye(k_pad, dtype=torch.bfloat16, device=weight.device)
+    shifted = torch.ops.aten._weight_int4pack_mm(
+        eye, weight.qdata, weight.block_size[1], unit
+    )
+    return (shifted.t() + 8).round().to(torch.uint8)
+
+
+def tinygemm_padded_in_features(qdata: torch.Tensor) -> int:
+    """``in_dim`` after tinygemm's padding, read off its 4D packed codes."""
+    return qdata.shape[1] * _CUDA_INNER_K_TILES * 16
+
+
+def dequantize_packed(
+    qdata: torch.Tensor,
+    scale_and_zero: torch.Tensor,
+    group_size: int,
+    out_features: int,
+    in_features: int,
+    dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """Dense ``(out_features, in_features)`` weight from an int4 subclass's inner tensors.
+
+    Args:
+        qdata (torch.Tensor): CPU layout ``(N_pad, K / 2)`` uint8, or tinygemm's 4D layout.
+        scale_and_zero (torch.Tensor): ``(n_groups_pad, N_pad, 2)``.
+        group_size (int): quantization group size.
+        out_features (int): ``N`` (rows beyond it are padding).
+        in_features (int): ``K``.
+        dtype (torch.dtype, optional): dtype to compute and return in; defaults to
+            ``scale_and_zero.dtype``.
+
+    Returns:
+        torch.Tensor: ``(q - 8) * scale + zero``.
+    """
+    dtype = dtype or scale_and_zero.dtype
+    if qdata.dim() == 2:
+        q = unpack_cpu_int4(qdata, qdata.shape[0], in_features)[:out_features]
+        n_groups = in_features // group_size
+        scale = scale_and_zero[:n_groups, :out_features, 0].t().to(dtype)
+        zero = scale_and_zero[:n_groups, :out_features, 1].t().to(dtype)
+        w = (q.to(dtype) - 8).unflatten(-1, (n_groups, group_size))
+        w = w * scale.unsqueeze(-1) + zero.unsqueeze(-1)
+        return w.flatten(-2)
+    k_pad = tinygemm_padded_in_features(qdata)
+    eye = torch.eye(k_pad, dtype=scale_and_zero.dtype, device=qdata.device)
+    dense_t = torch.ops.aten._weight_int4pack_mm(eye, qdata, group_size, scale_and_zero)
+    return dense_t[:in_features, :out_features].t().to(dtype)
+
+
+def from_torchao_int4(weight: Int4Weight) -> GroupQuantizedWeight:
+    """Unpack a torchao int4 weight into plain codes, scales and zeros (on its device).
+
+    Args:
+        weight (Int4OpaqueTensor or Int4TilePackedTo4dTensor): packed weight.
+
+    Returns:
+        GroupQuantizedWeight: codes ``(out_dim, in_dim)`` and scales/zeros
+        ``(out_dim, in_dim // group_size)`` in the weight's dtype.
+    """
+    if not is_int4_weight(weight):
+        raise TypeError(
+            f"expected Int4OpaqueTensor or Int4TilePackedTo4dTensor, got {type(weight).__name__}"
+        )
+    n, k = weight.shape
+    group_size = weight.block_size[1]
+    if isinstance(weight, Int4OpaqueTensor):
+        q = unpack_cpu_int4(weight.qdata, weight.qdata.shape[0], k)[:n]
+    else:
+        q = _tinygemm_codes(weight)[:n, :k]
+    scale, zero = unpack_tinygemm_scales_and_zeros(weight.scale_and_zero)
+    n_groups = k // group_size
+    return GroupQuantizedWeight(
+        qdata=q.contiguous(),
+        scale=scale.squeeze(-1)[:n, :n_groups].contiguous(),
+        zero=zero.squeeze(-1)[:n, :n_groups].contiguous(),
+        group_size=group_size,
+        bits=4,
+    )
+
+
+def dequantize_int4(
+    weight: Int4Weight, dtype: Optional[torch.dtype] = None
+) -> torch.Tensor:
+    """Dequantize a torchao int4 weight to a dense ``(out_dim, in_dim)`` tensor.
+
+    Args:
+        weight (Int4OpaqueTensor or Int4TilePackedTo4dTensor): packed weight.
+        dtype (torch.dtype, optional): output dtype; defaults to the weight's dtype.
+
+    Returns:
+        torch.Tensor: ``(q - 8) * scale + zero`` of shape ``(out_dim, in_dim)``.
+    """
+    n, k = weight.shape
+    return dequantize_packed(
+        weight.qdata, weight.scale_and_zero, weight.block_size[1], n, k, dtype
+    )
+
+
+def zero_points(weight: Int4Weight) -> torch.Tensor:
+    """A writable view of the float zero points, shape ``(out_dim, in_dim // group_size)``.
+
+    Writing into it changes the weight in place; this is all a QA-LoRA merge touches.
+    """
+    n, k = weight.shape
+    n_groups = k // weight.block_size[1]
+    return weight.scale_and_zero[:n_groups, :n, 1].t()
+
+
+def _int4_to_copy(func, types, args, kwargs):
+    """``Tensor.to`` for int4 weights: repack when the device type changes, cast scales
+    and zeros when the dtype changes (torchao 0.15 keeps the layout and ignores dtype)."""
+    weight = args[0]
+    device = torch.device(kwargs.get("device") or weight.device)
+    dtype = kwargs.get("dtype") or weight.dtype
+    if device.type == weight.device.type and dtype == weight.dtype:
+        return weight.__class__(
+            weight.qdata.to(device),
+            weight.scale_and_zero.to(device),
+            weight.block_size,
+            weight.shape,
+            act_pre_scale=None
+            if weight.act_pre_scale is None
+            else weight.act_pre_scale.to(device),
+        )
+    if weight.act_pre_scale is not None:
+        raise ValueError("moving an int4 weight with act_pre_scale is not supported")
+    return to_torchao_int4(from_torchao_int4(weight), device=device, dtype=dtype)
+
+
+for _cls in (Int4OpaqueTensor, Int4TilePackedTo4dTensor):
+    _cls.implements(torch.ops.aten._to_copy.default)(_int4_to_copy)

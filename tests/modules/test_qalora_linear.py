@@ -1,0 +1,276 @@
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qalora_tune import QALoRALinear
+from qalora_tune._compat import Int4OpaqueTensor
+from qalora_tune.quantization import (
+    dequantize_int4,
+    from_torchao_int4,
+    get_quantizer,
+    quantize_rtn,
+    to_torchao_int4,
+    zero_points,
+)
+from tests.reference import (
+    CUDA_SKIP_REASON,
+    UNIT_ROUNDOFF,
+    assert_within,
+    matmul_error_bound,
+    pooled_lora_reference,
+    requires_cuda,
+)
+
+
+def _layer(in_dim=256, out_dim=96, rank=8, alpha=16.0, group_size=64, dtype=torch.float32, **kwargs):
+    layer = QALoRALinear.from_linear(
+        nn.Linear(in_dim, out_dim), rank=rank, alpha=alpha, group_size=group_size, dtype=dtype, **kwargs
+    )
+    with torch.no_grad():  # a trained-looking adapter: B no longer zero
+        layer.lora_b.weight.normal_(0.0, 0.05)
+    return layer
+
+
+def _reference(layer, x):
+    """Float64 dense reference: dequantized base + bias + pooled adapter."""
+    dense = dequantize_int4(layer.weight, torch.float64)
+    out = x.double() @ dense.t() + layer.bias.double()
+    adapter = pooled_lora_reference(x, layer.lora_a.weight, layer.lora_b.weight, layer.group_size, layer.scaling)
+    return out + adapter, dense
+
+
+@pytest.mark.parametrize("in_dim,out_dim", [(128, 48), (256, 200), (512, 64)])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("rank", [1, 4, 16, 64])
+def test_forward_and_gradients_match_float64(in_dim, out_dim, group_size, rank):
+    layer = _layer(in_dim, out_dim, rank=rank, alpha=2.0 * rank, group_size=group_size)
+    x = torch.randn(3, 7, in_dim, requires_grad=True)
+    out = layer(x)
+    x64 = x.detach().double().requires_grad_()
+    a64 = layer.lora_a.weight.detach().double().requires_grad_()
+    b64 = layer.lora_b.weight.detach().double().requires_grad_()
+    dense = dequantize_int4(layer.weight, torch.float64)
+    ref = x64 @ dense.t() + layer.bias.double() + pooled_lora_reference(x64, a64, b64, group_size, layer.scaling)
+    bound = matmul_error_bound(x.detach(), dense, torch.float32, ref.detach()) + 1e-5 * ref.detach().abs().max()
+    assert_within(out, ref.detach(), bound, "forward")
+
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref.backward(grad.double())
+    torch.testing.assert_close(layer.lora_a.weight.grad.double(), a64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.lora_b.weight.grad.double(), b64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-5)
+    assert layer.weight.grad is None and not layer.weight.requires_grad
+
+
+def test_zero_b_equals_quantized_base():
+    layer = QALoRALinear.from_linear(nn.Linear(256, 96), rank=8, alpha=16.0, group_size=64)
+    x = torch.randn(5, 256)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))  # torchao's own int4 path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_changes_only_zero_points_with_one_rounding(dtype):
+    layer = _layer(dtype=dtype)
+    before = from_torchao_int4(layer.weight)
+    delta = layer.zero_point_delta()
+    layer.merge()
+    after = from_torchao_int4(layer.weight)
+    assert layer.merged
+    assert torch.equal(after.qdata, before.qdata) and torch.equal(after.scale, before.scale)
+    assert torch.equal(after.zero, (before.zero.double() + delta).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_output_equals_unmerged_within_zero_rounding(dtype):
+    layer = _layer(in_dim=512, out_dim=128, group_size=64, dtype=dtype)
+    x = torch.randn(16, 512).to(dtype)
+    with torch.no_grad():
+        unmerged = layer(x)
+        exact, dense = _reference(layer, x)
+        layer.merge()
+        merged = layer(x)
+    # The merged layer differs from the exact unmerged function only by rounding the new
+    # zeros to `dtype` (|err| <= u |z'| per group, multiplied by that group's input sum) and
+    # by the kernel's own rounding; the unmerged bf16 layer also rounds its adapter output.
+    u = UNIT_ROUNDOFF[dtype]
+    new_zeros = zero_points(layer.weight).double().abs()
+    group_sums = x.double().unflatten(-1, (-1, 64)).sum(-1).abs()
+    zero_rounding = u * group_sums @ new_zeros.t()
+    kernel = matmul_error_bound(x, dense, dtype, exact)
+    adapter_rounding = 4 * u * (exact.abs() + (x.double().abs() @ dense.abs().t()))
+    assert_within(merged, exact, zero_rounding + kernel, "merged vs exact unmerged")
+    assert_within(merged, unmerged, zero_rounding + 2 * kernel + adapter_rounding, "merged vs unmerged")
+
+
+def test_unmerge_restores_zeros_bitwise_and_output():
+    layer = _layer(dtype=torch.bfloat16)
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    original = layer.weight.scale_and_zero.clone()
+    with torch.no_grad():
+        expected = layer(x)
+        layer.merge()
+        layer.unmerge()
+        assert torch.equal(layer.weight.scale_and_zero, original)
+        assert torch.equal(layer(x), expected)
+    assert not layer.merged
+
+
+def test_unmerge_of_a_loaded_merged_layer_subtracts_with_one_rounding():
+    layer = _layer(dtype=torch.float32)
+    original = zero_points(layer.weight).clone()
+    layer.merge()
+    layer._premerge_zeros = None  # as after loading a merged checkpoint
+    merged = zero_points(layer.weight).clone()
+    layer.unmerge()
+    expected = (merged.double() - layer.zero_point_delta()).float()
+    assert torch.equal(zero_points(layer.weight), expected)
+    assert (zero_points(layer.weight) - original).abs().max() <= 4 * UNIT_ROUNDOFF[torch.float32] * original.abs().max()
+
+
+def test_merge_state_is_tracked():
+    layer = _layer()
+    with pytest.raises(ValueError, match="not merged"):
+        layer.unmerge()
+    layer.merge()
+    with pytest.raises(ValueError, match="already merged"):
+        layer.merge()
+    layer.disabled = True
+    with pytest.raises(ValueError, match="unmerge\\(\\) before disabling"):
+        layer(torch.randn(2, 256))
+
+
+def test_disabled_adapter_gives_the_base():
+    layer = _layer()
+    x = torch.randn(3, 256)
+    layer.disabled = True
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_dropout_applies_to_adapter_input_in_training_only():
+    layer = _layer(dropout=0.5)
+    x = torch.randn(64, 256)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(in_dim=200, group_size=64), "group_size=64 must be a positive divisor of in_dim=200"),
+        (dict(in_dim=256, group_size=16), "group_size=16 has no int4 kernel"),
+        (dict(rank=0), "rank must be a positive integer"),
+        (dict(alpha=0.0), "alpha must be positive"),
+        (dict(alpha=-1.0), "alpha must be positive"),
+        (dict(dropout=1.0), "dropout must be in"),
+        (dict(quantizer="nf4"), "unknown base quantizer 'nf4'"),
+    ],
+)
+def test_bad_hyperparameters_are_refused(kwargs, message):
+    args = dict(in_dim=256, out_dim=32, rank=4, alpha=8.0, group_size=64)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        QALoRALinear(**args)
+
+
+def test_base_must_be_asymmetric_with_contiguous_matching_groups():
+    base = to_torchao_int4(quantize_rtn(torch.randn(32, 256), 128), device="cpu", dtype=torch.float32)
+    with pytest.raises(ValueError, match="block_size=\\(1, 128\\).*group_size"):
+        QALoRALinear.from_int4(base, rank=4, alpha=8.0, group_size=64)
+    with pytest.raises(TypeError, match="asymmetric, float zero points"):
+        QALoRALinear.from_int4(torch.randn(32, 256), rank=4, alpha=8.0)
+    prescaled = to_torchao_int4(quantize_rtn(torch.randn(32, 256), 64), device="cpu", dtype=torch.float32)
+    prescaled.act_pre_scale = torch.ones(256)
+    with pytest.raises(ValueError, match="act_pre_scale"):
+        QALoRALinear.from_int4(prescaled, rank=4, alpha=8.0)
+    layer = QALoRALinear.from_int4(base, rank=4, alpha=8.0)
+    assert layer.group_size == 128 and layer.weight is not None
+
+
+def test_state_dict_round_trip_through_torch_save():
+    layer = _layer()
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = QALoRALinear(256, 96, rank=8, alpha=16.0, group_size=64, use_bias=True)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    x = torch.randn(4, 256)
+    assert isinstance(fresh.weight, Int4OpaqueTensor)
+    assert torch.equal(fresh(x), layer(x))
+
+
+@pytest.mark.parametrize("quantizer", ["rtn", "hqq"])
+def test_loading_a_full_precision_weight_quantizes_it(quantizer):
+    linear = nn.Linear(256, 96)
+    fresh = QALoRALinear(256, 96, rank=8, alpha=16.0, group_size=64, use_bias=True, quantizer=quantizer)
+    state = {"weight": linear.weight.detach(), "bias": linear.bias.detach()}
+    state.update({k: v for k, v in fresh.state_dict().items() if k.startswith("lora")})
+    fresh.load_state_dict(state)
+    assert isinstance(fresh.weight, Int4OpaqueTensor)
+    expected = get_quantizer(quantizer)(linear.weight, 64).dequantize()
+    assert torch.equal(dequantize_int4(fresh.weight), expected)
+
+
+def test_bfloat16_layer_trains_in_bfloat16():
+    layer = _layer(dtype=torch.bfloat16)
+    x = torch.randn(4, 256, dtype=torch.bfloat16, requires_grad=True)
+    out = layer(x)
+    out.float().sum().backward()
+    assert out.dtype == x.grad.dtype == layer.lora_a.weight.grad.dtype == torch.bfloat16
+
+
+def test_module_dtype_cast_moves_the_base():
+    layer = _layer().to(torch.bfloat16)
+    assert layer.weight.dtype == layer.weight.scale_and_zero.dtype == torch.bfloat16
+    assert layer(torch.randn(2, 256, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_torchtune_adapter_utilities_see_only_the_adapter():
+    from torchtune.modules.peft import get_adapter_params, set_trainable_params
+
+    model = nn.Sequential(_layer(), nn.ReLU(), _layer(in_dim=96, out_dim=256, group_size=32))
+    adapter = get_adapter_params(model)
+    assert sorted(adapter) == ["0.lora_a.weight", "0.lora_b.weight", "2.lora_a.weight", "2.lora_b.weight"]
+    set_trainable_params(model, adapter)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sorted(trainable) == sorted(adapter)
+
+
+def test_compile_fullgraph_forward_and_backward():
+    layer = _layer()
+    x = torch.randn(4, 256, requires_grad=True)
+    eager = layer(x)
+    eager.sum().backward()
+    eager_grads = [x.grad.clone(), layer.lora_a.weight.grad.clone(), layer.lora_b.weight.grad.clone()]
+    x.grad = layer.lora_a.weight.grad = layer.lora_b.weight.grad = None
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True)
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, eager)
+    for got, want in zip([x.grad, layer.lora_a.weight.grad, layer.lora_b.weight.grad], eager_grads):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.skipif(not requires_cuda, reason=CUDA_SKIP_REASON)
+def test_cuda_layer_matches_reference_and_merges():
+    layer = _layer(dtype=torch.float32).to("cuda")  # repacks the base as tinygemm, bf16
+    layer.lora_a.to(torch.bfloat16)
+    layer.lora_b.to(torch.bfloat16)
+    layer.bias.data = layer.bias.data.bfloat16()
+    x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out = layer(x)
+    ref, dense = _reference(layer, x.detach())
+    bound = matmul_error_bound(x.detach(), dense, torch.bfloat16, ref) + 8 * UNIT_ROUNDOFF[torch.bfloat16] * ref.abs()
+    assert_within(out, ref, bound, "cuda forward")
+    out.float().sum().backward()
+    assert x.grad is not None and layer.lora_b.weight.grad is not None
+    before = layer.weight.scale_and_zero.clone()
+    layer.merge()
+    layer.unmerge()
+    assert torch.equal(layer.weight.scale_and_zero, before)

@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from qalora_tune.quantization import (
+    GroupQuantizedWeight,
+    get_quantizer,
+    quantize_hqq,
+    quantize_rtn,
+)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_rtn_error_within_half_step(group_size):
+    weight = torch.randn(48, 256, dtype=torch.float64)
+    gq = quantize_rtn(weight, group_size)
+    assert gq.qdata.dtype == torch.uint8 and int(gq.qdata.max()) <= 15
+    assert gq.scale.shape == (48, 256 // group_size) == gq.zero.shape
+    err = (gq.dequantize(torch.float64) - weight).abs()
+    step = gq.scale.double().repeat_interleave(group_size, 1)
+    # round to nearest: at most half a step (plus fp32 rounding of scale and zero)
+    assert (err <= 0.5 * step * (1 + 1e-5) + 1e-6).all()
+
+
+def test_rtn_uses_the_full_code_range_per_group():
+    weight = torch.randn(16, 128)
+    gq = quantize_rtn(weight, 32)
+    codes = gq.qdata.view(16, 4, 32)
+    assert (codes.amin(-1) == 0).all() and (codes.amax(-1) == 15).all()
+
+
+def test_hqq_reconstructs_no_worse_than_rtn_on_heavy_tails():
+    torch.manual_seed(0)
+    weight = torch.distributions.StudentT(3.0).sample((128, 512)) * 0.02
+    rtn = (quantize_rtn(weight, 64).dequantize() - weight).abs().mean()
+    hqq = (quantize_hqq(weight, 64).dequantize() - weight).abs().mean()
+    assert hqq <= rtn
+
+
+def test_dequantize_convention_is_float_zero_point():
+    gq = GroupQuantizedWeight(
+        qdata=torch.tensor([[0, 8, 15, 3]], dtype=torch.uint8),
+        scale=torch.tensor([[0.5, 2.0]]),
+        zero=torch.tensor([[1.0, -1.0]]),
+        group_size=2,
+    )
+    expected = torch.tensor([[(0 - 8) * 0.5 + 1, (8 - 8) * 0.5 + 1, (15 - 8) * 2 - 1, (3 - 8) * 2 - 1]])
+    assert torch.equal(gq.dequantize(), expected)
+
+
+@pytest.mark.parametrize("quantize", [quantize_rtn, quantize_hqq])
+def test_group_size_must_divide_in_dim(quantize):
+    with pytest.raises(ValueError, match="group_size=48 must be a positive divisor of in_dim=128"):
+        quantize(torch.randn(8, 128), 48)
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ValueError, match="bits=3"):
+        quantize_rtn(torch.randn(8, 64), 32, bits=3)
+    with pytest.raises(TypeError, match="2D floating-point"):
+        quantize_rtn(torch.randint(0, 3, (8, 64)), 32)
+    with pytest.raises(ValueError, match="unknown base quantizer 'gptqq'"):
+        get_quantizer("gptqq")

@@ -1,0 +1,40 @@
+"""Float64 references and rounding-error bounds shared by the numerical tests."""
+
+import torch
+
+# unit roundoff of the storage / compute dtypes
+UNIT_ROUNDOFF = {
+    torch.float32: 2.0**-24,
+    torch.bfloat16: 2.0**-8,
+    torch.float16: 2.0**-11,
+}
+
+requires_cuda = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+CUDA_SKIP_REASON = "needs a CUDA GPU with compute capability 8.0+ (tinygemm int4 kernel)"
+
+
+def pooled_lora_reference(x, lora_a, lora_b, group_size, scale):
+    """scale * B A mean_G(x), all in float64."""
+    pooled = x.double().unflatten(-1, (-1, group_size)).mean(-1)
+    return scale * (pooled @ lora_a.double().t()) @ lora_b.double().t()
+
+
+def matmul_error_bound(x, weight, dtype, y_ref=None):
+    """Elementwise bound on |x W^T computed by the int4 kernel - exact x W^T|.
+
+    The kernel rounds x to ``dtype`` (relative error u), accumulates in fp32 over K terms
+    (at most K * u32 relative to |x| |W|^T) and rounds the output to ``dtype``.
+    """
+    u = UNIT_ROUNDOFF[dtype]
+    k = x.shape[-1]
+    magnitude = x.double().abs() @ weight.double().abs().t()
+    bound = (u + k * UNIT_ROUNDOFF[torch.float32]) * magnitude
+    if y_ref is not None:
+        bound = bound + u * y_ref.abs()
+    return 2 * bound + 1e-30
+
+
+def assert_within(actual, expected, bound, what):
+    err = (actual.double() - expected.double()).abs()
+    worst = (err / bound).max().item()
+    assert worst <= 1.0, f"{what}: error reaches {worst:.3g}x its bound (max abs err {err.max().item():.3g})"
