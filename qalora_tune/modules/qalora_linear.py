@@ -13,6 +13,7 @@ from qalora_tune.quantization import (
     INT4_KERNEL_GROUP_SIZES,
     get_quantizer,
     is_int4_weight,
+    quantize_rtn,
     to_torchao_int4,
     validate_group_size,
     zero_points,
@@ -84,10 +85,14 @@ class QALoRALinear(nn.Module, AdapterModule):
         self.disabled = False
         self._premerge_zeros: Optional[torch.Tensor] = None
 
+        # A placeholder base like nn.Linear's init, quantized with fast RTN whatever the
+        # quantizer: real weights arrive through from_linear / load_state_dict.
         init_weight = torch.empty(out_dim, in_dim, device=device, dtype=torch.float32)
         nn.init.kaiming_uniform_(init_weight, a=math.sqrt(5))
+        placeholder = quantize_rtn(init_weight, group_size)
         self.weight = nn.Parameter(
-            self._pack(init_weight, dtype=dtype), requires_grad=False
+            to_torchao_int4(placeholder, device=init_weight.device, dtype=dtype),
+            requires_grad=False,
         )
         self.bias = (
             nn.Parameter(torch.zeros(out_dim, device=device, dtype=dtype), requires_grad=False)
@@ -98,7 +103,7 @@ class QALoRALinear(nn.Module, AdapterModule):
         self.lora_a = nn.Linear(in_dim // group_size, rank, bias=False, device=device, dtype=dtype)
         self.lora_b = nn.Linear(rank, out_dim, bias=False, device=device, dtype=dtype)
         self.initialize_parameters()
-        self._register_load_state_dict_pre_hook(self._quantize_incoming_weight)
+        self.register_load_state_dict_pre_hook(_quantize_incoming_weight)
 
     # ------------------------------------------------------------------ construction
 
@@ -194,10 +199,6 @@ class QALoRALinear(nn.Module, AdapterModule):
                 f"got {tuple(weight.shape)}"
             )
 
-    def _pack(self, weight: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        quantized = self._quantize(weight, self.group_size, 4)
-        return to_torchao_int4(quantized, device=weight.device, dtype=dtype)
-
     @torch.no_grad()
     def quantize_base_(self, weight: torch.Tensor) -> None:
         """Quantize a full-precision ``(out_dim, in_dim)`` weight into the frozen base.
@@ -211,25 +212,9 @@ class QALoRALinear(nn.Module, AdapterModule):
                 f"expected a base weight of shape ({self.out_dim}, {self.in_dim}), "
                 f"got {tuple(weight.shape)}"
             )
-        packed = self._pack(weight.to(self.weight.device), dtype=self.weight.dtype)
+        quantized = self._quantize(weight.to(self.weight.device), self.group_size, 4)
+        packed = to_torchao_int4(quantized, device=self.weight.device, dtype=self.weight.dtype)
         self.weight = nn.Parameter(packed, requires_grad=False)
-
-    def _quantize_incoming_weight(
-        self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any
-    ) -> None:
-        # A full-precision checkpoint weight is quantized here, one layer at a time, so a
-        # model loads from bf16/fp32 checkpoints without ever holding them whole.
-        key = prefix + "weight"
-        incoming = state_dict.get(key)
-        if incoming is None:
-            return
-        if is_int4_weight(incoming):
-            self._check_mergeable(incoming)
-            if type(incoming) is not type(self.weight):
-                state_dict[key] = incoming.to(self.weight.device)
-            return
-        self.quantize_base_(incoming)
-        state_dict[key] = self.weight
 
     def initialize_parameters(self) -> None:
         """Kaiming-uniform ``A`` (as ``nn.Linear``) and zero ``B``: the layer starts as the base."""
@@ -294,6 +279,9 @@ class QALoRALinear(nn.Module, AdapterModule):
         The new zeros are computed in float64 and rounded once to the storage dtype (the
         only deviation from the unmerged layer). The previous zeros are kept, so
         :meth:`unmerge` restores them bit for bit.
+
+        The merged flag is not part of the state dict: a merged layer's ``weight`` already
+        holds the adapter, so export it without ``lora_*`` (or load it with ``B = 0``).
         """
         if self.merged:
             raise ValueError("the adapter is already merged")
@@ -325,6 +313,27 @@ class QALoRALinear(nn.Module, AdapterModule):
             f"alpha={self.alpha}, group_size={self.group_size}, quantizer={self.quantizer}, "
             f"merged={self.merged}"
         )
+
+
+def _quantize_incoming_weight(
+    module: QALoRALinear, state_dict: Dict[str, Any], prefix: str, *args: Any
+) -> None:
+    """load_state_dict pre-hook: quantize a full-precision base weight on arrival.
+
+    One layer at a time, so a model loads from bf16/fp32 checkpoints without ever holding
+    them whole; an int4 weight is checked to be mergeable and moved to the layer's layout.
+    """
+    key = prefix + "weight"
+    incoming = state_dict.get(key)
+    if incoming is None:
+        return
+    if is_int4_weight(incoming):
+        module._check_mergeable(incoming)
+        if type(incoming) is not type(module.weight):
+            state_dict[key] = incoming.to(module.weight.device)
+        return
+    module.quantize_base_(incoming)
+    state_dict[key] = module.weight
 
 
 def _validate_hparams(

@@ -76,7 +76,7 @@ def validate_group_size(in_dim: int, group_size: int) -> None:
         )
 
 
-def _check_weight(weight: torch.Tensor, group_size: int, bits: int) -> None:
+def _checked_float32(weight: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
     if weight.ndim != 2 or not weight.is_floating_point():
         raise TypeError(
             f"expected a 2D floating-point weight (out_dim, in_dim), got {tuple(weight.shape)} "
@@ -85,6 +85,25 @@ def _check_weight(weight: torch.Tensor, group_size: int, bits: int) -> None:
     validate_group_size(weight.shape[1], group_size)
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits={bits} is not supported; use one of {SUPPORTED_BITS}")
+    return weight.detach().float()
+
+
+def _assemble(
+    shape: torch.Size,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int,
+    bits: int,
+) -> GroupQuantizedWeight:
+    n_groups = shape[1] // group_size
+    return GroupQuantizedWeight(
+        qdata=q.reshape(shape).to(torch.uint8),
+        scale=scale.reshape(shape[0], n_groups).float(),
+        zero=zero.reshape(shape[0], n_groups).float(),
+        group_size=group_size,
+        bits=bits,
+    )
 
 
 def quantize_rtn(
@@ -100,8 +119,7 @@ def quantize_rtn(
     Returns:
         GroupQuantizedWeight: codes, float32 scales and zero points.
     """
-    _check_weight(weight, group_size, bits)
-    w = weight.detach().float()
+    w = _checked_float32(weight, group_size, bits)
     block_size = (1, group_size)
     qmax = 2**bits - 1
     scale, zero = choose_qparams_tinygemm(
@@ -116,14 +134,7 @@ def quantize_rtn(
         torch.float32,
     )
     q = quantize_tinygemm(w, block_size, scale, zero, torch.int32, 0, qmax)
-    n_groups = w.shape[1] // group_size
-    return GroupQuantizedWeight(
-        qdata=q.to(torch.uint8),
-        scale=scale.reshape(w.shape[0], n_groups),
-        zero=zero.reshape(w.shape[0], n_groups),
-        group_size=group_size,
-        bits=bits,
-    )
+    return _assemble(w.shape, q, scale, zero, group_size, bits)
 
 
 def quantize_hqq(
@@ -139,8 +150,7 @@ def quantize_hqq(
     Returns:
         GroupQuantizedWeight: codes, float32 scales and zero points.
     """
-    _check_weight(weight, group_size, bits)
-    w = weight.detach().float()
+    w = _checked_float32(weight, group_size, bits)
     q, scale, zero, _ = choose_qparams_and_quantize_hqq(
         w,
         nbits=bits,
@@ -149,14 +159,7 @@ def quantize_hqq(
         compute_dtype=torch.float32,
         device=w.device,
     )
-    n_groups = w.shape[1] // group_size
-    return GroupQuantizedWeight(
-        qdata=q.reshape(w.shape).to(torch.uint8),
-        scale=scale.reshape(w.shape[0], n_groups).float(),
-        zero=zero.reshape(w.shape[0], n_groups).float(),
-        group_size=group_size,
-        bits=bits,
-    )
+    return _assemble(w.shape, q, scale, zero, group_size, bits)
 
 
 Quantizer = Callable[[torch.Tensor, int, int], GroupQuantizedWeight]
