@@ -253,10 +253,14 @@ def zero_points(weight: Int4Weight) -> torch.Tensor:
 
 def _int4_to_copy(func, types, args, kwargs):
     """``Tensor.to`` for int4 weights: repack when the device type changes, cast scales
-    and zeros when the dtype changes (torchao 0.15 keeps the layout and ignores dtype)."""
+    and zeros when the dtype changes (torchao 0.15 keeps the layout and ignores dtype).
+    A move to CUDA without a dtype gives bf16, the only dtype tinygemm computes in."""
     weight = args[0]
     device = torch.device(kwargs.get("device") or weight.device)
-    dtype = kwargs.get("dtype") or weight.dtype
+    dtype = kwargs.get("dtype")
+    if dtype is None:
+        # a plain device move keeps the dtype, except that tinygemm (CUDA) is bf16 only
+        dtype = torch.bfloat16 if device.type == "cuda" else weight.dtype
     if device.type == weight.device.type and dtype == weight.dtype:
         return weight.__class__(
             weight.qdata.to(device),
