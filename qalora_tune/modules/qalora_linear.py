@@ -83,7 +83,9 @@ class QALoRALinear(nn.Module, AdapterModule):
         self.merged = False
         # 'disabled' turns the adapter off (torchtune uses it for DPO reference passes)
         self.disabled = False
-        self._premerge_zeros: Optional[torch.Tensor] = None
+        # zeros before merge(), so unmerge() restores them exactly; a buffer so it follows
+        # device moves, non-persistent so checkpoints hold only the int4 weight
+        self.register_buffer("_premerge_zeros", None, persistent=False)
 
         # A placeholder base like nn.Linear's init, quantized with fast RTN whatever the
         # quantizer: real weights arrive through from_linear / load_state_dict.
@@ -244,13 +246,11 @@ class QALoRALinear(nn.Module, AdapterModule):
         )
         if self.bias is not None:
             out = out + self.bias
-        if self.merged:
-            if self.disabled:
-                raise ValueError(
-                    "the adapter is merged into the base; unmerge() before disabling it"
-                )
-            return out
-        if self.disabled:
+        if self.merged and self.disabled:
+            raise ValueError(
+                "the adapter is merged into the base; unmerge() before disabling it"
+            )
+        if self.merged or self.disabled:
             return out
         return out + pooled_lora(
             self.dropout(x),

@@ -74,6 +74,8 @@ def _(x, lora_a, lora_b, group_size, scale):
 
 def _setup_context(ctx: Any, inputs: Tuple[Any, ...], output: torch.Tensor) -> None:
     x, lora_a, lora_b, group_size, scale = inputs
+    # Recomputed rather than saving x: O(M K) work next to the base's O(M K N) matmul,
+    # and G times less activation memory kept for the backward.
     pooled = pool_groups(x, group_size)
     hidden = pooled @ _cast(lora_a, x.dtype).t()
     ctx.save_for_backward(pooled, hidden, lora_a, lora_b)
