@@ -4,7 +4,7 @@ Importing the package registers the ``qalora_tune::*`` custom ops and the device
 moves of torchao's int4 weights.
 """
 
-from qalora_tune.modules import QALoRALinear
+from qalora_tune.modules import Int4Linear, QALoRALinear
 from qalora_tune.ops import int4_linear, pool_groups, pooled_lora
 from qalora_tune.quantization import (
     GroupQuantizedWeight,
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GroupQuantizedWeight",
+    "Int4Linear",
     "QALoRALinear",
     "dequantize_int4",
     "from_torchao_int4",

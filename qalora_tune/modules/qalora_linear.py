@@ -1,46 +1,39 @@
 """QALoRALinear: a frozen torchao int4 base plus a group-pooled low-rank adapter."""
 
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qalora_tune._compat import AdapterModule
-from qalora_tune.ops import int4_linear, pooled_lora
-from qalora_tune.quantization import (
-    INT4_KERNEL_GROUP_SIZES,
-    get_quantizer,
-    is_int4_weight,
-    quantize_rtn,
-    to_torchao_int4,
-    validate_group_size,
-    zero_points,
-)
+from qalora_tune.modules.int4_linear import Int4Linear
+from qalora_tune.ops import pooled_lora
+from qalora_tune.quantization import zero_points
 
 __all__ = ["QALoRALinear"]
 
 
-class QALoRALinear(nn.Module, AdapterModule):
+class QALoRALinear(Int4Linear, AdapterModule):
     """QA-LoRA linear layer (Xu et al., 2023, arXiv 2309.14717).
 
-    The frozen base ``W`` (``out_dim x in_dim``) is stored as a torchao int4 tensor,
-    quantized asymmetrically per (output row, group of ``group_size`` consecutive inputs)
-    with float zero points: ``W[n, k] = (q[n, k] - 8) * s[n, g] + z[n, g]``. The adapter
-    sees the input averaged over the same groups::
+    The frozen base ``W`` (``out_dim x in_dim``) is an :class:`Int4Linear`: a torchao int4
+    tensor quantized asymmetrically per (output row, group of ``group_size`` consecutive
+    inputs) with float zero points, ``W[n, k] = (q[n, k] - 8) * s[n, g] + z[n, g]``. The
+    adapter sees the input averaged over the same groups::
 
         y = x W^T + (alpha / rank) * B A pool(dropout(x))
 
-    with ``A`` of shape ``(rank, in_dim // group_size)`` and ``B`` of shape
-    ``(out_dim, rank)``, ``B`` starting at zero. As the update is constant inside a group,
-    :meth:`merge` folds it into the zero points, ``z += (alpha / rank) (B A) / group_size``,
-    and the layer stays the same int4 tensor.
+    with ``A`` of shape ``(rank, n_groups)`` and ``B`` of shape ``(out_dim, rank)``, ``B``
+    starting at zero. As the update is constant inside a group, :meth:`merge` folds it into
+    the zero points, ``z += (alpha / rank) (B A) / group_size``, and the layer stays the
+    same int4 tensor. With ``pad_in_dim`` the padded input columns are zeros: the last
+    group's pooled value is its sum over ``group_size``, and the merge stays exact.
 
     Args:
-        in_dim (int): input features ``K``; a multiple of ``group_size``.
+        in_dim (int): input features ``K``.
         out_dim (int): output features ``N``.
-        rank (int): adapter rank ``r`` (useful up to ``in_dim // group_size``).
+        rank (int): adapter rank ``r`` (useful up to ``n_groups``).
         alpha (float): adapter scaling numerator; the update is scaled by ``alpha / rank``.
         group_size (int): quantization group size ``G`` shared by base and adapter:
             one of 32, 64, 128, 256 (the int4 kernels' group sizes).
@@ -48,14 +41,17 @@ class QALoRALinear(nn.Module, AdapterModule):
         use_bias (bool): whether the base has a (frozen, full precision) bias.
         quantizer (str): how a full-precision weight is quantized: ``"rtn"`` (min-max
             round to nearest) or ``"hqq"`` (half-quadratic).
+        pad_in_dim (bool): allow an ``in_dim`` that ``group_size`` does not divide, by
+            zero padding (see :class:`Int4Linear`).
         dtype (torch.dtype, optional): dtype of the int4 kernel's scales, zeros and compute
-            (fp32/bf16/fp16 on CPU, bf16 on CUDA). Defaults to the default dtype on CPU
-            and bf16 on CUDA.
+            (fp32/bf16/fp16 on CPU, bf16 on CUDA), and of the adapter. Defaults to the
+            default dtype on CPU and bf16 on CUDA.
         device (torch.device, optional): where to build the layer.
 
     Raises:
-        ValueError: if ``group_size`` does not divide ``in_dim`` or has no kernel, if
-            ``rank`` or ``alpha`` is not positive, or ``dropout`` is outside ``[0, 1)``.
+        ValueError: if ``group_size`` has no kernel or does not divide ``in_dim`` (without
+            ``pad_in_dim``), if ``rank`` or ``alpha`` is not positive, or ``dropout`` is
+            outside ``[0, 1)``.
     """
 
     def __init__(
@@ -68,44 +64,35 @@ class QALoRALinear(nn.Module, AdapterModule):
         dropout: float = 0.0,
         use_bias: bool = False,
         quantizer: str = "rtn",
+        pad_in_dim: bool = False,
         dtype: Optional[torch.dtype] = None,
         device: Optional[torch.device] = None,
     ):
-        super().__init__()
-        _validate_hparams(in_dim, out_dim, rank, alpha, group_size, dropout)
-        self._quantize = get_quantizer(quantizer)
-        self.in_dim = in_dim
-        self.out_dim = out_dim
+        _validate_adapter_hparams(rank, alpha, dropout)
+        super().__init__(
+            in_dim,
+            out_dim,
+            group_size=group_size,
+            use_bias=use_bias,
+            quantizer=quantizer,
+            pad_in_dim=pad_in_dim,
+            dtype=dtype,
+            device=device,
+        )
         self.rank = rank
         self.alpha = alpha
-        self.group_size = group_size
-        self.quantizer = quantizer
         self.merged = False
         # 'disabled' turns the adapter off (torchtune uses it for DPO reference passes)
         self.disabled = False
         # zeros before merge(), so unmerge() restores them exactly; a buffer so it follows
         # device moves, non-persistent so checkpoints hold only the int4 weight
         self.register_buffer("_premerge_zeros", None, persistent=False)
-
-        # A placeholder base like nn.Linear's init, quantized with fast RTN whatever the
-        # quantizer: real weights arrive through from_linear / load_state_dict.
-        init_weight = torch.empty(out_dim, in_dim, device=device, dtype=torch.float32)
-        nn.init.kaiming_uniform_(init_weight, a=math.sqrt(5))
-        placeholder = quantize_rtn(init_weight, group_size)
-        self.weight = nn.Parameter(
-            to_torchao_int4(placeholder, device=init_weight.device, dtype=dtype),
-            requires_grad=False,
-        )
-        self.bias = (
-            nn.Parameter(torch.zeros(out_dim, device=device, dtype=dtype), requires_grad=False)
-            if use_bias
-            else None
-        )
+        device = self.weight.device
         self.dropout = nn.Dropout(p=dropout) if dropout > 0.0 else nn.Identity()
-        self.lora_a = nn.Linear(in_dim // group_size, rank, bias=False, device=device, dtype=dtype)
+        self.lora_a = nn.Linear(self.n_groups, rank, bias=False, device=device, dtype=dtype)
         self.lora_b = nn.Linear(rank, out_dim, bias=False, device=device, dtype=dtype)
-        self.initialize_parameters()
-        self.register_load_state_dict_pre_hook(_quantize_incoming_weight)
+        if device.type != "meta":
+            self.initialize_parameters()
 
     # ------------------------------------------------------------------ construction
 
@@ -124,20 +111,7 @@ class QALoRALinear(nn.Module, AdapterModule):
         Returns:
             QALoRALinear: with ``B = 0``, equal to the quantized base.
         """
-        kwargs.setdefault("dtype", linear.weight.dtype)
-        kwargs.setdefault("device", linear.weight.device)
-        module = cls(
-            linear.in_features,
-            linear.out_features,
-            rank,
-            alpha,
-            use_bias=linear.bias is not None,
-            **kwargs,
-        )
-        module.quantize_base_(linear.weight)
-        if linear.bias is not None:
-            module.bias.data.copy_(linear.bias.detach())
-        return module
+        return super().from_linear(linear, rank=rank, alpha=alpha, **kwargs)
 
     @classmethod
     def from_int4(
@@ -163,60 +137,7 @@ class QALoRALinear(nn.Module, AdapterModule):
             TypeError: if ``weight`` is not one of those int4 subclasses.
             ValueError: if its groups are not contiguous input groups of ``group_size``.
         """
-        if not is_int4_weight(weight):
-            raise TypeError(
-                "the QA-LoRA base must be a torchao Int4OpaqueTensor or "
-                "Int4TilePackedTo4dTensor (asymmetric, float zero points), "
-                f"got {type(weight).__name__}"
-            )
-        kwargs.setdefault("group_size", weight.block_size[-1])
-        kwargs.setdefault("dtype", weight.dtype)
-        kwargs.setdefault("device", weight.device)
-        out_dim, in_dim = weight.shape
-        module = cls(in_dim, out_dim, rank, alpha, use_bias=bias is not None, **kwargs)
-        module._check_mergeable(weight)
-        module.weight = nn.Parameter(weight, requires_grad=False)
-        if bias is not None:
-            module.bias.data.copy_(bias.detach())
-        return module
-
-    def _check_mergeable(self, weight: torch.Tensor) -> None:
-        # The merge is exact only for asymmetric float-zero quantization whose groups are
-        # the adapter's pooling groups: contiguous runs of group_size inputs of one row.
-        block_size = tuple(weight.block_size)
-        if block_size != (1, self.group_size):
-            raise ValueError(
-                f"the base is quantized with block_size={block_size}, but QA-LoRA needs "
-                f"contiguous input groups (1, {self.group_size}) matching group_size; "
-                "set group_size to the base's group size"
-            )
-        if getattr(weight, "act_pre_scale", None) is not None:
-            raise ValueError(
-                "the base scales its input (act_pre_scale), so its groups no longer see the "
-                "input the adapter pools; quantize the base without activation pre-scaling"
-            )
-        if tuple(weight.shape) != (self.out_dim, self.in_dim):
-            raise ValueError(
-                f"expected a base of shape ({self.out_dim}, {self.in_dim}), "
-                f"got {tuple(weight.shape)}"
-            )
-
-    @torch.no_grad()
-    def quantize_base_(self, weight: torch.Tensor) -> None:
-        """Quantize a full-precision ``(out_dim, in_dim)`` weight into the frozen base.
-
-        Scales and zeros keep the current base's dtype and device.
-        """
-        if self.merged:
-            raise ValueError("unmerge() the adapter before replacing the base weight")
-        if tuple(weight.shape) != (self.out_dim, self.in_dim):
-            raise ValueError(
-                f"expected a base weight of shape ({self.out_dim}, {self.in_dim}), "
-                f"got {tuple(weight.shape)}"
-            )
-        quantized = self._quantize(weight.to(self.weight.device), self.group_size, 4)
-        packed = to_torchao_int4(quantized, device=self.weight.device, dtype=self.weight.dtype)
-        self.weight = nn.Parameter(packed, requires_grad=False)
+        return super().from_int4(weight, bias=bias, rank=rank, alpha=alpha, **kwargs)
 
     def initialize_parameters(self) -> None:
         """Kaiming-uniform ``A`` (as ``nn.Linear``) and zero ``B``: the layer starts as the base."""
@@ -241,15 +162,12 @@ class QALoRALinear(nn.Module, AdapterModule):
         Returns:
             torch.Tensor: output of shape ``(..., out_dim)`` in ``x.dtype``.
         """
-        out = int4_linear(
-            x, self.weight.qdata, self.weight.scale_and_zero, self.group_size, self.out_dim
-        )
-        if self.bias is not None:
-            out = out + self.bias
         if self.merged and self.disabled:
             raise ValueError(
                 "the adapter is merged into the base; unmerge() before disabling it"
             )
+        x = self.pad_input(x)
+        out = self.base_forward(x)
         if self.merged or self.disabled:
             return out
         return out + pooled_lora(
@@ -267,7 +185,7 @@ class QALoRALinear(nn.Module, AdapterModule):
         """The adapter as a zero-point shift, ``(alpha / r) (B A) / G``, in float64.
 
         Returns:
-            torch.Tensor: ``(out_dim, in_dim // group_size)``.
+            torch.Tensor: ``(out_dim, n_groups)``.
         """
         product = self.lora_b.weight.double() @ self.lora_a.weight.double()
         return product * (self.scaling / self.group_size)
@@ -308,44 +226,10 @@ class QALoRALinear(nn.Module, AdapterModule):
         self.merged = False
 
     def extra_repr(self) -> str:
-        return (
-            f"in_dim={self.in_dim}, out_dim={self.out_dim}, rank={self.rank}, "
-            f"alpha={self.alpha}, group_size={self.group_size}, quantizer={self.quantizer}, "
-            f"merged={self.merged}"
-        )
+        return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
 
 
-def _quantize_incoming_weight(
-    module: QALoRALinear, state_dict: Dict[str, Any], prefix: str, *args: Any
-) -> None:
-    """load_state_dict pre-hook: quantize a full-precision base weight on arrival.
-
-    One layer at a time, so a model loads from bf16/fp32 checkpoints without ever holding
-    them whole; an int4 weight is checked to be mergeable and moved to the layer's layout.
-    """
-    key = prefix + "weight"
-    incoming = state_dict.get(key)
-    if incoming is None:
-        return
-    if is_int4_weight(incoming):
-        module._check_mergeable(incoming)
-        if type(incoming) is not type(module.weight):
-            state_dict[key] = incoming.to(module.weight.device)
-        return
-    module.quantize_base_(incoming)
-    state_dict[key] = module.weight
-
-
-def _validate_hparams(
-    in_dim: int, out_dim: int, rank: int, alpha: float, group_size: int, dropout: float
-) -> None:
-    if in_dim <= 0 or out_dim <= 0:
-        raise ValueError(f"in_dim and out_dim must be positive, got {in_dim} and {out_dim}")
-    validate_group_size(in_dim, group_size)
-    if group_size not in INT4_KERNEL_GROUP_SIZES:
-        raise ValueError(
-            f"group_size={group_size} has no int4 kernel; use one of {INT4_KERNEL_GROUP_SIZES}"
-        )
+def _validate_adapter_hparams(rank: int, alpha: float, dropout: float) -> None:
     if rank <= 0:
         raise ValueError(f"rank must be a positive integer, got rank={rank}")
     if not alpha > 0:

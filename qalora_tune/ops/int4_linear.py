@@ -18,7 +18,15 @@ from qalora_tune.quantization.int4_weight import dequantize_packed, tinygemm_pad
 __all__ = ["int4_linear"]
 
 
-def _cpu_forward(x2d, qdata, scale_and_zero, group_size):
+def _cpu_forward(x2d, qdata, scale_and_zero, group_size, out_features):
+    if scale_and_zero.dtype == torch.float32:
+        # The CPU int4 kernel has no fast fp32 path (4096x4096: ~10x slower than in bf16,
+        # and slower than dequantize + fp32 matmul from M = 1 on); fp32 dequantizes the
+        # weight for this call only.
+        weight = dequantize_packed(
+            qdata, scale_and_zero, group_size, out_features, x2d.shape[-1]
+        )
+        return x2d @ weight.t()
     return torch.ops.aten._weight_int4pack_mm_for_cpu(
         x2d, qdata, group_size, scale_and_zero
     )
@@ -52,7 +60,7 @@ def int4_linear(
     """
     x2d = x.reshape(-1, x.shape[-1]).to(scale_and_zero.dtype).contiguous()
     if x.device.type == "cpu":
-        y = _cpu_forward(x2d, qdata, scale_and_zero, group_size)
+        y = _cpu_forward(x2d, qdata, scale_and_zero, group_size, out_features)
     else:
         y = _cuda_forward(x2d, qdata, scale_and_zero, group_size)
     return y[:, :out_features].reshape(*x.shape[:-1], out_features).to(x.dtype)

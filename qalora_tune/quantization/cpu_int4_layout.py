@@ -81,7 +81,10 @@ def _unpack_with(
 
 def _detect_layout() -> CpuInt4Layout:
     generator = torch.Generator().manual_seed(0)
-    probe = torch.randint(0, 16, (112, 4), generator=generator, dtype=torch.int32)
+    # explicit device: importing under torch.device("meta"/"cuda") must still probe the CPU
+    probe = torch.randint(
+        0, 16, (112, 4), generator=generator, dtype=torch.int32, device="cpu"
+    )
     packed = pack_cpu_int4(probe)
     for layout in _CANDIDATES:
         if torch.equal(_unpack_with(packed, 112, 4, layout).to(torch.int32), probe):

@@ -33,6 +33,7 @@ __all__ = [
     "Int4Weight",
     "dequantize_int4",
     "dequantize_packed",
+    "empty_int4",
     "from_torchao_int4",
     "is_int4_weight",
     "tinygemm_padded_in_features",
@@ -278,3 +279,38 @@ def _int4_to_copy(func, types, args, kwargs):
 
 for _cls in (Int4OpaqueTensor, Int4TilePackedTo4dTensor):
     _cls.implements(torch.ops.aten._to_copy.default)(_int4_to_copy)
+
+
+def empty_int4(
+    out_dim: int,
+    in_dim: int,
+    group_size: int,
+    device: Union[str, torch.device],
+    dtype: Optional[torch.dtype] = None,
+) -> Int4OpaqueTensor:
+    """An uninitialised CPU-layout int4 weight, for building models on the meta device.
+
+    Shapes and dtypes match what :func:`to_torchao_int4` gives on CPU, so a model built
+    on ``meta`` has the parameter structure of the real one without allocating it.
+
+    Args:
+        out_dim (int): ``N``.
+        in_dim (int): ``K``, a multiple of ``group_size``.
+        group_size (int): quantization group size.
+        device (str or torch.device): usually ``"meta"``.
+        dtype (torch.dtype, optional): dtype of the scales and zeros; defaults to the
+            default dtype.
+
+    Returns:
+        Int4OpaqueTensor: of shape ``(out_dim, in_dim)`` with empty inner tensors.
+    """
+    dtype = dtype or torch.get_default_dtype()
+    n_pad = _round_up(out_dim, PACK_ROW_MULTIPLE)
+    return Int4OpaqueTensor(
+        qdata=torch.empty(n_pad, in_dim // 2, dtype=torch.uint8, device=device),
+        scale_and_zero=torch.empty(
+            in_dim // group_size, n_pad, 2, dtype=dtype, device=device
+        ),
+        block_size=[1, group_size],
+        shape=torch.Size([out_dim, in_dim]),
+    )

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qalora_tune import QALoRALinear
+from qalora_tune import Int4Linear, QALoRALinear
 from qalora_tune._compat import Int4OpaqueTensor
 from qalora_tune.quantization import (
     dequantize_int4,
@@ -66,10 +66,19 @@ def test_forward_and_gradients_match_float64(in_dim, out_dim, group_size, rank):
     assert layer.weight.grad is None and not layer.weight.requires_grad
 
 
-def test_zero_b_equals_quantized_base():
-    layer = QALoRALinear.from_linear(nn.Linear(256, 96), rank=8, alpha=16.0, group_size=64)
-    x = torch.randn(5, 256)
-    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))  # torchao's own int4 path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_b_equals_quantized_base(dtype):
+    layer = QALoRALinear.from_linear(
+        nn.Linear(256, 96).to(dtype), rank=8, alpha=16.0, group_size=64
+    )
+    x = torch.randn(5, 256, dtype=dtype)
+    torchao_path = F.linear(x, layer.weight, layer.bias)  # torchao's own int4 kernel
+    if dtype == torch.bfloat16:  # same kernel: bitwise equal
+        assert torch.equal(layer(x), torchao_path)
+    else:  # fp32 dequantizes and uses a dense matmul: equal up to summation order
+        dense = dequantize_int4(layer.weight, torch.float64)
+        bound = 2 * matmul_error_bound(x, dense, torch.float32)
+        assert_within(layer(x), torchao_path.double(), bound, "fp32 vs torchao kernel")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -147,7 +156,10 @@ def test_disabled_adapter_gives_the_base():
     layer = _layer()
     x = torch.randn(3, 256)
     layer.disabled = True
-    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    base = Int4Linear.from_int4(layer.weight, bias=layer.bias)
+    assert torch.equal(layer(x), base(x))
+    layer.disabled = False
+    assert not torch.equal(layer(x), base(x))
 
 
 def test_dropout_applies_to_adapter_input_in_training_only():
@@ -162,7 +174,7 @@ def test_dropout_applies_to_adapter_input_in_training_only():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(in_dim=200, group_size=64), "group_size=64 must be a positive divisor of in_dim=200"),
+        (dict(in_dim=200, group_size=64), "group_size=64 does not divide in_dim=200.*pad_in_dim=True"),
         (dict(in_dim=256, group_size=16), "group_size=16 has no int4 kernel"),
         (dict(rank=0), "rank must be a positive integer"),
         (dict(alpha=0.0), "alpha must be positive"),

@@ -1,0 +1,1 @@
+"""YAML configs shipped with qalora-tune (``tune run qalora_finetune --config NAME``)."""

@@ -1,0 +1,203 @@
+"""QALoRACheckpointer: load a full-precision base, save adapters and resumable state."""
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from qalora_tune.checkpointing._atomic import atomic_directory
+from qalora_tune.checkpointing._hf_weights import (
+    find_checkpoint_files,
+    load_hf_weights,
+    read_hf_config,
+)
+
+__all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "QALoRACheckpointer", "RECIPE_STATE_NAME"]
+
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+RECIPE_STATE_NAME = "recipe_state.pt"
+_EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
+
+
+class QALoRACheckpointer:
+    """Reads the base checkpoint and writes QA-LoRA outputs under ``output_dir``.
+
+    Loading streams a Hugging Face checkpoint (safetensors or ``.bin``, with torchtune's
+    key conversion for ``model_type``) into a model built by a QA-LoRA builder, so each
+    linear is quantized as its weight arrives. Saving writes, per epoch::
+
+        {output_dir}/epoch_{k}/adapter/adapter_model.safetensors
+        {output_dir}/epoch_{k}/adapter/adapter_config.json
+        {output_dir}/epoch_{k}/recipe_state.pt      (optimizer, scheduler, progress, RNG)
+
+    through a temporary directory renamed into place, so an ``epoch_{k}`` that exists is
+    complete.
+
+    Args:
+        checkpoint_dir (str): directory of the base checkpoint (Hugging Face layout).
+        model_type (str): torchtune model type naming the key layout: ``LLAMA2``,
+            ``LLAMA3``, ``LLAMA3_2``, ``MISTRAL`` or ``QWEN2``.
+        output_dir (str): where epochs are saved.
+        checkpoint_files (List[str], optional): weight files in ``checkpoint_dir``;
+            by default every ``*.safetensors`` (else ``*.bin``) file there.
+        hf_repo_id (str, optional): the Hugging Face repository the base comes from, used
+            to print the ``tune download`` command when the weights are missing.
+        resume_from_checkpoint (bool): load the latest saved epoch's adapter and state.
+    """
+
+    def __init__(
+        self,
+        checkpoint_dir: str,
+        model_type: str,
+        output_dir: str,
+        checkpoint_files: Optional[List[str]] = None,
+        hf_repo_id: Optional[str] = None,
+        resume_from_checkpoint: bool = False,
+    ):
+        self.checkpoint_dir = Path(checkpoint_dir).expanduser()
+        self.model_type = model_type
+        self.output_dir = Path(output_dir).expanduser()
+        self.checkpoint_files = list(checkpoint_files) if checkpoint_files else None
+        self.hf_repo_id = hf_repo_id
+        self.resume_from_checkpoint = resume_from_checkpoint
+
+    # ------------------------------------------------------------------ base weights
+
+    def download_command(self) -> Optional[str]:
+        """The ``tune download`` command that fetches the base, when its repo is known."""
+        if not self.hf_repo_id:
+            return None
+        command = (
+            f"tune download {self.hf_repo_id} --output-dir {self.checkpoint_dir} "
+            '--ignore-patterns "original/consolidated*"'
+        )
+        if self.hf_repo_id.startswith("meta-llama/"):
+            command += " --hf-token <HF_TOKEN>"  # Meta's repositories are gated
+        return command
+
+    def check_base_available(self) -> None:
+        """Fail early, naming the command that fetches the weights, if they are missing.
+
+        Raises:
+            FileNotFoundError: if ``config.json`` or the weight files are absent.
+        """
+        try:
+            read_hf_config(self.checkpoint_dir)
+            find_checkpoint_files(self.checkpoint_dir, self.checkpoint_files)
+        except FileNotFoundError as error:
+            command = self.download_command()
+            hint = (
+                f"; fetch them with: {command}"
+                if command
+                else "; set checkpointer.checkpoint_dir to a Hugging Face checkpoint"
+            )
+            raise FileNotFoundError(f"base model weights missing ({error}){hint}") from None
+
+    def load_base(self, model: nn.Module) -> Dict[str, Any]:
+        """Stream the base checkpoint into ``model`` (quantizing its int4 layers).
+
+        Returns:
+            Dict[str, Any]: the checkpoint's ``config.json``.
+        """
+        self.check_base_available()
+        hf_config = read_hf_config(self.checkpoint_dir)
+        paths = find_checkpoint_files(self.checkpoint_dir, self.checkpoint_files)
+        load_hf_weights(model, paths, self.model_type, hf_config)
+        return hf_config
+
+    def base_fingerprint(self) -> str:
+        """A cheap identity of the base: sha256 over config.json and, per weight file, its
+        name, size and first and last MiB (a changed weight file changes its header or
+        data; the whole files are not hashed, which would take minutes for 7B)."""
+        digest = hashlib.sha256((self.checkpoint_dir / "config.json").read_bytes())
+        for path in find_checkpoint_files(self.checkpoint_dir, self.checkpoint_files):
+            size = path.stat().st_size
+            digest.update(f"{path.name}:{size}".encode())
+            with open(path, "rb") as handle:
+                digest.update(handle.read(1 << 20))
+                handle.seek(max(0, size - (1 << 20)))
+                digest.update(handle.read(1 << 20))
+        return digest.hexdigest()
+
+    # ------------------------------------------------------------------ epochs
+
+    def epoch_dir(self, epoch: int) -> Path:
+        return self.output_dir / f"epoch_{epoch}"
+
+    def latest_epoch_dir(self) -> Optional[Path]:
+        """The newest complete ``epoch_{k}`` directory, or None."""
+        if not self.output_dir.is_dir():
+            return None
+        epochs = [
+            (int(m.group(1)), p)
+            for p in self.output_dir.iterdir()
+            if p.is_dir() and (m := _EPOCH_DIR.match(p.name))
+        ]
+        return max(epochs)[1] if epochs else None
+
+    def save_checkpoint(
+        self,
+        epoch: int,
+        adapter_state: Dict[str, torch.Tensor],
+        adapter_config: Dict[str, Any],
+        recipe_state: Optional[Dict[str, Any]] = None,
+    ) -> Path:
+        """Write ``epoch_{epoch}/`` atomically and return its path.
+
+        Args:
+            epoch (int): epoch index (0-based).
+            adapter_state (Dict[str, torch.Tensor]): ``lora_a`` / ``lora_b`` weights.
+            adapter_config (Dict[str, Any]): JSON-serialisable adapter description.
+            recipe_state (Dict[str, Any], optional): optimizer, scheduler, progress and
+                RNG state for resuming.
+        """
+        final = self.epoch_dir(epoch)
+        with atomic_directory(final) as staging:
+            adapter_dir = staging / "adapter"
+            adapter_dir.mkdir()
+            tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state.items()}
+            save_file(tensors, str(adapter_dir / ADAPTER_WEIGHTS_NAME))
+            (adapter_dir / ADAPTER_CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2))
+            if recipe_state is not None:
+                torch.save(recipe_state, staging / RECIPE_STATE_NAME)
+        return final
+
+    def load_resume_state(self) -> Dict[str, Any]:
+        """The latest epoch's adapter weights, adapter config and recipe state.
+
+        Raises:
+            FileNotFoundError: if there is no saved epoch with recipe state to resume from.
+        """
+        latest = self.latest_epoch_dir()
+        if latest is None or not (latest / RECIPE_STATE_NAME).is_file():
+            raise FileNotFoundError(
+                f"resume_from_checkpoint=True but {self.output_dir} has no saved epoch with "
+                f"{RECIPE_STATE_NAME}; set resume_from_checkpoint=False to start fresh"
+            )
+        adapter_dir = latest / "adapter"
+        return {
+            "path": latest,
+            "adapter": load_file(str(adapter_dir / ADAPTER_WEIGHTS_NAME)),
+            "adapter_config": json.loads((adapter_dir / ADAPTER_CONFIG_NAME).read_text()),
+            "recipe_state": torch.load(latest / RECIPE_STATE_NAME, weights_only=False),
+        }
+
+    def copy_tokenizer_files(self, destination: Path) -> None:
+        """Copy the base's tokenizer files (if any) into ``destination``."""
+        for name in (
+            "tokenizer.model",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "tiny_tokenizer.json",
+        ):
+            source = self.checkpoint_dir / name
+            if source.is_file():
+                shutil.copy2(source, destination / name)

@@ -1,0 +1,151 @@
+"""Component builder: turn a torchtune decoder into a QA-LoRA decoder with an int4 base."""
+
+from typing import Callable, Dict, List
+
+import torch
+from torch import nn
+
+from qalora_tune.modules import Int4Linear, QALoRALinear
+
+__all__ = ["ATTENTION_PROJECTIONS", "MLP_PROJECTIONS", "count_parameters", "qalora_transformer"]
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "output_proj")
+MLP_PROJECTIONS = ("w1", "w2", "w3")
+
+
+def qalora_transformer(
+    base_decoder: Callable[[], nn.Module],
+    lora_attn_modules: List[str],
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    *,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    group_size: int = 64,
+    quantizer: str = "rtn",
+    pad_in_dim: bool = False,
+) -> nn.Module:
+    """Build a torchtune decoder whose linears are int4, with QA-LoRA adapters on some.
+
+    ``base_decoder`` (any torchtune model builder, e.g. ``torchtune.models.llama2.llama2_7b``)
+    is built on the ``meta`` device, so its full-precision weights are never allocated.
+    Every ``nn.Linear`` is then replaced on the current default device (the recipe sets
+    it) by a :class:`QALoRALinear` when it is a target, else by a frozen
+    :class:`Int4Linear`. The remaining parameters (embeddings, norms) and buffers (RoPE
+    caches) are created on the device in the default dtype and initialised. Weights
+    loaded afterwards through ``load_state_dict`` are quantized one layer at a time.
+
+    Args:
+        base_decoder (Callable[[], nn.Module]): builds the full-precision decoder.
+        lora_attn_modules (List[str]): attention projections that get an adapter, from
+            ``q_proj``, ``k_proj``, ``v_proj`` and ``output_proj``.
+        apply_lora_to_mlp (bool): adapters on the feed-forward ``w1``, ``w2``, ``w3``.
+        apply_lora_to_output (bool): an adapter on the final projection (not possible when
+            it is tied to the token embeddings).
+        lora_rank (int): adapter rank; useful up to ``in_dim // group_size``.
+        lora_alpha (float): adapter scaling numerator (the update is scaled by alpha/rank).
+        lora_dropout (float): dropout on the adapters' input.
+        group_size (int): quantization group size, shared by the base and the adapters'
+            pooling: 32, 64, 128 or 256.
+        quantizer (str): base quantizer, ``"rtn"`` or ``"hqq"``.
+        pad_in_dim (bool): zero-pad linears whose ``in_dim`` ``group_size`` does not
+            divide (the merge stays exact); off, such a linear is an error.
+
+    Returns:
+        nn.Module: the decoder, on the default device, with only adapters trainable.
+
+    Raises:
+        ValueError: for an unknown attention module name, an adapter on a tied output,
+            or a group size that does not fit a linear (see :class:`Int4Linear`).
+    """
+    unknown = sorted(set(lora_attn_modules) - set(ATTENTION_PROJECTIONS))
+    if unknown:
+        raise ValueError(
+            f"unknown lora_attn_modules {unknown}; choose from {list(ATTENTION_PROJECTIONS)}"
+        )
+    device = torch.get_default_device()
+    dtype = torch.get_default_dtype()
+    with torch.device("meta"):
+        model = base_decoder()
+    if apply_lora_to_output and not isinstance(getattr(model, "output", None), nn.Linear):
+        raise ValueError(
+            "apply_lora_to_output=True, but this model's output projection is tied to its "
+            "token embeddings (not a linear layer); set apply_lora_to_output=False"
+        )
+    targets = set(lora_attn_modules) | (set(MLP_PROJECTIONS) if apply_lora_to_mlp else set())
+    if apply_lora_to_output:
+        targets.add("output")
+    adapter = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout)
+    base = dict(group_size=group_size, quantizer=quantizer, pad_in_dim=pad_in_dim)
+    _replace_linears(model, targets, adapter, base, device, dtype)
+    _materialize(model, device)
+    model.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, QALoRALinear):
+            module.lora_a.weight.requires_grad_(True)
+            module.lora_b.weight.requires_grad_(True)
+    return model
+
+
+def _replace_linears(
+    model: nn.Module,
+    targets: set,
+    adapter: Dict,
+    base: Dict,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            path = f"{parent_name}.{name}" if parent_name else name
+            common = dict(
+                in_dim=child.in_features,
+                out_dim=child.out_features,
+                use_bias=child.bias is not None,
+                dtype=dtype,
+                device=device,
+                **base,
+            )
+            try:
+                if name in targets:
+                    replacement = QALoRALinear(**common, **adapter)
+                else:
+                    replacement = Int4Linear(**common)
+            except ValueError as error:
+                raise ValueError(f"{path}: {error}") from None
+            setattr(parent, name, replacement)
+
+
+@torch.no_grad()
+def _materialize(model: nn.Module, device: torch.device) -> None:
+    """Create the meta parameters and buffers left after the linears on ``device``."""
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            continue
+        tensors = list(module.named_parameters(recurse=False)) + list(
+            module.named_buffers(recurse=False)
+        )
+        if not any(t.is_meta for _, t in tensors):
+            continue
+        module.to_empty(device=device, recurse=False)
+        if hasattr(module, "rope_init"):
+            module.rope_init()
+        elif hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+        else:
+            for name, param in module.named_parameters(recurse=False):
+                # norms scale by ones; anything else starts small until weights load
+                if name == "scale" or name.endswith("norm.weight"):
+                    param.fill_(1.0)
+                else:
+                    param.normal_(0.0, 0.02)
+
+
+def count_parameters(model: nn.Module) -> Dict[str, int]:
+    """Trainable adapter parameters and frozen base parameters (int4 weights by shape)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return {"trainable": trainable, "frozen": frozen}

@@ -1,0 +1,269 @@
+"""Int4Linear: a frozen linear layer whose weight is a torchao int4 tensor."""
+
+import math
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qalora_tune.ops import int4_linear
+from qalora_tune.quantization import (
+    INT4_KERNEL_GROUP_SIZES,
+    empty_int4,
+    get_quantizer,
+    is_int4_weight,
+    quantize_rtn,
+    to_torchao_int4,
+)
+
+__all__ = ["Int4Linear"]
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return (value + multiple - 1) // multiple * multiple
+
+
+class Int4Linear(nn.Module):
+    """A frozen linear layer computed through torchao's int4 kernels.
+
+    The weight ``(out_dim, in_dim)`` is quantized asymmetrically per (output row, group of
+    ``group_size`` consecutive inputs) with float zero points,
+    ``W[n, k] = (q[n, k] - 8) * s[n, g] + z[n, g]``, and stored as a torchao
+    ``Int4OpaqueTensor`` (CPU) or ``Int4TilePackedTo4dTensor`` (CUDA). Gradients flow to
+    the input, never to the weight. Every linear of a QA-LoRA model that has no adapter
+    is one of these; :class:`~qalora_tune.modules.QALoRALinear` adds the adapter.
+
+    When ``group_size`` does not divide ``in_dim`` and ``pad_in_dim`` is set, the weight
+    gets zero columns up to the next multiple of ``group_size`` and the input is padded
+    with zeros to match, so the layer computes exactly ``x W^T`` while every group has
+    ``group_size`` columns (``weight`` then has shape ``(out_dim, padded_in_dim)``).
+
+    Args:
+        in_dim (int): input features ``K``.
+        out_dim (int): output features ``N``.
+        group_size (int): quantization group size ``G``: 32, 64, 128 or 256.
+        use_bias (bool): whether the layer has a (frozen, full precision) bias.
+        quantizer (str): how full-precision weights are quantized on load: ``"rtn"``
+            (min-max round to nearest) or ``"hqq"`` (half-quadratic).
+        pad_in_dim (bool): allow ``in_dim`` that ``group_size`` does not divide by padding
+            it with zero columns.
+        dtype (torch.dtype, optional): dtype of the scales, zeros and compute (fp32, bf16
+            or fp16 on CPU, bf16 on CUDA). Defaults to the default dtype on CPU and bf16
+            on CUDA.
+        device (torch.device, optional): where to build the layer; ``meta`` builds the
+            structure without memory.
+
+    Raises:
+        ValueError: if ``group_size`` has no int4 kernel, or does not divide ``in_dim``
+            while ``pad_in_dim`` is off.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        group_size: int = 64,
+        use_bias: bool = False,
+        quantizer: str = "rtn",
+        pad_in_dim: bool = False,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[torch.device] = None,
+    ):
+        super().__init__()
+        _validate_base_hparams(in_dim, out_dim, group_size, pad_in_dim)
+        self._quantize = get_quantizer(quantizer)
+        self.in_dim = in_dim
+        self.out_dim = out_dim
+        self.group_size = group_size
+        self.quantizer = quantizer
+        self.padded_in_dim = _round_up(in_dim, group_size)
+        device = torch.device(device) if device is not None else torch.get_default_device()
+        if device.type == "meta":
+            weight = empty_int4(out_dim, self.padded_in_dim, group_size, device, dtype)
+        else:
+            # a placeholder like nn.Linear's init, quantized with fast RTN whatever the
+            # quantizer: real weights arrive through from_linear / load_state_dict
+            init_weight = torch.empty(out_dim, in_dim, device=device, dtype=torch.float32)
+            nn.init.kaiming_uniform_(init_weight, a=math.sqrt(5))
+            placeholder = quantize_rtn(self._pad_columns(init_weight), group_size)
+            weight = to_torchao_int4(placeholder, device=device, dtype=dtype)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = (
+            nn.Parameter(torch.zeros(out_dim, device=device, dtype=dtype), requires_grad=False)
+            if use_bias
+            else None
+        )
+        self.register_load_state_dict_pre_hook(_quantize_incoming_weight)
+
+    @property
+    def n_groups(self) -> int:
+        """Quantization groups per output row (and the pooled adapter's input width)."""
+        return self.padded_in_dim // self.group_size
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs: Any) -> "Int4Linear":
+        """Build from a full-precision ``nn.Linear``, quantizing its weight.
+
+        Args:
+            linear (nn.Linear): layer whose weight (and bias) become the frozen base.
+            **kwargs: the other constructor arguments of this class.
+        """
+        kwargs.setdefault("dtype", linear.weight.dtype)
+        kwargs.setdefault("device", linear.weight.device)
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            use_bias=linear.bias is not None,
+            **kwargs,
+        )
+        module.quantize_base_(linear.weight)
+        if linear.bias is not None:
+            module.bias.data.copy_(linear.bias.detach())
+        return module
+
+    @classmethod
+    def from_int4(
+        cls, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, **kwargs: Any
+    ) -> "Int4Linear":
+        """Wrap an already quantized torchao int4 weight.
+
+        Args:
+            weight (torch.Tensor): ``Int4OpaqueTensor`` or ``Int4TilePackedTo4dTensor`` of
+                shape ``(out_dim, in_dim)``, asymmetric with contiguous input groups.
+            bias (torch.Tensor, optional): frozen bias of shape ``(out_dim,)``.
+            **kwargs: the other constructor arguments; ``group_size`` defaults to the
+                weight's.
+
+        Raises:
+            TypeError: if ``weight`` is not one of those int4 subclasses.
+            ValueError: if its groups are not contiguous input groups of ``group_size``.
+        """
+        if not is_int4_weight(weight):
+            raise TypeError(
+                "the QA-LoRA base must be a torchao Int4OpaqueTensor or "
+                "Int4TilePackedTo4dTensor (asymmetric, float zero points), "
+                f"got {type(weight).__name__}"
+            )
+        kwargs.setdefault("group_size", weight.block_size[-1])
+        kwargs.setdefault("dtype", weight.dtype)
+        kwargs.setdefault("device", weight.device)
+        out_dim, in_dim = weight.shape
+        module = cls(in_dim, out_dim, use_bias=bias is not None, **kwargs)
+        module._check_base(weight)
+        module.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            module.bias.data.copy_(bias.detach())
+        return module
+
+    def _check_base(self, weight: torch.Tensor) -> None:
+        # QA-LoRA's merge is exact only for asymmetric float-zero quantization whose groups
+        # are the adapter's pooling groups: contiguous runs of group_size inputs of one row.
+        block_size = tuple(weight.block_size)
+        if block_size != (1, self.group_size):
+            raise ValueError(
+                f"the base is quantized with block_size={block_size}, but QA-LoRA needs "
+                f"contiguous input groups (1, {self.group_size}) matching group_size; "
+                "set group_size to the base's group size"
+            )
+        if getattr(weight, "act_pre_scale", None) is not None:
+            raise ValueError(
+                "the base scales its input (act_pre_scale), so its groups no longer see the "
+                "input the adapter pools; quantize the base without activation pre-scaling"
+            )
+        if tuple(weight.shape) != (self.out_dim, self.padded_in_dim):
+            raise ValueError(
+                f"expected an int4 base of shape ({self.out_dim}, {self.padded_in_dim}), "
+                f"got {tuple(weight.shape)}"
+            )
+
+    def _pad_columns(self, tensor: torch.Tensor) -> torch.Tensor:
+        extra = self.padded_in_dim - self.in_dim
+        return F.pad(tensor, (0, extra)) if extra else tensor
+
+    @torch.no_grad()
+    def quantize_base_(self, weight: torch.Tensor) -> None:
+        """Quantize a full-precision ``(out_dim, in_dim)`` weight into the frozen base.
+
+        Scales and zeros keep the current base's dtype and device.
+        """
+        if getattr(self, "merged", False):
+            raise ValueError("unmerge() the adapter before replacing the base weight")
+        if tuple(weight.shape) != (self.out_dim, self.in_dim):
+            raise ValueError(
+                f"expected a base weight of shape ({self.out_dim}, {self.in_dim}), "
+                f"got {tuple(weight.shape)}"
+            )
+        if self.weight.device.type == "meta":
+            raise ValueError(
+                "cannot load weights into a layer on the meta device; build the model on "
+                "cpu or cuda"
+            )
+        target = self.weight.device
+        quantized = self._quantize(self._pad_columns(weight.to(target)), self.group_size, 4)
+        packed = to_torchao_int4(quantized, device=target, dtype=self.weight.dtype)
+        self.weight = nn.Parameter(packed, requires_grad=False)
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x W^T + bias`` for an input already padded to ``(..., padded_in_dim)``."""
+        out = int4_linear(
+            x, self.weight.qdata, self.weight.scale_and_zero, self.group_size, self.out_dim
+        )
+        return out if self.bias is None else out + self.bias
+
+    def pad_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Zero-pad ``(..., in_dim)`` to ``(..., padded_in_dim)`` (a no-op without padding)."""
+        return self._pad_columns(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x (torch.Tensor): input of shape ``(..., in_dim)``.
+
+        Returns:
+            torch.Tensor: output of shape ``(..., out_dim)`` in ``x.dtype``.
+        """
+        return self.base_forward(self.pad_input(x))
+
+    def extra_repr(self) -> str:
+        padded = f", padded_in_dim={self.padded_in_dim}" if self.padded_in_dim != self.in_dim else ""
+        return (
+            f"in_dim={self.in_dim}, out_dim={self.out_dim}, group_size={self.group_size}, "
+            f"quantizer={self.quantizer}{padded}"
+        )
+
+
+def _quantize_incoming_weight(
+    module: Int4Linear, state_dict: Dict[str, Any], prefix: str, *args: Any
+) -> None:
+    """load_state_dict pre-hook: quantize a full-precision base weight on arrival.
+
+    One layer at a time, so a model loads from bf16/fp32 checkpoints without ever holding
+    them whole in full precision; an int4 weight is checked and moved to the layer's layout.
+    """
+    key = prefix + "weight"
+    incoming = state_dict.get(key)
+    if incoming is None:
+        return
+    if is_int4_weight(incoming):
+        module._check_base(incoming)
+        if type(incoming) is not type(module.weight):
+            state_dict[key] = incoming.to(module.weight.device)
+        return
+    module.quantize_base_(incoming)
+    state_dict[key] = module.weight
+
+
+def _validate_base_hparams(in_dim: int, out_dim: int, group_size: int, pad_in_dim: bool) -> None:
+    if in_dim <= 0 or out_dim <= 0:
+        raise ValueError(f"in_dim and out_dim must be positive, got {in_dim} and {out_dim}")
+    if group_size not in INT4_KERNEL_GROUP_SIZES:
+        raise ValueError(
+            f"group_size={group_size} has no int4 kernel; use one of {INT4_KERNEL_GROUP_SIZES}"
+        )
+    if in_dim % group_size and not pad_in_dim:
+        raise ValueError(
+            f"group_size={group_size} does not divide in_dim={in_dim}; choose a group_size "
+            f"that divides {in_dim}, or set pad_in_dim=True to pad the input with zeros "
+            "(the merge stays exact)"
+        )

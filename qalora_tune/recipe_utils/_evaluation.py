@@ -1,0 +1,71 @@
+"""Held-out loss, perplexity and next-token accuracy of a causal language model."""
+
+import math
+from typing import Dict, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["evaluate_lm"]
+
+IGNORE_INDEX = -100
+
+
+@torch.no_grad()
+def evaluate_lm(
+    model: nn.Module,
+    batches: Iterable[Dict[str, torch.Tensor]],
+    device: torch.device,
+    max_batches: Optional[int] = None,
+) -> Dict[str, float]:
+    """Mean next-token cross-entropy (nats), perplexity and accuracy over labelled tokens,
+    and exact match: the share of sequences whose labelled tokens are all predicted right.
+
+    Labels follow torchtune's SFT convention: aligned with ``tokens``, ``-100`` where no
+    loss is taken; position ``t`` predicts ``labels[t + 1]``.
+
+    Args:
+        model (nn.Module): returns logits ``(batch, seq, vocab)`` (or a list of chunks of
+            them along ``seq``).
+        batches (Iterable): dicts with ``tokens`` and ``labels`` of shape ``(batch, seq)``.
+        device (torch.device): where the model runs.
+        max_batches (int, optional): stop after this many batches.
+
+    Returns:
+        Dict[str, float]: ``loss``, ``perplexity``, ``accuracy``, ``exact_match`` and
+        ``tokens``.
+    """
+    was_training = model.training
+    model.eval()
+    total_loss, correct, count, exact, sequences = 0.0, 0, 0, 0, 0
+    for index, batch in enumerate(batches):
+        if max_batches is not None and index >= max_batches:
+            break
+        tokens = batch["tokens"].to(device)
+        labels = batch["labels"].to(device)[:, 1:]
+        logits = model(tokens)
+        if isinstance(logits, list):
+            logits = torch.cat(logits, dim=1)
+        logits = logits[:, :-1].float()
+        mask = labels != IGNORE_INDEX
+        total_loss += F.cross_entropy(
+            logits[mask], labels[mask], reduction="sum"
+        ).item()
+        hits = logits.argmax(-1) == labels
+        correct += hits[mask].sum().item()
+        count += int(mask.sum())
+        labelled = mask.any(dim=1)
+        exact += int(((hits | ~mask).all(dim=1) & labelled).sum())
+        sequences += int(labelled.sum())
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("the validation data has no labelled tokens to evaluate")
+    loss = total_loss / count
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 80.0)),
+        "accuracy": correct / count,
+        "exact_match": exact / sequences,
+        "tokens": count,
+    }

@@ -1,0 +1,36 @@
+"""The embedded tiny default: a procedurally generated task, tokenizer and base model.
+
+``tune run qalora_finetune --config tiny_qalora`` needs no download: the base is a small
+llama2-architecture decoder pretrained here on a generated glossary-translation task
+(:func:`prepare_tiny_base`), then quantized to int4 and adapted with QA-LoRA.
+"""
+
+from qalora_tune.tiny.base import (
+    TINY_LLAMA_SIZES,
+    build_tiny_base,
+    is_complete_tiny_base,
+    load_tiny_base,
+    prepare_tiny_base,
+)
+from qalora_tune.tiny.dataset import TinyTaskDataset, encode_example, tiny_task_dataset
+from qalora_tune.tiny.metrics import answer_metrics, to_qalora_
+from qalora_tune.tiny.task import generate_examples, glossary
+from qalora_tune.tiny.tokenizer import TOKENIZER_FILENAME, TinyTokenizer, tiny_tokenizer
+
+__all__ = [
+    "TINY_LLAMA_SIZES",
+    "TOKENIZER_FILENAME",
+    "TinyTaskDataset",
+    "TinyTokenizer",
+    "answer_metrics",
+    "build_tiny_base",
+    "encode_example",
+    "generate_examples",
+    "glossary",
+    "is_complete_tiny_base",
+    "load_tiny_base",
+    "prepare_tiny_base",
+    "tiny_task_dataset",
+    "tiny_tokenizer",
+    "to_qalora_",
+]

@@ -1,0 +1,217 @@
+"""The embedded tiny base: its sizes, and making it on a fresh machine (no downloads).
+
+:func:`prepare_tiny_base` pretrains a small llama2-architecture decoder on the generated
+glossary task (see :mod:`qalora_tune.tiny.task`) and writes it, atomically, as a Hugging
+Face ``LlamaForCausalLM`` checkpoint with the tiny tokenizer and the base's measured
+validation metrics in full precision and as an int4 (RTN, group size 32) base.
+"""
+
+import json
+import os
+import shutil
+import time
+import uuid
+from typing import Any, Callable, Dict, Optional
+
+import torch
+from torchtune.models.llama2 import llama2
+
+from qalora_tune.tiny.dataset import TinyTaskDataset
+from qalora_tune.tiny.hf_checkpoint import (
+    CONFIG_FILENAME,
+    WEIGHTS_FILENAME,
+    load_hf_state_dict,
+    save_hf_checkpoint,
+)
+from qalora_tune.tiny.metrics import answer_metrics, to_qalora_
+from qalora_tune.tiny.pretrain import pretrain
+from qalora_tune.tiny.tokenizer import TOKENIZER_FILENAME, TinyTokenizer
+
+__all__ = [
+    "COMPLETE_MARKER",
+    "METRICS_FILENAME",
+    "TINY_LLAMA_SIZES",
+    "build_tiny_base",
+    "is_complete_tiny_base",
+    "load_tiny_base",
+    "prepare_tiny_base",
+]
+
+TINY_LLAMA_SIZES: Dict[str, Any] = {
+    "vocab_size": TinyTokenizer().vocab_size,  # 57: <pad>, <bos>, <eos> + 54 characters
+    "num_layers": 2,
+    "num_heads": 4,
+    "num_kv_heads": 4,
+    "embed_dim": 128,
+    "max_seq_len": 64,
+    "intermediate_dim": 256,
+}
+"""Exact ``torchtune.models.llama2.llama2`` keyword arguments of the tiny base.
+
+Every linear has ``in_dim`` 128 or 256: 4 or 8 quantization groups of 32.
+"""
+
+METRICS_FILENAME = "base_metrics.json"
+COMPLETE_MARKER = "TINY_BASE_COMPLETE"
+"""Empty file written last: a directory without it is not a finished base."""
+
+_REQUIRED_FILES = (CONFIG_FILENAME, WEIGHTS_FILENAME, TOKENIZER_FILENAME, METRICS_FILENAME)
+
+DEFAULT_STEPS = 700
+DEFAULT_BATCH_SIZE = 64
+DEFAULT_LR = 5e-3
+DEFAULT_MAX_SECONDS = 55.0
+DEFAULT_NUM_VALIDATION = 1000
+
+
+def build_tiny_base() -> torch.nn.Module:
+    """A freshly initialised ``llama2(**TINY_LLAMA_SIZES)`` (fp32)."""
+    return llama2(**TINY_LLAMA_SIZES)
+
+
+def is_complete_tiny_base(checkpoint_dir: str) -> bool:
+    """Whether ``checkpoint_dir`` holds a finished base (marker and every file present)."""
+    return os.path.isfile(os.path.join(checkpoint_dir, COMPLETE_MARKER)) and all(
+        os.path.isfile(os.path.join(checkpoint_dir, name)) for name in _REQUIRED_FILES
+    )
+
+
+def prepare_tiny_base(
+    checkpoint_dir: str,
+    seed: int = 0,
+    steps: int = DEFAULT_STEPS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    lr: float = DEFAULT_LR,
+    max_seconds: Optional[float] = DEFAULT_MAX_SECONDS,
+    num_validation: int = DEFAULT_NUM_VALIDATION,
+    log: Optional[Callable[[str], None]] = print,
+) -> str:
+    """Make the tiny base in ``checkpoint_dir`` unless a finished one is already there.
+
+    The directory is built under a temporary sibling name and renamed into place only
+    once complete (:data:`COMPLETE_MARKER` written last), so an interrupted run never
+    leaves a complete-looking base. It holds ``config.json`` (``LlamaForCausalLM``),
+    ``model.safetensors`` (fp32, Hugging Face key names), ``tiny_tokenizer.json`` and
+    ``base_metrics.json``: validation answer-token loss (nats) and accuracy of the fp32
+    base and of its int4 RTN group-32 quantization (every linear, output projection
+    included), plus the generation parameters and timings.
+
+    Args:
+        checkpoint_dir (str): where the base lives; must be absent, empty, or a finished
+            base.
+        seed (int): seed of the initialisation and of the training examples.
+        steps (int): pretraining steps.
+        batch_size (int): pretraining batch size.
+        lr (float): peak AdamW learning rate.
+        max_seconds (float, optional): stop pretraining early after this long.
+        num_validation (int): validation examples for ``base_metrics.json``.
+        log (Callable[[str], None], optional): progress sink; None for quiet.
+
+    Returns:
+        str: ``checkpoint_dir``.
+
+    Raises:
+        ValueError: if ``checkpoint_dir`` is a non-empty directory that is not a finished
+            tiny base, or an argument is out of range.
+    """
+    checkpoint_dir = os.path.abspath(checkpoint_dir)
+    if is_complete_tiny_base(checkpoint_dir):
+        if log is not None:
+            log(f"[tiny base] reusing {checkpoint_dir}")
+        return checkpoint_dir
+    if os.path.exists(checkpoint_dir) and (
+        not os.path.isdir(checkpoint_dir) or os.listdir(checkpoint_dir)
+    ):
+        raise ValueError(
+            f"{checkpoint_dir!r} exists but is not a finished tiny base (no "
+            f"{COMPLETE_MARKER}); remove it or choose another checkpoint_dir"
+        )
+    if num_validation <= 0:
+        raise ValueError(f"num_validation must be positive, got {num_validation}")
+
+    start = time.perf_counter()
+    if log is not None:
+        log(f"[tiny base] no base in {checkpoint_dir}: generating data and pretraining")
+    tokenizer = TinyTokenizer()
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
+        torch.manual_seed(seed)
+        model = build_tiny_base()
+        train_info = pretrain(
+            model, tokenizer, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+            max_seconds=max_seconds, log=log,
+        )
+    pretrain_seconds = time.perf_counter() - start
+
+    validation = TinyTaskDataset(tokenizer, "validation", num_examples=num_validation, seed=seed)
+    state_dict = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    fp32 = answer_metrics(model, validation)
+    int4 = answer_metrics(to_qalora_(model, group_size=32), validation)
+    metrics = {
+        "task": "glossary translation (qalora_tune.tiny.task)",
+        "metric": "validation answer tokens: mean cross-entropy (nats) and argmax accuracy",
+        "fp32": fp32,
+        "int4_rtn_g32": int4,
+        "generation": {
+            "seed": seed,
+            "steps": train_info["steps"],
+            "requested_steps": steps,
+            "batch_size": batch_size,
+            "lr": lr,
+            "num_validation": num_validation,
+            "final_train_loss": train_info["train_loss"],
+            "pretrain_seconds": round(pretrain_seconds, 2),
+            "seconds": round(time.perf_counter() - start, 2),
+        },
+        "sizes": TINY_LLAMA_SIZES,
+    }
+    _write_atomically(checkpoint_dir, state_dict, tokenizer, metrics)
+    if log is not None:
+        log(
+            f"[tiny base] fp32 acc {fp32['accuracy']:.4f} loss {fp32['loss']:.4f} | int4 g32 "
+            f"acc {int4['accuracy']:.4f} loss {int4['loss']:.4f} | "
+            f"{time.perf_counter() - start:.1f}s -> {checkpoint_dir}"
+        )
+    return checkpoint_dir
+
+
+def _write_atomically(
+    checkpoint_dir: str,
+    state_dict: Dict[str, torch.Tensor],
+    tokenizer: TinyTokenizer,
+    metrics: Dict[str, Any],
+) -> None:
+    parent = os.path.dirname(checkpoint_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = os.path.join(
+        parent, f".{os.path.basename(checkpoint_dir)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    )
+    os.makedirs(tmp_dir)
+    try:
+        save_hf_checkpoint(state_dict, TINY_LLAMA_SIZES, tmp_dir)
+        tokenizer.save(os.path.join(tmp_dir, TOKENIZER_FILENAME))
+        with open(os.path.join(tmp_dir, METRICS_FILENAME), "w", encoding="utf-8") as f:
+            json.dump(metrics, f, indent=2)
+        with open(os.path.join(tmp_dir, COMPLETE_MARKER), "w", encoding="utf-8"):
+            pass
+        if os.path.isdir(checkpoint_dir) and not os.listdir(checkpoint_dir):
+            os.rmdir(checkpoint_dir)  # an empty placeholder may be replaced
+        try:
+            os.rename(tmp_dir, checkpoint_dir)
+        except OSError:
+            if not is_complete_tiny_base(checkpoint_dir):  # not a concurrent finisher
+                raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def load_tiny_base(checkpoint_dir: str) -> torch.nn.Module:
+    """The fp32 torchtune decoder stored in a finished tiny base directory.
+
+    Raises:
+        ValueError: if ``checkpoint_dir`` is not a finished tiny base.
+    """
+    if not is_complete_tiny_base(checkpoint_dir):
+        raise ValueError(f"{checkpoint_dir!r} is not a finished tiny base")
+    model = build_tiny_base()
+    model.load_state_dict(load_hf_state_dict(checkpoint_dir, TINY_LLAMA_SIZES))
+    return model.eval()
