@@ -441,3 +441,36 @@ def test_real_checkpoint_loads_into_the_qalora_builder(name):
     # the prediction at most positions survives quantization
     agree = (out.argmax(-1) == reference.argmax(-1)).double().mean().item()
     assert agree > 0.6, f"argmax agreement {agree:.2f}"
+
+
+def test_loading_streams_one_full_precision_tensor_at_a_time(tmp_path, monkeypatch):
+    """Peak memory while loading is one full-precision tensor above the int4 model: every
+    tensor read from the checkpoint is freed before the one after next is read."""
+    import weakref
+
+    from functools import partial
+
+    from qalora_tune.checkpointing import _hf_weights
+    from qalora_tune.models import qalora_transformer
+
+    paths, _, config = _tiny_paths(tmp_path)
+    original = _hf_weights.iter_hf_tensors
+    alive_when_read = []
+
+    def spying_iter(files):
+        refs = []
+        for key, tensor in original(files):
+            # the loader's loop variable may still hold the previous tensor
+            older = [k for k, r in refs[:-1] if r() is not None and "embed" not in k]
+            alive_when_read.append(older)
+            refs.append((key, weakref.ref(tensor)))
+            yield key, tensor
+            del tensor
+
+    monkeypatch.setattr(_hf_weights, "iter_hf_tensors", spying_iter)
+    model = qalora_transformer(
+        partial(tied_llama, **TINY), ["q_proj", "v_proj"], True, group_size=32
+    )
+    load_hf_weights(model, paths, "LLAMA2", config)
+    assert len(alive_when_read) == len(load_file(str(paths[0])))
+    assert all(not older for older in alive_when_read), alive_when_read

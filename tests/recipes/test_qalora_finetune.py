@@ -137,3 +137,35 @@ def test_tiny_qalora_default_runs_offline_and_recovers_the_int4_base(tmp_path):
     assert (out / "epoch_0" / "adapter" / "adapter_model.safetensors").is_file()
     # training loss starts near 1e-3 and is noisy; the validation loss above is the check
     assert len(_logged_losses(out)) == 250 // 25
+
+
+@requires_shared
+def test_bf16_checkpointing_accumulation_clipping_and_torchao_optimizer(tmp_path):
+    out = tmp_path / "run"
+    result = _tune_run(
+        "--config", "stories260K_qalora",
+        *_shared_overrides("stories260K", "tokenizer.model", out),
+        "dtype=bf16", "enable_activation_checkpointing=True", "gradient_accumulation_steps=2",
+        "max_steps_per_epoch=3", "batch_size=4", "clip_grad_norm=1.0",
+        "optimizer._component_=torchao.optim.AdamW8bit",
+        "metric_logger._component_=torchtune.training.metric_logging.DiskLogger",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = "".join(p.read_text() for p in (out / "logs").glob("*.txt"))
+    assert len(_logged_losses(out)) == 3 and "grad_norm:" in log
+    weights = load_file(str(out / "epoch_0" / "adapter" / "adapter_model.safetensors"))
+    assert all(w.dtype == __import__("torch").bfloat16 for w in weights.values())
+    assert any(w.abs().sum() > 0 for k, w in weights.items() if "lora_b" in k)
+
+
+@requires_shared
+def test_compile_runs_the_recipe(tmp_path):
+    out = tmp_path / "run"
+    result = _tune_run(
+        "--config", "tinystories656K_qalora",
+        *_shared_overrides("tinystories656K", "tokenizer.json", out),
+        "compile=True", "max_steps_per_epoch=2", "batch_size=4",
+        "validation.full_precision_baseline=False",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(_logged_losses(out)) == 2
