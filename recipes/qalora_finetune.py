@@ -39,6 +39,7 @@ from tqdm import tqdm
 import qalora_tune
 from qalora_tune._compat import get_component_from_path
 from qalora_tune.checkpointing import find_checkpoint_files, load_hf_weights
+from qalora_tune.models import count_parameters
 from qalora_tune.modules import QALoRALinear
 from qalora_tune.recipe_utils import evaluate_lm, resolve_config_argv
 
@@ -144,11 +145,11 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         self._activations_ctx = training.get_act_offloading_ctx_manager(
             model, self._enable_activation_offloading
         )
-        trainable = sum(p.numel() for p in self._adapter_params.values())
+        counts = count_parameters(model)
         log.info(
             f"Model ready in {time.perf_counter() - start:.1f}s: {len(adapters)} QA-LoRA "
-            f"layers, {trainable:,} trainable parameters, dtype {self._dtype}, "
-            f"device {self._device}"
+            f"layers, {counts['trainable']:,} trainable and {counts['frozen']:,} frozen "
+            f"parameters, dtype {self._dtype}, device {self._device}"
         )
         if self._device.type == "cuda":
             training.log_memory_stats(training.get_memory_stats(device=self._device))

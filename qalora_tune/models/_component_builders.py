@@ -145,7 +145,8 @@ def _materialize(model: nn.Module, device: torch.device) -> None:
 
 
 def count_parameters(model: nn.Module) -> Dict[str, int]:
-    """Trainable adapter parameters and frozen base parameters (int4 weights by shape)."""
+    """Trainable (adapter) and frozen (base) parameter counts; an int4 weight counts its
+    logical ``out_dim * in_dim`` elements."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     return {"trainable": trainable, "frozen": frozen}

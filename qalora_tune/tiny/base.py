@@ -11,16 +11,17 @@ import os
 import shutil
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 import torch
 from torchtune.models.llama2 import llama2
 
+from qalora_tune.checkpointing import find_checkpoint_files, load_hf_weights, read_hf_config
 from qalora_tune.tiny.dataset import TinyTaskDataset
 from qalora_tune.tiny.hf_checkpoint import (
     CONFIG_FILENAME,
     WEIGHTS_FILENAME,
-    load_hf_state_dict,
     save_hf_checkpoint,
 )
 from qalora_tune.tiny.metrics import answer_metrics, to_qalora_
@@ -213,5 +214,8 @@ def load_tiny_base(checkpoint_dir: str) -> torch.nn.Module:
     if not is_complete_tiny_base(checkpoint_dir):
         raise ValueError(f"{checkpoint_dir!r} is not a finished tiny base")
     model = build_tiny_base()
-    model.load_state_dict(load_hf_state_dict(checkpoint_dir, TINY_LLAMA_SIZES))
+    directory = Path(checkpoint_dir)
+    load_hf_weights(
+        model, find_checkpoint_files(directory, None), "LLAMA2", read_hf_config(directory)
+    )
     return model.eval()

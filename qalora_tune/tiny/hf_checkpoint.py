@@ -5,10 +5,10 @@ import os
 from typing import Any, Dict, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
-from torchtune.models.convert_weights import hf_to_tune, tune_to_hf
+from safetensors.torch import save_file
+from qalora_tune._compat import tune_to_hf
 
-__all__ = ["hf_llama_config", "load_hf_state_dict", "save_hf_checkpoint"]
+__all__ = ["hf_llama_config", "save_hf_checkpoint"]
 
 CONFIG_FILENAME = "config.json"
 WEIGHTS_FILENAME = "model.safetensors"
@@ -69,22 +69,3 @@ def save_hf_checkpoint(
     save_file(hf_state, os.path.join(directory, WEIGHTS_FILENAME), metadata={"format": "pt"})
     with open(os.path.join(directory, CONFIG_FILENAME), "w", encoding="utf-8") as f:
         json.dump(hf_llama_config(sizes), f, indent=2)
-
-
-def load_hf_state_dict(directory: str, sizes: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
-    """Read ``model.safetensors`` from ``directory`` as a torchtune llama2 state dict.
-
-    Args:
-        directory (str): checkpoint directory written by :func:`save_hf_checkpoint`.
-        sizes (Mapping[str, Any]): the ``llama2()`` keyword arguments of the model.
-
-    Returns:
-        Dict[str, torch.Tensor]: torchtune key names.
-    """
-    hf_state = load_file(os.path.join(directory, WEIGHTS_FILENAME))
-    return hf_to_tune(
-        hf_state,
-        num_heads=sizes["num_heads"],
-        num_kv_heads=sizes["num_kv_heads"],
-        dim=sizes["embed_dim"],
-    )

@@ -13,6 +13,7 @@ from torch import nn
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
 
 from qalora_tune.modules import QALoRALinear
+from qalora_tune.recipe_utils import evaluate_lm
 
 __all__ = ["answer_metrics", "shifted_loss_and_correct", "to_qalora_"]
 
@@ -49,11 +50,11 @@ def _shifted(
     return loss, hits, keep
 
 
-@torch.no_grad()
 def answer_metrics(
     model: nn.Module, items: Sequence[Dict[str, List[int]]], batch_size: int = 250
 ) -> Dict[str, float]:
-    """Mean answer-token cross-entropy and argmax accuracy (teacher forcing).
+    """Mean answer-token cross-entropy and argmax accuracy (teacher forcing), through the
+    recipe's own :func:`~qalora_tune.recipe_utils.evaluate_lm`.
 
     Args:
         model (nn.Module): decoder mapping tokens ``(B, L)`` to logits ``(B, L, V)``.
@@ -64,26 +65,14 @@ def answer_metrics(
     Returns:
         Dict[str, float]: ``loss`` (nats per answer token), ``accuracy`` (fraction of
         answer tokens predicted right), ``exact_match`` (fraction of examples with every
-        answer token right) and ``tokens`` (number of answer tokens).
+        answer token right), ``perplexity`` and ``tokens`` (number of answer tokens).
     """
-    was_training = model.training
-    model.eval()
-    total_loss, total_correct, total_tokens, exact = 0.0, 0, 0, 0
-    for start in range(0, len(items), batch_size):
-        chunk = [items[i] for i in range(start, min(start + batch_size, len(items)))]
-        batch = padded_collate_sft(chunk)
-        loss, hits, keep = _shifted(model(batch["tokens"]), batch["labels"])
-        total_loss += loss.item()
-        total_correct += int(hits[keep].sum())
-        total_tokens += int(keep.sum())
-        exact += int((hits | ~keep).all(dim=1).sum())
-    model.train(was_training)
-    return {
-        "loss": total_loss / max(total_tokens, 1),
-        "accuracy": total_correct / max(total_tokens, 1),
-        "exact_match": exact / max(len(items), 1),
-        "tokens": float(total_tokens),
-    }
+    batches = (
+        padded_collate_sft([items[i] for i in range(start, min(start + batch_size, len(items)))])
+        for start in range(0, len(items), batch_size)
+    )
+    device = next(model.parameters(), torch.empty(0)).device
+    return evaluate_lm(model, batches, device)
 
 
 def to_qalora_(
