@@ -8,16 +8,19 @@ validation metrics in full precision and as an int4 (RTN, group size 32) base.
 
 import json
 import os
-import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 import torch
 from torchtune.models.llama2 import llama2
 
-from qalora_tune.checkpointing import find_checkpoint_files, load_hf_weights, read_hf_config
+from qalora_tune.checkpointing import (
+    atomic_directory,
+    find_checkpoint_files,
+    load_hf_weights,
+    read_hf_config,
+)
 from qalora_tune.tiny.dataset import TinyTaskDataset
 from qalora_tune.tiny.hf_checkpoint import (
     CONFIG_FILENAME,
@@ -181,28 +184,13 @@ def _write_atomically(
     tokenizer: TinyTokenizer,
     metrics: Dict[str, Any],
 ) -> None:
-    parent = os.path.dirname(checkpoint_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp_dir = os.path.join(
-        parent, f".{os.path.basename(checkpoint_dir)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    )
-    os.makedirs(tmp_dir)
-    try:
-        save_hf_checkpoint(state_dict, TINY_LLAMA_SIZES, tmp_dir)
-        tokenizer.save(os.path.join(tmp_dir, TOKENIZER_FILENAME))
-        with open(os.path.join(tmp_dir, METRICS_FILENAME), "w", encoding="utf-8") as f:
-            json.dump(metrics, f, indent=2)
-        with open(os.path.join(tmp_dir, COMPLETE_MARKER), "w", encoding="utf-8"):
-            pass
-        if os.path.isdir(checkpoint_dir) and not os.listdir(checkpoint_dir):
-            os.rmdir(checkpoint_dir)  # an empty placeholder may be replaced
-        try:
-            os.rename(tmp_dir, checkpoint_dir)
-        except OSError:
-            if not is_complete_tiny_base(checkpoint_dir):  # not a concurrent finisher
-                raise
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+    # the checkpointer's atomic_directory: built under a temporary name, renamed when done
+    # (an empty placeholder directory is replaced; a foreign one was refused earlier)
+    with atomic_directory(checkpoint_dir) as staging:
+        save_hf_checkpoint(state_dict, TINY_LLAMA_SIZES, str(staging))
+        tokenizer.save(str(staging / TOKENIZER_FILENAME))
+        (staging / METRICS_FILENAME).write_text(json.dumps(metrics, indent=2))
+        (staging / COMPLETE_MARKER).touch()
 
 
 def load_tiny_base(checkpoint_dir: str) -> torch.nn.Module:

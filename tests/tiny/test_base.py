@@ -39,7 +39,7 @@ def test_checkpoint_is_complete_and_reused(tiny_base_dir, monkeypatch):
     config = json.load(open(os.path.join(tiny_base_dir, "config.json")))
     assert config["model_type"] == "llama" and config["tie_word_embeddings"] is False
     assert config["hidden_size"] == TINY_LLAMA_SIZES["embed_dim"]
-    leftovers = [n for n in os.listdir(os.path.dirname(tiny_base_dir)) if ".tmp-" in n]
+    leftovers = [n for n in os.listdir(os.path.dirname(tiny_base_dir)) if n.startswith(".")]
     assert not leftovers
 
     def fail(*args, **kwargs):
