@@ -4,6 +4,7 @@ qalora-tune is pinned to torchao 0.15 and torchtune 0.6.1 (see ``pyproject.toml`
 When either moves, this is the one file to update.
 """
 
+import torch
 from torchao.prototype.int4_opaque_tensor import Int4OpaqueTensor
 from torchao.quantization import Int4TilePackedTo4dTensor
 from torchao.quantization.quant_primitives import (
@@ -43,3 +44,43 @@ __all__ += ["hf_to_tune", "qwen2_hf_to_tune", "qwen2_tune_to_hf", "tune_to_hf"]
 from torchtune.config._utils import _get_component_from_path as get_component_from_path  # noqa: E402
 
 __all__ += ["get_component_from_path"]
+
+# torchao's plain int4 layout and its safetensors serialization (what transformers'
+# TorchAoConfig checkpoints hold)
+from torchao.core.config import config_to_dict  # noqa: E402
+from torchao.prototype.safetensors.safetensors_support import (  # noqa: E402
+    flatten_tensor_state_dict,
+    unflatten_tensor_state_dict,
+)
+from torchao.quantization import Int4Tensor, Int4WeightOnlyConfig  # noqa: E402
+
+__all__ += [
+    "Int4Tensor",
+    "Int4WeightOnlyConfig",
+    "config_to_dict",
+    "flatten_tensor_state_dict",
+    "override_torchao_linear",
+    "unflatten_tensor_state_dict",
+]
+
+
+def override_torchao_linear(cls, implementation) -> None:
+    """Route ``F.linear`` / ``aten.linear`` on torchao subclass ``cls`` to ``implementation``.
+
+    ``implementation(original, func, types, args, kwargs)`` receives torchao's own handler
+    as ``original`` so that it can defer to it. Uses torchao's private dispatch tables
+    (``_TORCH_FN_TABLE`` / ``_ATEN_OP_TABLE``), hence its place here.
+    """
+    import functools
+
+    tables = (
+        (cls._TORCH_FN_TABLE[cls], torch.nn.functional.linear),
+        (cls._ATEN_OP_TABLE[cls], torch.ops.aten.linear.default),
+    )
+    for table, op in tables:
+        original = table.get(op)
+        if original is None or getattr(original, "_qalora_override", False):
+            continue
+        handler = functools.partial(implementation, original)
+        handler._qalora_override = True
+        table[op] = handler

@@ -18,6 +18,12 @@ from qalora_tune.quantization.int4_weight import (
     to_torchao_int4,
     zero_points,
 )
+from qalora_tune.quantization.plain_int4 import (
+    from_plain_int4,
+    is_plain_int4,
+    plain_int4_bytes,
+    to_plain_int4,
+)
 
 __all__ = [
     "GroupQuantizedWeight",
@@ -26,11 +32,15 @@ __all__ = [
     "QUANTIZERS",
     "dequantize_int4",
     "empty_int4",
+    "from_plain_int4",
     "from_torchao_int4",
     "get_quantizer",
     "is_int4_weight",
+    "is_plain_int4",
+    "plain_int4_bytes",
     "quantize_hqq",
     "quantize_rtn",
+    "to_plain_int4",
     "to_torchao_int4",
     "validate_group_size",
     "zero_points",

@@ -1,0 +1,137 @@
+"""The trained adapter on disk, in Hugging Face PEFT's layout.
+
+``adapter/adapter_model.safetensors`` holds, per adapted linear, PEFT's keys
+``base_model.model.{hf_module}.lora_A.weight`` ``(rank, n_groups)`` and ``.lora_B.weight``
+``(out_dim, rank)`` (rows in Hugging Face's order). ``adapter_config.json`` is a PEFT
+``LoraConfig`` with ``use_qalora`` and ``qalora_group_size``, plus this project's own
+description under the key ``"qalora_tune"``.
+
+Pooling conventions differ (``docs/design.md``): this project averages each group, PEFT
+multiplies that average by ``n_groups = in_dim / group_size``. Instead of rescaling ``A``
+(which would round), the PEFT config carries ``lora_alpha = alpha / n_groups`` per module
+(``alpha_pattern``), so PEFT's formula gives the same function from the same tensors, and
+reading the adapter back is exact (a row permutation at most).
+"""
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any, Dict, Mapping, Tuple
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from qalora_tune.checkpointing._hf_keys import HFKeyMap
+from qalora_tune.modules import QALoRALinear
+
+__all__ = [
+    "ADAPTER_CONFIG_NAME",
+    "ADAPTER_WEIGHTS_NAME",
+    "PEFT_PREFIX",
+    "read_adapter",
+    "write_adapter",
+]
+
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+_PEFT_SUFFIXES = {"lora_A": "lora_a", "lora_B": "lora_b"}
+
+
+def write_adapter(
+    directory: Path,
+    layers: Mapping[str, QALoRALinear],
+    key_map: HFKeyMap,
+    metadata: Dict[str, Any],
+) -> None:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``directory``.
+
+    Args:
+        directory (Path): an existing directory.
+        layers (Mapping[str, QALoRALinear]): adapted layers by torchtune module name.
+        key_map (HFKeyMap): the model's torchtune -> Hugging Face key conversion.
+        metadata (Dict[str, Any]): this project's description of the adapter (rank, alpha,
+            group size, bits, pooling, targets, base fingerprint, versions, ...), stored
+            under ``"qalora_tune"``; needs ``rank``, ``group_size`` and ``lora_dropout``.
+    """
+    tensors: Dict[str, torch.Tensor] = {}
+    module_alpha: Dict[str, float] = {}
+    for name, layer in layers.items():
+        hf_key, rows = key_map.row_order(f"{name}.weight", layer.out_dim, to_hf=True)
+        module = hf_key[: -len(".weight")]
+        a = layer.lora_a.weight.detach()
+        b = layer.lora_b.weight.detach()[rows.to(layer.lora_b.weight.device)]
+        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.cpu().contiguous()
+        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.cpu().contiguous()
+        module_alpha[module] = layer.alpha / layer.n_groups
+    save_file(tensors, str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+    config = _peft_config(module_alpha, metadata)
+    (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2))
+
+
+def _peft_config(module_alpha: Dict[str, float], metadata: Dict[str, Any]) -> Dict[str, Any]:
+    default_alpha = Counter(module_alpha.values()).most_common(1)[0][0]
+    # PEFT matches alpha_pattern keys against the end of module names
+    alpha_pattern: Dict[str, float] = {}
+    for module, alpha in module_alpha.items():
+        if alpha != default_alpha:
+            alpha_pattern[module.rsplit(".", 1)[-1]] = alpha
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": metadata.get("base_checkpoint_dir"),
+        "r": metadata["rank"],
+        "lora_alpha": default_alpha,
+        "alpha_pattern": alpha_pattern,
+        "lora_dropout": metadata["lora_dropout"],
+        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in module_alpha}),
+        "bias": "none",
+        "use_qalora": True,
+        "qalora_group_size": metadata["group_size"],
+        "inference_mode": True,
+        "qalora_tune": metadata,
+    }
+
+
+def read_adapter(directory: Path, key_map: HFKeyMap) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """Read an adapter written by :func:`write_adapter`.
+
+    Args:
+        directory (Path): the ``adapter/`` directory.
+        key_map (HFKeyMap): the model's key conversion.
+
+    Returns:
+        Tuple[Dict[str, torch.Tensor], Dict[str, Any]]: the adapter weights under torchtune
+        names (``layers.0.attn.q_proj.lora_a.weight``, bit for bit as trained) and the
+        ``"qalora_tune"`` description.
+
+    Raises:
+        FileNotFoundError: if a file is missing.
+        ValueError: if the files are not a qalora-tune adapter.
+    """
+    directory = Path(directory)
+    for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory / name} not found; point to an adapter/ directory")
+    config = json.loads((directory / ADAPTER_CONFIG_NAME).read_text())
+    if "qalora_tune" not in config:
+        raise ValueError(
+            f"{directory / ADAPTER_CONFIG_NAME} is not a qalora-tune adapter (no 'qalora_tune' "
+            "entry); only adapters written by qalora-tune can be merged exactly"
+        )
+    try:
+        peft_tensors = load_file(str(directory / ADAPTER_WEIGHTS_NAME))
+    except Exception as error:  # safetensors raises its own error types for bad files
+        raise ValueError(f"{directory / ADAPTER_WEIGHTS_NAME} cannot be read: {error}") from None
+    tensors: Dict[str, torch.Tensor] = {}
+    for key, value in peft_tensors.items():
+        module, kind, _ = key[len(PEFT_PREFIX):].rsplit(".", 2)
+        if not key.startswith(PEFT_PREFIX) or kind not in _PEFT_SUFFIXES:
+            raise ValueError(f"unexpected adapter key {key!r} in {directory}")
+        peft_b = peft_tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"]
+        tune_key, rows = key_map.row_order(f"{module}.weight", peft_b.shape[0], to_hf=False)
+        tune_module = tune_key[: -len(".weight")]
+        tensors[f"{tune_module}.{_PEFT_SUFFIXES[kind]}.weight"] = (
+            value[rows] if kind == "lora_B" else value
+        )
+    return tensors, config["qalora_tune"]

@@ -1,0 +1,91 @@
+"""Key names and row orders between torchtune and Hugging Face checkpoints.
+
+torchtune's converters rename keys and, for the attention ``q_proj`` / ``k_proj`` weights,
+reorder rows (the two RoPE layouts). Dense tensors go through them as they are. A
+quantized weight (codes, scales and zeros) or a LoRA ``B`` cannot: instead the converter is
+run on a probe whose rows hold their own index, which yields the new key and the row order,
+and every per-row tensor is then indexed with it. Rows are output features and
+quantization groups run along the input, so reordering rows is exact.
+"""
+
+from typing import Callable, Dict, Tuple
+
+import torch
+
+from qalora_tune._compat import hf_to_tune, qwen2_hf_to_tune, qwen2_tune_to_hf, tune_to_hf
+
+__all__ = ["HF_MODEL_TYPES", "HFKeyMap"]
+
+# torchtune's ModelType names whose HF key layout is converted here
+HF_MODEL_TYPES = ("LLAMA2", "LLAMA3", "LLAMA3_2", "MISTRAL", "QWEN2")
+
+Converter = Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]
+
+
+class HFKeyMap:
+    """torchtune <-> Hugging Face conversion for one model.
+
+    Args:
+        model_type (str): torchtune model type: ``LLAMA2``, ``LLAMA3``, ``LLAMA3_2``,
+            ``MISTRAL`` or ``QWEN2``.
+        hf_config (Dict): the checkpoint's ``config.json``.
+
+    Raises:
+        ValueError: for an unknown ``model_type``.
+    """
+
+    def __init__(self, model_type: str, hf_config: Dict):
+        if model_type not in HF_MODEL_TYPES:
+            raise ValueError(
+                f"checkpointer.model_type={model_type!r} is not supported; use one of "
+                f"{HF_MODEL_TYPES}"
+            )
+        heads = hf_config["num_attention_heads"]
+        self.dim = hf_config["hidden_size"]
+        kwargs = dict(
+            num_heads=heads,
+            num_kv_heads=hf_config.get("num_key_value_heads", heads),
+            dim=self.dim,
+            head_dim=hf_config.get("head_dim"),
+        )
+        if model_type == "QWEN2":
+            tied = hf_config.get("tie_word_embeddings", False)
+            self._to_tune: Converter = lambda sd: qwen2_hf_to_tune(
+                sd, tie_word_embeddings=tied, **kwargs
+            )
+            self._to_hf: Converter = lambda sd: qwen2_tune_to_hf(
+                sd, tie_word_embeddings=tied, **kwargs
+            )
+        else:
+            self._to_tune = lambda sd: hf_to_tune(sd, **kwargs)
+            self._to_hf = lambda sd: tune_to_hf(sd, **kwargs)
+
+    def to_tune(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Dense tensors, Hugging Face keys -> torchtune keys (rows reordered as needed).
+
+        Raises:
+            Exception: torchtune's bare ``Exception`` for a key it cannot map.
+        """
+        return self._to_tune(state_dict)
+
+    def to_hf(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Dense tensors, torchtune keys -> Hugging Face keys (rows reordered as needed)."""
+        return self._to_hf(state_dict)
+
+    def row_order(self, key: str, out_dim: int, to_hf: bool) -> Tuple[str, torch.Tensor]:
+        """The converted key of a weight and the order of its rows there.
+
+        Args:
+            key (str): a weight's key (``...weight``) in the source layout.
+            out_dim (int): its number of rows.
+            to_hf (bool): torchtune -> Hugging Face if True, else the reverse.
+
+        Returns:
+            Tuple[str, torch.Tensor]: the new key and ``index`` such that
+            ``converted = source[index]`` for every per-row tensor of that weight.
+        """
+        # a stride-0 probe: converters view rows as (heads, ..., dim), which needs no copy
+        probe = torch.arange(out_dim, dtype=torch.float32)[:, None].expand(out_dim, self.dim)
+        converted = (self._to_hf if to_hf else self._to_tune)({key: probe})
+        (new_key, rows), = converted.items()
+        return new_key, rows[:, 0].long()

@@ -1,0 +1,249 @@
+"""The merged int4 model: written in transformers' TorchAoConfig layout, loaded back anywhere.
+
+``merged_int4/`` is a Hugging Face model directory:
+
+- ``config.json``: the base's config with a ``quantization_config`` that transformers'
+  ``TorchAoConfig`` reads (``Int4WeightOnlyConfig``, plain int4 packing);
+- ``model.safetensors``: every quantized linear as a torchao ``Int4Tensor`` (codes, scales
+  and the merged zero points), flattened by ``torchao.prototype.safetensors`` the way
+  transformers saves and loads torchao models; embeddings and norms as plain tensors;
+- ``qalora_tune.json``: how to rebuild the torchtune model (:func:`load_merged`);
+- tokenizer files and ``merge_report.json`` (written by the caller).
+"""
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from qalora_tune._compat import (
+    Int4WeightOnlyConfig,
+    config_to_dict,
+    flatten_tensor_state_dict,
+    get_component_from_path,
+    unflatten_tensor_state_dict,
+)
+from qalora_tune.checkpointing._hf_keys import HFKeyMap
+from qalora_tune.modules import Int4Linear, QALoRALinear
+from qalora_tune.quantization import (
+    GroupQuantizedWeight,
+    from_plain_int4,
+    from_torchao_int4,
+    plain_int4_bytes,
+    to_plain_int4,
+    to_torchao_int4,
+)
+
+__all__ = [
+    "MERGED_DIR_NAME",
+    "MERGED_SPEC_NAME",
+    "MERGED_WEIGHTS_NAME",
+    "MERGE_REPORT_NAME",
+    "load_merged",
+    "torchao_quantization_config",
+    "write_merged_int4",
+]
+
+MERGED_DIR_NAME = "merged_int4"
+MERGED_WEIGHTS_NAME = "model.safetensors"
+MERGED_SPEC_NAME = "qalora_tune.json"
+MERGE_REPORT_NAME = "merge_report.json"
+_NESTED = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def clean_module_name(name: str) -> str:
+    """A module name without activation-checkpointing / compile wrapper segments."""
+    for segment in _NESTED:
+        name = name.replace(segment, "")
+    return name
+
+
+def torchao_quantization_config(group_size: int) -> Dict[str, Any]:
+    """``config.json``'s ``quantization_config``: transformers' ``TorchAoConfig.to_dict()``
+    for ``Int4WeightOnlyConfig(group_size)`` in torchao's plain int4 packing."""
+    return {
+        "quant_method": "torchao",
+        "quant_type": {"default": config_to_dict(Int4WeightOnlyConfig(group_size=group_size))},
+        "modules_to_not_convert": None,
+        "include_input_output_embeddings": False,
+        "untie_embedding_weights": False,
+    }
+
+
+def _permute_rows(gq: GroupQuantizedWeight, rows: torch.Tensor) -> GroupQuantizedWeight:
+    return GroupQuantizedWeight(
+        qdata=gq.qdata[rows], scale=gq.scale[rows], zero=gq.zero[rows],
+        group_size=gq.group_size, bits=gq.bits,
+    )
+
+
+def _merged_tensors(model: nn.Module) -> Iterator[Tuple[str, Union[torch.Tensor, Int4Linear]]]:
+    """torchtune key -> dense tensor, or the Int4Linear owning that int4 weight."""
+    int4_modules = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Int4Linear):
+            if isinstance(module, QALoRALinear) and not module.merged:
+                raise ValueError(f"{name}: merge() the adapters before writing the merged model")
+            int4_modules[f"{clean_module_name(name)}.weight"] = module
+    for key, value in model.state_dict().items():
+        key = clean_module_name(key)
+        if ".lora_" in key:
+            continue
+        yield key, int4_modules.get(key, value)
+
+
+def write_merged_int4(
+    model: nn.Module,
+    directory: Path,
+    key_map: HFKeyMap,
+    hf_config: Dict[str, Any],
+    spec: Dict[str, Any],
+) -> Dict[str, Any]:
+    """Write a merged model's ``model.safetensors``, ``config.json`` and ``qalora_tune.json``.
+
+    Args:
+        model (nn.Module): a QA-LoRA model whose adapters are merged.
+        directory (Path): an existing (staging) directory.
+        key_map (HFKeyMap): torchtune -> Hugging Face key conversion of the model.
+        hf_config (Dict[str, Any]): the base's ``config.json``.
+        spec (Dict[str, Any]): ``model`` (builder ``_component_`` and arguments that build
+            the same model without adapters) and ``model_type``.
+
+    Returns:
+        Dict[str, Any]: sizes: quantized parameters, their bytes and bits per parameter,
+        and the file size.
+
+    Raises:
+        ValueError: if an adapter is not merged.
+    """
+    tensors: Dict[str, torch.Tensor] = {}
+    quantized_params, quantized_bytes, group_size, dtype = 0, 0, None, None
+    for key, value in _merged_tensors(model):
+        if isinstance(value, Int4Linear):
+            gq = from_torchao_int4(value.weight)
+            gq = GroupQuantizedWeight(gq.qdata.cpu(), gq.scale.cpu(), gq.zero.cpu(), gq.group_size)
+            hf_key, rows = key_map.row_order(key, value.out_dim, to_hf=True)
+            plain = to_plain_int4(_permute_rows(gq, rows), in_features=value.in_dim)
+            tensors[hf_key] = plain
+            quantized_params += value.out_dim * value.in_dim
+            quantized_bytes += plain_int4_bytes(plain)
+            group_size, dtype = gq.group_size, plain.dtype
+        else:
+            tensors.update(key_map.to_hf({key: value.detach().cpu().contiguous()}))
+    if group_size is None:
+        raise ValueError("the model has no int4 linear layers to write")
+    data, metadata = flatten_tensor_state_dict(tensors)
+    metadata["format"] = "pt"
+    path = directory / MERGED_WEIGHTS_NAME
+    save_file(data, str(path), metadata=metadata)
+    config = dict(hf_config)
+    config["quantization_config"] = torchao_quantization_config(group_size)
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    (directory / MERGED_SPEC_NAME).write_text(json.dumps(spec, indent=2))
+    return {
+        "quantized_parameters": quantized_params,
+        "quantized_bytes": quantized_bytes,
+        "bits_per_quantized_parameter": 8 * quantized_bytes / quantized_params,
+        "file_bytes": path.stat().st_size,
+    }
+
+
+def _read_tensors(path: Path) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(Hugging Face key, tensor or Int4Tensor) from a torchao safetensors file, one at a time."""
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        metadata = handle.metadata() or {}
+        if "tensor_names" not in metadata:
+            raise ValueError(f"{path} has no torchao metadata; it is not a merged int4 model")
+        for name in json.loads(metadata["tensor_names"]):
+            info = json.loads(metadata[name])
+            if info.get("_type") == "Tensor":
+                yield name, handle.get_tensor(name)
+                continue
+            module, param = name.rsplit(".", 1)
+            parts = {
+                f"{module}._{param}_{part}": handle.get_tensor(f"{module}._{param}_{part}")
+                for part in info["_tensor_data_names"]
+            }
+            one = {name: metadata[name], "tensor_names": json.dumps([name])}
+            yield name, unflatten_tensor_state_dict(parts, one)[0][name]
+
+
+def load_merged(
+    path: Union[str, Path],
+    device: Union[str, torch.device, None] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> nn.Module:
+    """A torchtune model from a ``merged_int4/`` directory, its linears torchao int4.
+
+    On CPU the linears are ``Int4OpaqueTensor`` (CPU int4 kernel; fp32 dequantizes per
+    call), on CUDA sm80+ ``Int4TilePackedTo4dTensor`` (tinygemm, bf16): the same codes,
+    scales and merged zeros as written, so logits equal those of the merged model at the
+    end of training when ``dtype`` is the one it was written in.
+
+    Args:
+        path (str or Path): the ``merged_int4/`` directory.
+        device (str or torch.device, optional): defaults to ``"cpu"``.
+        dtype (torch.dtype, optional): compute dtype; defaults to the stored one
+            (``config.json``'s ``torch_dtype``); CUDA needs bf16.
+
+    Returns:
+        nn.Module: the model in eval mode.
+
+    Raises:
+        FileNotFoundError: if a file is missing.
+        ValueError: if the files do not match the model they describe.
+    """
+    path = Path(path).expanduser()
+    for name in ("config.json", MERGED_SPEC_NAME, MERGED_WEIGHTS_NAME):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path / name} not found; point to a merged_int4/ directory")
+    hf_config = json.loads((path / "config.json").read_text())
+    spec = json.loads((path / MERGED_SPEC_NAME).read_text())
+    device = torch.device(device or "cpu")
+    dtype = dtype or getattr(torch, hf_config.get("torch_dtype", "bfloat16"))
+    builder = get_component_from_path(spec["model"]["_component_"])
+    kwargs = {k: v for k, v in spec["model"].items() if k != "_component_"}
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            model = builder(**kwargs)
+    finally:
+        torch.set_default_dtype(previous)
+    key_map = HFKeyMap(spec["model_type"], hf_config)
+    expected = set(model.state_dict())
+    loaded = set()
+    for hf_key, value in _read_tensors(path / MERGED_WEIGHTS_NAME):
+        if value.__class__.__name__ == "Int4Tensor":
+            key, rows = key_map.row_order(hf_key, value.shape[0], to_hf=False)
+            module = _int4_module(model, key)
+            gq = _permute_rows(from_plain_int4(value, module.padded_in_dim), rows)
+            packed = to_torchao_int4(gq, device=device, dtype=dtype)
+            module._check_base(packed)
+            module.weight = nn.Parameter(packed, requires_grad=False)
+            loaded.add(key)
+            continue
+        for key, tensor in key_map.to_tune({hf_key: value}).items():
+            if key not in expected:
+                raise ValueError(f"{path}: {hf_key} ({key}) is not a weight of the model it describes")
+            model.load_state_dict({key: tensor}, strict=False)
+            loaded.add(key)
+    missing = expected - loaded
+    if missing:
+        raise ValueError(f"{path} lacks weights the model needs, e.g. {sorted(missing)[:3]}")
+    return model.eval()
+
+
+def _int4_module(model: nn.Module, key: str) -> Int4Linear:
+    try:
+        module = model.get_submodule(key.rsplit(".", 1)[0])
+    except AttributeError:
+        module = None
+    if not isinstance(module, Int4Linear):
+        raise ValueError(f"{key} is int4 in the file but not an int4 linear of the model")
+    return module
