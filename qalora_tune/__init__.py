@@ -4,6 +4,7 @@ Importing the package registers the ``qalora_tune::*`` custom ops and the device
 moves of torchao's int4 weights.
 """
 
+from qalora_tune.checkpointing import load_merged
 from qalora_tune.modules import Int4Linear, QALoRALinear
 from qalora_tune.ops import int4_linear, pool_groups, pooled_lora
 from qalora_tune.quantization import (
@@ -24,6 +25,7 @@ __all__ = [
     "dequantize_int4",
     "from_torchao_int4",
     "int4_linear",
+    "load_merged",
     "pool_groups",
     "pooled_lora",
     "quantize_hqq",

@@ -8,8 +8,10 @@ lists them) or a path to a YAML file; ``key=value`` arguments override any entry
 
 The model is a torchtune decoder whose linears hold a torchao int4 base; the targeted ones
 carry a group-pooled adapter (QALoRALinear). Only the adapters train. Every epoch writes
-``{output_dir}/epoch_{k}/`` (adapter and recipe state) atomically; the run ends with a
-summary of the full-precision base, int4 base and QA-LoRA on the validation data.
+``{output_dir}/epoch_{k}/`` atomically: the adapter (PEFT layout), ``merged_int4/`` (the
+adapters folded into the int4 zero points, in transformers' TorchAoConfig layout, with a
+measured merge report) and the recipe state; the run ends with a summary of the
+full-precision base, int4 base, QA-LoRA and the merged int4 model on the validation data.
 
 Features, as in torchtune's LoRA recipe: gradient accumulation, activation checkpointing
 and offloading, ``compile``, chunked cross-entropy, LR schedulers, any optimizer by
@@ -41,7 +43,7 @@ from qalora_tune._compat import get_component_from_path
 from qalora_tune.checkpointing import find_checkpoint_files, load_hf_weights
 from qalora_tune.models import count_parameters
 from qalora_tune.modules import QALoRALinear
-from qalora_tune.recipe_utils import evaluate_lm, resolve_config_argv
+from qalora_tune.recipe_utils import evaluate_lm, merge_with_report, run_recipe
 
 log = utils.get_logger("INFO")
 
@@ -75,6 +77,8 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         self._enable_activation_checkpointing = cfg.get("enable_activation_checkpointing", False)
         self._enable_activation_offloading = cfg.get("enable_activation_offloading", False)
         self._resume_from_checkpoint = cfg.get("resume_from_checkpoint", False)
+        self._save_merged_int4 = cfg.get("save_merged_int4", True)
+        self._merge_probe_size = cfg.get("merge_probe_size", 8)
         if self._enable_activation_offloading and self._device.type != "cuda":
             raise ValueError(
                 "enable_activation_offloading=True needs a CUDA device; set "
@@ -109,6 +113,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         self._steps_per_epoch = self._count_steps_per_epoch()
         self._lr_scheduler = self._setup_lr_scheduler(cfg.get("lr_scheduler"))
         self._val_dataloader, self._val_cfg = self._setup_validation(cfg.get("validation"))
+        self._probe_batch = self._probe(self._val_dataloader or self._dataloader)
         if self._resume_from_checkpoint:
             self._restore(self._checkpointer.load_resume_state())
 
@@ -222,6 +227,13 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         dataset = self._build_dataset(cfg_validation.dataset)
         loader = self._make_loader(dataset, cfg_validation.get("batch_size", 8), shuffle=False)
         return loader, cfg_validation
+
+    def _probe(self, loader: StatefulDataLoader) -> Dict[str, torch.Tensor]:
+        """The first ``merge_probe_size`` examples of ``loader``'s dataset, collated: the
+        batch on which every save measures the merge (the loader itself is not advanced)."""
+        dataset = loader.dataset
+        count = min(self._merge_probe_size, len(dataset))
+        return loader.collate_fn([dataset[i] for i in range(count)])
 
     # ------------------------------------------------------------------ evaluation
 
@@ -366,8 +378,16 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
     def _adapter_config(self) -> Dict[str, Any]:
         first = next(iter(self._adapter_modules.values()))
         cfg = self._model_cfg
+        base_builder = {
+            "_component_": cfg._component_,
+            "lora_attn_modules": [],
+            "apply_lora_to_mlp": False,
+            "apply_lora_to_output": False,
+            "group_size": first.group_size,
+            "quantizer": first.quantizer,
+            "pad_in_dim": bool(cfg.get("pad_in_dim", False)),
+        }
         return {
-            "peft_type": "QALORA",
             "format": "qalora_tune",
             "rank": first.rank,
             "alpha": first.alpha,
@@ -375,15 +395,19 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             "bits": 4,
             "pooling": "mean",
             "pooling_note": (
-                "adapter input is the mean over each group of group_size inputs; "
-                "multiply lora_a by group_size for sum pooling (paper, Algorithm 1)"
+                "the adapter's input is the mean over each group of group_size inputs; "
+                "for sum pooling (paper, Algorithm 1) divide lora_A by group_size; PEFT "
+                "multiplies the mean by n_groups, which lora_alpha/alpha_pattern here "
+                "already account for (alpha / n_groups)"
             ),
             "quantizer": first.quantizer,
             "pad_in_dim": bool(cfg.get("pad_in_dim", False)),
             "lora_dropout": float(cfg.get("lora_dropout", 0.0)),
             "target_modules": sorted(self._adapter_modules),
+            "model": base_builder,
             "model_builder": cfg._component_,
             "model_type": self._checkpointer.model_type,
+            "dtype": str(self._dtype).removeprefix("torch."),
             "base_checkpoint_dir": str(self._checkpointer.checkpoint_dir),
             "base_fingerprint": self._checkpointer.base_fingerprint(),
             "versions": {
@@ -397,7 +421,6 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
     def save_checkpoint(self, epoch: int) -> None:
         """Write ``epoch_{epoch}/``: adapter weights and config, and the recipe state."""
         start = time.perf_counter()
-        adapter_state = {name: p.detach() for name, p in self._adapter_params.items()}
         recipe_state = {
             "optimizer": self._optimizer.state_dict(),
             "lr_scheduler": None if self._lr_scheduler is None else self._lr_scheduler.state_dict(),
@@ -410,10 +433,28 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
-        path = self._checkpointer.save_checkpoint(
-            epoch, adapter_state, self._adapter_config(), recipe_state
+        layers = self._adapter_modules
+        if not self._save_merged_int4:
+            path = self._checkpointer.save_checkpoint(
+                epoch, layers, self._adapter_config(), recipe_state
+            )
+            log.info(f"Saved {path} in {time.perf_counter() - start:.1f}s")
+            return
+        report = merge_with_report(self._model, layers.values(), self._probe_batch, self._device)
+        try:
+            if epoch == self.total_epochs - 1 and self._val_dataloader is not None:
+                self._metrics["QA-LoRA merged int4"] = self._evaluate()
+            path = self._checkpointer.save_checkpoint(
+                epoch, layers, self._adapter_config(), recipe_state,
+                merged_model=self._model, merge_report=report,
+            )
+        finally:
+            for layer in layers.values():
+                layer.unmerge()  # restores the zeros bit for bit
+        log.info(
+            f"Saved {path} in {time.perf_counter() - start:.1f}s; merged int4 vs unmerged "
+            f"logits: max relative error {report['max_relative_logit_error']:.2e}"
         )
-        log.info(f"Saved {path} in {time.perf_counter() - start:.1f}s")
 
     def _restore(self, saved: Dict[str, Any]) -> None:
         state = saved["recipe_state"]
@@ -454,6 +495,14 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         lines.append(f"  outputs: {latest}" if latest else "  no outputs written")
         if latest is not None:
             lines.append(f"    adapter: {latest / 'adapter'}")
+            merged = latest / "merged_int4"
+            if merged.is_dir():
+                report = json.loads((merged / "merge_report.json").read_text())
+                lines.append(
+                    f"    merged int4: {merged} ({report['size']['bits_per_quantized_parameter']:.2f}"
+                    f" bits per quantized weight; merged vs unmerged logits: max relative "
+                    f"error {report['max_relative_logit_error']:.2e})"
+                )
         (self._output_dir / "summary.json").write_text(
             json.dumps({"metrics": self._metrics, "outputs": str(latest)}, indent=2)
         )
@@ -490,13 +539,7 @@ def recipe_main(cfg: DictConfig) -> None:
 
 def main(argv: Optional[List[str]] = None) -> None:
     """Resolve a packaged config name, then run the recipe."""
-    try:
-        sys.argv = resolve_config_argv(sys.argv if argv is None else argv)
-        recipe_main()
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        # a setting to change, not a bug: one line, non-zero exit
-        print(f"qalora_finetune: error: {error}", file=sys.stderr)
-        sys.exit(1)
+    run_recipe("qalora_finetune", recipe_main, argv)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,21 @@
 """Loading bases and saving QA-LoRA outputs (atomically)."""
 
-from qalora_tune.checkpointing._atomic import atomic_directory
-from qalora_tune.checkpointing._checkpointer import (
+from qalora_tune.checkpointing._adapter import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
-    RECIPE_STATE_NAME,
-    QALoRACheckpointer,
+    check_adapter_matches,
+    read_adapter,
+    write_adapter,
+)
+from qalora_tune.checkpointing._atomic import atomic_directory
+from qalora_tune.checkpointing._checkpointer import RECIPE_STATE_NAME, QALoRACheckpointer
+from qalora_tune.checkpointing._hf_keys import HFKeyMap
+from qalora_tune.checkpointing._merged_int4 import (
+    MERGE_REPORT_NAME,
+    MERGED_DIR_NAME,
+    clean_module_name,
+    load_merged,
+    write_merged_int4,
 )
 from qalora_tune.checkpointing._hf_weights import (
     HF_MODEL_TYPES,
@@ -18,12 +28,21 @@ from qalora_tune.checkpointing._hf_weights import (
 __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
+    "HFKeyMap",
     "HF_MODEL_TYPES",
+    "MERGED_DIR_NAME",
+    "MERGE_REPORT_NAME",
     "QALoRACheckpointer",
     "RECIPE_STATE_NAME",
     "atomic_directory",
+    "check_adapter_matches",
     "find_checkpoint_files",
+    "clean_module_name",
     "iter_hf_tensors",
     "load_hf_weights",
+    "load_merged",
+    "read_adapter",
     "read_hf_config",
+    "write_adapter",
+    "write_merged_int4",
 ]

@@ -28,6 +28,7 @@ __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
     "PEFT_PREFIX",
+    "check_adapter_matches",
     "read_adapter",
     "write_adapter",
 ]
@@ -135,3 +136,46 @@ def read_adapter(directory: Path, key_map: HFKeyMap) -> Tuple[Dict[str, torch.Te
             value[rows] if kind == "lora_B" else value
         )
     return tensors, config["qalora_tune"]
+
+
+# (description key, the setting that changes it) compared by check_adapter_matches
+_MATCHED_SETTINGS = (
+    ("group_size", "model.group_size"),
+    ("bits", "the base's bit width"),
+    ("rank", "model.lora_rank"),
+    ("alpha", "model.lora_alpha"),
+    ("target_modules", "model.lora_attn_modules / apply_lora_to_mlp / apply_lora_to_output"),
+    ("pad_in_dim", "model.pad_in_dim"),
+)
+
+
+def check_adapter_matches(
+    adapter: Dict[str, Any], expected: Dict[str, Any], adapter_dir: Path
+) -> None:
+    """Refuse an adapter trained for another base or another quantization.
+
+    Args:
+        adapter (Dict[str, Any]): the adapter's ``"qalora_tune"`` description.
+        expected (Dict[str, Any]): the same entries for the model and base at hand
+            (``group_size``, ``bits``, ``rank``, ``alpha``, ``target_modules``,
+            ``pad_in_dim``, ``base_fingerprint``).
+        adapter_dir (Path): named in the messages.
+
+    Raises:
+        ValueError: naming the first mismatch and the setting to change.
+    """
+    for key, setting in _MATCHED_SETTINGS:
+        if key in expected and adapter.get(key) != expected[key]:
+            raise ValueError(
+                f"the adapter in {adapter_dir} has {key}={adapter.get(key)!r} but the model "
+                f"has {key}={expected[key]!r}; set {setting} to match the adapter (a QA-LoRA "
+                "adapter merges exactly only into the base quantization it was trained on)"
+            )
+    if adapter.get("base_fingerprint") != expected.get("base_fingerprint"):
+        raise ValueError(
+            f"the adapter in {adapter_dir} was trained on another base checkpoint "
+            f"({adapter.get('base_checkpoint_dir')}, fingerprint "
+            f"{str(adapter.get('base_fingerprint'))[:12]}...) than checkpointer.checkpoint_dir "
+            f"(fingerprint {str(expected.get('base_fingerprint'))[:12]}...); point "
+            "checkpointer.checkpoint_dir to the base the adapter was trained on"
+        )

@@ -1,17 +1,29 @@
-"""QALoRACheckpointer: load a full-precision base, save adapters and resumable state."""
+"""QALoRACheckpointer: load a full-precision base; save adapters, the merged int4 model and
+resumable state."""
 
 import hashlib
 import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from qalora_tune.checkpointing._adapter import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    read_adapter,
+    write_adapter,
+)
 from qalora_tune.checkpointing._atomic import atomic_directory
+from qalora_tune.checkpointing._hf_keys import HFKeyMap
+from qalora_tune.checkpointing._merged_int4 import (
+    MERGE_REPORT_NAME,
+    MERGED_DIR_NAME,
+    write_merged_int4,
+)
 from qalora_tune.checkpointing._hf_weights import (
     find_checkpoint_files,
     load_hf_weights,
@@ -20,8 +32,14 @@ from qalora_tune.checkpointing._hf_weights import (
 
 __all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "QALoRACheckpointer", "RECIPE_STATE_NAME"]
 
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-ADAPTER_CONFIG_NAME = "adapter_config.json"
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "tiny_tokenizer.json",
+)
 RECIPE_STATE_NAME = "recipe_state.pt"
 _EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
 
@@ -33,12 +51,13 @@ class QALoRACheckpointer:
     key conversion for ``model_type``) into a model built by a QA-LoRA builder, so each
     linear is quantized as its weight arrives. Saving writes, per epoch::
 
-        {output_dir}/epoch_{k}/adapter/adapter_model.safetensors
-        {output_dir}/epoch_{k}/adapter/adapter_config.json
+        {output_dir}/epoch_{k}/adapter/adapter_model.safetensors   PEFT layout
+        {output_dir}/epoch_{k}/adapter/adapter_config.json         PEFT LoraConfig + "qalora_tune"
+        {output_dir}/epoch_{k}/merged_int4/                         transformers TorchAoConfig model
         {output_dir}/epoch_{k}/recipe_state.pt      (optimizer, scheduler, progress, RNG)
 
     through a temporary directory renamed into place, so an ``epoch_{k}`` that exists is
-    complete.
+    complete (see :mod:`qalora_tune.checkpointing._adapter` and ``_merged_int4``).
 
     Args:
         checkpoint_dir (str): directory of the base checkpoint (Hugging Face layout).
@@ -112,6 +131,16 @@ class QALoRACheckpointer:
         load_hf_weights(model, paths, self.model_type, hf_config)
         return hf_config
 
+    @property
+    def hf_config(self) -> Dict[str, Any]:
+        """The base's ``config.json``."""
+        return read_hf_config(self.checkpoint_dir)
+
+    @property
+    def key_map(self) -> HFKeyMap:
+        """torchtune <-> Hugging Face names of this base (adapter and merged model use HF's)."""
+        return HFKeyMap(self.model_type, self.hf_config)
+
     def base_fingerprint(self) -> str:
         """A cheap identity of the base: sha256 over config.json and, per weight file, its
         name, size and first and last MiB (a changed weight file changes its header or
@@ -145,32 +174,66 @@ class QALoRACheckpointer:
     def save_checkpoint(
         self,
         epoch: int,
-        adapter_state: Dict[str, torch.Tensor],
-        adapter_config: Dict[str, Any],
+        adapters: Mapping[str, nn.Module],
+        adapter_metadata: Dict[str, Any],
         recipe_state: Optional[Dict[str, Any]] = None,
+        merged_model: Optional[nn.Module] = None,
+        merge_report: Optional[Dict[str, Any]] = None,
     ) -> Path:
         """Write ``epoch_{epoch}/`` atomically and return its path.
 
         Args:
             epoch (int): epoch index (0-based).
-            adapter_state (Dict[str, torch.Tensor]): ``lora_a`` / ``lora_b`` weights.
-            adapter_config (Dict[str, Any]): JSON-serialisable adapter description.
+            adapters (Mapping[str, nn.Module]): the QALoRALinear layers by torchtune name.
+            adapter_metadata (Dict[str, Any]): JSON-serialisable adapter description (see
+                :func:`~qalora_tune.checkpointing._adapter.write_adapter`); its ``"model"``
+                entry (builder and arguments without adapters) goes to ``merged_int4/``.
             recipe_state (Dict[str, Any], optional): optimizer, scheduler, progress and
                 RNG state for resuming.
+            merged_model (nn.Module, optional): the model with its adapters merged: written
+                as ``merged_int4/``.
+            merge_report (Dict[str, Any], optional): the measured merge deviation, written
+                with the file sizes to ``merged_int4/merge_report.json``.
         """
         final = self.epoch_dir(epoch)
         with atomic_directory(final) as staging:
             adapter_dir = staging / "adapter"
             adapter_dir.mkdir()
-            tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state.items()}
-            save_file(tensors, str(adapter_dir / ADAPTER_WEIGHTS_NAME))
-            (adapter_dir / ADAPTER_CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2))
+            write_adapter(adapter_dir, adapters, self.key_map, adapter_metadata)
+            if merged_model is not None:
+                merged_dir = staging / MERGED_DIR_NAME
+                merged_dir.mkdir()
+                self.write_merged(merged_dir, merged_model, adapter_metadata, merge_report)
             if recipe_state is not None:
                 torch.save(recipe_state, staging / RECIPE_STATE_NAME)
         return final
 
+    def write_merged(
+        self,
+        directory: Path,
+        merged_model: nn.Module,
+        adapter_metadata: Dict[str, Any],
+        merge_report: Optional[Dict[str, Any]] = None,
+    ) -> Dict[str, Any]:
+        """Write a merged model into the existing ``directory`` (see ``save_checkpoint``).
+
+        Returns:
+            Dict[str, Any]: the merge report with the measured sizes added.
+        """
+        spec = {
+            "model": adapter_metadata["model"],
+            "model_type": self.model_type,
+            "adapter": {k: adapter_metadata.get(k) for k in ("rank", "alpha", "group_size", "bits")},
+        }
+        sizes = write_merged_int4(merged_model, directory, self.key_map, self.hf_config, spec)
+        self.copy_tokenizer_files(directory)
+        report = dict(merge_report or {}, size=sizes)
+        (directory / MERGE_REPORT_NAME).write_text(json.dumps(report, indent=2))
+        return report
+
     def load_resume_state(self) -> Dict[str, Any]:
-        """The latest epoch's adapter weights, adapter config and recipe state.
+        """The latest epoch's adapter weights (torchtune names, bit for bit), adapter
+        description and recipe state.
 
         Raises:
             FileNotFoundError: if there is no saved epoch with recipe state to resume from.
@@ -181,23 +244,17 @@ class QALoRACheckpointer:
                 f"resume_from_checkpoint=True but {self.output_dir} has no saved epoch with "
                 f"{RECIPE_STATE_NAME}; set resume_from_checkpoint=False to start fresh"
             )
-        adapter_dir = latest / "adapter"
+        adapter, metadata = read_adapter(latest / "adapter", self.key_map)
         return {
             "path": latest,
-            "adapter": load_file(str(adapter_dir / ADAPTER_WEIGHTS_NAME)),
-            "adapter_config": json.loads((adapter_dir / ADAPTER_CONFIG_NAME).read_text()),
+            "adapter": adapter,
+            "adapter_config": metadata,
             "recipe_state": torch.load(latest / RECIPE_STATE_NAME, weights_only=False),
         }
 
     def copy_tokenizer_files(self, destination: Path) -> None:
         """Copy the base's tokenizer files (if any) into ``destination``."""
-        for name in (
-            "tokenizer.model",
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "special_tokens_map.json",
-            "tiny_tokenizer.json",
-        ):
+        for name in TOKENIZER_FILES:
             source = self.checkpoint_dir / name
             if source.is_file():
                 shutil.copy2(source, destination / name)

@@ -40,6 +40,7 @@ from qalora_tune.quantization import (
 
 __all__ = [
     "MERGED_DIR_NAME",
+    "clean_module_name",
     "MERGED_SPEC_NAME",
     "MERGED_WEIGHTS_NAME",
     "MERGE_REPORT_NAME",

@@ -1,15 +1,36 @@
 """Held-out loss, perplexity and next-token accuracy of a causal language model."""
 
 import math
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["evaluate_lm"]
+__all__ = ["evaluate_lm", "full_logits", "next_token_loss"]
 
 IGNORE_INDEX = -100
+
+
+def full_logits(output) -> torch.Tensor:
+    """A model's logits ``(batch, seq, vocab)`` in fp32, joining torchtune's chunked output."""
+    if isinstance(output, list):
+        output = torch.cat(output, dim=1)
+    return output.float()
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[float, int]:
+    """Summed next-token cross-entropy (nats) and the number of labelled tokens.
+
+    Args:
+        logits (torch.Tensor): ``(batch, seq, vocab)``.
+        labels (torch.Tensor): ``(batch, seq)`` aligned with the tokens, ``-100`` where no
+            loss is taken; position ``t`` predicts ``labels[t + 1]``.
+    """
+    labels = labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    loss = F.cross_entropy(logits[:, :-1][mask], labels[mask], reduction="sum")
+    return loss.item(), int(mask.sum())
 
 
 @torch.no_grad()
@@ -44,14 +65,11 @@ def evaluate_lm(
             break
         tokens = batch["tokens"].to(device)
         labels = batch["labels"].to(device)[:, 1:]
-        logits = model(tokens)
-        if isinstance(logits, list):
-            logits = torch.cat(logits, dim=1)
-        logits = logits[:, :-1].float()
+        logits = full_logits(model(tokens))
+        batch_loss, _ = next_token_loss(logits, batch["labels"].to(device))
+        total_loss += batch_loss
+        logits = logits[:, :-1]
         mask = labels != IGNORE_INDEX
-        total_loss += F.cross_entropy(
-            logits[mask], labels[mask], reduction="sum"
-        ).item()
         hits = logits.argmax(-1) == labels
         correct += hits[mask].sum().item()
         count += int(mask.sum())

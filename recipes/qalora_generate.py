@@ -1,0 +1,108 @@
+"""Generate text from a merged int4 QA-LoRA model with torchtune's generation utilities.
+
+    tune run qalora_generate --config tiny_qalora_generate
+    tune run qalora_generate --config tinystories656K_qalora_generate prompt="Once upon a time" max_new_tokens=64
+
+The model comes from ``merged_dir`` (a ``merged_int4/`` directory written by
+``qalora_finetune`` or ``qalora_merge``) through :func:`qalora_tune.load_merged`: a
+torchtune decoder whose linears are torchao int4 tensors (CPU int4 kernel or CUDA
+tinygemm), run with a KV cache by ``torchtune.generation.generate``.
+"""
+
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from omegaconf import DictConfig, ListConfig
+from torchtune import config, generation, training, utils
+
+from qalora_tune.checkpointing import load_merged
+from qalora_tune.recipe_utils import run_recipe
+
+log = utils.get_logger("INFO")
+
+
+class QALoRAGenerateRecipe:
+    """Load ``merged_dir`` and complete ``prompt`` (a string or a list of strings).
+
+    Args:
+        cfg (DictConfig): ``merged_dir``, ``tokenizer``, ``prompt``, ``max_new_tokens``,
+            ``temperature``, ``top_k``, ``seed``, ``device`` and ``dtype`` (null: the
+            stored dtype).
+
+    Raises:
+        ValueError: for a missing ``merged_dir`` or CUDA asked for without one.
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device={cfg.device} but CUDA is not available; set device=cpu")
+        self._merged_dir = Path(cfg.merged_dir).expanduser()
+        if not self._merged_dir.is_dir():
+            raise FileNotFoundError(
+                f"merged_dir={self._merged_dir} does not exist; train first (tune run "
+                "qalora_finetune ...) or set merged_dir to a merged_int4/ directory"
+            )
+        self._device = utils.get_device(device=cfg.device)
+        self._dtype = training.get_dtype(cfg.dtype, device=self._device) if cfg.get("dtype") else None
+        self._rng = torch.Generator(self._device).manual_seed(cfg.get("seed") or 0)
+
+    def setup(self, cfg: DictConfig) -> None:
+        """Load the merged model and the tokenizer."""
+        start = time.perf_counter()
+        self._model = load_merged(self._merged_dir, device=self._device, dtype=self._dtype)
+        self._tokenizer = config.instantiate(cfg.tokenizer)
+        log.info(f"Loaded {self._merged_dir} in {time.perf_counter() - start:.1f}s")
+
+    @torch.inference_mode()
+    def generate(self, cfg: DictConfig) -> List[str]:
+        """Complete every prompt; print and return the completions."""
+        prompts = cfg.prompt if isinstance(cfg.prompt, (list, ListConfig)) else [cfg.prompt]
+        dtype = next(p.dtype for p in self._model.parameters() if p.is_floating_point())
+        completions = []
+        for prompt in prompts:
+            ids = self._tokenizer.encode(str(prompt), add_bos=True, add_eos=False)
+            tokens = torch.tensor([ids], device=self._device)
+            with self._device:
+                self._model.setup_caches(
+                    batch_size=1, dtype=dtype, decoder_max_seq_len=len(ids) + cfg.max_new_tokens
+                )
+            start = time.perf_counter()
+            output, _ = generation.generate(
+                self._model,
+                tokens,
+                max_generated_tokens=cfg.max_new_tokens,
+                pad_id=self._tokenizer.pad_id,
+                temperature=cfg.temperature,
+                top_k=cfg.get("top_k"),
+                stop_tokens=[self._tokenizer.eos_id],
+                rng=self._rng,
+            )
+            seconds = time.perf_counter() - start
+            self._model.reset_caches()
+            new_tokens = output[0, len(ids):].tolist()
+            if self._tokenizer.eos_id in new_tokens:  # generate() pads after the stop token
+                new_tokens = new_tokens[: new_tokens.index(self._tokenizer.eos_id)]
+            text = self._tokenizer.decode(new_tokens)
+            completions.append(text)
+            print(f"{prompt}{text}")
+            log.info(f"{len(new_tokens)} tokens in {seconds:.2f}s ({len(new_tokens) / seconds:.1f} tokens/s)")
+        return completions
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    """Entry point: ``tune run qalora_generate --config NAME_OR_PATH [key=value ...]``."""
+    recipe = QALoRAGenerateRecipe(cfg)
+    recipe.setup(cfg)
+    recipe.generate(cfg)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Resolve a packaged config name, then run the recipe."""
+    run_recipe("qalora_generate", recipe_main, argv)
+
+
+if __name__ == "__main__":
+    main()

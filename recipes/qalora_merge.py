@@ -1,0 +1,163 @@
+"""Offline merge: base checkpoint + QA-LoRA adapter -> ``merged_int4/``.
+
+    tune run qalora_merge --config tiny_qalora adapter_dir=/tmp/qalora-tune/tiny_qalora/epoch_0/adapter
+    tune run qalora_merge --config my_run.yaml adapter_dir=... merged_dir=/models/my_int4
+
+Use the config the adapter was trained with: its ``model`` and ``checkpointer`` sections
+rebuild the same int4 base (quantized the same way), the adapter is loaded bit for bit and
+folded into the int4 zero points, and the result is written atomically in transformers'
+TorchAoConfig layout with a ``merge_report.json`` measured on a probe batch (the first
+``merge_probe_size`` examples of ``validation.dataset``, else of ``dataset``; none when
+``merge_probe_size=0``). An adapter whose group size, bits, rank, alpha, targets or base
+checkpoint do not match is refused with a message naming the mismatch.
+"""
+
+import json
+import time
+from functools import partial
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torchtune import config, training, utils
+
+from qalora_tune._compat import get_component_from_path
+from qalora_tune.checkpointing import (
+    atomic_directory,
+    check_adapter_matches,
+    clean_module_name,
+    read_adapter,
+)
+from qalora_tune.modules import QALoRALinear
+from qalora_tune.recipe_utils import merge_with_report, run_recipe
+
+log = utils.get_logger("INFO")
+
+IGNORE_INDEX = -100
+
+
+class QALoRAMergeRecipe:
+    """Merge a saved adapter into its int4 base and write ``merged_int4/``.
+
+    Args:
+        cfg (DictConfig): a training config plus ``adapter_dir`` (and optionally
+            ``merged_dir``, default: ``merged_int4`` beside the adapter directory).
+
+    Raises:
+        ValueError: for a missing ``adapter_dir`` or an adapter that does not match.
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        if not cfg.get("adapter_dir"):
+            raise ValueError(
+                "set adapter_dir=... to the adapter/ directory of a training run, e.g. "
+                "adapter_dir=/tmp/qalora-tune/tiny_qalora/epoch_0/adapter"
+            )
+        if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device={cfg.device} but CUDA is not available; set device=cpu")
+        self._adapter_dir = Path(cfg.adapter_dir).expanduser()
+        default_merged = self._adapter_dir.parent / "merged_int4"
+        self._merged_dir = Path(cfg.get("merged_dir") or default_merged).expanduser()
+        self._device = utils.get_device(device=cfg.device)
+        self._dtype = training.get_dtype(cfg.dtype, device=self._device)
+        self._probe_size = cfg.get("merge_probe_size", 8)
+
+    def setup(self, cfg: DictConfig) -> None:
+        """Prepare the base (if the config does), build the model and load the adapter."""
+        if cfg.get("prepare_base") is not None:
+            config.instantiate(cfg.prepare_base)
+        self._checkpointer = config.instantiate(cfg.checkpointer, output_dir=cfg.output_dir)
+        self._checkpointer.check_base_available()
+        adapter, self._metadata = read_adapter(self._adapter_dir, self._checkpointer.key_map)
+        self._model = self._setup_model(cfg.model)
+        self._check_and_load(adapter)
+        self._probe = self._setup_probe(cfg) if self._probe_size > 0 else None
+
+    def _setup_model(self, cfg_model: DictConfig) -> nn.Module:
+        with training.set_default_dtype(self._dtype), self._device:
+            model = config.instantiate(cfg_model)
+        self._checkpointer.load_base(model)
+        self._pad_in_dim = bool(cfg_model.get("pad_in_dim", False))
+        self._layers = {
+            clean_module_name(n): m for n, m in model.named_modules() if isinstance(m, QALoRALinear)
+        }
+        return model.eval()
+
+    def _check_and_load(self, adapter: Dict[str, torch.Tensor]) -> None:
+        first = next(iter(self._layers.values()), None)
+        if first is None:
+            raise ValueError("the config's model has no QA-LoRA layers to merge into")
+        expected = {
+            "group_size": first.group_size,
+            "bits": 4,
+            "rank": first.rank,
+            "alpha": first.alpha,
+            "target_modules": sorted(self._layers),
+            "pad_in_dim": self._pad_in_dim,
+            "base_fingerprint": self._checkpointer.base_fingerprint(),
+        }
+        check_adapter_matches(self._metadata, expected, self._adapter_dir)
+        with torch.no_grad():
+            for name, layer in self._layers.items():
+                for part in ("lora_a", "lora_b"):
+                    value = adapter[f"{name}.{part}.weight"]
+                    getattr(layer, part).weight.copy_(value)
+
+    def _setup_probe(self, cfg: DictConfig) -> Optional[Dict[str, torch.Tensor]]:
+        cfg_dataset = cfg.validation.dataset if cfg.get("validation") else cfg.get("dataset")
+        if cfg_dataset is None:
+            return None
+        tokenizer = config.instantiate(cfg.tokenizer)
+        dataset = config.instantiate(cfg_dataset, tokenizer)
+        collate = partial(
+            get_component_from_path("torchtune.data.padded_collate_sft"),
+            padding_idx=tokenizer.pad_id,
+            ignore_idx=IGNORE_INDEX,
+        )
+        return collate([dataset[i] for i in range(min(self._probe_size, len(dataset)))])
+
+    def merge(self) -> Path:
+        """Merge, measure and write ``merged_dir`` atomically; return its path."""
+        start = time.perf_counter()
+        if self._probe is not None:
+            report = merge_with_report(self._model, self._layers.values(), self._probe, self._device)
+        else:
+            for layer in self._layers.values():
+                layer.merge()
+            report = {"note": "merge_probe_size=0: no probe batch, deviation not measured"}
+        report["adapter_dir"] = str(self._adapter_dir)
+        with atomic_directory(self._merged_dir) as staging:
+            report = self._checkpointer.write_merged(staging, self._model, self._metadata, report)
+        size = report["size"]
+        log.info(
+            f"Merged {len(self._layers)} adapters into {self._merged_dir} in "
+            f"{time.perf_counter() - start:.1f}s: {size['bits_per_quantized_parameter']:.2f} "
+            f"bits per quantized weight"
+            + (
+                f", merged vs unmerged logits max relative error "
+                f"{report['max_relative_logit_error']:.2e}"
+                if "max_relative_logit_error" in report
+                else ""
+            )
+        )
+        print(json.dumps({k: v for k, v in report.items() if k != "definition"}, indent=2))
+        return self._merged_dir
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    """Entry point: ``tune run qalora_merge --config NAME_OR_PATH adapter_dir=... [key=value ...]``."""
+    recipe = QALoRAMergeRecipe(cfg)
+    recipe.setup(cfg)
+    recipe.merge()
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Resolve a packaged config name, then run the recipe."""
+    run_recipe("qalora_merge", recipe_main, argv)
+
+
+if __name__ == "__main__":
+    main()
