@@ -61,16 +61,26 @@ def test_stories260k_trains_saves_and_applies_overrides(tmp_path):
     adapter = out / "epoch_0" / "adapter"
     weights = load_file(str(adapter / "adapter_model.safetensors"))
     config = json.loads((adapter / "adapter_config.json").read_text())
-    assert config["rank"] == 1 and config["alpha"] == 2 and config["group_size"] == 32
-    assert config["pad_in_dim"] is True and config["pooling"] == "mean"
-    # w2's input (172) is padded to 192 = 6 groups of 32
-    assert weights["layers.0.mlp.w2.lora_a.weight"].shape == (1, 6)
-    assert weights["layers.0.attn.q_proj.lora_a.weight"].shape == (1, 2)
+    ours = config["qalora_tune"]
+    assert ours["rank"] == 1 and ours["alpha"] == 2 and ours["group_size"] == 32
+    assert ours["pad_in_dim"] is True and ours["pooling"] == "mean"
+    assert config["peft_type"] == "LORA" and config["use_qalora"] and config["r"] == 1
+    # w2's input (172) is padded to 192 = 6 groups of 32 (PEFT key names)
+    prefix = "base_model.model.model.layers.0"
+    assert weights[f"{prefix}.mlp.down_proj.lora_A.weight"].shape == (1, 6)
+    assert weights[f"{prefix}.self_attn.q_proj.lora_A.weight"].shape == (1, 2)
     assert len(weights) == 2 * 7 * 5  # 7 adapted linears in each of 5 layers
     assert (out / "epoch_0" / "recipe_state.pt").is_file()
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["metrics"]) == {"full-precision base", "int4 base", "QA-LoRA"}
+    assert set(summary["metrics"]) == {
+        "full-precision base", "int4 base", "QA-LoRA", "QA-LoRA merged int4"
+    }
     assert "QA-LoRA summary" in result.stdout
+    # the padded w2 leaves as (N, 172) int4 with a partial last group; the merge is exact
+    report = json.loads((out / "epoch_0" / "merged_int4" / "merge_report.json").read_text())
+    assert report["max_relative_logit_error"] < 1e-4
+    merged_loss = summary["metrics"]["QA-LoRA merged int4"]["loss"]
+    assert merged_loss == pytest.approx(summary["metrics"]["QA-LoRA"]["loss"], rel=1e-4)
 
 
 @requires_shared
@@ -95,6 +105,7 @@ def test_tinystories656k_saves_every_epoch_and_resumes(tmp_path):
     assert state["epochs_run"] == 3 and state["global_step"] == 12
     before = load_file(str(out / "epoch_1" / "adapter" / "adapter_model.safetensors"))
     after = load_file(str(out / "epoch_2" / "adapter" / "adapter_model.safetensors"))
+    assert (out / "epoch_2" / "merged_int4" / "model.safetensors").is_file()
     assert any(not before[k].equal(after[k]) for k in before)  # training went on
 
 
@@ -135,6 +146,11 @@ def test_tiny_qalora_default_runs_offline_and_recovers_the_int4_base(tmp_path):
     assert qalora["loss"] < int4["loss"] - 0.5 * (int4["loss"] - fp["loss"])
     assert (out / "base" / "model.safetensors").is_file()
     assert (out / "epoch_0" / "adapter" / "adapter_model.safetensors").is_file()
+    # the merged int4 model scores what the unmerged adapters scored
+    merged = metrics["QA-LoRA merged int4"]
+    assert merged["loss"] == pytest.approx(qalora["loss"], rel=1e-3)
+    assert abs(merged["exact_match"] - qalora["exact_match"]) < 1e-3
+    assert "merged int4:" in result.stdout
     # training loss starts near 1e-3 and is noisy; the validation loss above is the check
     assert len(_logged_losses(out)) == 250 // 25
 
@@ -155,7 +171,11 @@ def test_bf16_checkpointing_accumulation_clipping_and_torchao_optimizer(tmp_path
     assert len(_logged_losses(out)) == 3 and "grad_norm:" in log
     weights = load_file(str(out / "epoch_0" / "adapter" / "adapter_model.safetensors"))
     assert all(w.dtype == __import__("torch").bfloat16 for w in weights.values())
-    assert any(w.abs().sum() > 0 for k, w in weights.items() if "lora_b" in k)
+    assert any(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)
+    # bf16 scales and zeros: 4 + 2 * 16 / 32 = 5 bits per weight, plus stories260K's
+    # partial last group of w2 (172 columns, 6 groups)
+    report = json.loads((out / "epoch_0" / "merged_int4" / "merge_report.json").read_text())
+    assert 5.0 <= report["size"]["bits_per_quantized_parameter"] < 5.2
 
 
 @requires_shared
