@@ -55,6 +55,8 @@ def write_adapter(
             group size, bits, pooling, targets, base fingerprint, versions, ...), stored
             under ``"qalora_tune"``; needs ``rank``, ``group_size`` and ``lora_dropout``.
     """
+    if not layers:
+        raise ValueError("there are no adapted layers to write")
     tensors: Dict[str, torch.Tensor] = {}
     module_alpha: Dict[str, float] = {}
     for name, layer in layers.items():
@@ -126,10 +128,13 @@ def read_adapter(directory: Path, key_map: HFKeyMap) -> Tuple[Dict[str, torch.Te
         raise ValueError(f"{directory / ADAPTER_WEIGHTS_NAME} cannot be read: {error}") from None
     tensors: Dict[str, torch.Tensor] = {}
     for key, value in peft_tensors.items():
-        module, kind, _ = key[len(PEFT_PREFIX):].rsplit(".", 2)
-        if not key.startswith(PEFT_PREFIX) or kind not in _PEFT_SUFFIXES:
+        parts = key[len(PEFT_PREFIX):].rsplit(".", 2)
+        if not key.startswith(PEFT_PREFIX) or len(parts) != 3 or parts[1] not in _PEFT_SUFFIXES:
             raise ValueError(f"unexpected adapter key {key!r} in {directory}")
-        peft_b = peft_tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"]
+        module, kind, _ = parts
+        peft_b = peft_tensors.get(f"{PEFT_PREFIX}{module}.lora_B.weight")
+        if peft_b is None or f"{PEFT_PREFIX}{module}.lora_A.weight" not in peft_tensors:
+            raise ValueError(f"{directory}: {module} lacks its lora_A or lora_B weight")
         tune_key, rows = key_map.row_order(f"{module}.weight", peft_b.shape[0], to_hf=False)
         tune_module = tune_key[: -len(".weight")]
         tensors[f"{tune_module}.{_PEFT_SUFFIXES[kind]}.weight"] = (

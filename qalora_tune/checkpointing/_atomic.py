@@ -30,7 +30,12 @@ def atomic_directory(final: Union[str, Path]) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
         yield staging
+        # mkdtemp (and some writers) create owner-only modes: apply the usual umask ones
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)
         for path in staging.rglob("*"):
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
             if path.is_file():
                 with open(path, "rb") as handle:
                     os.fsync(handle.fileno())

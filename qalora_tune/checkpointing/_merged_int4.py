@@ -207,7 +207,14 @@ def load_merged(
     spec = json.loads((path / MERGED_SPEC_NAME).read_text())
     device = torch.device(device or "cpu")
     dtype = dtype or getattr(torch, hf_config.get("torch_dtype", "bfloat16"))
-    builder = get_component_from_path(spec["model"]["_component_"])
+    try:
+        builder = get_component_from_path(spec["model"]["_component_"])
+    except Exception as error:  # torchtune raises InstantiationError
+        raise ValueError(
+            f"{path / MERGED_SPEC_NAME} names the model builder {spec['model']['_component_']!r}, "
+            f"which cannot be imported ({type(error).__name__}); install the package that "
+            "provides it"
+        ) from None
     kwargs = {k: v for k, v in spec["model"].items() if k != "_component_"}
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

@@ -94,44 +94,69 @@ def _checkpointer(tmp_path, **kwargs):
     kwargs.setdefault("checkpoint_dir", str(tmp_path / "base"))
     kwargs.setdefault("model_type", "LLAMA2")
     kwargs.setdefault("output_dir", str(tmp_path / "out"))
+    base = Path(kwargs["checkpoint_dir"])
+    base.mkdir(parents=True, exist_ok=True)
+    if not (base / "config.json").exists():  # adapter names are Hugging Face's
+        config = {"num_attention_heads": 4, "num_key_value_heads": 4, "hidden_size": 64}
+        (base / "config.json").write_text(json.dumps(config))
     return QALoRACheckpointer(**kwargs)
+
+
+def _adapters(seed):
+    """Two QA-LoRA layers named as in a torchtune decoder, with random A and B."""
+    from qalora_tune.modules import QALoRALinear
+
+    torch.manual_seed(seed)
+    layers = {
+        f"layers.0.attn.{name}": QALoRALinear(64, 64, rank=4, alpha=8.0, group_size=32)
+        for name in ("q_proj", "v_proj")
+    }
+    for layer in layers.values():
+        torch.nn.init.normal_(layer.lora_b.weight)
+    return layers
+
+
+def _tune_state(layers):
+    return {
+        f"{name}.{part}.weight": getattr(layer, part).weight.detach().clone()
+        for name, layer in layers.items()
+        for part in ("lora_a", "lora_b")
+    }
+
+
+METADATA = {"rank": 4, "alpha": 8.0, "group_size": 32, "bits": 4, "lora_dropout": 0.0}
 
 
 def test_save_then_resume_round_trips_the_latest_epoch(tmp_path):
     ckpt = _checkpointer(tmp_path)
     assert ckpt.latest_epoch_dir() is None
-    gen = torch.Generator().manual_seed(0)
-
-    def adapter():
-        return {
-            "layers.0.attn.q_proj.lora_a.weight": torch.randn(4, 2, generator=gen),
-            "layers.0.attn.q_proj.lora_b.weight": torch.randn(4, 64, generator=gen).t(),  # non-contiguous
-        }
-
     states = []
     for epoch in (0, 1):
-        state = adapter()
+        layers = _adapters(seed=epoch)
         recipe = {"epoch": epoch, "steps": 10 * (epoch + 1), "opt": {"lr": torch.tensor(1e-3)}}
-        config = {"r": 4, "lora_alpha": 8.0, "target_modules": ["q_proj"]}
-        path = ckpt.save_checkpoint(epoch, state, config, recipe)
+        metadata = dict(METADATA, target_modules=sorted(layers))
+        path = ckpt.save_checkpoint(epoch, layers, metadata, recipe)
         assert path == tmp_path / "out" / f"epoch_{epoch}"
         assert (path / "adapter" / ADAPTER_WEIGHTS_NAME).is_file()
         assert (path / "adapter" / ADAPTER_CONFIG_NAME).is_file()
         assert (path / RECIPE_STATE_NAME).is_file()
-        states.append((state, config, recipe))
+        assert not (path / "merged_int4").exists()  # only with merged_model=
+        states.append((_tune_state(layers), metadata, recipe))
 
     assert ckpt.latest_epoch_dir() == tmp_path / "out" / "epoch_1"
     resumed = ckpt.load_resume_state()
     assert resumed["path"] == tmp_path / "out" / "epoch_1"
-    state, config, recipe = states[1]
+    state, metadata, recipe = states[1]
     assert resumed["adapter"].keys() == state.keys()
-    for key, value in state.items():
+    for key, value in state.items():  # bit for bit, q_proj's B rows permuted and back
         assert torch.equal(resumed["adapter"][key], value), key
-    assert resumed["adapter_config"] == config
+    assert resumed["adapter_config"] == metadata
     assert resumed["recipe_state"]["epoch"] == 1 and resumed["recipe_state"]["steps"] == 20
     assert torch.equal(resumed["recipe_state"]["opt"]["lr"], recipe["opt"]["lr"])
     # epoch 0 is still on disk, unchanged
-    old = load_file(str(tmp_path / "out" / "epoch_0" / "adapter" / ADAPTER_WEIGHTS_NAME))
+    from qalora_tune.checkpointing import read_adapter
+
+    old, _ = read_adapter(tmp_path / "out" / "epoch_0" / "adapter", ckpt.key_map)
     for key, value in states[0][0].items():
         assert torch.equal(old[key], value)
 
@@ -139,7 +164,7 @@ def test_save_then_resume_round_trips_the_latest_epoch(tmp_path):
 def test_latest_epoch_is_numeric_not_lexicographic_and_ignores_other_dirs(tmp_path):
     ckpt = _checkpointer(tmp_path)
     for epoch in (2, 10, 9):
-        ckpt.save_checkpoint(epoch, {"a": torch.zeros(1)}, {}, {"epoch": epoch})
+        ckpt.save_checkpoint(epoch, _adapters(epoch), METADATA, {"epoch": epoch})
     (tmp_path / "out" / "epoch_x").mkdir()
     (tmp_path / "out" / ".epoch_11.partial-abc").mkdir()
     (tmp_path / "out" / "epoch_12").write_text("a file, not an epoch")
@@ -155,7 +180,7 @@ def test_resuming_from_an_empty_output_dir_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match="resume_from_checkpoint"):
         ckpt.load_resume_state()
     # an epoch saved without recipe state cannot be resumed either
-    ckpt.save_checkpoint(0, {"a": torch.zeros(1)}, {})
+    ckpt.save_checkpoint(0, _adapters(0), METADATA)
     with pytest.raises(FileNotFoundError, match="resume_from_checkpoint"):
         ckpt.load_resume_state()
 
@@ -474,3 +499,21 @@ def test_loading_streams_one_full_precision_tensor_at_a_time(tmp_path, monkeypat
     load_hf_weights(model, paths, "LLAMA2", config)
     assert len(alive_when_read) == len(load_file(str(paths[0])))
     assert all(not older for older in alive_when_read), alive_when_read
+
+
+def test_atomic_directory_gives_its_files_the_umask_modes(tmp_path):
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "epoch_0") as staging:
+            (staging / "sub").mkdir(mode=0o700)
+            path = staging / "sub" / "w.safetensors"
+            path.write_bytes(b"x")
+            path.chmod(0o600)
+    finally:
+        os.umask(previous)
+    final = tmp_path / "epoch_0"
+    assert final.stat().st_mode & 0o777 == 0o755
+    assert (final / "sub").stat().st_mode & 0o777 == 0o755
+    assert (final / "sub" / "w.safetensors").stat().st_mode & 0o777 == 0o644

@@ -1,0 +1,304 @@
+"""The adapter on disk in PEFT's layout (``qalora_tune.checkpointing._adapter``).
+
+Covers ``write_adapter`` (PEFT keys, shapes, Hugging Face row order, the PEFT
+``adapter_config.json`` with per-module ``lora_alpha = alpha / n_groups``), the key
+property that PEFT's QA-LoRA formula (``mean * n_groups`` pooling) applied to the written
+tensors reproduces the layer's adapter output, ``read_adapter`` (bit-exact torchtune
+tensors back, and its errors on missing, foreign or truncated files) and
+``check_adapter_matches`` (each mismatch names the key and the setting to change).
+"""
+
+import functools
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torchtune.models.llama2 import llama2
+
+from qalora_tune._compat import tune_to_hf
+from qalora_tune.checkpointing import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    HFKeyMap,
+    check_adapter_matches,
+    read_adapter,
+    write_adapter,
+)
+from qalora_tune.models import qalora_transformer
+from qalora_tune.modules import QALoRALinear
+
+HEADS, KV_HEADS, DIM, HIDDEN, GROUP, RANK, ALPHA = 4, 2, 64, 128, 32, 4, 8.0
+HF_CONFIG = dict(num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, hidden_size=DIM)
+HF_MODULES = {
+    "attn.q_proj": "self_attn.q_proj",
+    "attn.k_proj": "self_attn.k_proj",
+    "attn.v_proj": "self_attn.v_proj",
+    "attn.output_proj": "self_attn.o_proj",
+    "mlp.w1": "mlp.gate_proj",
+    "mlp.w2": "mlp.down_proj",
+    "mlp.w3": "mlp.up_proj",
+}
+METADATA = {
+    "format": "qalora_tune",
+    "rank": RANK,
+    "alpha": ALPHA,
+    "group_size": GROUP,
+    "bits": 4,
+    "pooling": "mean",
+    "quantizer": "rtn",
+    "pad_in_dim": False,
+    "lora_dropout": 0.0,
+    "target_modules": sorted(f"layers.{i}.{m}" for i in range(2) for m in HF_MODULES),
+    "base_checkpoint_dir": "/checkpoints/base",
+    "base_fingerprint": "0123456789abcdef" * 4,
+}
+
+
+def _peft_key(index, tune_module, part):
+    return f"base_model.model.model.layers.{index}.{HF_MODULES[tune_module]}.{part}.weight"
+
+
+@pytest.fixture(scope="module")
+def layers():
+    base = functools.partial(
+        llama2,
+        vocab_size=64,
+        num_layers=2,
+        num_heads=HEADS,
+        num_kv_heads=KV_HEADS,
+        embed_dim=DIM,
+        max_seq_len=32,
+        intermediate_dim=HIDDEN,
+    )
+    torch.manual_seed(0)
+    model = qalora_transformer(
+        base,
+        ["q_proj", "k_proj", "v_proj", "output_proj"],
+        apply_lora_to_mlp=True,
+        lora_rank=RANK,
+        lora_alpha=ALPHA,
+        group_size=GROUP,
+    )
+    found = {n: m for n, m in model.named_modules() if isinstance(m, QALoRALinear)}
+    with torch.no_grad():
+        for layer in found.values():
+            layer.lora_a.weight.normal_()
+            layer.lora_b.weight.normal_()  # B starts at zero: make it non-trivial
+    return found
+
+
+@pytest.fixture(scope="module")
+def key_map():
+    return HFKeyMap("LLAMA2", HF_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(layers, key_map, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("adapter")
+    write_adapter(directory, layers, key_map, dict(METADATA))
+    return directory
+
+
+# ---------------------------------------------------------------------- write_adapter
+
+
+def test_written_keys_and_shapes_are_peft_s(layers, adapter_dir):
+    tensors = load_file(str(adapter_dir / ADAPTER_WEIGHTS_NAME))
+    expected = {}
+    for index in range(2):
+        for tune_module in HF_MODULES:
+            layer = layers[f"layers.{index}.{tune_module}"]
+            expected[_peft_key(index, tune_module, "lora_A")] = (RANK, layer.in_dim // GROUP)
+            expected[_peft_key(index, tune_module, "lora_B")] = (layer.out_dim, RANK)
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == expected
+    assert expected[_peft_key(0, "mlp.w2", "lora_A")] == (RANK, 4)
+    assert expected[_peft_key(0, "attn.k_proj", "lora_B")] == (KV_HEADS * DIM // HEADS, RANK)
+
+
+def test_written_b_rows_are_in_hugging_face_order(layers, adapter_dir):
+    # lora_A is per input group (unchanged), lora_B rows follow torchtune's tune_to_hf on
+    # the dense weight: checked through the dense product (alpha / r) B A of each layer
+    tensors = load_file(str(adapter_dir / ADAPTER_WEIGHTS_NAME))
+    for index in range(2):
+        for tune_module in HF_MODULES:
+            layer = layers[f"layers.{index}.{tune_module}"]
+            a = tensors[_peft_key(index, tune_module, "lora_A")]
+            b = tensors[_peft_key(index, tune_module, "lora_B")]
+            assert torch.equal(a, layer.lora_a.weight.detach())
+            dense = (layer.lora_b.weight.detach() @ layer.lora_a.weight.detach()).repeat_interleave(
+                GROUP, dim=1
+            )
+            if layer.in_dim != DIM:  # tune_to_hf views q/k rows as (heads, ..., dim) only
+                dense = dense[:, :DIM]
+            key = f"layers.{index}.{tune_module}.weight"
+            (hf_key, hf_dense), = tune_to_hf(
+                {key: dense}, num_heads=HEADS, num_kv_heads=KV_HEADS, dim=DIM
+            ).items()
+            assert hf_key == f"model.layers.{index}.{HF_MODULES[tune_module]}.weight"
+            written = (b @ a).repeat_interleave(GROUP, dim=1)[:, : hf_dense.shape[1]]
+            assert torch.equal(written, hf_dense), hf_key
+    # and the test is informative: q_proj's rows really move
+    q_b = tensors[_peft_key(0, "attn.q_proj", "lora_B")]
+    assert not torch.equal(q_b, layers["layers.0.attn.q_proj"].lora_b.weight.detach())
+
+
+def test_adapter_config_is_a_peft_qalora_config(layers, adapter_dir):
+    config = json.loads((adapter_dir / ADAPTER_CONFIG_NAME).read_text())
+    assert config["peft_type"] == "LORA"
+    assert config["use_qalora"] is True
+    assert config["qalora_group_size"] == GROUP
+    assert config["r"] == RANK
+    assert config["lora_dropout"] == 0.0
+    assert config["target_modules"] == sorted(m.rsplit(".", 1)[-1] for m in HF_MODULES.values())
+    assert config["qalora_tune"] == METADATA
+    for tune_name, layer in layers.items():
+        leaf = HF_MODULES[tune_name.split(".", 2)[2]].rsplit(".", 1)[-1]
+        effective = config["alpha_pattern"].get(leaf, config["lora_alpha"])
+        n_groups = 4 if leaf == "down_proj" else 2
+        assert layer.n_groups == n_groups
+        assert effective == ALPHA / n_groups, leaf
+
+
+def _peft_delta(x, a, b_hf, lora_alpha, rank):
+    """PEFT's QA-LoRA adapter term (mean pooling times n_groups), float64."""
+    n_groups = a.shape[1]
+    pooled = x.double().reshape(*x.shape[:-1], n_groups, -1).mean(-1) * n_groups
+    return pooled @ a.double().t() @ b_hf.double().t() * (lora_alpha / rank)
+
+
+@pytest.mark.parametrize("index", [0, 1])
+@pytest.mark.parametrize("tune_module", list(HF_MODULES))
+def test_peft_formula_on_written_tensors_equals_the_layer_adapter(
+    layers, adapter_dir, index, tune_module
+):
+    config = json.loads((adapter_dir / ADAPTER_CONFIG_NAME).read_text())
+    tensors = load_file(str(adapter_dir / ADAPTER_WEIGHTS_NAME))
+    layer = layers[f"layers.{index}.{tune_module}"]
+    leaf = HF_MODULES[tune_module].rsplit(".", 1)[-1]
+    lora_alpha = config["alpha_pattern"].get(leaf, config["lora_alpha"])
+    a = tensors[_peft_key(index, tune_module, "lora_A")]
+    b_hf = tensors[_peft_key(index, tune_module, "lora_B")]
+
+    torch.manual_seed(10 + index)
+    x = torch.randn(4, 16, layer.in_dim)  # 64 tokens: the output matrix converts like a weight
+    delta_hf = _peft_delta(x, a, b_hf, lora_alpha, config["r"])
+
+    with torch.no_grad():
+        full = layer(x)
+        layer.disabled = True
+        try:
+            base = layer(x)
+        finally:
+            layer.disabled = False
+    delta_layer = (full - base).double()
+    # put the layer's output features in Hugging Face's order with torchtune's converter
+    tokens_by_features = delta_layer.reshape(-1, layer.out_dim).t().contiguous()
+    (_, converted), = tune_to_hf(
+        {f"layers.{index}.{tune_module}.weight": tokens_by_features},
+        num_heads=HEADS,
+        num_kv_heads=KV_HEADS,
+        dim=DIM,
+    ).items()
+    expected = converted.t().reshape(delta_hf.shape)
+
+    # fp32: the layer's delta is a difference of two fp32 outputs
+    tolerance = 1e-5 * (full.abs().max().item() + base.abs().max().item())
+    torch.testing.assert_close(delta_hf, expected, rtol=1e-5, atol=tolerance)
+    assert delta_hf.abs().max() > 100 * tolerance  # the adapter term is not negligible
+
+
+def test_peft_parses_the_config(adapter_dir):
+    peft = pytest.importorskip("peft", reason="peft is not installed in this environment")
+    config = peft.LoraConfig.from_pretrained(str(adapter_dir))
+    assert config.use_qalora is True
+    assert config.qalora_group_size == GROUP
+    assert config.r == RANK
+
+
+# ---------------------------------------------------------------------- read_adapter
+
+
+def test_read_adapter_returns_the_trained_tensors_bit_for_bit(layers, key_map, adapter_dir):
+    tensors, metadata = read_adapter(adapter_dir, key_map)
+    expected = {}
+    for name, layer in layers.items():
+        expected[f"{name}.lora_a.weight"] = layer.lora_a.weight.detach()
+        expected[f"{name}.lora_b.weight"] = layer.lora_b.weight.detach()
+    assert set(tensors) == set(expected)
+    for key, value in expected.items():
+        assert tensors[key].dtype == value.dtype
+        assert torch.equal(tensors[key], value), key
+    assert metadata == METADATA
+
+
+def test_read_adapter_missing_files(tmp_path, key_map):
+    with pytest.raises(FileNotFoundError, match=ADAPTER_WEIGHTS_NAME):
+        read_adapter(tmp_path, key_map)
+
+
+def test_read_adapter_missing_config(tmp_path, key_map, adapter_dir):
+    (tmp_path / ADAPTER_WEIGHTS_NAME).write_bytes((adapter_dir / ADAPTER_WEIGHTS_NAME).read_bytes())
+    with pytest.raises(FileNotFoundError, match=ADAPTER_CONFIG_NAME):
+        read_adapter(tmp_path, key_map)
+
+
+def test_read_adapter_refuses_a_foreign_peft_adapter(tmp_path, key_map, adapter_dir):
+    config = json.loads((adapter_dir / ADAPTER_CONFIG_NAME).read_text())
+    del config["qalora_tune"]
+    (tmp_path / ADAPTER_CONFIG_NAME).write_text(json.dumps(config))
+    (tmp_path / ADAPTER_WEIGHTS_NAME).write_bytes((adapter_dir / ADAPTER_WEIGHTS_NAME).read_bytes())
+    with pytest.raises(ValueError, match="qalora_tune"):
+        read_adapter(tmp_path, key_map)
+
+
+def test_read_adapter_refuses_a_truncated_weights_file(tmp_path, key_map, adapter_dir):
+    data = (adapter_dir / ADAPTER_WEIGHTS_NAME).read_bytes()
+    (tmp_path / ADAPTER_CONFIG_NAME).write_text((adapter_dir / ADAPTER_CONFIG_NAME).read_text())
+    (tmp_path / ADAPTER_WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cannot be read"):
+        read_adapter(tmp_path, key_map)
+
+
+# ---------------------------------------------------------------------- check_adapter_matches
+
+EXPECTED = {key: METADATA[key] for key in (
+    "group_size", "bits", "rank", "alpha", "target_modules", "pad_in_dim", "base_fingerprint"
+)}
+
+
+def test_a_matching_adapter_passes(tmp_path):
+    check_adapter_matches(dict(METADATA), dict(EXPECTED), tmp_path)
+    # an int alpha written by JSON equals the model's float alpha
+    check_adapter_matches(dict(METADATA, alpha=8), dict(EXPECTED), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "key, other, setting",
+    [
+        ("group_size", 64, "model.group_size"),
+        ("bits", 3, "bit width"),
+        ("rank", 8, "model.lora_rank"),
+        ("alpha", 16.0, "model.lora_alpha"),
+        ("target_modules", ["layers.0.attn.q_proj"], "model.lora_attn_modules"),
+        ("pad_in_dim", True, "model.pad_in_dim"),
+    ],
+)
+def test_each_mismatch_names_the_key_and_the_setting(tmp_path, key, other, setting):
+    expected = dict(EXPECTED, **{key: other})
+    with pytest.raises(ValueError) as error:
+        check_adapter_matches(dict(METADATA), expected, tmp_path / "adapter")
+    message = str(error.value)
+    assert f"{key}={METADATA[key]!r}" in message and f"{key}={other!r}" in message
+    assert setting in message
+    assert str(tmp_path / "adapter") in message
+
+
+def test_another_base_checkpoint_is_refused(tmp_path):
+    expected = dict(EXPECTED, base_fingerprint="fedcba9876543210" * 4)
+    with pytest.raises(ValueError) as error:
+        check_adapter_matches(dict(METADATA), expected, tmp_path)
+    message = str(error.value)
+    assert "fingerprint" in message and "checkpointer.checkpoint_dir" in message
+    assert METADATA["base_checkpoint_dir"] in message
+    assert METADATA["base_fingerprint"][:12] in message
