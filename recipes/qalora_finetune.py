@@ -38,7 +38,6 @@ from tqdm import tqdm
 
 import qalora_tune
 from qalora_tune._compat import get_component_from_path
-from qalora_tune.checkpointing import find_checkpoint_files, load_hf_weights
 from qalora_tune.models import count_parameters
 from qalora_tune.modules import QALoRALinear
 from qalora_tune.recipe_utils import evaluate_lm, resolve_config_argv
@@ -252,14 +251,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             )
         with training.set_default_dtype(self._dtype), self._device:
             model = builder.full_precision()
-        load_hf_weights(
-            model,
-            find_checkpoint_files(
-                self._checkpointer.checkpoint_dir, self._checkpointer.checkpoint_files
-            ),
-            self._checkpointer.model_type,
-            self._hf_config,
-        )
+        self._checkpointer.load_base(model)
         metrics = evaluate_lm(model, self._val_dataloader, self._device, self._val_cfg.get("max_batches"))
         del model
         return metrics
