@@ -31,14 +31,26 @@ __all__ = [
     "unpack_tinygemm_scales_and_zeros",
 ]
 
-# checkpoint key conversion (torchtune <-> Hugging Face)
-from torchtune.models.convert_weights import hf_to_tune, tune_to_hf  # noqa: E402
+# checkpoint key conversion (torchtune <-> Hugging Face, torchtune <-> Meta)
+from torchtune.models.convert_weights import (  # noqa: E402
+    hf_to_tune,
+    meta_to_tune,
+    tune_to_hf,
+    tune_to_meta,
+)
 from torchtune.models.qwen2._convert_weights import (  # noqa: E402
     qwen2_hf_to_tune,
     qwen2_tune_to_hf,
 )
 
-__all__ += ["hf_to_tune", "qwen2_hf_to_tune", "qwen2_tune_to_hf", "tune_to_hf"]
+__all__ += [
+    "hf_to_tune",
+    "meta_to_tune",
+    "qwen2_hf_to_tune",
+    "qwen2_tune_to_hf",
+    "tune_to_hf",
+    "tune_to_meta",
+]
 
 # dotted-path lookup of config components
 from torchtune.config._utils import _get_component_from_path as get_component_from_path  # noqa: E402

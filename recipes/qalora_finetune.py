@@ -40,7 +40,6 @@ from tqdm import tqdm
 
 import qalora_tune
 from qalora_tune._compat import get_component_from_path
-from qalora_tune.checkpointing import find_checkpoint_files, load_hf_weights
 from qalora_tune.models import count_parameters
 from qalora_tune.modules import QALoRALinear
 from qalora_tune.recipe_utils import evaluate_lm, merge_with_report, run_recipe
@@ -124,6 +123,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             resume_from_checkpoint=self._resume_from_checkpoint,
         )
         checkpointer.check_base_available()
+        checkpointer.key_map  # outputs use Hugging Face names: fail now, not at the first save
         return checkpointer
 
     def _setup_model(self, cfg_model: DictConfig) -> nn.Module:
@@ -264,14 +264,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             )
         with training.set_default_dtype(self._dtype), self._device:
             model = builder.full_precision()
-        load_hf_weights(
-            model,
-            find_checkpoint_files(
-                self._checkpointer.checkpoint_dir, self._checkpointer.checkpoint_files
-            ),
-            self._checkpointer.model_type,
-            self._hf_config,
-        )
+        self._checkpointer.load_base(model)
         metrics = evaluate_lm(model, self._val_dataloader, self._device, self._val_cfg.get("max_batches"))
         del model
         return metrics
@@ -407,6 +400,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             "model": base_builder,
             "model_builder": cfg._component_,
             "model_type": self._checkpointer.model_type,
+            "checkpoint_format": self._checkpointer.checkpoint_format,
             "dtype": str(self._dtype).removeprefix("torch."),
             "base_checkpoint_dir": str(self._checkpointer.checkpoint_dir),
             "base_fingerprint": self._checkpointer.base_fingerprint(),

@@ -17,9 +17,14 @@ from qalora_tune.checkpointing._merged_int4 import (
     load_merged,
     write_merged_int4,
 )
+from qalora_tune.checkpointing._formats import (
+    CHECKPOINT_FORMATS,
+    find_checkpoint_files,
+    load_checkpoint_weights,
+    read_checkpoint_config,
+)
 from qalora_tune.checkpointing._hf_weights import (
     HF_MODEL_TYPES,
-    find_checkpoint_files,
     iter_hf_tensors,
     load_hf_weights,
     read_hf_config,
@@ -28,6 +33,7 @@ from qalora_tune.checkpointing._hf_weights import (
 __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
+    "CHECKPOINT_FORMATS",
     "HFKeyMap",
     "HF_MODEL_TYPES",
     "MERGED_DIR_NAME",
@@ -39,9 +45,11 @@ __all__ = [
     "find_checkpoint_files",
     "clean_module_name",
     "iter_hf_tensors",
+    "load_checkpoint_weights",
     "load_hf_weights",
     "load_merged",
     "read_adapter",
+    "read_checkpoint_config",
     "read_hf_config",
     "write_adapter",
     "write_merged_int4",

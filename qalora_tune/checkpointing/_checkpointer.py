@@ -18,16 +18,18 @@ from qalora_tune.checkpointing._adapter import (
     write_adapter,
 )
 from qalora_tune.checkpointing._atomic import atomic_directory
+from qalora_tune.checkpointing._formats import (
+    check_checkpoint_format,
+    find_checkpoint_files,
+    load_checkpoint_weights,
+    read_checkpoint_config,
+)
 from qalora_tune.checkpointing._hf_keys import HFKeyMap
+from qalora_tune.checkpointing._hf_weights import read_hf_config
 from qalora_tune.checkpointing._merged_int4 import (
     MERGE_REPORT_NAME,
     MERGED_DIR_NAME,
     write_merged_int4,
-)
-from qalora_tune.checkpointing._hf_weights import (
-    find_checkpoint_files,
-    load_hf_weights,
-    read_hf_config,
 )
 
 __all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "QALoRACheckpointer", "RECIPE_STATE_NAME"]
@@ -42,14 +44,19 @@ TOKENIZER_FILES = (
 )
 RECIPE_STATE_NAME = "recipe_state.pt"
 _EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
+_FORMAT_NAMES = {"hf": "Hugging Face", "meta": "Meta", "torchtune": "torchtune"}
 
 
 class QALoRACheckpointer:
     """Reads the base checkpoint and writes QA-LoRA outputs under ``output_dir``.
 
-    Loading streams a Hugging Face checkpoint (safetensors or ``.bin``, with torchtune's
-    key conversion for ``model_type``) into a model built by a QA-LoRA builder, so each
-    linear is quantized as its weight arrives. Saving writes, per epoch::
+    Loading streams the base checkpoint into a model built by a QA-LoRA builder, one
+    tensor at a time, so each linear is quantized as its weight arrives. Three formats are
+    read, as torchtune's checkpointers do: ``hf`` (safetensors or ``.bin`` with a
+    ``config.json``, keys converted by torchtune for ``model_type``), ``meta`` (Meta's
+    ``consolidated.00.pth``, keys converted by torchtune's ``meta_to_tune``) and
+    ``torchtune`` (``.pt``/``.bin``/``.safetensors`` already in torchtune's keys, optionally
+    wrapped as ``{"model": state_dict}``). Saving writes, per epoch::
 
         {output_dir}/epoch_{k}/adapter/adapter_model.safetensors   PEFT layout
         {output_dir}/epoch_{k}/adapter/adapter_config.json         PEFT LoraConfig + "qalora_tune"
@@ -60,15 +67,23 @@ class QALoRACheckpointer:
     complete (see :mod:`qalora_tune.checkpointing._adapter` and ``_merged_int4``).
 
     Args:
-        checkpoint_dir (str): directory of the base checkpoint (Hugging Face layout).
-        model_type (str): torchtune model type naming the key layout: ``LLAMA2``,
-            ``LLAMA3``, ``LLAMA3_2``, ``MISTRAL`` or ``QWEN2``.
+        checkpoint_dir (str): directory of the base checkpoint.
+        model_type (str): torchtune model type naming the Hugging Face key layout:
+            ``LLAMA2``, ``LLAMA3``, ``LLAMA3_2``, ``MISTRAL`` or ``QWEN2`` (only the ``hf``
+            format depends on it).
         output_dir (str): where epochs are saved.
-        checkpoint_files (List[str], optional): weight files in ``checkpoint_dir``;
-            by default every ``*.safetensors`` (else ``*.bin``) file there.
+        checkpoint_files (List[str], optional): weight files in ``checkpoint_dir``; by
+            default, per format: every ``*.safetensors`` (else ``*.bin``) file for ``hf``,
+            the ``*.pth`` file for ``meta``, every ``*.pt`` (else ``*.bin``, else
+            ``*.safetensors``) file for ``torchtune``.
         hf_repo_id (str, optional): the Hugging Face repository the base comes from, used
             to print the ``tune download`` command when the weights are missing.
         resume_from_checkpoint (bool): load the latest saved epoch's adapter and state.
+        checkpoint_format (str): ``"hf"`` (default), ``"meta"`` or ``"torchtune"``.
+            ``config.json`` is required for ``hf`` only: the model builder fixes the sizes.
+
+    Raises:
+        ValueError: if ``checkpoint_format`` is not one of those values.
     """
 
     def __init__(
@@ -79,7 +94,10 @@ class QALoRACheckpointer:
         checkpoint_files: Optional[List[str]] = None,
         hf_repo_id: Optional[str] = None,
         resume_from_checkpoint: bool = False,
+        checkpoint_format: str = "hf",
     ):
+        check_checkpoint_format(checkpoint_format)
+        self.checkpoint_format = checkpoint_format
         self.checkpoint_dir = Path(checkpoint_dir).expanduser()
         self.model_type = model_type
         self.output_dir = Path(output_dir).expanduser()
@@ -90,12 +108,14 @@ class QALoRACheckpointer:
     # ------------------------------------------------------------------ base weights
 
     def download_command(self) -> Optional[str]:
-        """The ``tune download`` command that fetches the base, when its repo is known."""
-        if not self.hf_repo_id:
+        """The ``tune download`` command that fetches the base, when its repo is known
+        (``hf`` and ``meta`` formats; Hub repositories hold no ``torchtune`` checkpoints)."""
+        if not self.hf_repo_id or self.checkpoint_format == "torchtune":
             return None
+        ignore = "original/consolidated*" if self.checkpoint_format == "hf" else "*.safetensors"
         command = (
             f"tune download {self.hf_repo_id} --output-dir {self.checkpoint_dir} "
-            '--ignore-patterns "original/consolidated*"'
+            f'--ignore-patterns "{ignore}"'
         )
         if self.hf_repo_id.startswith("meta-llama/"):
             command += " --hf-token <HF_TOKEN>"  # Meta's repositories are gated
@@ -105,17 +125,22 @@ class QALoRACheckpointer:
         """Fail early, naming the command that fetches the weights, if they are missing.
 
         Raises:
-            FileNotFoundError: if ``config.json`` or the weight files are absent.
+            FileNotFoundError: if the weight files (or, for ``hf``, ``config.json``) are
+                absent.
+            ValueError: if the directory holds another format's weights instead.
         """
         try:
-            read_hf_config(self.checkpoint_dir)
-            find_checkpoint_files(self.checkpoint_dir, self.checkpoint_files)
+            find_checkpoint_files(
+                self.checkpoint_dir, self.checkpoint_files, self.checkpoint_format
+            )
+            read_checkpoint_config(self.checkpoint_dir, self.checkpoint_format)
         except FileNotFoundError as error:
             command = self.download_command()
             hint = (
                 f"; fetch them with: {command}"
                 if command
-                else "; set checkpointer.checkpoint_dir to a Hugging Face checkpoint"
+                else "; set checkpointer.checkpoint_dir to a directory holding a "
+                f"{_FORMAT_NAMES[self.checkpoint_format]} checkpoint"
             )
             raise FileNotFoundError(f"base model weights missing ({error}){hint}") from None
 
@@ -123,18 +148,37 @@ class QALoRACheckpointer:
         """Stream the base checkpoint into ``model`` (quantizing its int4 layers).
 
         Returns:
-            Dict[str, Any]: the checkpoint's ``config.json``.
+            Dict[str, Any]: the checkpoint's config: ``config.json`` (``hf``; for
+            ``torchtune`` when present), Meta's ``params.json`` when present, else ``{}``.
+
+        Raises:
+            FileNotFoundError: if the base is missing (see :meth:`check_base_available`).
+            ValueError: if the checkpoint does not match the model or the format.
         """
         self.check_base_available()
-        hf_config = read_hf_config(self.checkpoint_dir)
-        paths = find_checkpoint_files(self.checkpoint_dir, self.checkpoint_files)
-        load_hf_weights(model, paths, self.model_type, hf_config)
-        return hf_config
+        config = read_checkpoint_config(self.checkpoint_dir, self.checkpoint_format)
+        paths = find_checkpoint_files(
+            self.checkpoint_dir, self.checkpoint_files, self.checkpoint_format
+        )
+        load_checkpoint_weights(model, paths, self.checkpoint_format, self.model_type, config)
+        return config
 
     @property
     def hf_config(self) -> Dict[str, Any]:
-        """The base's ``config.json``."""
-        return read_hf_config(self.checkpoint_dir)
+        """The base's Hugging Face ``config.json``.
+
+        Raises:
+            FileNotFoundError: if ``checkpoint_dir`` has none (a Meta or torchtune base):
+                the adapter and the merged model are written under Hugging Face names.
+        """
+        try:
+            return read_hf_config(self.checkpoint_dir)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{self.checkpoint_dir / 'config.json'} not found: the adapter and the merged "
+                "int4 model are written in Hugging Face layout, which needs the model's "
+                "Hugging Face config.json; copy it into checkpointer.checkpoint_dir"
+            ) from None
 
     @property
     def key_map(self) -> HFKeyMap:
@@ -142,11 +186,18 @@ class QALoRACheckpointer:
         return HFKeyMap(self.model_type, self.hf_config)
 
     def base_fingerprint(self) -> str:
-        """A cheap identity of the base: sha256 over config.json and, per weight file, its
-        name, size and first and last MiB (a changed weight file changes its header or
-        data; the whole files are not hashed, which would take minutes for 7B)."""
-        digest = hashlib.sha256((self.checkpoint_dir / "config.json").read_bytes())
-        for path in find_checkpoint_files(self.checkpoint_dir, self.checkpoint_files):
+        """A cheap identity of the base: sha256 over ``config.json`` and ``params.json``
+        (those present) and, per weight file, its name, size and first and last MiB (a
+        changed weight file changes its header or data; the whole files are not hashed,
+        which would take minutes for 7B)."""
+        digest = hashlib.sha256()
+        for name in ("config.json", "params.json"):
+            if (self.checkpoint_dir / name).is_file():
+                digest.update((self.checkpoint_dir / name).read_bytes())
+        paths = find_checkpoint_files(
+            self.checkpoint_dir, self.checkpoint_files, self.checkpoint_format
+        )
+        for path in paths:
             size = path.stat().st_size
             digest.update(f"{path.name}:{size}".encode())
             with open(path, "rb") as handle:

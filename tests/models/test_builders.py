@@ -128,7 +128,9 @@ def _check_structure(model, *, targets, group_size, rank, alpha, dropout, quanti
 
 
 def _config_cases():
-    return [pytest.param(name, id=name) for name in packaged_config_names()]
+    # the *_generate configs load a merged model written by a training config: no builder
+    names = [n for n in packaged_config_names() if not n.endswith("_generate")]
+    return [pytest.param(name, id=name) for name in names]
 
 
 @pytest.mark.parametrize("config_name", _config_cases())

@@ -151,6 +151,14 @@ def test_tiny_qalora_default_runs_offline_and_recovers_the_int4_base(tmp_path):
     assert merged["loss"] == pytest.approx(qalora["loss"], rel=1e-3)
     assert abs(merged["exact_match"] - qalora["exact_match"]) < 1e-3
     assert "merged int4:" in result.stdout
+    # torchtune generation from merged_int4/ answers from the glossary (greedy decoding)
+    generated = subprocess.run(
+        [TUNE, "run", "qalora_generate", "--config", "tiny_qalora_generate", f"output_dir={out}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    lines = generated.stdout.strip().splitlines()[-2:]
+    assert lines == ["vtu mfp gty=402 596 802", "kau lij qus=140 259 922"]
     # training loss starts near 1e-3 and is noisy; the validation loss above is the check
     assert len(_logged_losses(out)) == 250 // 25
 

@@ -1,0 +1,154 @@
+"""Stream checkpoint tensors into a torchtune model one at a time, whatever the key layout."""
+
+import re
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+__all__ = ["TIED_KEYS", "guess_key_format", "iter_checkpoint_tensors", "load_tensor_stream"]
+
+# torchtune's keys of the two copies of a tied embedding
+TIED_KEYS = ("tok_embeddings.weight", "output.weight")
+
+# a checkpoint key that only one layout uses, per checkpoint_format value
+_LAYOUT_KEYS = (
+    ("hf", re.compile(r"^(model\.|lm_head\.)")),
+    ("meta", re.compile(
+        r"^(layers\.\d+\.(attention|feed_forward|attention_norm|ffn_norm)\.)|^norm\.weight$"
+    )),
+    ("torchtune", re.compile(r"^(layers\.\d+\.(attn|mlp|sa_norm|mlp_norm)\.)|^norm\.scale$")),
+)
+
+
+def iter_checkpoint_tensors(paths: List[Path]) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Yield ``(key, tensor)`` from safetensors (lazily) or PyTorch pickles, one at a time.
+
+    PyTorch files (``.bin``, ``.pt``, ``.pth``) are memory-mapped
+    (``torch.load(..., mmap=True, weights_only=True)``) and each tensor is dropped from the
+    loaded dict as it is yielded. A top-level ``{"model": state_dict}`` wrapper, as
+    torchtune's recipes write, is unwrapped.
+    """
+    for path in paths:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                for key in handle.keys():
+                    yield key, handle.get_tensor(key)
+        else:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            if not isinstance(state, dict):
+                raise ValueError(
+                    f"{path} holds a {type(state).__name__}, not a state dict; save the "
+                    "weights with torch.save(model.state_dict(), path)"
+                )
+            if isinstance(state.get("model"), dict):
+                state = state.pop("model")
+            for key in list(state):
+                yield key, state.pop(key)
+
+
+def guess_key_format(keys: Iterable[str]) -> Optional[str]:
+    """The ``checkpoint_format`` whose key layout ``keys`` use, if one is recognisable."""
+    match = _first_layout_key(keys)
+    return match[0] if match else None
+
+
+def _first_layout_key(keys: Iterable[str]) -> Optional[Tuple[str, str]]:
+    for key in sorted(keys):
+        for checkpoint_format, pattern in _LAYOUT_KEYS:
+            if pattern.match(key):
+                return checkpoint_format, key
+    return None
+
+
+def load_tensor_stream(
+    model: nn.Module,
+    tensors: Iterator[Tuple[str, torch.Tensor]],
+    convert: Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]],
+    *,
+    tied: bool,
+    checkpoint_format: str,
+) -> None:
+    """Load ``tensors`` into ``model``, each converted and loaded on its own.
+
+    Loading one tensor at a time lets int4 layers quantize it on arrival: peak memory stays
+    about one full-precision tensor above the quantized model.
+
+    Args:
+        model (nn.Module): a torchtune model (adapter weights are not expected).
+        tensors (Iterator[Tuple[str, torch.Tensor]]): the checkpoint's ``(key, tensor)``.
+        convert (Callable): maps a one-entry checkpoint dict to torchtune's keys; an
+            exception means the key is unknown to the layout.
+        tied (bool): the model ties its output projection to its token embeddings, so
+            either copy in the checkpoint fills ``tok_embeddings.weight``.
+        checkpoint_format (str): the layout ``convert`` reads, named in error messages.
+
+    Raises:
+        ValueError: if the checkpoint lacks weights the model needs, holds weights it does
+            not have, or a shape does not match.
+    """
+    expected = {key for key in model.state_dict() if "lora_" not in key}
+    loaded, unexpected, unexpected_raw = set(), [], []
+    tied_value: Optional[torch.Tensor] = None
+    for raw_key, tensor in tensors:
+        try:
+            converted = convert({raw_key: tensor})
+        except Exception:  # torchtune raises a bare Exception for keys it cannot map
+            unexpected.append(raw_key)
+            unexpected_raw.append(raw_key)
+            continue
+        for key, value in converted.items():
+            if tied and key in TIED_KEYS:
+                tied_value = value  # checkpoints store either copy of tied weights
+            if key not in expected:
+                if not (tied and key in TIED_KEYS):
+                    unexpected.append(key)
+                    unexpected_raw.append(raw_key)
+                continue
+            _load_one(model, key, value)
+            loaded.add(key)
+    missing = expected - loaded
+    for key in TIED_KEYS:
+        if key in missing and tied_value is not None:
+            _load_one(model, key, tied_value)
+            missing.discard(key)
+    if unexpected:
+        raise ValueError(
+            f"the checkpoint holds weights this model does not have (e.g. {sorted(unexpected)[:3]}); "
+            "check that model and checkpointer.model_type match the checkpoint"
+            + _format_hint(unexpected_raw, checkpoint_format)
+        )
+    if missing:
+        raise ValueError(
+            f"the checkpoint lacks weights the model needs (e.g. {sorted(missing)[:3]}); "
+            "check that model matches the checkpoint and that every checkpoint file is listed"
+        )
+
+
+def _format_hint(raw_keys: List[str], checkpoint_format: str) -> str:
+    match = _first_layout_key(raw_keys)
+    if match is None or match[0] == checkpoint_format:
+        return ""
+    guess, example = match
+    return (
+        f"; its keys (e.g. {example!r}) are in the {guess!r} layout, not "
+        f"{checkpoint_format!r}: set checkpointer.checkpoint_format={guess!r}"
+    )
+
+
+def _load_one(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    try:
+        model.load_state_dict({key: value}, strict=False)
+    except RuntimeError as error:
+        if "size mismatch" in str(error):
+            raise ValueError(
+                f"{key}: checkpoint shape {tuple(value.shape)} does not match the model; "
+                "check that the model builder matches the checkpoint"
+            ) from None
+        raise
+    except ValueError as error:  # an int4 layer refusing the weight (e.g. its shape)
+        raise ValueError(
+            f"{key}: {error}; check that the model builder matches the checkpoint"
+        ) from None
