@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.checkpointing.streaming_spy import liveness_spy
 from qalora_tune._compat import tune_to_hf
 from qalora_tune.checkpointing import (
     ADAPTER_CONFIG_NAME,
@@ -471,7 +472,6 @@ def test_real_checkpoint_loads_into_the_qalora_builder(name):
 def test_loading_streams_one_full_precision_tensor_at_a_time(tmp_path, monkeypatch):
     """Peak memory while loading is one full-precision tensor above the int4 model: every
     tensor read from the checkpoint is freed before the one after next is read."""
-    import weakref
 
     from functools import partial
 
@@ -482,15 +482,7 @@ def test_loading_streams_one_full_precision_tensor_at_a_time(tmp_path, monkeypat
     original = _hf_weights.iter_hf_tensors
     alive_when_read = []
 
-    def spying_iter(files):
-        refs = []
-        for key, tensor in original(files):
-            # the loader's loop variable may still hold the previous tensor
-            older = [k for k, r in refs[:-1] if r() is not None and "embed" not in k]
-            alive_when_read.append(older)
-            refs.append((key, weakref.ref(tensor)))
-            yield key, tensor
-            del tensor
+    spying_iter = liveness_spy(original, alive_when_read)
 
     monkeypatch.setattr(_hf_weights, "iter_hf_tensors", spying_iter)
     model = qalora_transformer(

@@ -2,7 +2,6 @@
 same weights give bitwise-identical QA-LoRA models, and wrong formats give clear errors."""
 
 import json
-import weakref
 from functools import partial
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 from torchtune.models.llama2 import llama2
 
+from tests.checkpointing.streaming_spy import liveness_spy
 from qalora_tune._compat import tune_to_hf, tune_to_meta
 from qalora_tune.checkpointing import (
     CHECKPOINT_FORMATS,
@@ -388,15 +388,7 @@ def test_meta_and_torchtune_stream_one_tensor_at_a_time(
     original = _formats.iter_checkpoint_tensors
     alive_when_read = []
 
-    def spying_iter(files):
-        refs = []
-        for key, tensor in original(files):
-            # the loader's loop variable may still hold the previous tensor
-            older = [k for k, r in refs[:-1] if r() is not None and "embed" not in k]
-            alive_when_read.append(older)
-            refs.append((key, weakref.ref(tensor)))
-            yield key, tensor
-            del tensor
+    spying_iter = liveness_spy(original, alive_when_read)
 
     monkeypatch.setattr(_formats, "iter_checkpoint_tensors", spying_iter)
     checkpointer(tmp_path, checkpoint_format).load_base(qalora_model())
