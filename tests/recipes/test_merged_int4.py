@@ -217,3 +217,27 @@ def test_generate_recipe_missing_model_is_a_one_line_error(tmp_path):
     assert result.returncode == 1
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("qalora_generate: error: merged_dir=") and "qalora_finetune" in line
+
+
+@requires_shared
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8,
+    reason="needs a CUDA GPU with compute capability 8.0+ (tinygemm int4 kernel)",
+)
+@torch.no_grad()
+def test_load_merged_and_transformers_on_cuda(trained):
+    """The same merged_int4/ on a GPU in bf16 (tinygemm), against the CPU fp32 model."""
+    from transformers import AutoModelForCausalLM
+
+    merged_dir = trained / "epoch_0" / "merged_int4"
+    probe, _ = _probe_and_heldout()
+    reference = full_logits(qalora_tune.load_merged(merged_dir)(probe["tokens"]))
+    tokens = probe["tokens"].cuda()
+    ours = qalora_tune.load_merged(merged_dir, device="cuda", dtype=torch.bfloat16)
+    assert type(ours.layers[0].attn.q_proj.weight).__name__ == "Int4TilePackedTo4dTensor"
+    assert _relative_errors(full_logits(ours(tokens)).cpu(), reference).max() < 5e-2
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(merged_dir), device_map="cuda", dtype=torch.bfloat16
+    )
+    theirs = hf(tokens).logits.float().cpu()
+    assert _relative_errors(theirs, reference).max() < 5e-2
