@@ -2,6 +2,7 @@
 
     tune run qalora_finetune --config tiny_qalora
     tune run qalora_finetune --config llama2_7B_qalora batch_size=8 model.lora_rank=16
+    tune run --nproc_per_node 4 qalora_finetune --config llama2_70B_qalora
 
 ``--config`` takes a config shipped with qalora-tune (``qalora-tune configs``
 lists them) or a path to a YAML file; ``key=value`` arguments override any entry.
@@ -16,7 +17,9 @@ full-precision base, int4 base, QA-LoRA and the merged int4 model on the validat
 Features, as in torchtune's LoRA recipe: gradient accumulation, activation checkpointing
 and offloading, ``compile``, chunked cross-entropy, LR schedulers, any optimizer by
 ``_component_``, metric loggers and a progress bar, ``seed``, ``max_steps_per_epoch``,
-fp32/bf16 on CPU or CUDA, and ``resume_from_checkpoint``.
+fp32/bf16 on CPU or CUDA, data parallel over ``N`` processes, and an exact
+``resume_from_checkpoint`` from the newest epoch or mid-epoch ``step_{n}/`` checkpoint
+(``save_every_n_steps``).
 """
 
 import contextlib
@@ -40,17 +43,90 @@ from tqdm import tqdm
 
 import qalora_tune
 from qalora_tune._compat import get_component_from_path
+from qalora_tune.checkpointing import check_resume_matches
 from qalora_tune.models import count_parameters
 from qalora_tune.modules import QALoRALinear
-from qalora_tune.recipe_utils import evaluate_lm, merge_with_report, run_recipe
+from qalora_tune.recipe_utils import (
+    TrainingError,
+    all_reduce_gradients,
+    all_reduce_sum,
+    broadcast_parameters,
+    check_config,
+    check_cuda_only_options,
+    check_device,
+    check_output_dir,
+    check_tokenizer_fits,
+    destroy_distributed,
+    evaluate_lm,
+    gather_objects,
+    init_distributed,
+    is_rank_zero,
+    merge_with_report,
+    resolve_dtype,
+    run_on_rank_zero,
+    run_recipe,
+    shard_indices,
+    world_size_and_rank,
+)
 
 log = utils.get_logger("INFO")
 
+
+def _info(message: str) -> None:
+    """Log on rank 0 only (every rank runs the same steps)."""
+    if is_rank_zero():
+        log.info(message)
+
 IGNORE_INDEX = -100
+
+# every top-level key the recipe reads ("section.key": keys of a section that is not a
+# component); check_config refuses others (did-you-mean) before anything runs
+CONFIG_KEYS = (
+    "batch_size",
+    "checkpointer",
+    "clip_grad_norm",
+    "compile",
+    "dataset",
+    "device",
+    "dtype",
+    "enable_activation_checkpointing",
+    "enable_activation_offloading",
+    "epochs",
+    "gradient_accumulation_steps",
+    "log_every_n_steps",
+    "log_peak_memory_stats",
+    "loss",
+    "lr_scheduler",
+    "max_steps_per_epoch",
+    "merge_probe_size",
+    "metric_logger",
+    "model",
+    "optimizer",
+    "output_dir",
+    "prepare_base",
+    "resume_from_checkpoint",
+    "save_every_n_steps",
+    "save_merged_int4",
+    "seed",
+    "shuffle",
+    "tokenizer",
+    "validation",
+    "validation.batch_size",
+    "validation.dataset",
+    "validation.full_precision_baseline",
+    "validation.max_batches",
+)
 
 
 class QALoRAFinetuneRecipe(FTRecipeInterface):
-    """Fine-tune QA-LoRA adapters on a frozen int4 base, on one device.
+    """Fine-tune QA-LoRA adapters on a frozen int4 base, on one device or data parallel.
+
+    Under ``tune run --nproc_per_node N`` every rank holds the whole int4 base and its own
+    copy of the adapters; each takes a ``1/N`` share of every global batch
+    (``batch_size`` is per rank) and the adapter gradients and token counts are summed
+    across ranks before each optimizer step, so the run follows the single-process run
+    with ``N`` times the batch size (see ``docs/design.md`` for why not FSDP). Rank 0
+    writes the outputs.
 
     Args:
         cfg (DictConfig): the parsed config (see ``configs/``).
@@ -60,14 +136,12 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
     """
 
     def __init__(self, cfg: DictConfig) -> None:
-        if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(
-                f"device={cfg.device} but CUDA is not available; set device=cpu "
-                "(with dtype=fp32 or bf16)"
-            )
+        check_device(cfg.device)
         self._device = utils.get_device(device=cfg.device)
-        self._dtype = training.get_dtype(cfg.dtype, device=self._device)
-        self._output_dir = Path(cfg.output_dir).expanduser()
+        self._distributed = init_distributed(cfg.device)
+        self._world_size, self._rank = world_size_and_rank()
+        self._dtype = resolve_dtype(cfg.dtype, self._device, allowed=("fp32", "bf16"))
+        self._output_dir = check_output_dir(cfg.output_dir)
         self._log_every_n_steps = cfg.get("log_every_n_steps", 1)
         self._log_peak_memory_stats = cfg.get("log_peak_memory_stats", False)
         self._gradient_accumulation_steps = cfg.get("gradient_accumulation_steps", 1)
@@ -78,11 +152,17 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         self._resume_from_checkpoint = cfg.get("resume_from_checkpoint", False)
         self._save_merged_int4 = cfg.get("save_merged_int4", True)
         self._merge_probe_size = cfg.get("merge_probe_size", 8)
-        if self._enable_activation_offloading and self._device.type != "cuda":
+        self._save_every_n_steps = cfg.get("save_every_n_steps", None)
+        if self._save_every_n_steps is not None and (
+            not isinstance(self._save_every_n_steps, int) or self._save_every_n_steps < 1
+        ):
             raise ValueError(
-                "enable_activation_offloading=True needs a CUDA device; set "
-                "enable_activation_offloading=False on CPU"
+                f"save_every_n_steps must be a positive integer or null, got "
+                f"{self._save_every_n_steps!r}"
             )
+        self._batch_size = cfg.batch_size
+        self._shuffle = cfg.get("shuffle", True)
+        check_cuda_only_options(cfg, self._device)
         if self._gradient_accumulation_steps < 1:
             raise ValueError(
                 f"gradient_accumulation_steps must be >= 1, got {self._gradient_accumulation_steps}"
@@ -92,6 +172,8 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         self.max_steps_per_epoch = cfg.get("max_steps_per_epoch", None)
         self.epochs_run = 0
         self.global_step = 0
+        self._steps_done_in_epoch = 0  # > 0 after resuming from a step checkpoint
+        self._resumed_dataloader_state: Optional[Dict[str, Any]] = None
         self._metrics: Dict[str, Dict[str, float]] = {}
 
     # ------------------------------------------------------------------ setup
@@ -99,22 +181,32 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
     def setup(self, cfg: DictConfig) -> None:
         """Build everything from the config, in dependency order."""
         if cfg.get("prepare_base") is not None:
-            config.instantiate(cfg.prepare_base)
+            run_on_rank_zero(lambda: config.instantiate(cfg.prepare_base))
+            if not is_rank_zero():
+                config.instantiate(cfg.prepare_base)  # reuses (checks) rank 0's base
         self._checkpointer = self._setup_checkpointer(cfg.checkpointer)
-        self._metric_logger = config.instantiate(cfg.metric_logger)
-        self._metric_logger.log_config(cfg)
+        self._metric_logger = self._setup_metric_logger(cfg.metric_logger)
+        if self._metric_logger is not None:
+            self._metric_logger.log_config(cfg)
         self._model_cfg = cfg.model
         self._model = self._setup_model(cfg.model)
         self._tokenizer = config.instantiate(cfg.tokenizer)
+        check_tokenizer_fits(self._tokenizer, self._model)
         self._loss_fn = self._setup_loss(cfg.loss)
         self._optimizer = self._setup_optimizer(cfg.optimizer)
-        self._dataloader = self._setup_data(cfg.dataset, cfg.batch_size, cfg.get("shuffle", True))
+        self._dataloader = self._setup_data(cfg.dataset, self._batch_size, self._shuffle)
         self._steps_per_epoch = self._count_steps_per_epoch()
         self._lr_scheduler = self._setup_lr_scheduler(cfg.get("lr_scheduler"))
         self._val_dataloader, self._val_cfg = self._setup_validation(cfg.get("validation"))
         self._probe_batch = self._probe(self._val_dataloader or self._dataloader)
         if self._resume_from_checkpoint:
             self._restore(self._checkpointer.load_resume_state())
+        # identical adapters on every rank (each initialised its own from seed + rank)
+        broadcast_parameters(self._adapter_params.values())
+
+    def _setup_metric_logger(self, cfg_metric_logger: DictConfig) -> Optional[Any]:
+        """The metric logger, on rank 0 only (the logged values are global)."""
+        return config.instantiate(cfg_metric_logger) if is_rank_zero() else None
 
     def _setup_checkpointer(self, cfg_checkpointer: DictConfig) -> Any:
         checkpointer = config.instantiate(
@@ -151,7 +243,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             model, self._enable_activation_offloading
         )
         counts = count_parameters(model)
-        log.info(
+        _info(
             f"Model ready in {time.perf_counter() - start:.1f}s: {len(adapters)} QA-LoRA "
             f"layers, {counts['trainable']:,} trainable and {counts['frozen']:,} frozen "
             f"parameters, dtype {self._dtype}, device {self._device}"
@@ -177,29 +269,31 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             return torch.utils.data.ConcatDataset(parts)
         return config.instantiate(cfg_dataset, self._tokenizer)
 
-    def _make_loader(self, dataset, batch_size: int, shuffle: bool) -> StatefulDataLoader:
+    def _loader(self, dataset, batch_size: int, sampler, drop_last: bool) -> StatefulDataLoader:
         collate = get_component_from_path("torchtune.data.padded_collate_sft")
-        sampler = StatefulDistributedSampler(
-            dataset, num_replicas=1, rank=0, shuffle=shuffle, seed=self.seed
-        )
         return StatefulDataLoader(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
-            drop_last=shuffle,
-            collate_fn=partial(
-                collate, padding_idx=self._tokenizer.pad_id, ignore_idx=IGNORE_INDEX
-            ),
+            drop_last=drop_last,
+            collate_fn=partial(collate, padding_idx=self._tokenizer.pad_id, ignore_idx=IGNORE_INDEX),
+            # a loader without a generator draws a seed from the global RNG at every
+            # iter(): its own keeps the dropout stream where an exact resume expects it
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def _setup_data(self, cfg_dataset: Any, batch_size: int, shuffle: bool) -> StatefulDataLoader:
+        """This rank's loader: every ``world_size``-th example of each epoch's order."""
         dataset = self._build_dataset(cfg_dataset)
-        if len(dataset) < batch_size:
+        if len(dataset) < batch_size * self._world_size:
             raise ValueError(
-                f"the dataset has {len(dataset)} examples, fewer than batch_size={batch_size}; "
-                "lower batch_size"
+                f"the dataset has {len(dataset)} examples, fewer than batch_size={batch_size} "
+                f"x {self._world_size} processes; lower batch_size"
             )
-        return self._make_loader(dataset, batch_size, shuffle)
+        sampler = StatefulDistributedSampler(
+            dataset, num_replicas=self._world_size, rank=self._rank, shuffle=shuffle, seed=self.seed
+        )
+        return self._loader(dataset, batch_size, sampler, drop_last=shuffle)
 
     def _count_steps_per_epoch(self) -> int:
         steps = len(self._dataloader) // self._gradient_accumulation_steps
@@ -222,11 +316,17 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         )
 
     def _setup_validation(self, cfg_validation: Optional[DictConfig]):
+        """A loader over this rank's share of the validation examples: the first
+        ``max_batches * batch_size`` of them (all when ``max_batches`` is null), split
+        across ranks so that the summed metrics equal a single process's."""
         if cfg_validation is None:
             return None, None
         dataset = self._build_dataset(cfg_validation.dataset)
-        loader = self._make_loader(dataset, cfg_validation.get("batch_size", 8), shuffle=False)
-        return loader, cfg_validation
+        batch_size = cfg_validation.get("batch_size", 8)
+        max_batches = cfg_validation.get("max_batches")
+        count = len(dataset) if max_batches is None else min(len(dataset), max_batches * batch_size)
+        shard = list(shard_indices(count, self._world_size, self._rank))
+        return self._loader(dataset, batch_size, shard, drop_last=False), cfg_validation
 
     def _probe(self, loader: StatefulDataLoader) -> Dict[str, torch.Tensor]:
         """The first ``merge_probe_size`` examples of ``loader``'s dataset, collated: the
@@ -239,10 +339,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
 
     def _evaluate(self) -> Dict[str, float]:
         return evaluate_lm(
-            self._model,
-            self._val_dataloader,
-            self._device,
-            self._val_cfg.get("max_batches"),
+            self._model, self._val_dataloader, self._device, sum_across_ranks=self._distributed
         )
 
     @contextlib.contextmanager
@@ -265,7 +362,9 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         with training.set_default_dtype(self._dtype), self._device:
             model = builder.full_precision()
         self._checkpointer.load_base(model)
-        metrics = evaluate_lm(model, self._val_dataloader, self._device, self._val_cfg.get("max_batches"))
+        metrics = evaluate_lm(
+            model, self._val_dataloader, self._device, sum_across_ranks=self._distributed
+        )
         del model
         return metrics
 
@@ -278,7 +377,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         with self._adapters_disabled():
             self._metrics["int4 base"] = self._evaluate()
         for name, values in self._metrics.items():
-            log.info(f"{name}: {_format_metrics(values)}")
+            _info(f"{name}: {_format_metrics(values)}")
 
     # ------------------------------------------------------------------ training
 
@@ -296,52 +395,77 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         return loss
 
     def train(self) -> None:
-        """Run the remaining epochs, saving adapter and recipe state after each."""
+        """Run the remaining epochs, saving adapter and recipe state after each (and every
+        ``save_every_n_steps`` optimizer steps, when set)."""
         if self._compile:
-            log.info("torch.compile is on: the first steps compile the model (slow)")
+            _info("torch.compile is on: the first steps compile the model (slow)")
         self._model.train()
         for epoch in range(self.epochs_run, self.total_epochs):
             self._dataloader.sampler.set_epoch(epoch)
-            progress = tqdm(total=self._steps_per_epoch, disable=not sys.stderr.isatty())
-            running_loss, num_tokens, step_start = 0.0, 0, time.perf_counter()
-            for index, batch in enumerate(self._dataloader):
+            if self._resumed_dataloader_state is not None:  # mid-epoch: skip what was seen
+                self._dataloader.load_state_dict(self._resumed_dataloader_state)
+                self._resumed_dataloader_state = None
+            steps_done = self._steps_done_in_epoch
+            progress = tqdm(
+                total=self._steps_per_epoch,
+                initial=steps_done,
+                disable=not (sys.stderr.isatty() and is_rank_zero()),
+            )
+            running_loss, num_tokens, micro_batches = 0.0, 0, 0
+            step_start = time.perf_counter()
+            for batch in self._dataloader:
                 utils.batch_to_device(batch, self._device)
                 batch_tokens = (batch["labels"] != IGNORE_INDEX).sum()
                 loss = self._loss_step(batch) * batch_tokens
                 running_loss += loss.detach()
                 num_tokens += batch_tokens
                 loss.backward()
-                if (index + 1) % self._gradient_accumulation_steps:
+                micro_batches += 1
+                if micro_batches % self._gradient_accumulation_steps:
                     continue
-                grad_norm = self._optimizer_step(num_tokens)
+                grad_norm, step_loss = self._optimizer_step(running_loss, num_tokens)
                 self.global_step += 1
-                step_loss = (running_loss / num_tokens).item()
+                steps_done += 1
                 if not math.isfinite(step_loss):
-                    raise RuntimeError(
+                    last_good = self._checkpointer.latest_checkpoint_dir()
+                    raise TrainingError(
                         f"the loss became {step_loss} at step {self.global_step}; lower "
-                        "optimizer.lr or set clip_grad_norm (last good state: "
-                        f"{self._checkpointer.latest_epoch_dir()})"
+                        "optimizer.lr or set clip_grad_norm; "
+                        + (
+                            f"the last good checkpoint, {last_good}, is kept as it was"
+                            if last_good is not None
+                            else "no checkpoint was saved"
+                        )
                     )
                 progress.update(1)
                 progress.set_description(f"{epoch + 1}|{self.global_step}|Loss: {step_loss:.4f}")
                 if self.global_step % self._log_every_n_steps == 0:
                     self._log_step(step_loss, num_tokens, step_start, grad_norm)
                 running_loss, num_tokens, step_start = 0.0, 0, time.perf_counter()
-                if (index + 1) // self._gradient_accumulation_steps >= self._steps_per_epoch:
+                if steps_done >= self._steps_per_epoch:
                     break
+                if self._save_every_n_steps and self.global_step % self._save_every_n_steps == 0:
+                    self.save_step_checkpoint(epoch, steps_done)
             progress.close()
+            self._steps_done_in_epoch = 0
             self.epochs_run += 1
             if self._val_dataloader is not None:
                 metrics = self._evaluate()
                 self._metrics["QA-LoRA"] = metrics
-                self._metric_logger.log_dict(
-                    {f"val_{k}": v for k, v in metrics.items()}, step=self.global_step
-                )
-                log.info(f"epoch {epoch + 1} validation: {_format_metrics(metrics)}")
+                if self._metric_logger is not None:
+                    self._metric_logger.log_dict(
+                        {f"val_{k}": v for k, v in metrics.items()}, step=self.global_step
+                    )
+                _info(f"epoch {epoch + 1} validation: {_format_metrics(metrics)}")
             self.save_checkpoint(epoch)
 
-    def _optimizer_step(self, num_tokens: torch.Tensor) -> Optional[torch.Tensor]:
-        training.scale_grads(self._model, 1 / num_tokens)
+    def _optimizer_step(self, running_loss: torch.Tensor, num_tokens: torch.Tensor):
+        """Sum gradients, loss and token counts over ranks, normalise by the global token
+        count and step; returns the gradient norm (when clipping) and the step's loss."""
+        totals = torch.stack([running_loss.to(torch.float64), num_tokens.to(torch.float64)])
+        loss_sum, token_count = all_reduce_sum(totals).tolist()
+        all_reduce_gradients(self._adapter_params.values())
+        training.scale_grads(self._model, 1 / torch.tensor(token_count, device=self._device))
         grad_norm = None
         if self._clip_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -351,7 +475,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         self._optimizer.zero_grad(set_to_none=True)
         if self._lr_scheduler is not None:
             self._lr_scheduler.step()
-        return grad_norm
+        return grad_norm, loss_sum / token_count
 
     def _log_step(self, loss: float, num_tokens, step_start: float, grad_norm) -> None:
         seconds = time.perf_counter() - step_start
@@ -364,7 +488,8 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             values["grad_norm"] = float(grad_norm)
         if self._device.type == "cuda" and self._log_peak_memory_stats:
             values.update(training.get_memory_stats(device=self._device))
-        self._metric_logger.log_dict(values, step=self.global_step)
+        if self._metric_logger is not None:
+            self._metric_logger.log_dict(values, step=self.global_step)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -379,13 +504,14 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             "group_size": first.group_size,
             "quantizer": first.quantizer,
             "pad_in_dim": bool(cfg.get("pad_in_dim", False)),
+            "bits": first.bits,
         }
         return {
             "format": "qalora_tune",
             "rank": first.rank,
             "alpha": first.alpha,
             "group_size": first.group_size,
-            "bits": 4,
+            "bits": first.bits,
             "pooling": "mean",
             "pooling_note": (
                 "the adapter's input is the mean over each group of group_size inputs; "
@@ -412,10 +538,20 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             },
         }
 
-    def save_checkpoint(self, epoch: int) -> None:
-        """Write ``epoch_{epoch}/``: adapter weights and config, and the recipe state."""
-        start = time.perf_counter()
-        recipe_state = {
+    def _recipe_state(self, epoch: int, steps_done: int) -> Dict[str, Any]:
+        """Everything an exact resume needs, gathered from every rank (call on all)."""
+        rng = {
+            "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(self._device) if self._device.type == "cuda" else None,
+        }
+        progress = {
+            "epoch": epoch,
+            "epochs_run": self.epochs_run,
+            "steps_done_in_epoch": steps_done,
+            "global_step": self.global_step,
+        }
+        return {
+            "progress": progress,
             "optimizer": self._optimizer.state_dict(),
             "lr_scheduler": None if self._lr_scheduler is None else self._lr_scheduler.state_dict(),
             "epochs_run": self.epochs_run,
@@ -423,41 +559,75 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             "seed": self.seed,
             "total_epochs": self.total_epochs,
             "max_steps_per_epoch": self.max_steps_per_epoch,
-            "dataloader": self._dataloader.state_dict(),
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            # what fixes the data order: a mid-epoch resume needs the same values
+            "data_order": {
+                "world_size": self._world_size,
+                "batch_size": self._batch_size,
+                "gradient_accumulation_steps": self._gradient_accumulation_steps,
+                "shuffle": self._shuffle,
+                "seed": self.seed,
+            },
+            "dataloader_per_rank": gather_objects(self._dataloader.state_dict()),
+            "rng_per_rank": gather_objects(rng),
         }
+
+    def save_step_checkpoint(self, epoch: int, steps_done: int) -> None:
+        """Write ``step_{global_step}/`` (adapter and recipe state) in the middle of an epoch."""
+        start = time.perf_counter()
+        state = self._recipe_state(epoch, steps_done)
+        path = run_on_rank_zero(
+            lambda: self._checkpointer.save_step_checkpoint(
+                self.global_step, self._adapter_modules, self._adapter_config(), state
+            )
+        )
+        _info(f"Saved {path} in {time.perf_counter() - start:.1f}s")
+
+    def save_checkpoint(self, epoch: int) -> None:
+        """Write ``epoch_{epoch}/``: the adapter, the merged int4 model (unless
+        ``save_merged_int4=False``) and the recipe state."""
+        start = time.perf_counter()
+        recipe_state = self._recipe_state(epoch, 0)
         layers = self._adapter_modules
         if not self._save_merged_int4:
-            path = self._checkpointer.save_checkpoint(
-                epoch, layers, self._adapter_config(), recipe_state
+            path = run_on_rank_zero(
+                lambda: self._checkpointer.save_checkpoint(
+                    epoch, layers, self._adapter_config(), recipe_state
+                )
             )
-            log.info(f"Saved {path} in {time.perf_counter() - start:.1f}s")
+            _info(f"Saved {path} in {time.perf_counter() - start:.1f}s")
             return
+        # every rank merges (a zero-point update), so that all can evaluate the merged model
         report = merge_with_report(self._model, layers.values(), self._probe_batch, self._device)
         try:
             if epoch == self.total_epochs - 1 and self._val_dataloader is not None:
                 self._metrics["QA-LoRA merged int4"] = self._evaluate()
-            path = self._checkpointer.save_checkpoint(
-                epoch, layers, self._adapter_config(), recipe_state,
-                merged_model=self._model, merge_report=report,
+            path = run_on_rank_zero(
+                lambda: self._checkpointer.save_checkpoint(
+                    epoch, layers, self._adapter_config(), recipe_state,
+                    merged_model=self._model, merge_report=report,
+                )
             )
         finally:
             for layer in layers.values():
                 layer.unmerge()  # restores the zeros bit for bit
-        log.info(
+        _info(
             f"Saved {path} in {time.perf_counter() - start:.1f}s; merged int4 vs unmerged "
             f"logits: max relative error {report['max_relative_logit_error']:.2e}"
         )
 
     def _restore(self, saved: Dict[str, Any]) -> None:
+        check_resume_matches(saved["adapter_config"], self._adapter_config(), saved["path"])
         state = saved["recipe_state"]
+        progress = state["progress"]
         missing = set(self._adapter_params) - set(saved["adapter"])
         if missing:
             raise ValueError(
                 f"the checkpoint in {saved['path']} lacks adapter weights {sorted(missing)[:3]}; "
                 "resume with the config it was trained with"
             )
+        mid_epoch = progress["steps_done_in_epoch"] > 0
+        if mid_epoch:
+            self._check_data_order(saved["path"], state["data_order"])
         with torch.no_grad():
             for name, param in self._adapter_params.items():
                 param.copy_(saved["adapter"][name])
@@ -466,14 +636,47 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             self._lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.epochs_run = state["epochs_run"]
         self.global_step = state["global_step"]
-        self.seed = state["seed"]
-        torch.set_rng_state(state["rng"])
-        log.info(f"Resumed from {saved['path']} after epoch {self.epochs_run}")
+        self._steps_done_in_epoch = progress["steps_done_in_epoch"]
+        if mid_epoch:
+            self._resumed_dataloader_state = state["dataloader_per_rank"][self._rank]
+        rng_per_rank = state["rng_per_rank"]
+        if self._rank < len(rng_per_rank):  # a new rank keeps its fresh seed + rank stream
+            torch.set_rng_state(rng_per_rank[self._rank]["cpu"])
+            if self._device.type == "cuda" and rng_per_rank[self._rank]["cuda"] is not None:
+                torch.cuda.set_rng_state(rng_per_rank[self._rank]["cuda"], self._device)
+        where = (
+            f"step {self._steps_done_in_epoch} of epoch {self.epochs_run + 1}"
+            if mid_epoch
+            else f"epoch {self.epochs_run}"
+        )
+        _info(f"Resumed from {saved['path']} after {where} (global step {self.global_step})")
+
+    def _check_data_order(self, path: Path, saved: Dict[str, Any]) -> None:
+        """A mid-epoch checkpoint continues its epoch's data order: the settings that fix
+        it must be the ones it was saved with."""
+        current = {
+            "world_size": self._world_size,
+            "batch_size": self._batch_size,
+            "gradient_accumulation_steps": self._gradient_accumulation_steps,
+            "shuffle": self._shuffle,
+            "seed": self.seed,
+        }
+        for key, value in saved.items():
+            if current[key] != value:
+                setting = (
+                    f"--nproc_per_node {value}" if key == "world_size" else f"{key}={value}"
+                )
+                raise ValueError(
+                    f"{path} was saved in the middle of an epoch with {key}={value}, and this "
+                    f"run has {key}={current[key]}; resume with {setting} to continue its data "
+                    "order exactly"
+                )
 
     # ------------------------------------------------------------------ summary
 
     def summary(self) -> str:
-        """A short report: validation metrics per model and where the outputs are."""
+        """A short report: validation metrics per model and where the outputs are; also
+        written to ``{output_dir}/summary.json`` (call on rank 0)."""
         lines = ["", "QA-LoRA summary"]
         if self._metrics:
             lines.append(
@@ -503,7 +706,9 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         return "\n".join(lines)
 
     def cleanup(self) -> None:
-        self._metric_logger.close()
+        if self._metric_logger is not None:
+            self._metric_logger.close()
+        destroy_distributed()
 
 
 def _format_metrics(metrics: Dict[str, float]) -> str:
@@ -522,12 +727,14 @@ def _version(package: str) -> str:
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point: ``tune run qalora_finetune --config NAME_OR_PATH [key=value ...]``."""
+    check_config(cfg, CONFIG_KEYS, "qalora_finetune")
     config.log_config(recipe_name="QALoRAFinetuneRecipe", cfg=cfg)
     recipe = QALoRAFinetuneRecipe(cfg=cfg)
     recipe.setup(cfg=cfg)
     recipe.evaluate_baselines()
     recipe.train()
-    print(recipe.summary())
+    if is_rank_zero():
+        print(recipe.summary())
     recipe.cleanup()
 
 

@@ -15,12 +15,31 @@ from typing import List, Optional
 
 import torch
 from omegaconf import DictConfig, ListConfig
-from torchtune import config, generation, training, utils
+from torchtune import config, generation, utils
 
 from qalora_tune.checkpointing import load_merged
-from qalora_tune.recipe_utils import run_recipe
+from qalora_tune.recipe_utils import (
+    check_config,
+    check_device,
+    check_tokenizer_fits,
+    resolve_dtype,
+    run_recipe,
+)
 
 log = utils.get_logger("INFO")
+
+# every top-level key this recipe reads
+CONFIG_KEYS = (
+    "device",
+    "dtype",
+    "max_new_tokens",
+    "merged_dir",
+    "prompt",
+    "seed",
+    "temperature",
+    "tokenizer",
+    "top_k",
+)
 
 
 class QALoRAGenerateRecipe:
@@ -32,12 +51,13 @@ class QALoRAGenerateRecipe:
             stored dtype).
 
     Raises:
-        ValueError: for a missing ``merged_dir`` or CUDA asked for without one.
+        FileNotFoundError: for a missing ``merged_dir``.
+        ValueError: for CUDA asked for without one, an unsupported ``dtype``, or a
+            tokenizer with more ids than the model's embedding table.
     """
 
     def __init__(self, cfg: DictConfig) -> None:
-        if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device={cfg.device} but CUDA is not available; set device=cpu")
+        check_device(cfg.device)
         self._merged_dir = Path(cfg.merged_dir).expanduser()
         if not self._merged_dir.is_dir():
             raise FileNotFoundError(
@@ -45,7 +65,7 @@ class QALoRAGenerateRecipe:
                 "qalora_finetune ...) or set merged_dir to a merged_int4/ directory"
             )
         self._device = utils.get_device(device=cfg.device)
-        self._dtype = training.get_dtype(cfg.dtype, device=self._device) if cfg.get("dtype") else None
+        self._dtype = resolve_dtype(cfg.dtype, self._device) if cfg.get("dtype") else None
         self._rng = torch.Generator(self._device).manual_seed(cfg.get("seed") or 0)
 
     def setup(self, cfg: DictConfig) -> None:
@@ -53,6 +73,7 @@ class QALoRAGenerateRecipe:
         start = time.perf_counter()
         self._model = load_merged(self._merged_dir, device=self._device, dtype=self._dtype)
         self._tokenizer = config.instantiate(cfg.tokenizer)
+        check_tokenizer_fits(self._tokenizer, self._model)
         log.info(f"Loaded {self._merged_dir} in {time.perf_counter() - start:.1f}s")
 
     @torch.inference_mode()
@@ -94,6 +115,7 @@ class QALoRAGenerateRecipe:
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point: ``tune run qalora_generate --config NAME_OR_PATH [key=value ...]``."""
+    check_config(cfg, CONFIG_KEYS, "qalora_generate")
     recipe = QALoRAGenerateRecipe(cfg)
     recipe.setup(cfg)
     recipe.generate(cfg)

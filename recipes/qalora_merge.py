@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torchtune import config, training, utils
 
+from qalora_finetune import CONFIG_KEYS as FINETUNE_CONFIG_KEYS
 from qalora_tune._compat import get_component_from_path
 from qalora_tune.checkpointing import (
     atomic_directory,
@@ -31,11 +32,21 @@ from qalora_tune.checkpointing import (
     read_adapter,
 )
 from qalora_tune.modules import QALoRALinear
-from qalora_tune.recipe_utils import merge_with_report, run_recipe
+from qalora_tune.recipe_utils import (
+    check_config,
+    check_device,
+    check_output_dir,
+    merge_with_report,
+    resolve_dtype,
+    run_recipe,
+)
 
 log = utils.get_logger("INFO")
 
 IGNORE_INDEX = -100
+
+# a training config (every key the fine-tuning recipe reads) plus the adapter to merge
+CONFIG_KEYS = tuple(FINETUNE_CONFIG_KEYS) + ("adapter_dir", "merged_dir")
 
 
 class QALoRAMergeRecipe:
@@ -46,7 +57,9 @@ class QALoRAMergeRecipe:
             ``merged_dir``, default: ``merged_int4`` beside the adapter directory).
 
     Raises:
-        ValueError: for a missing ``adapter_dir`` or an adapter that does not match.
+        ValueError: for a missing ``adapter_dir``, CUDA asked for without one, or an
+            adapter that does not match.
+        PermissionError: if the directory ``merged_dir`` goes into is not writable.
     """
 
     def __init__(self, cfg: DictConfig) -> None:
@@ -55,13 +68,12 @@ class QALoRAMergeRecipe:
                 "set adapter_dir=... to the adapter/ directory of a training run, e.g. "
                 "adapter_dir=/tmp/qalora-tune/tiny_qalora/epoch_0/adapter"
             )
-        if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device={cfg.device} but CUDA is not available; set device=cpu")
+        check_device(cfg.device)
         self._adapter_dir = Path(cfg.adapter_dir).expanduser()
         default_merged = self._adapter_dir.parent / "merged_int4"
         self._merged_dir = Path(cfg.get("merged_dir") or default_merged).expanduser()
         self._device = utils.get_device(device=cfg.device)
-        self._dtype = training.get_dtype(cfg.dtype, device=self._device)
+        self._dtype = resolve_dtype(cfg.dtype, self._device)
         self._probe_size = cfg.get("merge_probe_size", 8)
 
     def setup(self, cfg: DictConfig) -> None:
@@ -71,6 +83,7 @@ class QALoRAMergeRecipe:
         self._checkpointer = config.instantiate(cfg.checkpointer, output_dir=cfg.output_dir)
         self._checkpointer.check_base_available()
         adapter, self._metadata = read_adapter(self._adapter_dir, self._checkpointer.key_map)
+        check_output_dir(self._merged_dir.parent, "merged_dir")  # before the slow part
         self._model = self._setup_model(cfg.model)
         self._check_and_load(adapter)
         self._probe = self._setup_probe(cfg) if self._probe_size > 0 else None
@@ -91,7 +104,7 @@ class QALoRAMergeRecipe:
             raise ValueError("the config's model has no QA-LoRA layers to merge into")
         expected = {
             "group_size": first.group_size,
-            "bits": 4,
+            "bits": first.bits,
             "rank": first.rank,
             "alpha": first.alpha,
             "target_modules": sorted(self._layers),
@@ -128,7 +141,7 @@ class QALoRAMergeRecipe:
                 layer.merge()
             report = {"note": "merge_probe_size=0: no probe batch, deviation not measured"}
         report["adapter_dir"] = str(self._adapter_dir)
-        with atomic_directory(self._merged_dir) as staging:
+        with atomic_directory(self._merged_dir, setting="merged_dir") as staging:
             report = self._checkpointer.write_merged(staging, self._model, self._metadata, report)
         size = report["size"]
         log.info(
@@ -149,6 +162,7 @@ class QALoRAMergeRecipe:
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point: ``tune run qalora_merge --config NAME_OR_PATH adapter_dir=... [key=value ...]``."""
+    check_config(cfg, CONFIG_KEYS, "qalora_merge")
     recipe = QALoRAMergeRecipe(cfg)
     recipe.setup(cfg)
     recipe.merge()

@@ -4,11 +4,16 @@ from qalora_tune.checkpointing._adapter import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     check_adapter_matches,
+    check_resume_matches,
     read_adapter,
     write_adapter,
 )
-from qalora_tune.checkpointing._atomic import atomic_directory
-from qalora_tune.checkpointing._checkpointer import RECIPE_STATE_NAME, QALoRACheckpointer
+from qalora_tune.checkpointing._atomic import CheckpointWriteError, atomic_directory
+from qalora_tune.checkpointing._checkpointer import (
+    PROGRESS_NAME,
+    RECIPE_STATE_NAME,
+    QALoRACheckpointer,
+)
 from qalora_tune.checkpointing._hf_keys import HFKeyMap
 from qalora_tune.checkpointing._merged_int4 import (
     MERGE_REPORT_NAME,
@@ -34,14 +39,17 @@ __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
     "CHECKPOINT_FORMATS",
+    "CheckpointWriteError",
     "HFKeyMap",
     "HF_MODEL_TYPES",
     "MERGED_DIR_NAME",
     "MERGE_REPORT_NAME",
     "QALoRACheckpointer",
+    "PROGRESS_NAME",
     "RECIPE_STATE_NAME",
     "atomic_directory",
     "check_adapter_matches",
+    "check_resume_matches",
     "find_checkpoint_files",
     "clean_module_name",
     "iter_hf_tensors",

@@ -29,6 +29,7 @@ __all__ = [
     "ADAPTER_WEIGHTS_NAME",
     "PEFT_PREFIX",
     "check_adapter_matches",
+    "check_resume_matches",
     "read_adapter",
     "write_adapter",
 ]
@@ -146,7 +147,7 @@ def read_adapter(directory: Path, key_map: HFKeyMap) -> Tuple[Dict[str, torch.Te
 # (description key, the setting that changes it) compared by check_adapter_matches
 _MATCHED_SETTINGS = (
     ("group_size", "model.group_size"),
-    ("bits", "the base's bit width"),
+    ("bits", "model.bits (the base's bit width)"),
     ("rank", "model.lora_rank"),
     ("alpha", "model.lora_alpha"),
     ("target_modules", "model.lora_attn_modules / apply_lora_to_mlp / apply_lora_to_output"),
@@ -184,3 +185,65 @@ def check_adapter_matches(
             f"(fingerprint {str(expected.get('base_fingerprint'))[:12]}...); point "
             "checkpointer.checkpoint_dir to the base the adapter was trained on"
         )
+
+
+# (description key, the setting that changes it) that must not change across a resume
+_RESUMED_SETTINGS = (
+    ("model_builder", "model._component_"),
+    ("bits", "model.bits"),
+    ("group_size", "model.group_size"),
+    ("quantizer", "model.quantizer"),
+    ("pad_in_dim", "model.pad_in_dim"),
+    ("rank", "model.lora_rank"),
+    ("alpha", "model.lora_alpha"),
+    ("target_modules", "model.lora_attn_modules / apply_lora_to_mlp / apply_lora_to_output"),
+)
+
+
+def check_resume_matches(saved: Dict[str, Any], current: Dict[str, Any], checkpoint: Path) -> None:
+    """Refuse to resume a checkpoint written for another model, adapter or base.
+
+    Args:
+        saved (Dict[str, Any]): the checkpoint's adapter description (``"qalora_tune"`` of
+            its ``adapter_config.json``, as :func:`read_adapter` returns it).
+        current (Dict[str, Any]): the same description of the run being set up (the
+            recipe's ``_adapter_config()``).
+        checkpoint (Path): the checkpoint directory, named in the messages.
+
+    Raises:
+        ValueError: naming the first setting that differs, both values, and how to resume
+            (set it back) or start over (``resume_from_checkpoint=False`` or another
+            ``output_dir``).
+    """
+    start_over = (
+        "or set resume_from_checkpoint=False (or another output_dir) to start a new run"
+    )
+    for key, setting in _RESUMED_SETTINGS:
+        if key in saved and key in current and saved[key] != current[key]:
+            raise ValueError(
+                f"resume_from_checkpoint=True but {checkpoint} was trained with "
+                f"{_difference(key, saved[key], current[key])}; set {setting} back to "
+                f"resume it, {start_over}"
+            )
+    saved_base, current_base = saved.get("base_fingerprint"), current.get("base_fingerprint")
+    if saved_base is not None and current_base is not None and saved_base != current_base:
+        raise ValueError(
+            f"resume_from_checkpoint=True but {checkpoint} was trained on another base "
+            f"checkpoint ({saved.get('base_checkpoint_dir')}, fingerprint {saved_base[:12]}...) "
+            f"than checkpointer.checkpoint_dir ({current.get('base_checkpoint_dir')}, "
+            f"fingerprint {current_base[:12]}...); set checkpointer.checkpoint_dir to the "
+            f"base it was trained on, {start_over}"
+        )
+
+
+def _difference(key: str, saved: Any, current: Any) -> str:
+    """``"key=saved and this config gives key=current"``; for adapter targets, the
+    counts and the first layers on only one side."""
+    if key != "target_modules":
+        return f"{key}={saved!r} and this config gives {key}={current!r}"
+    only_saved = sorted(set(saved) - set(current))[:3]
+    only_current = sorted(set(current) - set(saved))[:3]
+    return (
+        f"adapters on {len(saved)} layers and this config puts them on {len(current)} "
+        f"(only in the checkpoint: {only_saved}; only in the config: {only_current})"
+    )

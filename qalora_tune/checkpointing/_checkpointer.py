@@ -32,7 +32,13 @@ from qalora_tune.checkpointing._merged_int4 import (
     write_merged_int4,
 )
 
-__all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "QALoRACheckpointer", "RECIPE_STATE_NAME"]
+__all__ = [
+    "ADAPTER_CONFIG_NAME",
+    "ADAPTER_WEIGHTS_NAME",
+    "PROGRESS_NAME",
+    "QALoRACheckpointer",
+    "RECIPE_STATE_NAME",
+]
 
 TOKENIZER_FILES = (
     "tokenizer.model",
@@ -43,7 +49,9 @@ TOKENIZER_FILES = (
     "tiny_tokenizer.json",
 )
 RECIPE_STATE_NAME = "recipe_state.pt"
+PROGRESS_NAME = "progress.json"
 _EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
+_STEP_DIR = re.compile(r"^step_(\d+)$")
 _FORMAT_NAMES = {"hf": "Hugging Face", "meta": "Meta", "torchtune": "torchtune"}
 
 
@@ -61,10 +69,14 @@ class QALoRACheckpointer:
         {output_dir}/epoch_{k}/adapter/adapter_model.safetensors   PEFT layout
         {output_dir}/epoch_{k}/adapter/adapter_config.json         PEFT LoraConfig + "qalora_tune"
         {output_dir}/epoch_{k}/merged_int4/                         transformers TorchAoConfig model
-        {output_dir}/epoch_{k}/recipe_state.pt      (optimizer, scheduler, progress, RNG)
+        {output_dir}/epoch_{k}/recipe_state.pt      (optimizer, scheduler, data order, RNG)
+        {output_dir}/epoch_{k}/progress.json        (epoch, global step: which is newest)
 
-    through a temporary directory renamed into place, so an ``epoch_{k}`` that exists is
-    complete (see :mod:`qalora_tune.checkpointing._adapter` and ``_merged_int4``).
+    and, every ``save_every_n_steps`` optimizer steps inside an epoch, a resumable
+    ``{output_dir}/step_{n}/`` (adapter, recipe state, progress; no merged model) of which
+    only the newest is kept. Every directory is written through a temporary directory
+    renamed into place, so one that exists is complete (see
+    :mod:`qalora_tune.checkpointing._adapter` and ``_merged_int4``).
 
     Args:
         checkpoint_dir (str): directory of the base checkpoint.
@@ -78,7 +90,8 @@ class QALoRACheckpointer:
             ``*.safetensors``) file for ``torchtune``.
         hf_repo_id (str, optional): the Hugging Face repository the base comes from, used
             to print the ``tune download`` command when the weights are missing.
-        resume_from_checkpoint (bool): load the latest saved epoch's adapter and state.
+        resume_from_checkpoint (bool): load the newest saved checkpoint's adapter and
+            state (an ``epoch_{k}`` or ``step_{n}``, whichever is further on).
         checkpoint_format (str): ``"hf"`` (default), ``"meta"`` or ``"torchtune"``.
             ``config.json`` is required for ``hf`` only: the model builder fixes the sizes.
 
@@ -211,16 +224,40 @@ class QALoRACheckpointer:
     def epoch_dir(self, epoch: int) -> Path:
         return self.output_dir / f"epoch_{epoch}"
 
-    def latest_epoch_dir(self) -> Optional[Path]:
-        """The newest complete ``epoch_{k}`` directory, or None."""
+    def step_dir(self, global_step: int) -> Path:
+        return self.output_dir / f"step_{global_step}"
+
+    def _saved_dirs(self, pattern: "re.Pattern") -> List[Path]:
         if not self.output_dir.is_dir():
-            return None
-        epochs = [
+            return []
+        found = [
             (int(m.group(1)), p)
             for p in self.output_dir.iterdir()
-            if p.is_dir() and (m := _EPOCH_DIR.match(p.name))
+            if p.is_dir() and (m := pattern.match(p.name))
         ]
-        return max(epochs)[1] if epochs else None
+        return [p for _, p in sorted(found)]
+
+    def latest_epoch_dir(self) -> Optional[Path]:
+        """The newest complete ``epoch_{k}`` directory, or None."""
+        epochs = self._saved_dirs(_EPOCH_DIR)
+        return epochs[-1] if epochs else None
+
+    def latest_checkpoint_dir(self) -> Optional[Path]:
+        """The resumable checkpoint (``epoch_{k}`` or ``step_{n}`` with recipe state) that
+        is furthest on in training, or None."""
+        candidates = [
+            p
+            for p in self._saved_dirs(_EPOCH_DIR) + self._saved_dirs(_STEP_DIR)
+            if (p / RECIPE_STATE_NAME).is_file()
+        ]
+        if not candidates:
+            return None
+        # furthest global step; at equal steps an epoch (it also has merged_int4/), then
+        # the higher epoch number (checkpoints written before progress.json existed)
+        return max(
+            candidates,
+            key=lambda p: (_global_step(p), p.name.startswith("epoch_"), int(p.name.split("_")[1])),
+        )
 
     def save_checkpoint(
         self,
@@ -231,7 +268,8 @@ class QALoRACheckpointer:
         merged_model: Optional[nn.Module] = None,
         merge_report: Optional[Dict[str, Any]] = None,
     ) -> Path:
-        """Write ``epoch_{epoch}/`` atomically and return its path.
+        """Write ``epoch_{epoch}/`` atomically and return its path; step checkpoints up to
+        this point are then removed.
 
         Args:
             epoch (int): epoch index (0-based).
@@ -239,14 +277,43 @@ class QALoRACheckpointer:
             adapter_metadata (Dict[str, Any]): JSON-serialisable adapter description (see
                 :func:`~qalora_tune.checkpointing._adapter.write_adapter`); its ``"model"``
                 entry (builder and arguments without adapters) goes to ``merged_int4/``.
-            recipe_state (Dict[str, Any], optional): optimizer, scheduler, progress and
-                RNG state for resuming.
+            recipe_state (Dict[str, Any], optional): optimizer, scheduler, progress, data
+                order and RNG state for resuming; its ``"progress"`` entry (a small
+                JSON-serialisable dict with ``global_step``) is also written to
+                ``progress.json``.
             merged_model (nn.Module, optional): the model with its adapters merged: written
                 as ``merged_int4/``.
             merge_report (Dict[str, Any], optional): the measured merge deviation, written
                 with the file sizes to ``merged_int4/merge_report.json``.
         """
         final = self.epoch_dir(epoch)
+        self._write(final, adapters, adapter_metadata, recipe_state, merged_model, merge_report)
+        self._remove_step_dirs(keep=None)
+        return final
+
+    def save_step_checkpoint(
+        self,
+        global_step: int,
+        adapters: Mapping[str, nn.Module],
+        adapter_metadata: Dict[str, Any],
+        recipe_state: Dict[str, Any],
+    ) -> Path:
+        """Write the mid-epoch checkpoint ``step_{global_step}/`` (adapter and recipe
+        state) atomically, then remove older step checkpoints; returns its path."""
+        final = self.step_dir(global_step)
+        self._write(final, adapters, adapter_metadata, recipe_state)
+        self._remove_step_dirs(keep=final)
+        return final
+
+    def _write(
+        self,
+        final: Path,
+        adapters: Mapping[str, nn.Module],
+        adapter_metadata: Dict[str, Any],
+        recipe_state: Optional[Dict[str, Any]],
+        merged_model: Optional[nn.Module] = None,
+        merge_report: Optional[Dict[str, Any]] = None,
+    ) -> None:
         with atomic_directory(final) as staging:
             adapter_dir = staging / "adapter"
             adapter_dir.mkdir()
@@ -257,7 +324,14 @@ class QALoRACheckpointer:
                 self.write_merged(merged_dir, merged_model, adapter_metadata, merge_report)
             if recipe_state is not None:
                 torch.save(recipe_state, staging / RECIPE_STATE_NAME)
-        return final
+                progress = recipe_state.get("progress")
+                if progress is not None:
+                    (staging / PROGRESS_NAME).write_text(json.dumps(progress, indent=2))
+
+    def _remove_step_dirs(self, keep: Optional[Path]) -> None:
+        for path in self._saved_dirs(_STEP_DIR):
+            if path != keep:
+                shutil.rmtree(path, ignore_errors=True)
 
     def write_merged(
         self,
@@ -283,17 +357,19 @@ class QALoRACheckpointer:
         return report
 
     def load_resume_state(self) -> Dict[str, Any]:
-        """The latest epoch's adapter weights (torchtune names, bit for bit), adapter
-        description and recipe state.
+        """The newest checkpoint's adapter weights (torchtune names, bit for bit), adapter
+        description and recipe state (see :meth:`latest_checkpoint_dir`).
 
         Raises:
-            FileNotFoundError: if there is no saved epoch with recipe state to resume from.
+            FileNotFoundError: if there is no saved checkpoint with recipe state to resume
+                from.
         """
-        latest = self.latest_epoch_dir()
-        if latest is None or not (latest / RECIPE_STATE_NAME).is_file():
+        latest = self.latest_checkpoint_dir()
+        if latest is None:
             raise FileNotFoundError(
-                f"resume_from_checkpoint=True but {self.output_dir} has no saved epoch with "
-                f"{RECIPE_STATE_NAME}; set resume_from_checkpoint=False to start fresh"
+                f"resume_from_checkpoint=True but {self.output_dir} has no saved epoch_* or "
+                f"step_* checkpoint with {RECIPE_STATE_NAME}; set resume_from_checkpoint=False "
+                "to start fresh, or output_dir to the interrupted run's directory"
             )
         adapter, metadata = read_adapter(latest / "adapter", self.key_map)
         return {
@@ -309,3 +385,11 @@ class QALoRACheckpointer:
             source = self.checkpoint_dir / name
             if source.is_file():
                 shutil.copy2(source, destination / name)
+
+
+def _global_step(checkpoint: Path) -> int:
+    """The global step recorded in ``checkpoint/progress.json`` (-1 when absent)."""
+    path = checkpoint / PROGRESS_NAME
+    if not path.is_file():
+        return -1
+    return int(json.loads(path.read_text()).get("global_step", -1))

@@ -14,10 +14,18 @@ import torch
 
 from qalora_tune._compat import hf_to_tune, qwen2_hf_to_tune, qwen2_tune_to_hf, tune_to_hf
 
-__all__ = ["HF_MODEL_TYPES", "HFKeyMap"]
+__all__ = ["HF_MODEL_TYPES", "HFKeyMap", "check_model_type"]
 
 # torchtune's ModelType names whose HF key layout is converted here
 HF_MODEL_TYPES = ("LLAMA2", "LLAMA3", "LLAMA3_2", "MISTRAL", "QWEN2")
+# the ``model_type`` of a Hugging Face config.json each of them reads
+_HF_CONFIG_MODEL_TYPES = {
+    "LLAMA2": "llama",
+    "LLAMA3": "llama",
+    "LLAMA3_2": "llama",
+    "MISTRAL": "mistral",
+    "QWEN2": "qwen2",
+}
 
 Converter = Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]
 
@@ -31,15 +39,12 @@ class HFKeyMap:
         hf_config (Dict): the checkpoint's ``config.json``.
 
     Raises:
-        ValueError: for an unknown ``model_type``.
+        ValueError: for an unknown ``model_type``, or one that the ``model_type`` of
+            ``hf_config`` contradicts (e.g. ``QWEN2`` for a ``"llama"`` checkpoint).
     """
 
     def __init__(self, model_type: str, hf_config: Dict):
-        if model_type not in HF_MODEL_TYPES:
-            raise ValueError(
-                f"checkpointer.model_type={model_type!r} is not supported; use one of "
-                f"{HF_MODEL_TYPES}"
-            )
+        check_model_type(model_type, hf_config)
         heads = hf_config["num_attention_heads"]
         self.dim = hf_config["hidden_size"]
         kwargs = dict(
@@ -89,3 +94,26 @@ class HFKeyMap:
         converted = (self._to_hf if to_hf else self._to_tune)({key: probe})
         (new_key, rows), = converted.items()
         return new_key, rows[:, 0].long()
+
+
+def check_model_type(model_type: str, hf_config: Dict) -> None:
+    """Refuse a ``checkpointer.model_type`` that is unknown or that the checkpoint's
+    ``config.json`` contradicts (a config.json ``model_type`` this project does not map,
+    or none, is not checked).
+
+    Raises:
+        ValueError: naming ``checkpointer.model_type`` and the values that fit.
+    """
+    if model_type not in HF_MODEL_TYPES:
+        raise ValueError(
+            f"checkpointer.model_type={model_type!r} is not supported; use one of "
+            f"{HF_MODEL_TYPES}"
+        )
+    hf_type = hf_config.get("model_type")
+    fitting = [t for t, hf in _HF_CONFIG_MODEL_TYPES.items() if hf == hf_type]
+    if fitting and model_type not in fitting:
+        raise ValueError(
+            f"checkpointer.model_type={model_type!r} does not match the checkpoint, whose "
+            f"config.json has model_type {hf_type!r}; set checkpointer.model_type to "
+            f"{' or '.join(fitting)}"
+        )

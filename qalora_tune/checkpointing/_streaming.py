@@ -2,11 +2,14 @@
 
 import re
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from safetensors import safe_open
 from torch import nn
+
+from qalora_tune.modules import Int4Linear
+from qalora_tune.quantization import is_int4_weight
 
 __all__ = ["TIED_KEYS", "guess_key_format", "iter_checkpoint_tensors", "load_tensor_stream"]
 
@@ -30,14 +33,21 @@ def iter_checkpoint_tensors(paths: List[Path]) -> Iterator[Tuple[str, torch.Tens
     (``torch.load(..., mmap=True, weights_only=True)``) and each tensor is dropped from the
     loaded dict as it is yielded. A top-level ``{"model": state_dict}`` wrapper, as
     torchtune's recipes write, is unwrapped.
+
+    Raises:
+        ValueError: if a file is truncated or corrupt (naming it), or a PyTorch file does
+            not hold a state dict.
     """
     for path in paths:
         if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
+            handle = _read(path, lambda: safe_open(str(path), framework="pt", device="cpu"))
+            with handle:
                 for key in handle.keys():
-                    yield key, handle.get_tensor(key)
+                    yield key, _read(path, lambda: handle.get_tensor(key))
         else:
-            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            state = _read(
+                path, lambda: torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            )
             if not isinstance(state, dict):
                 raise ValueError(
                     f"{path} holds a {type(state).__name__}, not a state dict; save the "
@@ -47,6 +57,25 @@ def iter_checkpoint_tensors(paths: List[Path]) -> Iterator[Tuple[str, torch.Tens
                 state = state.pop("model")
             for key in list(state):
                 yield key, state.pop(key)
+
+
+def _read(path: Path, read: Callable[[], Any]) -> Any:
+    """``read()``, with a failure to parse ``path`` turned into a one-line ``ValueError``.
+
+    safetensors raises its own ``SafetensorError`` (e.g. "incomplete metadata, file not
+    fully covered" for a truncated file), ``torch.load`` an ``OSError``, ``RuntimeError``
+    or unpickling error; a missing or unreadable file keeps its own error.
+    """
+    try:
+        return read()
+    except (FileNotFoundError, PermissionError):
+        raise
+    except Exception as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ValueError(
+            f"{path} cannot be read ({reason}): the file is truncated or corrupt; download "
+            "it again into checkpointer.checkpoint_dir"
+        ) from None
 
 
 def guess_key_format(keys: Iterable[str]) -> Optional[str]:
@@ -107,7 +136,7 @@ def load_tensor_stream(
                     unexpected.append(key)
                     unexpected_raw.append(raw_key)
                 continue
-            _load_one(model, key, value)
+            _load_one(model, key, value, raw_key)
             loaded.add(key)
     missing = expected - loaded
     for key in TIED_KEYS:
@@ -138,17 +167,41 @@ def _format_hint(raw_keys: List[str], checkpoint_format: str) -> str:
     )
 
 
-def _load_one(model: nn.Module, key: str, value: torch.Tensor) -> None:
+def _load_one(model: nn.Module, key: str, value: torch.Tensor, raw_key: Optional[str] = None) -> None:
+    expected = _expected_shape(model, key)
+    if expected is not None and not is_int4_weight(value) and tuple(value.shape) != expected:
+        name = key if raw_key in (None, key) else f"{raw_key} (torchtune {key})"
+        raise ValueError(
+            f"{name}: checkpoint shape {tuple(value.shape)} does not match the model's "
+            f"{expected} (a checkpoint of another model or size); check that the model "
+            "builder (model._component_) matches the checkpoint in checkpointer.checkpoint_dir"
+        )
     try:
         model.load_state_dict({key: value}, strict=False)
     except RuntimeError as error:
         if "size mismatch" in str(error):
             raise ValueError(
                 f"{key}: checkpoint shape {tuple(value.shape)} does not match the model; "
-                "check that the model builder matches the checkpoint"
+                "check that the model builder (model._component_) matches the checkpoint in "
+                "checkpointer.checkpoint_dir"
             ) from None
         raise
-    except ValueError as error:  # an int4 layer refusing the weight (e.g. its shape)
+    except ValueError as error:  # an int4 layer refusing the weight
         raise ValueError(
-            f"{key}: {error}; check that the model builder matches the checkpoint"
+            f"{key}: {error}; check that the model builder (model._component_) matches the "
+            "checkpoint in checkpointer.checkpoint_dir"
         ) from None
+
+
+def _expected_shape(model: nn.Module, key: str) -> Optional[Tuple[int, ...]]:
+    """The shape ``model`` expects for checkpoint tensor ``key`` (an int4 layer's weight
+    arrives in full precision as ``(out_dim, in_dim)``, before any padding), or None."""
+    module_path, _, name = key.rpartition(".")
+    try:
+        owner = model.get_submodule(module_path) if module_path else model
+    except AttributeError:
+        return None
+    if isinstance(owner, Int4Linear) and name == "weight":
+        return (owner.out_dim, owner.in_dim)
+    tensor = getattr(owner, name, None)
+    return tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else None

@@ -5,6 +5,7 @@ from typing import Callable, Dict, List
 import torch
 from torch import nn
 
+from qalora_tune.models._knobs import check_group_size_fits, check_model_knobs
 from qalora_tune.modules import Int4Linear, QALoRALinear
 
 __all__ = ["ATTENTION_PROJECTIONS", "MLP_PROJECTIONS", "count_parameters", "qalora_transformer"]
@@ -25,6 +26,7 @@ def qalora_transformer(
     group_size: int = 64,
     quantizer: str = "rtn",
     pad_in_dim: bool = False,
+    bits: int = 4,
 ) -> nn.Module:
     """Build a torchtune decoder whose linears are int4, with QA-LoRA adapters on some.
 
@@ -51,27 +53,40 @@ def qalora_transformer(
         quantizer (str): base quantizer, ``"rtn"`` or ``"hqq"``.
         pad_in_dim (bool): zero-pad linears whose ``in_dim`` ``group_size`` does not
             divide (the merge stays exact); off, such a linear is an error.
+        bits (int): bit width of the base: QA-LoRA defines 2, 3, 4 and 8; this version
+            implements 4.
 
     Returns:
         nn.Module: the decoder, on the default device, with only adapters trainable.
 
     Raises:
         ValueError: for an unknown attention module name, an adapter on a tied output,
-            or a group size that does not fit a linear (see :class:`Int4Linear`).
+            a bit width other than 4, a rank or alpha that is not positive, a dropout
+            outside ``[0, 1)``, or a group size that has no int4 kernel or does not fit a
+            linear; each message names the ``model.*`` setting to change.
     """
+    check_model_knobs(
+        bits=bits,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        group_size=group_size,
+    )
     unknown = sorted(set(lora_attn_modules) - set(ATTENTION_PROJECTIONS))
     if unknown:
         raise ValueError(
-            f"unknown lora_attn_modules {unknown}; choose from {list(ATTENTION_PROJECTIONS)}"
+            f"unknown lora_attn_modules {unknown}; set model.lora_attn_modules to a list from "
+            f"{list(ATTENTION_PROJECTIONS)}"
         )
     device = torch.get_default_device()
     dtype = torch.get_default_dtype()
     with torch.device("meta"):
         model = base_decoder()
+    check_group_size_fits(model, group_size, pad_in_dim)
     if apply_lora_to_output and not isinstance(getattr(model, "output", None), nn.Linear):
         raise ValueError(
-            "apply_lora_to_output=True, but this model's output projection is tied to its "
-            "token embeddings (not a linear layer); set apply_lora_to_output=False"
+            "model.apply_lora_to_output=True, but this model's output projection is tied to "
+            "its token embeddings (not a linear layer); set model.apply_lora_to_output=False"
         )
     targets = set(lora_attn_modules) | (set(MLP_PROJECTIONS) if apply_lora_to_mlp else set())
     if apply_lora_to_output:

@@ -1,6 +1,7 @@
 """Model builders: QA-LoRA versions of torchtune models, fixing only the sizes.
 
-Every builder takes the adapter and quantization knobs of
+Every builder takes the adapter and quantization knobs (rank, alpha, dropout, group size,
+quantizer, padding, bits) of
 :func:`~qalora_tune.models.qalora_transformer` and builds that torchtune model with an
 int4 base::
 
@@ -57,6 +58,7 @@ _BUILDER_DOC = """QA-LoRA {title}: torchtune's ``{base}`` with an int4 base and 
         group_size (int): quantization group size shared by base and adapters.
         quantizer (str): base quantizer, ``"rtn"`` or ``"hqq"``.
         pad_in_dim (bool): zero-pad linears whose ``in_dim`` ``group_size`` does not divide.
+        bits (int): bit width of the base, from 2, 3, 4, 8 (this version implements 4).
 
     Returns:
         TransformerDecoder: see :func:`~qalora_tune.models.qalora_transformer`.
@@ -74,6 +76,7 @@ def _model_builder(name: str, base: Callable[[], nn.Module], title: str) -> Call
         group_size: int = 64,
         quantizer: str = "rtn",
         pad_in_dim: bool = False,
+        bits: int = 4,
     ) -> nn.Module:
         return qalora_transformer(
             base,
@@ -86,6 +89,7 @@ def _model_builder(name: str, base: Callable[[], nn.Module], title: str) -> Call
             group_size=group_size,
             quantizer=quantizer,
             pad_in_dim=pad_in_dim,
+            bits=bits,
         )
 
     base_name = getattr(base, "__name__", None) or base.func.__name__

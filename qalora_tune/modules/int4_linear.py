@@ -59,6 +59,9 @@ class Int4Linear(nn.Module):
             while ``pad_in_dim`` is off.
     """
 
+    bits: int = 4
+    """Bit width of the base's codes (what adapter configs record)."""
+
     def __init__(
         self,
         in_dim: int,
@@ -200,7 +203,7 @@ class Int4Linear(nn.Module):
                 "cpu or cuda"
             )
         target = self.weight.device
-        quantized = self._quantize(self._pad_columns(weight.to(target)), self.group_size, 4)
+        quantized = self._quantize(self._pad_columns(weight.to(target)), self.group_size, self.bits)
         packed = to_torchao_int4(quantized, device=target, dtype=self.weight.dtype)
         self.weight = nn.Parameter(packed, requires_grad=False)
 

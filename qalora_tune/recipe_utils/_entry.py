@@ -3,17 +3,30 @@
 import sys
 from typing import Callable, List, Optional
 
+from qalora_tune.checkpointing._atomic import CheckpointWriteError
 from qalora_tune.recipe_utils._configs import resolve_config_argv
+from qalora_tune.recipe_utils._errors import TrainingError
 
 __all__ = ["run_recipe"]
+
+_USER_ERRORS = (
+    ValueError,
+    TypeError,
+    FileNotFoundError,
+    PermissionError,
+    CheckpointWriteError,
+    TrainingError,
+)
 
 
 def run_recipe(name: str, recipe_main: Callable[[], None], argv: Optional[List[str]] = None) -> None:
     """Resolve ``--config NAME`` to a packaged YAML, then run ``recipe_main``.
 
     A setting to change (``ValueError``, ``TypeError``, ``FileNotFoundError``,
-    ``PermissionError``) prints ``{name}: error: ...`` on one line and exits with status 1;
-    anything else is a bug and keeps its traceback.
+    ``PermissionError``), a checkpoint the disk refused (``CheckpointWriteError``) or a
+    run that cannot go on (``TrainingError``, e.g. a non-finite loss) prints
+    ``{name}: error: ...`` on one line and exits with status 1; anything else is a bug
+    and keeps its traceback.
 
     Args:
         name (str): the recipe's name, used in error messages.
@@ -23,6 +36,7 @@ def run_recipe(name: str, recipe_main: Callable[[], None], argv: Optional[List[s
     try:
         sys.argv = resolve_config_argv(sys.argv if argv is None else argv)
         recipe_main()
-    except (ValueError, TypeError, FileNotFoundError, PermissionError) as error:
-        print(f"{name}: error: {error}", file=sys.stderr)
+    except _USER_ERRORS as error:
+        message = " ".join(str(error).split())  # one line, whatever the message holds
+        print(f"{name}: error: {message}", file=sys.stderr)
         sys.exit(1)

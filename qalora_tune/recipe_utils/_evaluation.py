@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qalora_tune.recipe_utils._distributed import all_reduce_sum
+
 __all__ = ["evaluate_lm", "full_logits", "next_token_loss"]
 
 IGNORE_INDEX = -100
@@ -39,6 +41,7 @@ def evaluate_lm(
     batches: Iterable[Dict[str, torch.Tensor]],
     device: torch.device,
     max_batches: Optional[int] = None,
+    sum_across_ranks: bool = False,
 ) -> Dict[str, float]:
     """Mean next-token cross-entropy (nats), perplexity and accuracy over labelled tokens,
     and exact match: the share of sequences whose labelled tokens are all predicted right.
@@ -52,6 +55,8 @@ def evaluate_lm(
         batches (Iterable): dicts with ``tokens`` and ``labels`` of shape ``(batch, seq)``.
         device (torch.device): where the model runs.
         max_batches (int, optional): stop after this many batches.
+        sum_across_ranks (bool): ``batches`` is this rank's shard of the data: the counts
+            are summed over the ranks of the process group (every rank must call).
 
     Returns:
         Dict[str, float]: ``loss``, ``perplexity``, ``accuracy``, ``exact_match`` and
@@ -77,6 +82,9 @@ def evaluate_lm(
         exact += int(((hits | ~mask).all(dim=1) & labelled).sum())
         sequences += int(labelled.sum())
     model.train(was_training)
+    if sum_across_ranks:
+        totals = torch.tensor([total_loss, correct, count, exact, sequences], dtype=torch.float64)
+        total_loss, correct, count, exact, sequences = all_reduce_sum(totals.to(device)).tolist()
     if count == 0:
         raise ValueError("the validation data has no labelled tokens to evaluate")
     loss = total_loss / count
@@ -85,5 +93,5 @@ def evaluate_lm(
         "perplexity": math.exp(min(loss, 80.0)),
         "accuracy": correct / count,
         "exact_match": exact / sequences,
-        "tokens": count,
+        "tokens": int(count),
     }

@@ -5,7 +5,8 @@ Covers ``write_adapter`` (PEFT keys, shapes, Hugging Face row order, the PEFT
 property that PEFT's QA-LoRA formula (``mean * n_groups`` pooling) applied to the written
 tensors reproduces the layer's adapter output, ``read_adapter`` (bit-exact torchtune
 tensors back, and its errors on missing, foreign or truncated files) and
-``check_adapter_matches`` (each mismatch names the key and the setting to change).
+``check_adapter_matches`` and ``check_resume_matches`` (each mismatch names the key and
+the setting to change).
 """
 
 import functools
@@ -22,6 +23,7 @@ from qalora_tune.checkpointing import (
     ADAPTER_WEIGHTS_NAME,
     HFKeyMap,
     check_adapter_matches,
+    check_resume_matches,
     read_adapter,
     write_adapter,
 )
@@ -302,3 +304,52 @@ def test_another_base_checkpoint_is_refused(tmp_path):
     assert "fingerprint" in message and "checkpointer.checkpoint_dir" in message
     assert METADATA["base_checkpoint_dir"] in message
     assert METADATA["base_fingerprint"][:12] in message
+
+
+# ---------------------------------------------------------------------- check_resume_matches
+
+SAVED = dict(METADATA, model_builder="qalora_tune.models.qalora_tiny_llama")
+
+
+def test_resuming_the_same_configuration_passes(tmp_path):
+    check_resume_matches(dict(SAVED), dict(SAVED, alpha=int(ALPHA), lora_dropout=0.1), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "key, other, setting",
+    [
+        ("group_size", 64, "model.group_size"),
+        ("bits", 8, "model.bits"),
+        ("rank", 8, "model.lora_rank"),
+        ("alpha", 16.0, "model.lora_alpha"),
+        ("quantizer", "hqq", "model.quantizer"),
+        ("pad_in_dim", True, "model.pad_in_dim"),
+        ("model_builder", "qalora_tune.models.qalora_llama2_7b", "model._component_"),
+    ],
+)
+def test_each_resume_mismatch_names_both_values_and_the_setting(tmp_path, key, other, setting):
+    with pytest.raises(ValueError) as error:
+        check_resume_matches(dict(SAVED), dict(SAVED, **{key: other}), tmp_path / "epoch_0")
+    message = str(error.value)
+    assert message.startswith(f"resume_from_checkpoint=True but {tmp_path / 'epoch_0'}")
+    assert f"{key}={SAVED[key]!r}" in message and f"{key}={other!r}" in message
+    assert f"set {setting} back" in message and "resume_from_checkpoint=False" in message
+
+
+def test_resume_with_other_targets_names_the_differing_layers(tmp_path):
+    current = dict(SAVED, target_modules=SAVED["target_modules"][:-1] + ["layers.0.output"])
+    with pytest.raises(ValueError) as error:
+        check_resume_matches(dict(SAVED), current, tmp_path)
+    message = str(error.value)
+    assert "adapters on 14 layers and this config puts them on 14" in message
+    assert repr(SAVED["target_modules"][-1]) in message and "'layers.0.output'" in message
+    assert "model.lora_attn_modules" in message
+
+
+def test_resume_on_another_base_names_the_checkpoint_dir(tmp_path):
+    current = dict(SAVED, base_fingerprint="fedcba9876543210" * 4, base_checkpoint_dir="/other")
+    with pytest.raises(ValueError) as error:
+        check_resume_matches(dict(SAVED), current, tmp_path)
+    message = str(error.value)
+    assert "another base" in message and "set checkpointer.checkpoint_dir" in message
+    assert "/checkpoints/base" in message and "/other" in message

@@ -14,6 +14,7 @@ from qalora_tune._compat import tune_to_hf
 from qalora_tune.checkpointing import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
+    PROGRESS_NAME,
     RECIPE_STATE_NAME,
     QALoRACheckpointer,
     atomic_directory,
@@ -171,6 +172,30 @@ def test_latest_epoch_is_numeric_not_lexicographic_and_ignores_other_dirs(tmp_pa
     (tmp_path / "out" / "epoch_12").write_text("a file, not an epoch")
     assert ckpt.latest_epoch_dir() == tmp_path / "out" / "epoch_10"
     assert ckpt.load_resume_state()["recipe_state"]["epoch"] == 10
+
+
+def test_step_checkpoints_keep_only_the_newest_and_resume_picks_the_furthest(tmp_path):
+    ckpt = _checkpointer(tmp_path)
+    out = tmp_path / "out"
+
+    def state(epoch, step):
+        return {"progress": {"epoch": epoch, "global_step": step}, "step": step}
+
+    ckpt.save_checkpoint(0, _adapters(0), METADATA, state(0, 4))
+    ckpt.save_step_checkpoint(6, _adapters(1), METADATA, state(1, 6))
+    assert ckpt.latest_checkpoint_dir() == out / "step_6"
+    ckpt.save_step_checkpoint(8, _adapters(2), METADATA, state(1, 8))
+    assert not (out / "step_6").exists()  # only the newest step checkpoint is kept
+    assert json.loads((out / "step_8" / PROGRESS_NAME).read_text())["global_step"] == 8
+    resumed = ckpt.load_resume_state()
+    assert resumed["path"] == out / "step_8" and resumed["recipe_state"]["step"] == 8
+    for key, value in _tune_state(_adapters(2)).items():
+        assert torch.equal(resumed["adapter"][key], value)
+    assert ckpt.latest_epoch_dir() == out / "epoch_0"  # the newest epoch, for outputs
+    # the end of the epoch supersedes (and removes) its step checkpoints
+    ckpt.save_checkpoint(1, _adapters(3), METADATA, state(1, 8))
+    assert not (out / "step_8").exists()
+    assert ckpt.latest_checkpoint_dir() == out / "epoch_1"
 
 
 def test_resuming_from_an_empty_output_dir_raises(tmp_path):

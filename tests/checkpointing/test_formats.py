@@ -354,8 +354,11 @@ def test_missing_extra_and_misshapen_weights_are_value_errors(tmp_path, referenc
         checkpointer(tmp_path, "torchtune").load_base(qalora_model())
     assert "layout" not in str(info.value)  # torchtune keys: no format hint
 
-    # an int4 layer refuses the weight: the error names the key
-    message = r"layers.0.mlp.w1.weight: expected a base weight of shape \(96, 64\), got \(128, 64\)"
+    # an int4 layer's weight of the wrong shape: the error names the key and both shapes
+    message = (
+        r"layers.0.mlp.w1.weight: checkpoint shape \(128, 64\) does not match the model's "
+        r"\(96, 64\).*model._component_.*checkpointer.checkpoint_dir"
+    )
     with pytest.raises(ValueError, match=message):
         checkpointer(tmp_path, "torchtune").load_base(qalora_model(intermediate_dim=96))
     # a full-precision layer too

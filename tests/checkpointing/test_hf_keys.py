@@ -135,3 +135,25 @@ def test_unknown_model_type_is_refused(model_type):
         HFKeyMap(model_type, _config())
     for allowed in HF_MODEL_TYPES:
         assert allowed in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "model_type, hf_type, fitting",
+    [
+        ("QWEN2", "llama", "LLAMA2 or LLAMA3 or LLAMA3_2"),
+        ("LLAMA2", "qwen2", "QWEN2"),
+        ("LLAMA3", "mistral", "MISTRAL"),
+    ],
+)
+def test_a_model_type_the_config_contradicts_is_refused(model_type, hf_type, fitting):
+    with pytest.raises(ValueError) as error:
+        HFKeyMap(model_type, _config(model_type=hf_type))
+    message = str(error.value)
+    assert f"checkpointer.model_type={model_type!r}" in message and repr(hf_type) in message
+    assert message.endswith(f"set checkpointer.model_type to {fitting}")
+
+
+@pytest.mark.parametrize("hf_type", ["llama", None, "some_future_llama"])
+def test_a_fitting_absent_or_unmapped_config_model_type_passes(hf_type):
+    extra = {} if hf_type is None else {"model_type": hf_type}
+    HFKeyMap("LLAMA2", _config(**extra))

@@ -42,3 +42,26 @@ def test_iter_checkpoint_tensors_refuses_a_pickle_that_is_not_a_dict(tmp_path):
     torch.save([torch.zeros(1)], tmp_path / "model.pt")
     with pytest.raises(ValueError, match="holds a list, not a state dict"):
         list(iter_checkpoint_tensors([tmp_path / "model.pt"]))
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "model.pt"])
+@pytest.mark.parametrize("keep", [0.9, 0.01], ids=["data_cut", "header_cut"])
+def test_a_truncated_file_is_a_one_line_value_error_naming_it(tmp_path, name, keep):
+    tensors = {"x": torch.randn(256), "y": torch.randn(64, 64)}
+    path = tmp_path / name
+    if name.endswith(".safetensors"):
+        save_file(tensors, str(path))
+    else:
+        torch.save(tensors, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: max(1, int(len(data) * keep))])
+    with pytest.raises(ValueError) as error:
+        list(iter_checkpoint_tensors([path]))
+    message = str(error.value)
+    assert message.startswith(f"{path} cannot be read (") and "\n" not in message
+    assert "truncated or corrupt" in message and "checkpointer.checkpoint_dir" in message
+
+
+def test_a_missing_file_keeps_its_own_error(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        list(iter_checkpoint_tensors([tmp_path / "absent.safetensors"]))

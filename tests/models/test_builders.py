@@ -413,3 +413,52 @@ def test_qalora_tune_imports_and_builds_under_a_meta_default_device():
         cwd=Path(__file__).resolve().parents[2],
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------- knobs named as settings
+
+
+@pytest.mark.parametrize(
+    "knobs, message",
+    [
+        (dict(bits=5), "model.bits=5 is not a supported bit width; choose from 2, 3, 4, 8"),
+        (dict(bits=8), "model.bits=8 is not available in this version"),
+        (dict(bits=2), "set model.bits=4"),
+        (dict(lora_rank=0), "model.lora_rank=0: the adapter rank must be a positive integer"),
+        (dict(lora_rank=2.5), "set model.lora_rank"),
+        (dict(lora_alpha=0), "model.lora_alpha=0: .*must be positive"),
+        (dict(lora_alpha=-1.0), "set model.lora_alpha"),
+        (dict(lora_dropout=1.0), r"model.lora_dropout=1.0 is not a probability in \[0, 1\)"),
+        (dict(lora_dropout=-0.1), "set model.lora_dropout"),
+        (dict(group_size=48), "model.group_size=48 has no int4 kernel; set model.group_size to one of"),
+    ],
+)
+def test_bad_knobs_name_the_model_setting(knobs, message):
+    with torch.device("meta"), pytest.raises(ValueError, match=message):
+        qalora_transformer(small_llama2, ["q_proj"], **{"group_size": 32, **knobs})
+
+
+def test_every_model_builder_takes_bits_and_layers_record_it():
+    import inspect
+
+    from qalora_tune import models
+
+    for name in models.__all__:
+        builder = getattr(models, name)
+        if name.startswith("qalora_") and name != "qalora_transformer":
+            assert inspect.signature(builder).parameters["bits"].default == 4, name
+            assert "bits (int)" in builder.__doc__, name
+    with torch.device("meta"):
+        model = qalora_transformer(small_llama2, ["q_proj"], group_size=32, bits=4)
+    assert {m.bits for m in model.modules() if isinstance(m, Int4Linear)} == {4}
+    with torch.device("meta"), pytest.raises(ValueError, match="model.bits=3"):
+        qalora_llama3_2_1b(["q_proj"], bits=3)
+
+
+def test_a_group_size_that_fits_no_linear_lists_the_ones_that_do():
+    # SMALL_SIZES: in_dims 64 (attention, w1, w3) and 96 (w2): only 32 divides both
+    with torch.device("meta"), pytest.raises(ValueError) as info:
+        qalora_transformer(small_llama2, ["q_proj"], group_size=64)
+    message = str(info.value)
+    assert "model.group_size=64 does not divide in_dim=96" in message
+    assert "set model.group_size to 32, or set model.pad_in_dim=True" in message

@@ -1,0 +1,102 @@
+"""Checks of the model builders' knobs, with messages naming the config setting to change.
+
+The builders are config components (``model: {_component_: ..., lora_rank: ...}``), so a
+bad value is reported as the ``model.*`` setting a user edits.
+"""
+
+from typing import Iterable, List, Tuple
+
+from torch import nn
+
+from qalora_tune.quantization import INT4_KERNEL_GROUP_SIZES
+from qalora_tune.quantization.group_quant import SUPPORTED_BITS as IMPLEMENTED_BITS
+
+__all__ = ["IMPLEMENTED_BITS", "QALORA_BITS", "check_group_size_fits", "check_model_knobs"]
+
+QALORA_BITS = (2, 3, 4, 8)
+"""The base bit widths QA-LoRA defines (``IMPLEMENTED_BITS`` are those this version runs)."""
+
+
+def check_model_knobs(
+    *, bits: int, lora_rank: int, lora_alpha: float, lora_dropout: float, group_size: int
+) -> None:
+    """Refuse a bit width, rank, alpha, dropout or group size no layer could be built with.
+
+    Raises:
+        ValueError: naming the ``model.*`` setting and the values it accepts.
+    """
+    if _not_int(bits) or bits not in QALORA_BITS:
+        raise ValueError(
+            f"model.bits={bits!r} is not a supported bit width; choose from "
+            f"{_join(QALORA_BITS)}"
+        )
+    if bits not in IMPLEMENTED_BITS:
+        raise ValueError(
+            f"model.bits={bits} is not available in this version (only "
+            f"{_join(IMPLEMENTED_BITS)}-bit bases are implemented); set "
+            f"model.bits={IMPLEMENTED_BITS[0]}"
+        )
+    if _not_int(lora_rank) or lora_rank <= 0:
+        raise ValueError(
+            f"model.lora_rank={lora_rank!r}: the adapter rank must be a positive integer; "
+            "set model.lora_rank to e.g. 8"
+        )
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not lora_alpha > 0:
+        raise ValueError(
+            f"model.lora_alpha={lora_alpha!r}: the adapter scale numerator must be positive; "
+            "set model.lora_alpha to e.g. twice model.lora_rank"
+        )
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not (
+        0.0 <= lora_dropout < 1.0
+    ):
+        raise ValueError(
+            f"model.lora_dropout={lora_dropout!r} is not a probability in [0, 1); set "
+            "model.lora_dropout to e.g. 0.0 or 0.05"
+        )
+    if group_size not in INT4_KERNEL_GROUP_SIZES:
+        raise ValueError(
+            f"model.group_size={group_size!r} has no int4 kernel; set model.group_size to one "
+            f"of {_join(INT4_KERNEL_GROUP_SIZES)}"
+        )
+
+
+def check_group_size_fits(model: nn.Module, group_size: int, pad_in_dim: bool) -> None:
+    """Refuse, without padding, a linear whose ``in_dim`` ``group_size`` does not divide.
+
+    Args:
+        model (nn.Module): the decoder, with its ``nn.Linear`` layers not yet replaced.
+        group_size (int): ``model.group_size``.
+        pad_in_dim (bool): ``model.pad_in_dim``; when set, every ``in_dim`` fits.
+
+    Raises:
+        ValueError: naming the first such linear, the group sizes that would fit every
+            linear, and ``model.pad_in_dim``.
+    """
+    if pad_in_dim:
+        return
+    linears = _linears(model)
+    for path, in_dim in linears:
+        if in_dim % group_size:
+            fitting = [g for g in INT4_KERNEL_GROUP_SIZES if all(k % g == 0 for _, k in linears)]
+            choice = (
+                f"set model.group_size to {' or '.join(map(str, fitting))}"
+                if fitting
+                else "no int4 group size divides every linear's in_dim"
+            )
+            raise ValueError(
+                f"{path}: model.group_size={group_size} does not divide in_dim={in_dim}; "
+                f"{choice}, or set model.pad_in_dim=True to pad the input with zeros (the "
+                "merge stays exact)"
+            )
+
+
+def _linears(model: nn.Module) -> List[Tuple[str, int]]:
+    return [(p, m.in_features) for p, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _not_int(value: object) -> bool:
+    return isinstance(value, bool) or not isinstance(value, int)
+
+
+def _join(values: Iterable[int]) -> str:
+    return ", ".join(map(str, values))
