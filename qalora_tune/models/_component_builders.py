@@ -53,15 +53,16 @@ def qalora_transformer(
         quantizer (str): base quantizer, ``"rtn"`` or ``"hqq"``.
         pad_in_dim (bool): zero-pad linears whose ``in_dim`` ``group_size`` does not
             divide (the merge stays exact); off, such a linear is an error.
-        bits (int): bit width of the base: QA-LoRA defines 2, 3, 4 and 8; this version
-            implements 4.
+        bits (int): bit width of the base's quantization grid: QA-LoRA defines 2, 3, 4
+            and 8; this version implements 2, 3 and 4 (stored and computed in the int4
+            layout, see :class:`Int4Linear`).
 
     Returns:
         nn.Module: the decoder, on the default device, with only adapters trainable.
 
     Raises:
         ValueError: for an unknown attention module name, an adapter on a tied output,
-            a bit width other than 4, a rank or alpha that is not positive, a dropout
+            a bit width other than 2, 3 or 4, a rank or alpha that is not positive, a dropout
             outside ``[0, 1)``, or a group size that has no int4 kernel or does not fit a
             linear; each message names the ``model.*`` setting to change.
     """
@@ -92,7 +93,7 @@ def qalora_transformer(
     if apply_lora_to_output:
         targets.add("output")
     adapter = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout)
-    base = dict(group_size=group_size, quantizer=quantizer, pad_in_dim=pad_in_dim)
+    base = dict(group_size=group_size, quantizer=quantizer, pad_in_dim=pad_in_dim, bits=bits)
     _replace_linears(model, targets, adapter, base, device, dtype)
     _materialize(model, device)
     model.requires_grad_(False)

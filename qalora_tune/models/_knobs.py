@@ -9,7 +9,7 @@ from typing import Iterable, List, Tuple
 from torch import nn
 
 from qalora_tune.quantization import INT4_KERNEL_GROUP_SIZES
-from qalora_tune.quantization.group_quant import SUPPORTED_BITS as IMPLEMENTED_BITS
+from qalora_tune.quantization import SUPPORTED_BITS as IMPLEMENTED_BITS
 
 __all__ = ["IMPLEMENTED_BITS", "QALORA_BITS", "check_group_size_fits", "check_model_knobs"]
 
@@ -34,7 +34,7 @@ def check_model_knobs(
         raise ValueError(
             f"model.bits={bits} is not available in this version (only "
             f"{_join(IMPLEMENTED_BITS)}-bit bases are implemented); set "
-            f"model.bits={IMPLEMENTED_BITS[0]}"
+            f"model.bits={max(IMPLEMENTED_BITS)}"
         )
     if _not_int(lora_rank) or lora_rank <= 0:
         raise ValueError(

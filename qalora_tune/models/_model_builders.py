@@ -58,7 +58,7 @@ _BUILDER_DOC = """QA-LoRA {title}: torchtune's ``{base}`` with an int4 base and 
         group_size (int): quantization group size shared by base and adapters.
         quantizer (str): base quantizer, ``"rtn"`` or ``"hqq"``.
         pad_in_dim (bool): zero-pad linears whose ``in_dim`` ``group_size`` does not divide.
-        bits (int): bit width of the base, from 2, 3, 4, 8 (this version implements 4).
+        bits (int): bit width of the base, from 2, 3, 4, 8 (this version implements 2, 3, 4).
 
     Returns:
         TransformerDecoder: see :func:`~qalora_tune.models.qalora_transformer`.

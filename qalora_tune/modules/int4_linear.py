@@ -10,6 +10,7 @@ from torch import nn
 from qalora_tune.ops import int4_linear
 from qalora_tune.quantization import (
     INT4_KERNEL_GROUP_SIZES,
+    SUPPORTED_BITS,
     empty_int4,
     get_quantizer,
     is_int4_weight,
@@ -53,14 +54,14 @@ class Int4Linear(nn.Module):
             on CUDA.
         device (torch.device, optional): where to build the layer; ``meta`` builds the
             structure without memory.
+        bits (int): bit width of the quantization grid: 2, 3 or 4. Narrower codes are
+            stored in the same int4 layout (``q + 8 - 2**(bits - 1)``) and computed by the
+            same int4 kernels, so they change accuracy, not memory or speed.
 
     Raises:
         ValueError: if ``group_size`` has no int4 kernel, or does not divide ``in_dim``
             while ``pad_in_dim`` is off.
     """
-
-    bits: int = 4
-    """Bit width of the base's codes (what adapter configs record)."""
 
     def __init__(
         self,
@@ -72,9 +73,11 @@ class Int4Linear(nn.Module):
         pad_in_dim: bool = False,
         dtype: Optional[torch.dtype] = None,
         device: Optional[torch.device] = None,
+        bits: int = 4,
     ):
         super().__init__()
-        _validate_base_hparams(in_dim, out_dim, group_size, pad_in_dim)
+        _validate_base_hparams(in_dim, out_dim, group_size, pad_in_dim, bits)
+        self.bits = bits
         self._quantize = get_quantizer(quantizer)
         self.in_dim = in_dim
         self.out_dim = out_dim
@@ -232,7 +235,7 @@ class Int4Linear(nn.Module):
         padded = f", padded_in_dim={self.padded_in_dim}" if self.padded_in_dim != self.in_dim else ""
         return (
             f"in_dim={self.in_dim}, out_dim={self.out_dim}, group_size={self.group_size}, "
-            f"quantizer={self.quantizer}{padded}"
+            f"bits={self.bits}, quantizer={self.quantizer}{padded}"
         )
 
 
@@ -257,7 +260,11 @@ def _quantize_incoming_weight(
     state_dict[key] = module.weight
 
 
-def _validate_base_hparams(in_dim: int, out_dim: int, group_size: int, pad_in_dim: bool) -> None:
+def _validate_base_hparams(
+    in_dim: int, out_dim: int, group_size: int, pad_in_dim: bool, bits: int
+) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits} is not supported; use one of {SUPPORTED_BITS}")
     if in_dim <= 0 or out_dim <= 0:
         raise ValueError(f"in_dim and out_dim must be positive, got {in_dim} and {out_dim}")
     if group_size not in INT4_KERNEL_GROUP_SIZES:

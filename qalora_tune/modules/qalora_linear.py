@@ -47,6 +47,7 @@ class QALoRALinear(Int4Linear, AdapterModule):
             (fp32/bf16/fp16 on CPU, bf16 on CUDA), and of the adapter. Defaults to the
             default dtype on CPU and bf16 on CUDA.
         device (torch.device, optional): where to build the layer.
+        bits (int): bit width of the base's grid, 2, 3 or 4 (see :class:`Int4Linear`).
 
     Raises:
         ValueError: if ``group_size`` has no kernel or does not divide ``in_dim`` (without
@@ -67,6 +68,7 @@ class QALoRALinear(Int4Linear, AdapterModule):
         pad_in_dim: bool = False,
         dtype: Optional[torch.dtype] = None,
         device: Optional[torch.device] = None,
+        bits: int = 4,
     ):
         _validate_adapter_hparams(rank, alpha, dropout)
         super().__init__(
@@ -78,6 +80,7 @@ class QALoRALinear(Int4Linear, AdapterModule):
             pad_in_dim=pad_in_dim,
             dtype=dtype,
             device=device,
+            bits=bits,
         )
         self.rank = rank
         self.alpha = alpha

@@ -3,6 +3,7 @@
 from qalora_tune.quantization.group_quant import (
     GroupQuantizedWeight,
     QUANTIZERS,
+    SUPPORTED_BITS,
     get_quantizer,
     quantize_hqq,
     quantize_rtn,
@@ -30,6 +31,7 @@ __all__ = [
     "INT4_KERNEL_GROUP_SIZES",
     "Int4Weight",
     "QUANTIZERS",
+    "SUPPORTED_BITS",
     "dequantize_int4",
     "empty_int4",
     "from_plain_int4",

@@ -29,7 +29,8 @@ __all__ = [
     "validate_group_size",
 ]
 
-SUPPORTED_BITS = (4,)
+SUPPORTED_BITS = (2, 3, 4)
+"""Bit widths the quantizers produce; all are stored and computed in the int4 layout."""
 
 
 @dataclass
@@ -58,6 +59,31 @@ class GroupQuantizedWeight:
     @property
     def mid(self) -> int:
         return 2 ** (self.bits - 1)
+
+    def as_int4(self) -> "GroupQuantizedWeight":
+        """The same weight with 4-bit codes, for the int4 layouts and kernels.
+
+        A ``b``-bit code ``q`` (``b <= 4``) becomes ``q + 8 - 2**(b - 1)``: with the int4
+        midpoint 8 the dequantized value ``(q4 - 8) * scale + zero`` is unchanged, and the
+        scales and zero points are shared, so the QA-LoRA merge stays a zero-point update.
+
+        Raises:
+            ValueError: for codes wider than 4 bits.
+        """
+        if self.bits == 4:
+            return self
+        if self.bits > 4:
+            raise ValueError(
+                f"{self.bits}-bit codes do not fit the int4 layout; use bits of 2, 3 or 4"
+            )
+        shift = 8 - self.mid
+        return GroupQuantizedWeight(
+            qdata=self.qdata + shift,
+            scale=self.scale,
+            zero=self.zero,
+            group_size=self.group_size,
+            bits=4,
+        )
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Return the dequantized weight of shape ``(out_dim, in_dim)`` in ``dtype``."""

@@ -78,7 +78,9 @@ def to_torchao_int4(
     """Pack a plain group-quantized weight into the torchao int4 subclass for ``device``.
 
     Args:
-        gq (GroupQuantizedWeight): 4-bit codes, scales and zeros, shape ``(out_dim, in_dim)``.
+        gq (GroupQuantizedWeight): codes of 2 to 4 bits, scales and zeros, shape
+            ``(out_dim, in_dim)``; narrower codes are stored as int4 codes with the same
+            dequantized values (see :meth:`GroupQuantizedWeight.as_int4`).
         device (str or torch.device, optional): target device; defaults to ``gq``'s.
         dtype (torch.dtype, optional): dtype of ``scale_and_zero`` and of the kernel's
             compute. Defaults to ``torch.get_default_dtype()`` on CPU; CUDA needs bfloat16.
@@ -90,8 +92,7 @@ def to_torchao_int4(
         ValueError: for bit widths or group sizes the int4 kernels do not support.
     """
     device = torch.device(device) if device is not None else gq.qdata.device
-    if gq.bits != 4:
-        raise ValueError(f"the int4 kernels need bits=4, got bits={gq.bits}")
+    gq = gq.as_int4()
     if gq.group_size not in INT4_KERNEL_GROUP_SIZES:
         raise ValueError(
             f"group_size={gq.group_size} has no int4 kernel; "

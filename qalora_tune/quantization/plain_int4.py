@@ -50,7 +50,8 @@ def to_plain_int4(
     """Repack group-quantized codes, scales and zeros as a torchao ``Int4Tensor``.
 
     Args:
-        gq (GroupQuantizedWeight): 4-bit codes ``(N, K_pad)`` with float zero points.
+        gq (GroupQuantizedWeight): codes ``(N, K_pad)`` of 2 to 4 bits with float zero
+            points (narrower codes are stored as int4 codes with the same values).
         in_features (int, optional): keep only the first ``in_features`` columns (a layer
             trained with ``pad_in_dim``: the padded columns only ever met zero inputs, so
             dropping them is exact; the last group is then partial). Must be even.
@@ -62,10 +63,9 @@ def to_plain_int4(
         Int4Tensor: shape ``(N, in_features)``, ``block_size`` ``[1, G]``, on ``gq``'s device.
 
     Raises:
-        ValueError: for codes that are not 4-bit, or an odd or too large ``in_features``.
+        ValueError: for codes wider than 4 bits, or an odd or too large ``in_features``.
     """
-    if gq.bits != 4:
-        raise ValueError(f"Int4Tensor holds 4-bit codes, got bits={gq.bits}")
+    gq = gq.as_int4()  # 2- and 3-bit codes are stored as int4 codes, same values
     n, k_pad = gq.shape
     k = k_pad if in_features is None else in_features
     if k % 2 or not 0 < k <= k_pad:

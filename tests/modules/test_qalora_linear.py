@@ -94,8 +94,11 @@ def test_merge_changes_only_zero_points_with_one_rounding(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_merged_output_equals_unmerged_within_zero_rounding(dtype):
-    layer = _layer(in_dim=512, out_dim=128, group_size=64, dtype=dtype)
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("quantizer", ["rtn", "hqq"])
+def test_merged_output_equals_unmerged_within_zero_rounding(dtype, bits, quantizer):
+    layer = _layer(in_dim=512, out_dim=128, group_size=64, dtype=dtype, bits=bits, quantizer=quantizer)
+    assert layer.bits == bits
     x = torch.randn(16, 512).to(dtype)
     with torch.no_grad():
         unmerged = layer(x)

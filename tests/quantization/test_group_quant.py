@@ -21,6 +21,39 @@ def test_rtn_error_within_half_step(group_size):
     assert (err <= 0.5 * step * (1 + 1e-5) + 1e-6).all()
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_rtn_at_every_bit_width_matches_a_float64_min_max_reference(bits):
+    weight = torch.randn(32, 256, dtype=torch.float64)
+    gq = quantize_rtn(weight, 64, bits=bits)
+    qmax = 2**bits - 1
+    assert gq.bits == bits and gq.mid == 2 ** (bits - 1)
+    codes = gq.qdata.view(32, 4, 64)
+    assert (codes.amin(-1) == 0).all() and (codes.amax(-1) == qmax).all()
+    # float64 min-max round to nearest, written out
+    groups = weight.view(32, 4, 64)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    step = (high - low) / qmax
+    reference = ((groups - low) / step).round().clamp(0, qmax) * step + low
+    got = gq.dequantize(torch.float64).view(32, 4, 64)
+    # the same grid up to fp32 scales/zeros; codes may differ only at exact rounding ties
+    close = (got - reference).abs() <= 1e-5 * step
+    assert close.double().mean() > 0.999
+    assert ((got - groups).abs() <= 0.5 * step * (1 + 1e-5) + 1e-6).all()
+
+
+@pytest.mark.parametrize("quantize", [quantize_rtn, quantize_hqq])
+def test_fewer_bits_cost_accuracy_and_codes_stay_in_range(quantize):
+    weight = torch.randn(64, 256)
+    errors = []
+    for bits in (2, 3, 4):
+        gq = quantize(weight, 32, bits)
+        assert int(gq.qdata.max()) <= 2**bits - 1
+        errors.append(((gq.dequantize() - weight).norm() / weight.norm()).item())
+    assert errors[0] > errors[1] > errors[2], errors
+    # each bit roughly halves the error (min-max grids: step = range / (2**bits - 1))
+    assert errors[1] / errors[2] > 1.6 and errors[0] / errors[1] > 1.6, errors
+
+
 def test_rtn_uses_the_full_code_range_per_group():
     weight = torch.randn(16, 128)
     gq = quantize_rtn(weight, 32)
@@ -54,8 +87,8 @@ def test_group_size_must_divide_in_dim(quantize):
 
 
 def test_bad_inputs_are_refused():
-    with pytest.raises(ValueError, match="bits=3"):
-        quantize_rtn(torch.randn(8, 64), 32, bits=3)
+    with pytest.raises(ValueError, match="bits=8"):
+        quantize_rtn(torch.randn(8, 64), 32, bits=8)
     with pytest.raises(TypeError, match="2D floating-point"):
         quantize_rtn(torch.randint(0, 3, (8, 64)), 32)
     with pytest.raises(ValueError, match="unknown base quantizer 'gptqq'"):

@@ -247,15 +247,24 @@ def test_to_plain_int4_rejects_bad_in_features(in_features):
         to_plain_int4(gq, in_features=in_features)
 
 
-def test_to_plain_int4_rejects_other_bit_widths():
+@pytest.mark.parametrize("bits", [2, 3])
+def test_narrow_codes_leave_as_int4_codes_with_the_same_values(bits):
+    gq = quantize_rtn(torch.randn(8, 64), 32, bits=bits)
+    back = from_plain_int4(to_plain_int4(gq))
+    assert back.bits == 4
+    assert torch.equal(back.qdata, gq.qdata + 8 - 2 ** (bits - 1))
+    assert torch.equal(back.dequantize(torch.float64), gq.dequantize(torch.float64))
+
+
+def test_to_plain_int4_rejects_codes_wider_than_4_bits():
     gq = GroupQuantizedWeight(
         qdata=torch.zeros(4, 64, dtype=torch.uint8),
         scale=torch.ones(4, 2),
         zero=torch.zeros(4, 2),
         group_size=32,
-        bits=3,
+        bits=8,
     )
-    with pytest.raises(ValueError, match="bits=3"):
+    with pytest.raises(ValueError, match="8-bit codes do not fit the int4 layout"):
         to_plain_int4(gq)
 
 

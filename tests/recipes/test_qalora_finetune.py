@@ -197,3 +197,34 @@ def test_compile_runs_the_recipe(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(_logged_losses(out)) == 2
+
+
+@requires_shared
+@pytest.mark.parametrize("bits", [2, 3])
+def test_narrow_bit_widths_train_merge_and_load(tmp_path, bits):
+    import torch
+
+    import qalora_tune
+
+    out = tmp_path / "run"
+    result = _tune_run(
+        "--config", "tinystories656K_qalora",
+        *_shared_overrides("tinystories656K", "tokenizer.json", out),
+        "max_steps_per_epoch=4", "validation.full_precision_baseline=False", f"model.bits={bits}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    adapter = json.loads((out / "epoch_0" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["qalora_tune"]["bits"] == bits
+    merged = out / "epoch_0" / "merged_int4"
+    assert json.loads((merged / "merge_report.json").read_text())["max_relative_logit_error"] < 1e-4
+    model = qalora_tune.load_merged(merged, device="cpu", dtype=torch.float32)
+    layer = model.layers[0].attn.q_proj
+    assert layer.bits == bits
+    # a b-bit grid stored as int4 codes: each group uses at most 2**bits of the 16 codes
+    codes = qalora_tune.from_torchao_int4(layer.weight).qdata
+    per_group = codes.view(codes.shape[0], -1, layer.group_size)
+    assert int((per_group.amax(-1) - per_group.amin(-1)).max()) <= 2**bits - 1
+    summary = json.loads((out / "summary.json").read_text())["metrics"]
+    assert summary["QA-LoRA merged int4"]["loss"] == pytest.approx(
+        summary["QA-LoRA"]["loss"], rel=1e-4
+    )
