@@ -9,6 +9,7 @@ from qalora_tune.quantization.group_quant import (
     quantize_rtn,
     validate_group_size,
 )
+from qalora_tune.quantization.gptq import HessianAccumulator, quantize_gptq
 from qalora_tune.quantization.int4_weight import (
     INT4_KERNEL_GROUP_SIZES,
     Int4Weight,
@@ -28,6 +29,7 @@ from qalora_tune.quantization.plain_int4 import (
 
 __all__ = [
     "GroupQuantizedWeight",
+    "HessianAccumulator",
     "INT4_KERNEL_GROUP_SIZES",
     "Int4Weight",
     "QUANTIZERS",
@@ -40,6 +42,7 @@ __all__ = [
     "is_int4_weight",
     "is_plain_int4",
     "plain_int4_bytes",
+    "quantize_gptq",
     "quantize_hqq",
     "quantize_rtn",
     "to_plain_int4",
