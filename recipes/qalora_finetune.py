@@ -181,9 +181,11 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
     def setup(self, cfg: DictConfig) -> None:
         """Build everything from the config, in dependency order."""
         if cfg.get("prepare_base") is not None:
-            run_on_rank_zero(lambda: config.instantiate(cfg.prepare_base))
-            if not is_rank_zero():
-                config.instantiate(cfg.prepare_base)  # reuses (checks) rank 0's base
+            # the RNG streams stay as seeded whether the base is made now or reused
+            with torch.random.fork_rng(devices=[]):
+                run_on_rank_zero(lambda: config.instantiate(cfg.prepare_base))
+                if not is_rank_zero():
+                    config.instantiate(cfg.prepare_base)  # reuses (checks) rank 0's base
         self._checkpointer = self._setup_checkpointer(cfg.checkpointer)
         self._metric_logger = self._setup_metric_logger(cfg.metric_logger)
         if self._metric_logger is not None:
