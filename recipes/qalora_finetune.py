@@ -70,12 +70,7 @@ from qalora_tune.recipe_utils import (
 )
 
 log = utils.get_logger("INFO")
-
-
-def _info(message: str) -> None:
-    """Log on rank 0 only (every rank runs the same steps)."""
-    if is_rank_zero():
-        log.info(message)
+_info = partial(utils.log_rank_zero, log)  # every rank runs the same steps: log once
 
 IGNORE_INDEX = -100
 
@@ -138,7 +133,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
     def __init__(self, cfg: DictConfig) -> None:
         check_device(cfg.device)
         self._device = utils.get_device(device=cfg.device)
-        self._distributed = init_distributed(cfg.device)
+        init_distributed(cfg.device)
         self._world_size, self._rank = world_size_and_rank()
         self._dtype = resolve_dtype(cfg.dtype, self._device, allowed=("fp32", "bf16"))
         self._output_dir = check_output_dir(cfg.output_dir)
@@ -201,6 +196,8 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         self._lr_scheduler = self._setup_lr_scheduler(cfg.get("lr_scheduler"))
         self._val_dataloader, self._val_cfg = self._setup_validation(cfg.get("validation"))
         self._probe_batch = self._probe(self._val_dataloader or self._dataloader)
+        # fixed for the run: computed once (the base fingerprint reads the weight files)
+        self._adapter_metadata = self._adapter_config()
         if self._resume_from_checkpoint:
             self._restore(self._checkpointer.load_resume_state())
         # identical adapters on every rank (each initialised its own from seed + rank)
@@ -341,7 +338,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
 
     def _evaluate(self) -> Dict[str, float]:
         return evaluate_lm(
-            self._model, self._val_dataloader, self._device, sum_across_ranks=self._distributed
+            self._model, self._val_dataloader, self._device, sum_across_ranks=self._world_size > 1
         )
 
     @contextlib.contextmanager
@@ -365,7 +362,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             model = builder.full_precision()
         self._checkpointer.load_base(model)
         metrics = evaluate_lm(
-            model, self._val_dataloader, self._device, sum_across_ranks=self._distributed
+            model, self._val_dataloader, self._device, sum_across_ranks=self._world_size > 1
         )
         del model
         return metrics
@@ -561,14 +558,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             "seed": self.seed,
             "total_epochs": self.total_epochs,
             "max_steps_per_epoch": self.max_steps_per_epoch,
-            # what fixes the data order: a mid-epoch resume needs the same values
-            "data_order": {
-                "world_size": self._world_size,
-                "batch_size": self._batch_size,
-                "gradient_accumulation_steps": self._gradient_accumulation_steps,
-                "shuffle": self._shuffle,
-                "seed": self.seed,
-            },
+            "data_order": self._data_order(),
             "dataloader_per_rank": gather_objects(self._dataloader.state_dict()),
             "rng_per_rank": gather_objects(rng),
         }
@@ -579,7 +569,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         state = self._recipe_state(epoch, steps_done)
         path = run_on_rank_zero(
             lambda: self._checkpointer.save_step_checkpoint(
-                self.global_step, self._adapter_modules, self._adapter_config(), state
+                self.global_step, self._adapter_modules, self._adapter_metadata, state
             )
         )
         _info(f"Saved {path} in {time.perf_counter() - start:.1f}s")
@@ -593,7 +583,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         if not self._save_merged_int4:
             path = run_on_rank_zero(
                 lambda: self._checkpointer.save_checkpoint(
-                    epoch, layers, self._adapter_config(), recipe_state
+                    epoch, layers, self._adapter_metadata, recipe_state
                 )
             )
             _info(f"Saved {path} in {time.perf_counter() - start:.1f}s")
@@ -605,7 +595,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
                 self._metrics["QA-LoRA merged int4"] = self._evaluate()
             path = run_on_rank_zero(
                 lambda: self._checkpointer.save_checkpoint(
-                    epoch, layers, self._adapter_config(), recipe_state,
+                    epoch, layers, self._adapter_metadata, recipe_state,
                     merged_model=self._model, merge_report=report,
                 )
             )
@@ -618,7 +608,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         )
 
     def _restore(self, saved: Dict[str, Any]) -> None:
-        check_resume_matches(saved["adapter_config"], self._adapter_config(), saved["path"])
+        check_resume_matches(saved["adapter_config"], self._adapter_metadata, saved["path"])
         state = saved["recipe_state"]
         progress = state["progress"]
         missing = set(self._adapter_params) - set(saved["adapter"])
@@ -653,16 +643,20 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         )
         _info(f"Resumed from {saved['path']} after {where} (global step {self.global_step})")
 
-    def _check_data_order(self, path: Path, saved: Dict[str, Any]) -> None:
-        """A mid-epoch checkpoint continues its epoch's data order: the settings that fix
-        it must be the ones it was saved with."""
-        current = {
+    def _data_order(self) -> Dict[str, Any]:
+        """The settings that fix which examples each rank sees at each step."""
+        return {
             "world_size": self._world_size,
             "batch_size": self._batch_size,
             "gradient_accumulation_steps": self._gradient_accumulation_steps,
             "shuffle": self._shuffle,
             "seed": self.seed,
         }
+
+    def _check_data_order(self, path: Path, saved: Dict[str, Any]) -> None:
+        """A mid-epoch checkpoint continues its epoch's data order: the settings that fix
+        it must be the ones it was saved with."""
+        current = self._data_order()
         for key, value in saved.items():
             if current[key] != value:
                 setting = (

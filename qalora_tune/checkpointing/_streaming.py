@@ -178,14 +178,6 @@ def _load_one(model: nn.Module, key: str, value: torch.Tensor, raw_key: Optional
         )
     try:
         model.load_state_dict({key: value}, strict=False)
-    except RuntimeError as error:
-        if "size mismatch" in str(error):
-            raise ValueError(
-                f"{key}: checkpoint shape {tuple(value.shape)} does not match the model; "
-                "check that the model builder (model._component_) matches the checkpoint in "
-                "checkpointer.checkpoint_dir"
-            ) from None
-        raise
     except ValueError as error:  # an int4 layer refusing the weight
         raise ValueError(
             f"{key}: {error}; check that the model builder (model._component_) matches the "

@@ -135,7 +135,7 @@ def quantize_gptq(
         raise ValueError(f"hessian must have shape ({k}, {k}), got {tuple(h.shape)}")
     # inputs that never fire: nothing to preserve, quantize those columns freely
     dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
+    h.diagonal()[dead] = 1.0  # their rows and columns are zero: a unit diagonal inverts
     w[:, dead] = 0.0
     h.diagonal().add_(damp * torch.diag(h).mean())
     # upper Cholesky factor of H^-1: row i holds the update coefficients of column i

@@ -68,7 +68,7 @@ def test_gptq_lowers_the_output_error_of_rtn_on_correlated_inputs(bits):
 def test_inputs_that_never_fire_and_bad_arguments():
     weight = torch.randn(8, 64)
     inputs = torch.randn(200, 64)
-    inputs[:, 5] = 0.0  # a dead input: its Hessian row and column are zero
+    inputs[:, [5, 9, 40]] = 0.0  # dead inputs: their Hessian rows and columns are zero
     accumulator = HessianAccumulator(64)
     accumulator.add(inputs)
     gq = quantize_gptq(weight, 32, 4, accumulator.matrix())
