@@ -27,8 +27,8 @@ from qalora_finetune import CONFIG_KEYS as FINETUNE_CONFIG_KEYS
 from qalora_tune._compat import get_component_from_path
 from qalora_tune.checkpointing import (
     atomic_directory,
-    check_adapter_matches,
     clean_module_name,
+    load_adapter_into,
     read_adapter,
 )
 from qalora_tune.modules import QALoRALinear
@@ -99,24 +99,14 @@ class QALoRAMergeRecipe:
         return model.eval()
 
     def _check_and_load(self, adapter: Dict[str, torch.Tensor]) -> None:
-        first = next(iter(self._layers.values()), None)
-        if first is None:
-            raise ValueError("the config's model has no QA-LoRA layers to merge into")
-        expected = {
-            "group_size": first.group_size,
-            "bits": first.bits,
-            "rank": first.rank,
-            "alpha": first.alpha,
-            "target_modules": sorted(self._layers),
-            "pad_in_dim": self._pad_in_dim,
-            "base_fingerprint": self._checkpointer.base_fingerprint(),
-        }
-        check_adapter_matches(self._metadata, expected, self._adapter_dir)
-        with torch.no_grad():
-            for name, layer in self._layers.items():
-                for part in ("lora_a", "lora_b"):
-                    value = adapter[f"{name}.{part}.weight"]
-                    getattr(layer, part).weight.copy_(value)
+        load_adapter_into(
+            self._layers,
+            adapter,
+            self._metadata,
+            self._adapter_dir,
+            self._checkpointer.base_fingerprint(),
+            self._pad_in_dim,
+        )
 
     def _setup_probe(self, cfg: DictConfig) -> Optional[Dict[str, torch.Tensor]]:
         cfg_dataset = cfg.validation.dataset if cfg.get("validation") else cfg.get("dataset")

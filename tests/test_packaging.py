@@ -55,11 +55,14 @@ def test_configs_ship_as_qalora_tune_configs():
     assert list((ROOT / "configs").glob("*.yaml"))
 
 
-def test_recipe_is_an_importable_top_level_module():
+@pytest.mark.parametrize(
+    "recipe", ["qalora_finetune", "qalora_merge", "qalora_generate", "qalora_eval"]
+)
+def test_recipe_is_an_importable_top_level_module(recipe):
     setuptools = _setuptools()
-    assert "qalora_finetune" in setuptools["py-modules"]
+    assert recipe in setuptools["py-modules"]
     recipe_dir = setuptools["package-dir"][""]
-    assert (ROOT / recipe_dir / "qalora_finetune.py").is_file()
-    spec = importlib.util.find_spec("qalora_finetune")
+    assert (ROOT / recipe_dir / f"{recipe}.py").is_file()
+    spec = importlib.util.find_spec(recipe)
     assert spec is not None and spec.origin is not None
-    assert Path(spec.origin).name == "qalora_finetune.py"
+    assert Path(spec.origin).name == f"{recipe}.py"

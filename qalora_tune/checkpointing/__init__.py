@@ -5,6 +5,7 @@ from qalora_tune.checkpointing._adapter import (
     ADAPTER_WEIGHTS_NAME,
     check_adapter_matches,
     check_resume_matches,
+    load_adapter_into,
     read_adapter,
     write_adapter,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "atomic_directory",
     "check_adapter_matches",
     "check_resume_matches",
+    "load_adapter_into",
     "find_checkpoint_files",
     "clean_module_name",
     "iter_hf_tensors",

@@ -30,6 +30,7 @@ __all__ = [
     "PEFT_PREFIX",
     "check_adapter_matches",
     "check_resume_matches",
+    "load_adapter_into",
     "read_adapter",
     "write_adapter",
 ]
@@ -185,6 +186,52 @@ def check_adapter_matches(
             f"(fingerprint {str(expected.get('base_fingerprint'))[:12]}...); point "
             "checkpointer.checkpoint_dir to the base the adapter was trained on"
         )
+
+
+@torch.no_grad()
+def load_adapter_into(
+    layers: Mapping[str, QALoRALinear],
+    adapter: Mapping[str, torch.Tensor],
+    metadata: Dict[str, Any],
+    adapter_dir: Path,
+    base_fingerprint: str,
+    pad_in_dim: bool,
+) -> None:
+    """Copy a read adapter into a model's QA-LoRA layers, after checking it fits them.
+
+    Args:
+        layers (Mapping[str, QALoRALinear]): the model's adapted layers by clean module
+            name (as the adapter's keys name them).
+        adapter (Mapping[str, torch.Tensor]): ``{name}.lora_a.weight`` / ``.lora_b.weight``
+            from :func:`read_adapter`.
+        metadata (Dict[str, Any]): the adapter's ``"qalora_tune"`` description.
+        adapter_dir (Path): named in the messages.
+        base_fingerprint (str): the fingerprint of the base the model was loaded from.
+        pad_in_dim (bool): the model's ``pad_in_dim`` setting.
+
+    Raises:
+        ValueError: if the model has no QA-LoRA layers, or the adapter was trained for
+            another base, quantization or set of layers (see :func:`check_adapter_matches`).
+    """
+    first = next(iter(layers.values()), None)
+    if first is None:
+        raise ValueError(
+            "the config's model has no QA-LoRA layers to load the adapter into; set "
+            "model.lora_attn_modules / model.apply_lora_to_mlp as in training"
+        )
+    expected = {
+        "group_size": first.group_size,
+        "bits": first.bits,
+        "rank": first.rank,
+        "alpha": first.alpha,
+        "target_modules": sorted(layers),
+        "pad_in_dim": pad_in_dim,
+        "base_fingerprint": base_fingerprint,
+    }
+    check_adapter_matches(metadata, expected, adapter_dir)
+    for name, layer in layers.items():
+        for part in ("lora_a", "lora_b"):
+            getattr(layer, part).weight.copy_(adapter[f"{name}.{part}.weight"])
 
 
 # (description key, the setting that changes it) that must not change across a resume

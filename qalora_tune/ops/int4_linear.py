@@ -4,8 +4,9 @@ gradient.
 torchao's int4 subclasses run inference only: the kernels have no derivative and the
 subclasses are created with ``requires_grad=False``. QA-LoRA backpropagates through the
 frozen base to the adapters of earlier layers, so this op supplies
-``grad_x = grad_y @ W`` from the dequantized weight (freed right after the matmul; only
-the current layer's dense weight exists at any time). The op takes the subclass's inner
+``grad_x = grad_y @ W``. On CPU the weight is dequantized a few row blocks at a time into
+one cache-sized buffer (``_cpu_int4_chunked``), so no dense copy of the layer exists; on
+CUDA it is dequantized whole for the current layer only and freed after the matmul. The op takes the subclass's inner
 tensors, so ``torch.compile`` sees one opaque node per base matmul.
 """
 
@@ -13,20 +14,17 @@ from typing import Any, Optional, Tuple
 
 import torch
 
+from qalora_tune.ops._cpu_int4_chunked import chunked_int4_grad_input, chunked_int4_linear
 from qalora_tune.quantization.int4_weight import dequantize_packed, tinygemm_padded_in_features
 
-__all__ = ["int4_linear"]
+__all__ = ["int4_linear", "int4_linear_grad_input"]
 
 
 def _cpu_forward(x2d, qdata, scale_and_zero, group_size, out_features):
     if scale_and_zero.dtype == torch.float32:
-        # The CPU int4 kernel has no fast fp32 path (4096x4096: ~10x slower than in bf16,
-        # and slower than dequantize + fp32 matmul from M = 1 on); fp32 dequantizes the
-        # weight for this call only.
-        weight = dequantize_packed(
-            qdata, scale_and_zero, group_size, out_features, x2d.shape[-1]
-        )
-        return x2d @ weight.t()
+        # The CPU int4 kernel has no fast fp32 path (11008x4096 at M = 128: ~120x slower
+        # than in bf16); fp32 dequantizes cache-sized row blocks and runs BLAS on each.
+        return chunked_int4_linear(x2d, qdata, scale_and_zero, group_size, out_features)
     return torch.ops.aten._weight_int4pack_mm_for_cpu(
         x2d, qdata, group_size, scale_and_zero
     )
@@ -75,21 +73,58 @@ def _setup_context(ctx: Any, inputs: Tuple[Any, ...], output: torch.Tensor) -> N
     x, qdata, scale_and_zero, group_size, out_features = inputs
     ctx.save_for_backward(qdata, scale_and_zero)
     ctx.group_size = group_size
-    ctx.out_features = out_features
     ctx.in_features = x.shape[-1]
     ctx.x_dtype = x.dtype
+
+
+@torch.library.custom_op("qalora_tune::int4_linear_grad_input", mutates_args=())
+def int4_linear_grad_input(
+    grad: torch.Tensor,
+    qdata: torch.Tensor,
+    scale_and_zero: torch.Tensor,
+    group_size: int,
+    in_features: int,
+) -> torch.Tensor:
+    """``grad @ W``, the input gradient of :func:`int4_linear`.
+
+    An op of its own, so that compiled backward graphs keep it as one node.
+
+    Args:
+        grad (torch.Tensor): ``(..., out_features)``.
+        qdata (torch.Tensor): packed codes (CPU or tinygemm layout).
+        scale_and_zero (torch.Tensor): ``(n_groups_pad, N_pad, 2)``.
+        group_size (int): quantization group size.
+        in_features (int): ``K``.
+
+    Returns:
+        torch.Tensor: ``(..., in_features)`` in ``scale_and_zero.dtype``.
+    """
+    grad2d = grad.reshape(-1, grad.shape[-1]).to(scale_and_zero.dtype)
+    if qdata.dim() == 2:  # CPU layout: dequantized chunk by chunk, as in the forward
+        grad_x = chunked_int4_grad_input(
+            grad2d, qdata, scale_and_zero, group_size, in_features
+        )
+    else:
+        # dequantized exactly in fp32, then rounded once to the compute dtype
+        weight = dequantize_packed(
+            qdata, scale_and_zero, group_size, grad.shape[-1], in_features, torch.float32
+        ).to(scale_and_zero.dtype)
+        grad_x = grad2d @ weight
+    return grad_x.reshape(*grad.shape[:-1], in_features)
+
+
+@int4_linear_grad_input.register_fake
+def _(grad, qdata, scale_and_zero, group_size, in_features):
+    return grad.new_empty((*grad.shape[:-1], in_features), dtype=scale_and_zero.dtype)
 
 
 def _backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
     if not ctx.needs_input_grad[0]:
         return None, None, None, None, None
     qdata, scale_and_zero = ctx.saved_tensors
-    # dequantized exactly in fp32, then rounded once to the compute dtype
-    weight = dequantize_packed(
-        qdata, scale_and_zero, ctx.group_size, ctx.out_features, ctx.in_features,
-        torch.float32,
-    ).to(scale_and_zero.dtype)
-    grad_x = grad.to(weight.dtype) @ weight
+    grad_x = int4_linear_grad_input(
+        grad, qdata, scale_and_zero, ctx.group_size, ctx.in_features
+    )
     return grad_x.to(ctx.x_dtype), None, None, None, None
 
 

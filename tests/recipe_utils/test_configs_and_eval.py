@@ -75,11 +75,14 @@ def test_every_config_opens_with_its_own_run_command(name):
             break
         header.append(line)
     text = "\n".join(header)
-    recipe = "qalora_generate" if name.endswith("_generate") else "qalora_finetune"
+    recipe = "qalora_finetune"
+    for suffix in ("_generate", "_eval"):  # configs of the generation and evaluation recipes
+        if name.endswith(suffix):
+            recipe = f"qalora{suffix}"
     assert f"tune run {recipe} --config {name}" in text
     # every command in the header is for this config, not copied from another one (a
-    # generation config also names the training config that writes its model)
-    allowed = {name, name.removesuffix("_generate")}
+    # generation or evaluation config also names the training config that writes its model)
+    allowed = {name, name.removesuffix("_generate").removesuffix("_eval")}
     assert name in set(re.findall(r"--config\s+(\S+)", text)) <= allowed
 
 

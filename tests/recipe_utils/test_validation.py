@@ -5,6 +5,7 @@ passes with its recipe's keys."""
 import pytest
 from omegaconf import OmegaConf
 
+from qalora_eval import CONFIG_KEYS as EVAL_KEYS
 from qalora_finetune import CONFIG_KEYS as FINETUNE_KEYS
 from qalora_generate import CONFIG_KEYS as GENERATE_KEYS
 from qalora_merge import CONFIG_KEYS as MERGE_KEYS
@@ -26,6 +27,8 @@ def test_every_packaged_config_passes_with_its_recipes_keys(name):
     cfg = OmegaConf.load(resolve_config(name))
     if name.endswith("_generate"):
         check_config(cfg, GENERATE_KEYS, "qalora_generate")
+    elif name.endswith("_eval"):
+        check_config(cfg, EVAL_KEYS, "qalora_eval")
     else:
         check_config(cfg, FINETUNE_KEYS, "qalora_finetune")
         check_config(OmegaConf.merge(cfg, {"adapter_dir": "/a"}), MERGE_KEYS, "qalora_merge")

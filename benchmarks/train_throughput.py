@@ -1,0 +1,448 @@
+"""Training tokens/s and peak memory: QA-LoRA vs torchtune's LoRA and QLoRA, side by side.
+
+    python benchmarks/train_throughput.py                                  # CPU defaults
+    python benchmarks/train_throughput.py --shape tinystories656K
+    python benchmarks/train_throughput.py --device cuda --layers 32        # full llama2-7B
+
+One training step (forward, cross-entropy, backward, AdamW step) on the same model
+shapes, batch, sequence length and adapter targets (q, k, v, output projections and the
+MLP) for each method:
+
+    qalora      this project: int4 base (torchao), pooled adapters   (--dtype, fp32 on CPU)
+    lora_fp32   torchtune ``lora_llama2``, fp32 base and adapters    (CPU only)
+    lora_bf16   torchtune ``lora_llama2``, bf16 base and adapters
+    qlora       torchtune ``lora_llama2(quantize_base=True)``: NF4 base, adapters in --dtype
+
+Throughput: all models are built in one process and their steps are interleaved
+(``qalora, lora_fp32, ..., qalora, lora_fp32, ...``), so slow phases of a shared machine
+hit every method alike; the median over repeats is reported, with ratios. Peak memory: on
+CUDA ``max_memory_allocated`` around each method's steps; on CPU each method runs alone
+in a child process that resets the kernel's peak-RSS counter (``/proc/self/clear_refs``)
+before building the model and reports the peak (``VmHWM``) minus the RSS at that point.
+
+Shapes: ``llama2_7b_layers`` is Llama-2-7B's decoder layer (dim 4096, MLP 11008, 32
+heads) repeated ``--layers`` times with random weights, vocab ``--vocab``;
+``tinystories656K`` is the real checkpoint in ``../shared/models`` (output tied to the
+embeddings, group size 32).
+
+Output: a markdown table on stdout, ``--json`` with every number, ``--markdown`` with
+the table.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MODELS = ROOT.parent / "shared" / "models"
+METHODS = ("qalora", "lora_fp32", "lora_bf16", "qlora")
+ADAPTER_TARGETS = ["q_proj", "k_proj", "v_proj", "output_proj"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+QLORA_TINYSTORIES_REASON = (
+    "torchtune's NF4 base cannot hold this model: to_nf4 needs numel/64 divisible by 256 "
+    "(the scaler block size), and k_proj/v_proj (64 x 128) have 128 scalers"
+)
+
+LLAMA2_7B_LAYER = dict(num_heads=32, num_kv_heads=32, embed_dim=4096, intermediate_dim=11008)
+TINYSTORIES656K = dict(
+    vocab_size=2048, num_layers=2, num_heads=8, num_kv_heads=4, embed_dim=128,
+    intermediate_dim=384, norm_eps=1e-6,
+)
+TINY = dict(vocab_size=256, num_layers=2, num_heads=4, num_kv_heads=4, embed_dim=256,
+            intermediate_dim=512)
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def _shape_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    if args.shape == "llama2_7b_layers":
+        dims = dict(LLAMA2_7B_LAYER, vocab_size=args.vocab, num_layers=args.layers)
+    elif args.shape == "tinystories656K":
+        dims = dict(TINYSTORIES656K)
+    else:
+        dims = dict(TINY)
+    return dict(dims, max_seq_len=max(512, args.seq_len))
+
+
+def _tied(shape: str) -> bool:
+    return shape == "tinystories656K"
+
+
+def _full_precision_state(args: argparse.Namespace) -> Optional[Dict[str, torch.Tensor]]:
+    """The real checkpoint's weights as a torchtune state dict (``None``: random weights)."""
+    if args.shape != "tinystories656K":
+        return None
+    from qalora_tune.checkpointing import QALoRACheckpointer
+    from qalora_tune.models import qalora_tinystories656k
+
+    checkpoint_dir = SHARED_MODELS / "tinystories656K"
+    if not checkpoint_dir.is_dir():
+        raise SystemExit(f"train_throughput: error: {checkpoint_dir} not found (../shared)")
+    model = qalora_tinystories656k.full_precision()
+    QALoRACheckpointer(str(checkpoint_dir), "LLAMA2", output_dir="/tmp").load_base(model)
+    return model.state_dict()
+
+
+def _torchtune_lora(args: argparse.Namespace, quantize_base: bool, dtype: torch.dtype) -> nn.Module:
+    from torchtune.models.llama2 import lora_llama2
+    from torchtune.modules import TiedLinear
+
+    dims = _shape_kwargs(args)
+    with torch.device(args.device):
+        model = lora_llama2(
+            lora_attn_modules=ADAPTER_TARGETS,
+            apply_lora_to_mlp=True,
+            apply_lora_to_output=False,
+            lora_rank=args.rank,
+            lora_alpha=2 * args.rank,
+            quantize_base=quantize_base,
+            **dims,
+        )
+    if _tied(args.shape):
+        del model.output
+        model.output = TiedLinear(model.tok_embeddings)
+    model.to(dtype)  # NF4 weights keep their 4-bit storage and dequantize to this dtype
+    return model
+
+
+def _qalora(args: argparse.Namespace, dtype: torch.dtype) -> nn.Module:
+    from torchtune.models.llama2 import llama2
+
+    from qalora_tune.models import qalora_transformer, tied_llama
+
+    dims = _shape_kwargs(args)
+    base = partial(tied_llama if _tied(args.shape) else llama2, **dims)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(args.device):
+            return qalora_transformer(
+                base, ADAPTER_TARGETS, apply_lora_to_mlp=True, lora_rank=args.rank,
+                lora_alpha=2 * args.rank, group_size=args.group_size,
+            )
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build(method: str, args: argparse.Namespace, state: Optional[Dict[str, torch.Tensor]]) -> nn.Module:
+    """One method's model with only its adapters trainable (the base weights of ``state``)."""
+    dtype = DTYPES[args.dtype]
+    if method == "qalora":
+        model = _qalora(args, dtype)
+    elif method == "lora_fp32":
+        model = _torchtune_lora(args, quantize_base=False, dtype=torch.float32)
+    elif method == "lora_bf16":
+        model = _torchtune_lora(args, quantize_base=False, dtype=torch.bfloat16)
+    elif method == "qlora":
+        model = _torchtune_lora(args, quantize_base=True, dtype=dtype)
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    if state is not None:
+        model.load_state_dict(state, strict=False)  # adapters stay at their init
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name)
+    return model
+
+
+# ---------------------------------------------------------------------------- steps
+
+
+class Trainer:
+    """One method's model, optimizer and fixed batch; :meth:`step` runs one training step."""
+
+    def __init__(self, method: str, args: argparse.Namespace, state: Optional[Dict[str, torch.Tensor]]):
+        self.method = method
+        self.device = torch.device(args.device)
+        self.model = build(method, args, state)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.trainable = sum(p.numel() for p in params)
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4)
+        vocab = _shape_kwargs(args)["vocab_size"]
+        generator = torch.Generator().manual_seed(args.seed)
+        self.tokens = torch.randint(0, vocab, (args.batch_size, args.seq_len + 1), generator=generator)
+        self.tokens = self.tokens.to(self.device)
+        self.losses: List[float] = []
+
+    def step(self) -> None:
+        logits = self.model(self.tokens[:, :-1])
+        loss = nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), self.tokens[:, 1:].flatten()
+        )
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.losses.append(loss.item())  # .item() also waits for the device
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_throughput(trainers: List[Trainer], args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
+    tokens_per_step = args.batch_size * args.seq_len
+    seconds: Dict[str, List[float]] = {t.method: [] for t in trainers}
+    peaks: Dict[str, int] = {}
+    for trainer in trainers:
+        for _ in range(args.warmup):
+            trainer.step()
+    for _ in range(args.repeats):
+        for trainer in trainers:
+            if trainer.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(trainer.device)
+            _sync(trainer.device)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                trainer.step()
+            _sync(trainer.device)
+            seconds[trainer.method].append((time.perf_counter() - start) / args.steps)
+            if trainer.device.type == "cuda":
+                peaks[trainer.method] = max(
+                    peaks.get(trainer.method, 0), torch.cuda.max_memory_allocated(trainer.device)
+                )
+    results = {}
+    for trainer in trainers:
+        median = statistics.median(seconds[trainer.method])
+        results[trainer.method] = {
+            "seconds_per_step": seconds[trainer.method],
+            "median_seconds_per_step": median,
+            "tokens_per_s": tokens_per_step / median,
+            "trainable_params": trainer.trainable,
+            "model_mib": {k: v / 2**20 for k, v in model_bytes(trainer.model).items()},
+            "final_loss": trainer.losses[-1],
+        }
+        if trainer.method in peaks:
+            results[trainer.method]["peak_cuda_allocated_mib"] = peaks[trainer.method] / 2**20
+    return results
+
+
+def qalora_op_breakdown(trainer: Trainer) -> Dict[str, float]:
+    """Share of one QA-LoRA step spent in the int4 base matmuls and in the pooled update.
+
+    Profiled (``torch.profiler``, CPU time of the ops and their children) on one extra
+    step; forward and backward ops are counted together.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if trainer.device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        with torch.profiler.record_function("train_step"):
+            trainer.step()
+    kinds = {
+        "qalora_tune::int4_linear": "int4 base",
+        "qalora_tune::int4_linear_grad_input": "int4 base",
+        "qalora_tune::pooled_lora": "pooled update",
+        "GeneratedBackwardFor_qalora_tune_pooled_lora_default": "pooled update",
+    }
+    totals = {"int4 base": 0.0, "pooled update": 0.0}
+    step_total = 0.0
+    for event in prof.key_averages():
+        if event.key in kinds:
+            totals[kinds[event.key]] += event.cpu_time_total
+        elif event.key == "train_step":
+            step_total = event.cpu_time_total
+    return {f"{kind} share": value / step_total for kind, value in totals.items()}
+
+
+# ---------------------------------------------------------------------------- CPU memory
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024  # kB
+
+
+def _warm_up_runtime(args: argparse.Namespace) -> None:
+    """One step of a small model first: thread pools and allocator arenas then exist
+    before the peak is reset, and do not count against the method measured."""
+    small = argparse.Namespace(**dict(vars(args), shape="tiny", rank=4, group_size=64))
+    Trainer("lora_fp32", small, None).step()
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes held by a tensor, through tensor subclasses (int4, NF4) to their inner data."""
+    if hasattr(tensor, "__tensor_flatten__") and type(tensor) not in (torch.Tensor, nn.Parameter):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    if hasattr(tensor, "__tensor_flatten__") and isinstance(tensor, nn.Parameter) and type(tensor.data) is not torch.Tensor:
+        return tensor_bytes(tensor.data)
+    return tensor.numel() * tensor.element_size()
+
+
+def model_bytes(model: nn.Module) -> Dict[str, int]:
+    """Bytes of the frozen weights and of the trainable adapters."""
+    sizes = {"frozen": 0, "adapters": 0}
+    for param in model.parameters():
+        sizes["adapters" if param.requires_grad else "frozen"] += tensor_bytes(param)
+    for buffer in model.buffers():
+        sizes["frozen"] += tensor_bytes(buffer)
+    return sizes
+
+
+def memory_worker(args: argparse.Namespace) -> None:
+    """Child process: one method's peak RSS while building and training, as JSON.
+
+    The peak (``VmHWM``) is reset after loading the checkpoint (Linux ``clear_refs``), so
+    it covers the model build and ``--warmup + --steps`` steps only.
+    """
+    state = _full_precision_state(args)
+    _warm_up_runtime(args)
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # reset the peak RSS to the current RSS
+    before = _status_mib("VmRSS")
+    trainer = Trainer(args.memory_worker, args, state)
+    built = _status_mib("VmRSS")
+    for _ in range(args.warmup + args.steps):
+        trainer.step()
+    peak = _status_mib("VmHWM")
+    print(json.dumps({"rss_before_build_mib": before, "rss_after_build_mib": built, "peak_rss_mib": peak}))
+
+
+def measure_cpu_memory(methods: List[str], argv: List[str]) -> Dict[str, Dict[str, float]]:
+    results = {}
+    for method in methods:
+        command = [sys.executable, __file__, *argv, "--memory-worker", method]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"train_throughput: memory run of {method} failed:\n{done.stderr[-2000:]}")
+        numbers = json.loads(done.stdout.strip().splitlines()[-1])
+        numbers["peak_above_start_mib"] = numbers["peak_rss_mib"] - numbers["rss_before_build_mib"]
+        results[method] = numbers
+    return results
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def environment(args: argparse.Namespace) -> Dict[str, Any]:
+    import torchao
+    import torchtune
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    env = {
+        "torch": torch.__version__, "torchao": torchao.__version__,
+        "torchtune": torchtune.__version__, "cpu": cpu, "threads": torch.get_num_threads(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
+    if args.device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def markdown_table(report: Dict[str, Any]) -> str:
+    results = report["results"]
+    reference = {m: results[m]["tokens_per_s"] for m in ("qlora", "lora_fp32", "lora_bf16") if m in results}
+    head = ["method", "tokens/s", "s/step"] + [f"vs {m}" for m in reference] + ["peak memory (MiB)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, numbers in results.items():
+        memory = report.get("memory", {}).get(method, {})
+        peak = numbers.get("peak_cuda_allocated_mib", memory.get("peak_above_start_mib"))
+        row = [method, f"{numbers['tokens_per_s']:.1f}", f"{numbers['median_seconds_per_step']:.3f}"]
+        row += [f"{numbers['tokens_per_s'] / value:.2f}x" for value in reference.values()]
+        row.append("-" if peak is None else f"{peak:.0f}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--shape", choices=["llama2_7b_layers", "tinystories656K", "tiny"], default="llama2_7b_layers")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: 1 on CPU, 32 on CUDA)")
+    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="QA-LoRA's and QLoRA's compute dtype (default: fp32 on CPU, bf16 on CUDA)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=None)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=1, help="steps per timed repeat")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-memory", action="store_true", help="skip the CPU peak-RSS child runs")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument("--memory-worker", choices=METHODS, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but CUDA is not available")
+    if args.layers is None:
+        args.layers = 32 if args.device == "cuda" else 1
+    if args.dtype is None:
+        args.dtype = "bf16" if args.device == "cuda" else "fp32"
+    if args.methods is None:
+        args.methods = ["qalora", "lora_fp32", "lora_bf16", "qlora"] if args.device == "cpu" else ["qalora", "lora_bf16", "qlora"]
+    if args.device == "cuda" and "lora_fp32" in args.methods:
+        parser.error("lora_fp32 is a CPU reference; on CUDA compare with lora_bf16")
+    if args.shape == "tinystories656K":
+        args.group_size = min(args.group_size, 32)
+        args.rank = min(args.rank, 4)
+        if "qlora" in args.methods:
+            # torchao's to_nf4 quantizes the 64-value block scalers in blocks of 256, so a
+            # weight needs numel / 64 divisible by 256; k_proj / v_proj here (64 x 128) give 128
+            args.methods.remove("qlora")
+            args.skipped = {"qlora": QLORA_TINYSTORIES_REASON}
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.memory_worker:
+        memory_worker(args)
+        return {}
+    torch.manual_seed(args.seed)
+    state = _full_precision_state(args)
+    trainers = [Trainer(method, args, state) for method in args.methods]
+    report: Dict[str, Any] = {
+        "environment": environment(args),
+        "settings": {
+            k: v for k, v in vars(args).items()
+            if k not in ("json", "markdown", "memory_worker", "skipped")
+        },
+        "results": measure_throughput(trainers, args),
+        "skipped": getattr(args, "skipped", {}),
+    }
+    qalora = [t for t in trainers if t.method == "qalora"]
+    if qalora:
+        report["qalora_breakdown"] = qalora_op_breakdown(qalora[0])
+    del trainers, qalora
+    if args.device == "cpu" and not args.no_memory:
+        report["memory"] = measure_cpu_memory(args.methods, argv)
+    table = markdown_table(report)
+    for method, reason in report["skipped"].items():
+        table += f"\n\n{method}: not run; {reason}."
+    print(table)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(f"`{report['environment']['command']}`\n\n{table}\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import train_throughput  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "models" / "tinystories656K"
+
+
+def test_every_method_trains_and_is_reported(tmp_path):
+    out = tmp_path / "train.json"
+    report = train_throughput.main(
+        ["--shape", "tiny", "--repeats", "1", "--no-memory", "--json", str(out),
+         "--markdown", str(tmp_path / "train.md")]
+    )
+    saved = json.loads(out.read_text())
+    assert set(saved["results"]) == set(train_throughput.METHODS)
+    for method, numbers in report["results"].items():
+        assert numbers["tokens_per_s"] > 0
+        assert numbers["trainable_params"] > 0
+        # a step that did nothing would leave the loss at its initial value and finite
+        assert torch.isfinite(torch.tensor(numbers["final_loss"]))
+    assert "| qalora |" in (tmp_path / "train.md").read_text()
+
+
+def test_the_methods_train_the_same_adapter_targets():
+    args = train_throughput.parse_args(["--shape", "tiny"])
+    adapted = {}
+    for method in train_throughput.METHODS:
+        model = train_throughput.build(method, args, None)
+        names = {n.rsplit(".lora_", 1)[0] for n, p in model.named_parameters() if p.requires_grad}
+        adapted[method] = {n.split(".")[-1] for n in names}
+    assert len({frozenset(v) for v in adapted.values()}) == 1
+    assert adapted["qalora"] == {"q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3"}
+
+
+def test_qalora_base_is_smaller_than_the_dense_base():
+    args = train_throughput.parse_args(["--shape", "tiny"])
+    sizes = {
+        method: train_throughput.model_bytes(train_throughput.build(method, args, None))["frozen"]
+        for method in ("qalora", "lora_fp32", "qlora")
+    }
+    assert sizes["qalora"] < sizes["lora_fp32"] / 3
+    assert sizes["qlora"] < sizes["lora_fp32"] / 3
+
+
+def test_cpu_peak_memory_runs_in_a_child_process():
+    memory = train_throughput.measure_cpu_memory(
+        ["qalora"], ["--shape", "tiny", "--repeats", "1", "--steps", "1", "--warmup", "0"]
+    )
+    numbers = memory["qalora"]
+    assert numbers["peak_rss_mib"] >= numbers["rss_before_build_mib"] > 0
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/models/tinystories656K")
+def test_real_checkpoint_weights_reach_every_method():
+    args = train_throughput.parse_args(["--shape", "tinystories656K"])
+    state = train_throughput._full_precision_state(args)
+    embeddings = state["tok_embeddings.weight"]
+    assert "qlora" not in args.methods and "NF4" in args.skipped["qlora"]
+    for method in ("qalora", "lora_fp32"):
+        model = train_throughput.build(method, args, state)
+        assert torch.equal(model.tok_embeddings.weight.float(), embeddings.float())

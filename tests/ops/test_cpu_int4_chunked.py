@@ -1,0 +1,123 @@
+import pytest
+import torch
+
+import qalora_tune.ops._cpu_int4_chunked as chunked
+from qalora_tune.ops import int4_linear, int4_linear_grad_input
+from qalora_tune.quantization import dequantize_int4, quantize_rtn, to_torchao_int4
+from qalora_tune.quantization.cpu_int4_layout import CpuInt4Layout, cpu_int4_layout
+from qalora_tune.quantization.int4_weight import dequantize_packed
+from tests.reference import assert_within, matmul_error_bound
+
+
+def _weight(n, k, group_size, dtype=torch.float32):
+    return to_torchao_int4(quantize_rtn(torch.randn(n, k), group_size), device="cpu", dtype=dtype)
+
+
+def _rebuilt_transposed(weight, group_size, dtype):
+    k = weight.shape[1]
+    dequantizer = chunked._ChunkDequantizer(
+        weight.qdata, weight.scale_and_zero, group_size, k, dtype
+    )
+    parts, rows_seen = [], 0
+    for start, end, weight_t in dequantizer.chunks():
+        assert start == rows_seen  # chunks cover the rows in order, without gaps
+        rows_seen = end
+        parts.append(weight_t.clone())
+    assert rows_seen == weight.qdata.shape[0]
+    return torch.cat(parts, dim=1)
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 19, 1])  # one chunk; one block per chunk
+@pytest.mark.parametrize("n", [64, 112, 16, 200 * 16])  # full blocks, a partial tail, tail only
+def test_chunks_rebuild_the_dequantized_weight_bit_for_bit(monkeypatch, n, chunk_elements):
+    monkeypatch.setattr(chunked, "_CHUNK_ELEMENTS", chunk_elements)
+    k, group_size = 256, 64
+    weight = _weight(n, k, group_size)
+    expected = dequantize_packed(weight.qdata, weight.scale_and_zero, group_size, n, k)
+    rebuilt = _rebuilt_transposed(weight, group_size, torch.float32)
+    assert torch.equal(rebuilt[:, :n].t(), expected)
+
+
+def test_other_dtypes_round_the_fp32_dequantization_once():
+    weight = _weight(112, 128, 32, torch.bfloat16)
+    exact = dequantize_packed(weight.qdata, weight.scale_and_zero, 32, 112, 128, torch.float32)
+    rebuilt = _rebuilt_transposed(weight, 32, torch.bfloat16)
+    # bf16 values, held in fp32 so the products accumulate in fp32
+    assert rebuilt.dtype == torch.float32
+    assert torch.equal(rebuilt[:, :112].t(), exact.to(torch.bfloat16).float())
+
+
+def _pack_pairs(codes, block_n):
+    # the plain-pairs layout: per block of rows, byte (k, j) holds rows 2j (low), 2j+1 (high)
+    n, k = codes.shape
+    blocks = []
+    for start in range(0, n, block_n):
+        block = codes[start : start + block_n].to(torch.uint8)
+        blocks.append((block[0::2] | block[1::2] << 4).t().reshape(-1))
+    return torch.cat(blocks).view(n, k // 2)
+
+
+def test_plain_pair_layout(monkeypatch):
+    # builds without AVX pack rows as plain pairs; emulate one to cover that branch
+    layout = CpuInt4Layout(block_n=32, lanes=1)
+    monkeypatch.setattr(chunked, "cpu_int4_layout", lambda: layout)
+    monkeypatch.setattr(chunked, "_CHUNK_ELEMENTS", 1)
+    n, k, group_size = 80, 128, 32  # two full blocks of 32 rows and a tail of 16
+    codes = torch.randint(0, 16, (n, k))
+    scale = torch.rand(k // group_size, n) + 0.1
+    zero = torch.randn(k // group_size, n)
+    scale_and_zero = torch.stack([scale, zero], dim=-1)
+    qdata = _pack_pairs(codes, layout.block_n)
+    dequantizer = chunked._ChunkDequantizer(qdata, scale_and_zero, group_size, k, torch.float32)
+    rebuilt = torch.cat([w.clone() for _, _, w in dequantizer.chunks()], dim=1).t()
+    expected = (codes.float() - 8).unflatten(-1, (-1, group_size))
+    expected = (expected * scale.t().unsqueeze(-1) + zero.t().unsqueeze(-1)).flatten(-2)
+    assert torch.equal(rebuilt, expected)
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 19, 1])
+@pytest.mark.parametrize("n,k,group_size", [(112, 256, 64), (4 * 64 + 48, 512, 128)])
+def test_chunked_products_match_float64(monkeypatch, chunk_elements, n, k, group_size):
+    monkeypatch.setattr(chunked, "_CHUNK_ELEMENTS", chunk_elements)
+    weight = _weight(n, k, group_size)
+    dense = dequantize_int4(weight, torch.float64)
+    x = torch.randn(3, 7, k, requires_grad=True)
+    out = int4_linear(x, weight.qdata, weight.scale_and_zero, group_size, n)
+    expected = x.detach().double() @ dense.t()
+    bound = matmul_error_bound(x.detach(), dense, torch.float32, expected)
+    assert_within(out, expected, bound, "forward")
+    grad = torch.randn(3, 7, n)
+    out.backward(grad)
+    expected_grad = grad.double() @ dense
+    bound = matmul_error_bound(grad, dense.t(), torch.float32, expected_grad)
+    assert_within(x.grad, expected_grad, bound, "input gradient")
+
+
+def test_bf16_input_gradient_rounds_once_after_fp32_accumulation(monkeypatch):
+    monkeypatch.setattr(chunked, "_CHUNK_ELEMENTS", 1)  # one row block per chunk
+    n, k = 64 * 40, 128
+    weight = _weight(n, k, 32, torch.bfloat16)
+    dense = dequantize_packed(weight.qdata, weight.scale_and_zero, 32, n, k, torch.float32)
+    grad = torch.randn(4, n).to(torch.bfloat16)
+    grad_x = int4_linear_grad_input(grad, weight.qdata, weight.scale_and_zero, 32, k)
+    expected = grad.double() @ dense.to(torch.bfloat16).double()
+    # fp32 accumulation over n terms, then one bf16 rounding (not one per row block)
+    bound = 2.0**-8 * expected.abs() + n * 2.0**-24 * (grad.double().abs() @ dense.double().abs())
+    assert grad_x.dtype == torch.bfloat16
+    assert_within(grad_x, expected, 2 * bound + 1e-30, "bf16 input gradient")
+
+
+def test_chunks_use_the_detected_layout():
+    weight = _weight(64, 128, 32)
+    dequantizer = chunked._ChunkDequantizer(
+        weight.qdata, weight.scale_and_zero, 32, 128, torch.float32
+    )
+    assert dequantizer.block_n == cpu_int4_layout().block_n
+
+
+def test_grad_input_opcheck():
+    weight = _weight(48, 256, 64)
+    grad = torch.randn(2, 3, 48)
+    torch.library.opcheck(
+        int4_linear_grad_input, (grad, weight.qdata, weight.scale_and_zero, 64, 256)
+    )
