@@ -27,6 +27,7 @@ import torch
 from omegaconf import OmegaConf
 from torchtune import config as tune_config
 
+from qalora_tune.models import tensor_nbytes
 from qalora_tune.recipe_utils import packaged_config_names, resolve_config
 
 GIB = 1024**3
@@ -42,14 +43,6 @@ DEFAULT_CONFIGS = [
 ]
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> int:
-    """Bytes of a tensor, summing the inner tensors of a tensor subclass."""
-    if hasattr(tensor, "__tensor_flatten__"):
-        names, _ = tensor.__tensor_flatten__()
-        return sum(_tensor_bytes(getattr(tensor, name)) for name in names)
-    return tensor.numel() * tensor.element_size()
-
-
 def measure(config_name: str) -> Dict[str, float]:
     """Bytes by kind of the model ``config_name`` builds, plus its largest layer."""
     cfg = OmegaConf.load(resolve_config(config_name))
@@ -62,7 +55,7 @@ def measure(config_name: str) -> Dict[str, float]:
         torch.set_default_dtype(previous)
     base = frozen = adapters = 0
     for _, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        size = _tensor_bytes(tensor)
+        size = tensor_nbytes(tensor)
         if tensor.requires_grad:
             adapters += size
         elif hasattr(tensor, "__tensor_flatten__"):
@@ -70,7 +63,7 @@ def measure(config_name: str) -> Dict[str, float]:
         else:
             frozen += size
     layer = max(
-        sum(_tensor_bytes(t) for t in layer.parameters()) for layer in model.layers
+        sum(tensor_nbytes(t) for t in layer.parameters()) for layer in model.layers
     )
     return {"base": base, "frozen": frozen, "adapters": adapters, "layer": layer}
 

@@ -8,17 +8,21 @@ One training step (forward, cross-entropy, backward, AdamW step) on the same mod
 shapes, batch, sequence length and adapter targets (q, k, v, output projections and the
 MLP) for each method:
 
-    qalora      this project: int4 base (torchao), pooled adapters   (--dtype, fp32 on CPU)
-    lora_fp32   torchtune ``lora_llama2``, fp32 base and adapters    (CPU only)
-    lora_bf16   torchtune ``lora_llama2``, bf16 base and adapters
-    qlora       torchtune ``lora_llama2(quantize_base=True)``: NF4 base, adapters in --dtype
+    qalora_{fp32,bf16}  this project: int4 base (torchao), pooled adapters, in that dtype
+    lora_{fp32,bf16}    torchtune ``lora_llama2``: dense base and adapters in that dtype
+    qlora_{fp32,bf16}   torchtune ``lora_llama2(quantize_base=True)``: NF4 base, the rest
+                        (and NF4's dequantized weight) in that dtype
+
+The fp32 variants are CPU references (the CPU int4 kernel is a bf16 kernel; in fp32
+QA-LoRA dequantizes cache-sized chunks for BLAS, see ``qalora_tune/ops``).
 
 Throughput: all models are built in one process and their steps are interleaved
 (``qalora, lora_fp32, ..., qalora, lora_fp32, ...``), so slow phases of a shared machine
 hit every method alike; the median over repeats is reported, with ratios. Peak memory: on
 CUDA ``max_memory_allocated`` around each method's steps; on CPU each method runs alone
 in a child process that resets the kernel's peak-RSS counter (``/proc/self/clear_refs``)
-before building the model and reports the peak (``VmHWM``) minus the RSS at that point.
+before building the model and again before training, and reports both peaks (``VmHWM``)
+above the RSS before the build.
 
 Shapes: ``llama2_7b_layers`` is Llama-2-7B's decoder layer (dim 4096, MLP 11008, 32
 heads) repeated ``--layers`` times with random weights, vocab ``--vocab``;
@@ -30,6 +34,7 @@ the table.
 """
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -46,7 +51,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MODELS = ROOT.parent / "shared" / "models"
-METHODS = ("qalora", "lora_fp32", "lora_bf16", "qlora")
+METHODS = ("qalora_fp32", "qalora_bf16", "lora_fp32", "lora_bf16", "qlora_fp32", "qlora_bf16")
 ADAPTER_TARGETS = ["q_proj", "k_proj", "v_proj", "output_proj"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 QLORA_TINYSTORIES_REASON = (
@@ -138,17 +143,14 @@ def _qalora(args: argparse.Namespace, dtype: torch.dtype) -> nn.Module:
 
 def build(method: str, args: argparse.Namespace, state: Optional[Dict[str, torch.Tensor]]) -> nn.Module:
     """One method's model with only its adapters trainable (the base weights of ``state``)."""
-    dtype = DTYPES[args.dtype]
-    if method == "qalora":
-        model = _qalora(args, dtype)
-    elif method == "lora_fp32":
-        model = _torchtune_lora(args, quantize_base=False, dtype=torch.float32)
-    elif method == "lora_bf16":
-        model = _torchtune_lora(args, quantize_base=False, dtype=torch.bfloat16)
-    elif method == "qlora":
-        model = _torchtune_lora(args, quantize_base=True, dtype=dtype)
-    else:
+    if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    kind, dtype_name = method.rsplit("_", 1)
+    dtype = DTYPES[dtype_name]
+    if kind == "qalora":
+        model = _qalora(args, dtype)
+    else:
+        model = _torchtune_lora(args, quantize_base=kind == "qlora", dtype=dtype)
     if state is not None:
         model.load_state_dict(state, strict=False)  # adapters stay at their init
     for name, param in model.named_parameters():
@@ -274,43 +276,54 @@ def _warm_up_runtime(args: argparse.Namespace) -> None:
     Trainer("lora_fp32", small, None).step()
 
 
-def tensor_bytes(tensor: torch.Tensor) -> int:
-    """Bytes held by a tensor, through tensor subclasses (int4, NF4) to their inner data."""
-    if hasattr(tensor, "__tensor_flatten__") and type(tensor) not in (torch.Tensor, nn.Parameter):
-        names, _ = tensor.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
-    if hasattr(tensor, "__tensor_flatten__") and isinstance(tensor, nn.Parameter) and type(tensor.data) is not torch.Tensor:
-        return tensor_bytes(tensor.data)
-    return tensor.numel() * tensor.element_size()
-
-
 def model_bytes(model: nn.Module) -> Dict[str, int]:
     """Bytes of the frozen weights and of the trainable adapters."""
+    from qalora_tune.models import tensor_nbytes
+
     sizes = {"frozen": 0, "adapters": 0}
     for param in model.parameters():
-        sizes["adapters" if param.requires_grad else "frozen"] += tensor_bytes(param)
+        sizes["adapters" if param.requires_grad else "frozen"] += tensor_nbytes(param)
     for buffer in model.buffers():
-        sizes["frozen"] += tensor_bytes(buffer)
+        sizes["frozen"] += tensor_nbytes(buffer)
     return sizes
 
 
-def memory_worker(args: argparse.Namespace) -> None:
-    """Child process: one method's peak RSS while building and training, as JSON.
+def _reset_peak_rss() -> None:
+    # hand freed heap pages back first (glibc keeps them mapped), so the RSS the peak
+    # restarts from is the live memory, not what earlier transients left behind
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # Linux: the peak RSS (VmHWM) restarts from the current RSS
 
-    The peak (``VmHWM``) is reset after loading the checkpoint (Linux ``clear_refs``), so
-    it covers the model build and ``--warmup + --steps`` steps only.
+
+def memory_worker(args: argparse.Namespace) -> None:
+    """Child process: one method's peak RSS while building, and while training, as JSON.
+
+    The kernel's peak counter is reset before the build and again before the
+    ``--warmup + --steps`` training steps; both peaks are reported above the RSS before
+    the build (the loaded checkpoint and the warmed-up runtime are not counted).
     """
     state = _full_precision_state(args)
     _warm_up_runtime(args)
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # reset the peak RSS to the current RSS
+    _reset_peak_rss()
     before = _status_mib("VmRSS")
     trainer = Trainer(args.memory_worker, args, state)
+    build_peak = _status_mib("VmHWM")
+    _reset_peak_rss()
     built = _status_mib("VmRSS")
     for _ in range(args.warmup + args.steps):
         trainer.step()
-    peak = _status_mib("VmHWM")
-    print(json.dumps({"rss_before_build_mib": before, "rss_after_build_mib": built, "peak_rss_mib": peak}))
+    train_peak = _status_mib("VmHWM")
+    print(json.dumps({
+        "rss_before_build_mib": before,
+        "model_rss_mib": built - before,
+        "model_tensor_mib": sum(model_bytes(trainer.model).values()) / 2**20,
+        "build_peak_mib": build_peak - before,
+        "train_peak_mib": train_peak - before,
+    }))
 
 
 def measure_cpu_memory(methods: List[str], argv: List[str]) -> Dict[str, Dict[str, float]]:
@@ -320,9 +333,7 @@ def measure_cpu_memory(methods: List[str], argv: List[str]) -> Dict[str, Dict[st
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise SystemExit(f"train_throughput: memory run of {method} failed:\n{done.stderr[-2000:]}")
-        numbers = json.loads(done.stdout.strip().splitlines()[-1])
-        numbers["peak_above_start_mib"] = numbers["peak_rss_mib"] - numbers["rss_before_build_mib"]
-        results[method] = numbers
+        results[method] = json.loads(done.stdout.strip().splitlines()[-1])
     return results
 
 
@@ -342,7 +353,7 @@ def environment(args: argparse.Namespace) -> Dict[str, Any]:
     env = {
         "torch": torch.__version__, "torchao": torchao.__version__,
         "torchtune": torchtune.__version__, "cpu": cpu, "threads": torch.get_num_threads(),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": " ".join(["python benchmarks/train_throughput.py", *sys.argv[1:]]),
     }
     if args.device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
@@ -351,12 +362,16 @@ def environment(args: argparse.Namespace) -> Dict[str, Any]:
 
 def markdown_table(report: Dict[str, Any]) -> str:
     results = report["results"]
-    reference = {m: results[m]["tokens_per_s"] for m in ("qlora", "lora_fp32", "lora_bf16") if m in results}
-    head = ["method", "tokens/s", "s/step"] + [f"vs {m}" for m in reference] + ["peak memory (MiB)"]
+    reference = {
+        m: results[m]["tokens_per_s"]
+        for m in ("qlora_fp32", "qlora_bf16", "lora_fp32", "lora_bf16")
+        if m in results
+    }
+    head = ["method", "tokens/s", "s/step"] + [f"vs {m}" for m in reference] + ["peak training memory (MiB)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, numbers in results.items():
         memory = report.get("memory", {}).get(method, {})
-        peak = numbers.get("peak_cuda_allocated_mib", memory.get("peak_above_start_mib"))
+        peak = numbers.get("peak_cuda_allocated_mib", memory.get("train_peak_mib"))
         row = [method, f"{numbers['tokens_per_s']:.1f}", f"{numbers['median_seconds_per_step']:.3f}"]
         row += [f"{numbers['tokens_per_s'] / value:.2f}x" for value in reference.values()]
         row.append("-" if peak is None else f"{peak:.0f}")
@@ -374,8 +389,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="QA-LoRA's and QLoRA's compute dtype (default: fp32 on CPU, bf16 on CUDA)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=None)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=1, help="steps per timed repeat")
@@ -390,20 +403,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.error("--device cuda, but CUDA is not available")
     if args.layers is None:
         args.layers = 32 if args.device == "cuda" else 1
-    if args.dtype is None:
-        args.dtype = "bf16" if args.device == "cuda" else "fp32"
     if args.methods is None:
-        args.methods = ["qalora", "lora_fp32", "lora_bf16", "qlora"] if args.device == "cpu" else ["qalora", "lora_bf16", "qlora"]
-    if args.device == "cuda" and "lora_fp32" in args.methods:
-        parser.error("lora_fp32 is a CPU reference; on CUDA compare with lora_bf16")
+        on_cpu = args.device == "cpu"
+        args.methods = [m for m in METHODS if on_cpu or m.endswith("_bf16")]
+    if args.device == "cuda" and any(m.endswith("_fp32") for m in args.methods):
+        parser.error("the fp32 methods are CPU references; on CUDA compare the _bf16 ones")
     if args.shape == "tinystories656K":
         args.group_size = min(args.group_size, 32)
         args.rank = min(args.rank, 4)
-        if "qlora" in args.methods:
-            # torchao's to_nf4 quantizes the 64-value block scalers in blocks of 256, so a
-            # weight needs numel / 64 divisible by 256; k_proj / v_proj here (64 x 128) give 128
-            args.methods.remove("qlora")
-            args.skipped = {"qlora": QLORA_TINYSTORIES_REASON}
+        # torchao's to_nf4 quantizes the 64-value block scalers in blocks of 256, so a
+        # weight needs numel / 64 divisible by 256; k_proj / v_proj here (64 x 128) give 128
+        args.skipped = {m: QLORA_TINYSTORIES_REASON for m in args.methods if m.startswith("qlora")}
+        args.methods = [m for m in args.methods if m not in args.skipped]
     return args
 
 
@@ -425,9 +436,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "results": measure_throughput(trainers, args),
         "skipped": getattr(args, "skipped", {}),
     }
-    qalora = [t for t in trainers if t.method == "qalora"]
-    if qalora:
-        report["qalora_breakdown"] = qalora_op_breakdown(qalora[0])
+    qalora = [t for t in trainers if t.method.startswith("qalora")]
+    report["qalora_breakdown"] = {t.method: qalora_op_breakdown(t) for t in qalora}
     del trainers, qalora
     if args.device == "cpu" and not args.no_memory:
         report["memory"] = measure_cpu_memory(args.methods, argv)

@@ -5,6 +5,7 @@ from qalora_tune.models._component_builders import (
     MLP_PROJECTIONS,
     count_parameters,
     qalora_transformer,
+    tensor_nbytes,
 )
 from qalora_tune.models._model_builders import (
     qalora_llama2_13b,
@@ -45,5 +46,6 @@ __all__ = [
     "qalora_tiny_llama",
     "qalora_tinystories656k",
     "qalora_transformer",
+    "tensor_nbytes",
     "tied_llama",
 ]

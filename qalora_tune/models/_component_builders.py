@@ -8,7 +8,13 @@ from torch import nn
 from qalora_tune.models._knobs import check_group_size_fits, check_model_knobs
 from qalora_tune.modules import Int4Linear, QALoRALinear
 
-__all__ = ["ATTENTION_PROJECTIONS", "MLP_PROJECTIONS", "count_parameters", "qalora_transformer"]
+__all__ = [
+    "ATTENTION_PROJECTIONS",
+    "MLP_PROJECTIONS",
+    "count_parameters",
+    "qalora_transformer",
+    "tensor_nbytes",
+]
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "output_proj")
 MLP_PROJECTIONS = ("w1", "w2", "w3")
@@ -166,3 +172,17 @@ def count_parameters(model: nn.Module) -> Dict[str, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     return {"trainable": trainable, "frozen": frozen}
+
+
+def tensor_nbytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds; for a tensor subclass (torchao int4, NF4), those of its inner
+    tensors (``__tensor_flatten__``), so packed codes and scales count, not logical size."""
+    data = tensor.data if isinstance(tensor, nn.Parameter) else tensor
+    if type(data) is not torch.Tensor and hasattr(data, "__tensor_flatten__"):
+        names, _ = data.__tensor_flatten__()
+        return sum(
+            tensor_nbytes(inner)
+            for inner in (getattr(data, name) for name in names)
+            if inner is not None
+        )
+    return data.numel() * data.element_size()

@@ -1,24 +1,23 @@
-"""Dense matmuls against a CPU-packed int4 weight, dequantized a few row blocks at a time.
+"""Dense matmuls against a CPU-packed int4 weight, dequantized a chunk at a time.
 
 The CPU int4 kernel has no fast fp32 path and no transposed product (the input gradient
 ``grad @ W``), so both go through a dequantized weight. Dequantizing the whole
 ``(N, K)`` weight at once is slow: a freshly allocated buffer of ``4 N K`` bytes is
-page-faulted in on every call, and each elementwise pass runs from main memory. Here
-``W^T`` is rebuilt in chunks of about ``_CHUNK_ELEMENTS`` weights into one buffer that
-stays in cache, and each chunk is consumed by a BLAS matmul right away:
+page-faulted in on every call, and each elementwise pass runs from main memory. Here the
+weight is rebuilt in chunks of about ``_CHUNK_ELEMENTS`` values into buffers that are
+reused and stay in cache, and each chunk goes to a BLAS matmul right away; every chunk
+gives its own slice of the result, so nothing is accumulated across chunks:
 
-    x @ W^T:   y^T[rows] = chunk^T @ x^T        grad @ W:   grad_x += grad[:, rows] @ chunk^T
+    x @ W^T   (forward):   chunks of rows of W,           y^T[rows] = W[rows] @ x^T
+    grad @ W  (backward):  chunks of whole groups of K,   grad_x^T[cols] = W^T[cols] @ grad^T
 
-A chunk of row blocks is built from the packed bytes with out= ops over contiguous
-memory (no allocation per chunk), then each block is multiplied on its own,
-with the same arithmetic as :func:`~qalora_tune.quantization.dequantize_packed`,
-``(q - 8) * s + z`` in fp32, so the result is bit-identical to it. For bf16/fp16 weights
-the chunk is rounded once to that dtype and the products still run in fp32 (as a bf16
-GEMM accumulates), with one rounding of the result. The packed layout (``cpu_int4_layout``) stores row blocks of
-``block_n`` rows as ``(K, block_n / 2)`` bytes, so a run of whole blocks is a contiguous
-slice: in a full block of a lane layout byte column ``c`` holds row ``c`` (low nibble) and
-row ``c + block_n / 2`` (high nibble); in plain pair blocks it holds rows ``2c`` and
-``2c + 1``.
+Chunks are built from the packed bytes with out= ops only, with the arithmetic of
+:func:`~qalora_tune.quantization.dequantize_packed`, ``(q - 8) * s + z`` in fp32, so they
+are bit-identical to it; for bf16/fp16 weights the chunk is then rounded once to that
+dtype (as the unchunked path did). The packed layout (``cpu_int4_layout``) stores blocks
+of ``block_n`` rows as ``(K, block_n / 2)`` bytes: in a full block of a lane layout byte
+column ``c`` holds row ``c`` (low nibble) and row ``c + block_n / 2`` (high nibble); in
+plain pair blocks (and the partial last block) it holds rows ``2c`` and ``2c + 1``.
 """
 
 from typing import Iterator, Tuple
@@ -63,8 +62,8 @@ class _ChunkDequantizer:
     def chunks(self) -> Iterator[Tuple[int, int, torch.Tensor]]:
         """Yield ``(row_start, row_end, W^T[:, row_start:row_end])`` for each row block, in order.
 
-        The yielded ``(K, rows)`` fp32 tensor (holding values of the compute dtype) is a
-        view of a buffer that later blocks overwrite.
+        The yielded ``(K, rows)`` tensor, in the compute dtype, is a view of a buffer that
+        later blocks overwrite.
         """
         n_full = self.n_rows // self.block_n
         step = self.blocks_per_chunk
@@ -87,13 +86,7 @@ class _ChunkDequantizer:
         packed = self.packed[start * k // 2 : (start + width) * k // 2].view(blocks, k, half)
         # written in the packed order, so that every pass runs over contiguous memory
         codes = self._codes[: k * width].view(blocks, k, rows)
-        if halves and half % 4 == 0:
-            _unpack_halves_by_word(packed, codes)
-        else:
-            low = codes[..., :half] if halves else codes[..., 0::2]
-            high = codes[..., half:] if halves else codes[..., 1::2]
-            torch.bitwise_and(packed, 15, out=low)
-            torch.bitwise_right_shift(packed, 4, out=high)
+        _unpack_nibbles(packed, codes, halves)
         signed = codes.view(torch.int8)
         signed.sub_(8)  # q - 8, exact in int8
         g, n_groups = self.group_size, self.n_groups
@@ -104,30 +97,125 @@ class _ChunkDequantizer:
         scale = scale.reshape(n_groups, blocks, rows).transpose(0, 1).float().contiguous()
         zero = zero.reshape(n_groups, blocks, rows).transpose(0, 1).float().contiguous()
         dense = self._fp32[: k * width].view(blocks, n_groups, g, rows)
-        dense.copy_(signed.view(blocks, n_groups, g, rows))
-        dense.mul_(scale.unsqueeze(2))
+        torch.mul(signed.view(blocks, n_groups, g, rows), scale.unsqueeze(2), out=dense)
         dense.add_(zero.unsqueeze(2))
-        if self._rounded is not None:  # values of the compute dtype, kept in fp32
-            rounded = self._rounded[: k * width]
-            rounded.copy_(dense.view(-1))
-            dense.view(-1).copy_(rounded)
-        return dense.view(blocks, k, rows)
+        if self._rounded is None:
+            return dense.view(blocks, k, rows)
+        rounded = self._rounded[: k * width].view(blocks, k, rows)
+        rounded.copy_(dense.view(blocks, k, rows))
+        return rounded
 
 
-def _unpack_halves_by_word(packed: torch.Tensor, codes: torch.Tensor) -> None:
-    """Low nibbles to ``codes[..., :half]``, high nibbles to ``codes[..., half:]``.
+class _ColumnChunkDequantizer:
+    """Rebuilds ``W^T[k0:k1, :]`` for runs of whole quantization groups, into reused buffers.
 
-    Four bytes at a time: in a 32-bit word ``w`` of packed bytes, ``w & 0x0F0F0F0F`` holds
-    each byte's low nibble in place and ``(w >> 4) & 0x0F0F0F0F`` each byte's high nibble
-    (the bits shifted in from the next byte are masked off).
+    Used for ``grad @ W``: a chunk of input columns gives its own slice of the result, so
+    nothing is accumulated across chunks and the result is rounded once.
+    """
+
+    def __init__(
+        self,
+        qdata: torch.Tensor,
+        scale_and_zero: torch.Tensor,
+        group_size: int,
+        in_features: int,
+        dtype: torch.dtype,
+    ):
+        layout = cpu_int4_layout()
+        self.k = in_features
+        self.group_size = group_size
+        self.n_groups = in_features // group_size
+        self.n_rows = qdata.shape[0]
+        self.block_n = layout.block_n
+        self.halves = layout.lanes > 1
+        self.packed = qdata.reshape(-1)
+        self._scale_and_zero = scale_and_zero[: self.n_groups]
+        self.groups_per_chunk = max(1, _CHUNK_ELEMENTS // (group_size * self.n_rows))
+        size = min(self.groups_per_chunk, self.n_groups) * group_size * self.n_rows
+        self._codes = torch.empty(size, dtype=torch.uint8)
+        self._fp32 = torch.empty(size, dtype=torch.float32)
+        self._rounded = None if dtype == torch.float32 else torch.empty(size, dtype=dtype)
+
+    def chunks(self) -> Iterator[Tuple[int, int, torch.Tensor]]:
+        """Yield ``(k_start, k_end, W^T[k_start:k_end, :N_pad])`` in the compute dtype.
+
+        The yielded ``(columns, N_pad)`` tensor is a view of a buffer that later chunks
+        overwrite.
+        """
+        for first in range(0, self.n_groups, self.groups_per_chunk):
+            last = min(first + self.groups_per_chunk, self.n_groups)
+            k_start, k_end = first * self.group_size, last * self.group_size
+            yield k_start, k_end, self._dequantize(first, last)
+
+    def _dequantize(self, first_group: int, last_group: int) -> torch.Tensor:
+        k, n_rows, block_n = self.k, self.n_rows, self.block_n
+        k_start = first_group * self.group_size
+        columns = (last_group - first_group) * self.group_size
+        codes = self._codes[: columns * n_rows].view(columns, n_rows)
+        n_full = n_rows // block_n
+        split = n_full * block_n * k // 2
+        if n_full:
+            packed = self.packed[:split].view(n_full, k, block_n // 2)
+            destination = codes[:, : n_full * block_n].view(columns, n_full, block_n)
+            _unpack_nibbles(
+                packed[:, k_start : k_start + columns],
+                destination.permute(1, 0, 2),
+                self.halves,
+            )
+        tail = n_rows - n_full * block_n
+        if tail:
+            packed = self.packed[split:].view(1, k, tail // 2)
+            destination = codes[:, n_full * block_n :].view(columns, 1, tail)
+            _unpack_nibbles(
+                packed[:, k_start : k_start + columns], destination.permute(1, 0, 2), False
+            )
+        signed = codes.view(torch.int8)
+        signed.sub_(8)  # q - 8, exact in int8
+        groups = last_group - first_group
+        scale_and_zero = self._scale_and_zero[first_group:last_group]
+        scale = scale_and_zero[..., 0].float().contiguous().unsqueeze(1)
+        zero = scale_and_zero[..., 1].float().contiguous().unsqueeze(1)
+        dense = self._fp32[: columns * n_rows].view(groups, self.group_size, n_rows)
+        torch.mul(signed.view(groups, self.group_size, n_rows), scale, out=dense)
+        dense.add_(zero)
+        if self._rounded is None:
+            return dense.view(columns, n_rows)
+        rounded = self._rounded[: columns * n_rows].view(columns, n_rows)
+        rounded.copy_(dense.view(columns, n_rows))
+        return rounded
+
+
+def _unpack_nibbles(packed: torch.Tensor, codes: torch.Tensor, halves: bool) -> None:
+    """Unpack ``(blocks, K', rows / 2)`` bytes into ``(blocks, K', rows)`` codes (views).
+
+    With ``halves``, low nibbles go to ``codes[..., :rows / 2]`` and high nibbles to the
+    rest; otherwise to the even and odd positions. Halves are done four bytes at a time
+    when the strides allow: in a 32-bit word ``w`` of packed bytes, ``w & 0x0F0F0F0F``
+    holds each byte's low nibble in place and ``(w >> 4) & 0x0F0F0F0F`` each byte's high
+    nibble (the bits shifted in from the next byte are masked off).
     """
     half = packed.shape[-1]
-    words = packed.view(torch.int32)
-    codes_words = codes.view(torch.int32)
-    low, high = codes_words[..., : half // 4], codes_words[..., half // 4 :]
-    torch.bitwise_and(words, 0x0F0F0F0F, out=low)
-    torch.bitwise_right_shift(words, 4, out=high)
-    high.bitwise_and_(0x0F0F0F0F)
+    if halves and half % 4 == 0 and _word_aligned(packed) and _word_aligned(codes):
+        words = packed.view(torch.int32)
+        code_words = codes.view(torch.int32)
+        low, high = code_words[..., : half // 4], code_words[..., half // 4 :]
+        torch.bitwise_and(words, 0x0F0F0F0F, out=low)
+        torch.bitwise_right_shift(words, 4, out=high)
+        high.bitwise_and_(0x0F0F0F0F)
+        return
+    low = codes[..., :half] if halves else codes[..., 0::2]
+    high = codes[..., half:] if halves else codes[..., 1::2]
+    torch.bitwise_and(packed, 15, out=low)
+    torch.bitwise_right_shift(packed, 4, out=high)
+
+
+def _word_aligned(tensor: torch.Tensor) -> bool:
+    # a byte tensor can be viewed as int32 when its rows are whole, aligned words
+    return (
+        tensor.stride(-1) == 1
+        and tensor.storage_offset() % 4 == 0
+        and all(stride % 4 == 0 for stride in tensor.stride()[:-1])
+    )
 
 
 def chunked_int4_linear(
@@ -137,7 +225,7 @@ def chunked_int4_linear(
     group_size: int,
     out_features: int,
 ) -> torch.Tensor:
-    """``x @ W^T`` for a CPU-packed int4 weight, computed in fp32, returned in ``x2d.dtype``.
+    """``x @ W^T`` for a CPU-packed int4 weight, in ``x2d.dtype`` (the weight rounded to it).
 
     Args:
         x2d (torch.Tensor): ``(M, K)`` contiguous.
@@ -150,14 +238,14 @@ def chunked_int4_linear(
         torch.Tensor: ``(M, out_features)``, contiguous.
     """
     chunks = _ChunkDequantizer(qdata, scale_and_zero, group_size, x2d.shape[1], x2d.dtype)
-    x_t = x2d.float().t()
-    out_t = x_t.new_empty(out_features, x2d.shape[0])
+    x_t = x2d.t()
+    out_t = x2d.new_empty(out_features, x2d.shape[0])
     for start, end, weight_t in chunks.chunks():
         end = min(end, out_features)
         if start >= end:
             break
         torch.mm(weight_t[:, : end - start].t(), x_t, out=out_t[start:end])
-    return out_t.t().contiguous().to(x2d.dtype)
+    return out_t.t().contiguous()
 
 
 def chunked_int4_grad_input(
@@ -177,15 +265,15 @@ def chunked_int4_grad_input(
         in_features (int): ``K``.
 
     Returns:
-        torch.Tensor: ``(M, in_features)`` in ``grad2d.dtype``, accumulated in fp32.
+        torch.Tensor: ``(M, in_features)`` in ``grad2d.dtype`` (products accumulate in
+        fp32 inside the GEMM and are rounded once).
     """
     out_features = grad2d.shape[1]
-    chunks = _ChunkDequantizer(qdata, scale_and_zero, group_size, in_features, grad2d.dtype)
-    grad_fp32 = grad2d.float()
-    grad_input = grad_fp32.new_zeros(grad2d.shape[0], in_features)
+    chunks = _ColumnChunkDequantizer(qdata, scale_and_zero, group_size, in_features, grad2d.dtype)
+    n_rows = qdata.shape[0]
+    grad_t = grad2d.new_zeros(n_rows, grad2d.shape[0])  # padded rows contribute nothing
+    grad_t[:out_features] = grad2d.t()
+    grad_input_t = grad2d.new_empty(in_features, grad2d.shape[0])
     for start, end, weight_t in chunks.chunks():
-        end = min(end, out_features)
-        if start >= end:
-            break
-        grad_input.addmm_(grad_fp32[:, start:end], weight_t[:, : end - start].t())
-    return grad_input.to(grad2d.dtype)
+        torch.mm(weight_t, grad_t, out=grad_input_t[start:end])
+    return grad_input_t.t().contiguous()

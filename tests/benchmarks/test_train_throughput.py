@@ -24,7 +24,8 @@ def test_every_method_trains_and_is_reported(tmp_path):
         assert numbers["trainable_params"] > 0
         # a step that did nothing would leave the loss at its initial value and finite
         assert torch.isfinite(torch.tensor(numbers["final_loss"]))
-    assert "| qalora |" in (tmp_path / "train.md").read_text()
+    assert "| qalora_fp32 |" in (tmp_path / "train.md").read_text()
+    assert set(saved["qalora_breakdown"]) == {"qalora_fp32", "qalora_bf16"}
 
 
 def test_the_methods_train_the_same_adapter_targets():
@@ -35,25 +36,26 @@ def test_the_methods_train_the_same_adapter_targets():
         names = {n.rsplit(".lora_", 1)[0] for n, p in model.named_parameters() if p.requires_grad}
         adapted[method] = {n.split(".")[-1] for n in names}
     assert len({frozenset(v) for v in adapted.values()}) == 1
-    assert adapted["qalora"] == {"q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3"}
+    assert adapted["qalora_fp32"] == {"q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3"}
 
 
 def test_qalora_base_is_smaller_than_the_dense_base():
     args = train_throughput.parse_args(["--shape", "tiny"])
     sizes = {
         method: train_throughput.model_bytes(train_throughput.build(method, args, None))["frozen"]
-        for method in ("qalora", "lora_fp32", "qlora")
+        for method in ("qalora_fp32", "lora_fp32", "qlora_fp32")
     }
-    assert sizes["qalora"] < sizes["lora_fp32"] / 3
-    assert sizes["qlora"] < sizes["lora_fp32"] / 3
+    assert sizes["qalora_fp32"] < sizes["lora_fp32"] / 3
+    assert sizes["qlora_fp32"] < sizes["lora_fp32"] / 3
 
 
 def test_cpu_peak_memory_runs_in_a_child_process():
     memory = train_throughput.measure_cpu_memory(
-        ["qalora"], ["--shape", "tiny", "--repeats", "1", "--steps", "1", "--warmup", "0"]
+        ["qalora_fp32"], ["--shape", "tiny", "--repeats", "1", "--steps", "1", "--warmup", "0"]
     )
-    numbers = memory["qalora"]
-    assert numbers["peak_rss_mib"] >= numbers["rss_before_build_mib"] > 0
+    numbers = memory["qalora_fp32"]
+    assert numbers["rss_before_build_mib"] > 0
+    assert numbers["train_peak_mib"] >= numbers["model_rss_mib"] - 1  # MiB rounding
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/models/tinystories656K")
@@ -61,7 +63,7 @@ def test_real_checkpoint_weights_reach_every_method():
     args = train_throughput.parse_args(["--shape", "tinystories656K"])
     state = train_throughput._full_precision_state(args)
     embeddings = state["tok_embeddings.weight"]
-    assert "qlora" not in args.methods and "NF4" in args.skipped["qlora"]
-    for method in ("qalora", "lora_fp32"):
+    assert "qlora_fp32" not in args.methods and "NF4" in args.skipped["qlora_fp32"]
+    for method in ("qalora_fp32", "lora_fp32"):
         model = train_throughput.build(method, args, state)
         assert torch.equal(model.tok_embeddings.weight.float(), embeddings.float())

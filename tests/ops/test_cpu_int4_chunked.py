@@ -27,6 +27,38 @@ def _rebuilt_transposed(weight, group_size, dtype):
     return torch.cat(parts, dim=1)
 
 
+def _rebuilt_by_columns(weight, group_size, dtype):
+    k = weight.shape[1]
+    dequantizer = chunked._ColumnChunkDequantizer(
+        weight.qdata, weight.scale_and_zero, group_size, k, dtype
+    )
+    parts, columns_seen = [], 0
+    for start, end, weight_t in dequantizer.chunks():
+        assert start == columns_seen  # chunks cover the columns in order, without gaps
+        columns_seen = end
+        parts.append(weight_t.clone())
+    assert columns_seen == k
+    return torch.cat(parts, dim=0)
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 19, 1])  # one chunk; one group per chunk
+@pytest.mark.parametrize("n", [64, 112, 16, 200 * 16])  # full blocks, a partial tail, tail only
+def test_column_chunks_rebuild_the_dequantized_weight_bit_for_bit(monkeypatch, n, chunk_elements):
+    monkeypatch.setattr(chunked, "_CHUNK_ELEMENTS", chunk_elements)
+    k, group_size = 256, 64
+    weight = _weight(n, k, group_size)
+    expected = dequantize_packed(weight.qdata, weight.scale_and_zero, group_size, n, k)
+    rebuilt = _rebuilt_by_columns(weight, group_size, torch.float32)
+    assert torch.equal(rebuilt[:, :n].t(), expected)
+    rounded = _rebuilt_by_columns(_bf16_copy(weight, group_size), group_size, torch.bfloat16)
+    assert rounded.dtype == torch.bfloat16
+
+
+def _bf16_copy(weight, group_size):
+    dense = dequantize_int4(weight, torch.float32)
+    return to_torchao_int4(quantize_rtn(dense, group_size), device="cpu", dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("chunk_elements", [1 << 19, 1])  # one chunk; one block per chunk
 @pytest.mark.parametrize("n", [64, 112, 16, 200 * 16])  # full blocks, a partial tail, tail only
 def test_chunks_rebuild_the_dequantized_weight_bit_for_bit(monkeypatch, n, chunk_elements):
@@ -42,9 +74,10 @@ def test_other_dtypes_round_the_fp32_dequantization_once():
     weight = _weight(112, 128, 32, torch.bfloat16)
     exact = dequantize_packed(weight.qdata, weight.scale_and_zero, 32, 112, 128, torch.float32)
     rebuilt = _rebuilt_transposed(weight, 32, torch.bfloat16)
-    # bf16 values, held in fp32 so the products accumulate in fp32
-    assert rebuilt.dtype == torch.float32
-    assert torch.equal(rebuilt[:, :112].t(), exact.to(torch.bfloat16).float())
+    assert rebuilt.dtype == torch.bfloat16
+    assert torch.equal(rebuilt[:, :112].t(), exact.to(torch.bfloat16))
+    by_columns = _rebuilt_by_columns(weight, 32, torch.bfloat16)
+    assert torch.equal(by_columns[:, :112].t(), exact.to(torch.bfloat16))
 
 
 def _pack_pairs(codes, block_n):
@@ -68,11 +101,16 @@ def test_plain_pair_layout(monkeypatch):
     zero = torch.randn(k // group_size, n)
     scale_and_zero = torch.stack([scale, zero], dim=-1)
     qdata = _pack_pairs(codes, layout.block_n)
-    dequantizer = chunked._ChunkDequantizer(qdata, scale_and_zero, group_size, k, torch.float32)
-    rebuilt = torch.cat([w.clone() for _, _, w in dequantizer.chunks()], dim=1).t()
     expected = (codes.float() - 8).unflatten(-1, (-1, group_size))
     expected = (expected * scale.t().unsqueeze(-1) + zero.t().unsqueeze(-1)).flatten(-2)
+    dequantizer = chunked._ChunkDequantizer(qdata, scale_and_zero, group_size, k, torch.float32)
+    rebuilt = torch.cat([w.clone() for _, _, w in dequantizer.chunks()], dim=1).t()
     assert torch.equal(rebuilt, expected)
+    dequantizer = chunked._ColumnChunkDequantizer(
+        qdata, scale_and_zero, group_size, k, torch.float32
+    )
+    by_columns = torch.cat([w.clone() for _, _, w in dequantizer.chunks()], dim=0).t()
+    assert torch.equal(by_columns, expected)
 
 
 @pytest.mark.parametrize("chunk_elements", [1 << 19, 1])
@@ -105,6 +143,24 @@ def test_bf16_input_gradient_rounds_once_after_fp32_accumulation(monkeypatch):
     bound = 2.0**-8 * expected.abs() + n * 2.0**-24 * (grad.double().abs() @ dense.double().abs())
     assert grad_x.dtype == torch.bfloat16
     assert_within(grad_x, expected, 2 * bound + 1e-30, "bf16 input gradient")
+
+
+def test_large_bf16_batches_use_a_dequantized_gemm_within_bf16_rounding():
+    from qalora_tune.ops.int4_linear import CPU_DEQUANTIZE_MIN_ROWS
+
+    n, k = 112, 256
+    weight = _weight(n, k, 64, torch.bfloat16)
+    dense = dequantize_int4(weight, torch.float64)
+    x = torch.randn(CPU_DEQUANTIZE_MIN_ROWS, k).to(torch.bfloat16)
+    out = int4_linear(x, weight.qdata, weight.scale_and_zero, 64, n)
+    expected = x.double() @ dense.t()
+    # the matmul bound of the int4 kernel, plus the weight's own rounding to bf16
+    bound = matmul_error_bound(x, dense, torch.bfloat16, expected)
+    bound = bound + 2.0**-8 * (x.double().abs() @ dense.abs().t())
+    assert_within(out, expected, bound, "bf16 forward through dequantized chunks")
+    # and the int4 kernel on the first rows (below the threshold) agrees as closely
+    few = int4_linear(x[:8], weight.qdata, weight.scale_and_zero, 64, n)
+    assert_within(few, expected[:8], bound[:8], "bf16 forward through the int4 kernel")
 
 
 def test_chunks_use_the_detected_layout():
