@@ -32,8 +32,16 @@ __all__ = ["chunked_int4_grad_input", "chunked_int4_linear"]
 _CHUNK_ELEMENTS = 1 << 19
 
 
-class _ChunkDequantizer:
-    """Rebuilds ``W^T[:, rows]`` for runs of packed row blocks, into reused buffers."""
+class _Dequantizer:
+    """What both chunk directions share: the layout, the weight's views, reused buffers.
+
+    Args:
+        qdata (torch.Tensor): ``(N_pad, K / 2)`` uint8 in the CPU kernel's layout.
+        scale_and_zero (torch.Tensor): ``(n_groups_pad, N_pad, 2)``.
+        group_size (int): quantization group size.
+        in_features (int): ``K``.
+        dtype (torch.dtype): the compute dtype chunks are returned in.
+    """
 
     def __init__(
         self,
@@ -52,12 +60,22 @@ class _ChunkDequantizer:
         self.halves = layout.lanes > 1
         self.packed = qdata.reshape(-1)
         self._scale_and_zero = scale_and_zero[: self.n_groups]
-        self.dtype = dtype
-        self.blocks_per_chunk = max(1, _CHUNK_ELEMENTS // (in_features * self.block_n))
-        size = in_features * min(self.blocks_per_chunk * self.block_n, self.n_rows)
-        self._codes = torch.empty(size, dtype=torch.uint8)
-        self._fp32 = torch.empty(size, dtype=torch.float32)
-        self._rounded = None if dtype == torch.float32 else torch.empty(size, dtype=dtype)
+        chunk_size = self._plan_chunks()
+        self._codes = torch.empty(chunk_size, dtype=torch.uint8)
+        self._fp32 = torch.empty(chunk_size, dtype=torch.float32)
+        self._rounded = None if dtype == torch.float32 else torch.empty(chunk_size, dtype=dtype)
+
+    def _plan_chunks(self) -> int:
+        """Set how much one chunk covers; return the values in the largest chunk."""
+        raise NotImplementedError
+
+
+class _ChunkDequantizer(_Dequantizer):
+    """Rebuilds ``W^T[:, rows]`` for runs of packed row blocks, into reused buffers."""
+
+    def _plan_chunks(self) -> int:
+        self.blocks_per_chunk = max(1, _CHUNK_ELEMENTS // (self.k * self.block_n))
+        return self.k * min(self.blocks_per_chunk * self.block_n, self.n_rows)
 
     def chunks(self) -> Iterator[Tuple[int, int, torch.Tensor]]:
         """Yield ``(row_start, row_end, W^T[:, row_start:row_end])`` for each row block, in order.
@@ -106,35 +124,16 @@ class _ChunkDequantizer:
         return rounded
 
 
-class _ColumnChunkDequantizer:
+class _ColumnChunkDequantizer(_Dequantizer):
     """Rebuilds ``W^T[k0:k1, :]`` for runs of whole quantization groups, into reused buffers.
 
     Used for ``grad @ W``: a chunk of input columns gives its own slice of the result, so
     nothing is accumulated across chunks and the result is rounded once.
     """
 
-    def __init__(
-        self,
-        qdata: torch.Tensor,
-        scale_and_zero: torch.Tensor,
-        group_size: int,
-        in_features: int,
-        dtype: torch.dtype,
-    ):
-        layout = cpu_int4_layout()
-        self.k = in_features
-        self.group_size = group_size
-        self.n_groups = in_features // group_size
-        self.n_rows = qdata.shape[0]
-        self.block_n = layout.block_n
-        self.halves = layout.lanes > 1
-        self.packed = qdata.reshape(-1)
-        self._scale_and_zero = scale_and_zero[: self.n_groups]
-        self.groups_per_chunk = max(1, _CHUNK_ELEMENTS // (group_size * self.n_rows))
-        size = min(self.groups_per_chunk, self.n_groups) * group_size * self.n_rows
-        self._codes = torch.empty(size, dtype=torch.uint8)
-        self._fp32 = torch.empty(size, dtype=torch.float32)
-        self._rounded = None if dtype == torch.float32 else torch.empty(size, dtype=dtype)
+    def _plan_chunks(self) -> int:
+        self.groups_per_chunk = max(1, _CHUNK_ELEMENTS // (self.group_size * self.n_rows))
+        return min(self.groups_per_chunk, self.n_groups) * self.group_size * self.n_rows
 
     def chunks(self) -> Iterator[Tuple[int, int, torch.Tensor]]:
         """Yield ``(k_start, k_end, W^T[k_start:k_end, :N_pad])`` in the compute dtype.

@@ -8,6 +8,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from qalora_tune.data import TextBlockDataset, text_file_dataset, text_tokenizer
+from tests.data.char_tokenizer import CharTokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
 TINYSTORIES_TOKENIZER = SHARED / "models" / "tinystories656K" / "tokenizer.json"
@@ -15,19 +16,6 @@ needs_tokenizer = pytest.mark.skipif(
     not TINYSTORIES_TOKENIZER.is_file(),
     reason=f"needs the reference tokenizer {TINYSTORIES_TOKENIZER}",
 )
-
-
-class CharTokenizer:
-    """One token per character (its code point), BOS 1 / EOS 2 (code points are >= 10)."""
-
-    bos_id, eos_id = 1, 2
-
-    def encode(self, text, add_bos=True, add_eos=True):
-        return [self.bos_id] * add_bos + [ord(c) for c in text] + [self.eos_id] * add_eos
-
-    @staticmethod
-    def decode(ids):
-        return "".join(chr(i) for i in ids if i > 2)
 
 
 @pytest.fixture

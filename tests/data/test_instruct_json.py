@@ -7,6 +7,7 @@ import pytest
 from torchtune.data import AlpacaToMessages
 
 from qalora_tune.data import instruct_json_dataset, text_tokenizer
+from tests.data.char_tokenizer import CharTokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
 ALPACA = SHARED / "data" / "alpaca_4500.json"
@@ -16,19 +17,6 @@ RECORDS = [
     {"instruction": f"Say the number {i}.", "input": "in words" if i % 2 else "", "output": f"N{i}"}
     for i in range(20)
 ]
-
-
-class CharTokenizer:
-    """One token per character (its code point), BOS 1 / EOS 2."""
-
-    bos_id, eos_id, pad_id = 1, 2, 0
-
-    def encode(self, text, add_bos=True, add_eos=True):
-        return [self.bos_id] * add_bos + [ord(c) for c in text] + [self.eos_id] * add_eos
-
-    @staticmethod
-    def decode(ids):
-        return "".join(chr(i) for i in ids if i > 2)
 
 
 @pytest.fixture

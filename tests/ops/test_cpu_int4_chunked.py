@@ -13,70 +13,39 @@ def _weight(n, k, group_size, dtype=torch.float32):
     return to_torchao_int4(quantize_rtn(torch.randn(n, k), group_size), device="cpu", dtype=dtype)
 
 
-def _rebuilt_transposed(weight, group_size, dtype):
-    k = weight.shape[1]
-    dequantizer = chunked._ChunkDequantizer(
-        weight.qdata, weight.scale_and_zero, group_size, k, dtype
-    )
-    parts, rows_seen = [], 0
+def _rebuilt(weight, group_size, dtype, by_columns=False):
+    """The chunks of one direction, checked to cover the weight in order, concatenated."""
+    n_pad, k = weight.qdata.shape[0], weight.shape[1]
+    cls = chunked._ColumnChunkDequantizer if by_columns else chunked._ChunkDequantizer
+    dequantizer = cls(weight.qdata, weight.scale_and_zero, group_size, k, dtype)
+    parts, seen = [], 0
     for start, end, weight_t in dequantizer.chunks():
-        assert start == rows_seen  # chunks cover the rows in order, without gaps
-        rows_seen = end
+        assert start == seen  # chunks cover the weight in order, without gaps
+        seen = end
         parts.append(weight_t.clone())
-    assert rows_seen == weight.qdata.shape[0]
-    return torch.cat(parts, dim=1)
+    assert seen == (k if by_columns else n_pad)
+    return torch.cat(parts, dim=0 if by_columns else 1)
 
 
-def _rebuilt_by_columns(weight, group_size, dtype):
-    k = weight.shape[1]
-    dequantizer = chunked._ColumnChunkDequantizer(
-        weight.qdata, weight.scale_and_zero, group_size, k, dtype
-    )
-    parts, columns_seen = [], 0
-    for start, end, weight_t in dequantizer.chunks():
-        assert start == columns_seen  # chunks cover the columns in order, without gaps
-        columns_seen = end
-        parts.append(weight_t.clone())
-    assert columns_seen == k
-    return torch.cat(parts, dim=0)
-
-
-@pytest.mark.parametrize("chunk_elements", [1 << 19, 1])  # one chunk; one group per chunk
+@pytest.mark.parametrize("by_columns", [False, True])  # row blocks (forward), groups (backward)
+@pytest.mark.parametrize("chunk_elements", [1 << 19, 1])  # one chunk; one block/group per chunk
 @pytest.mark.parametrize("n", [64, 112, 16, 200 * 16])  # full blocks, a partial tail, tail only
-def test_column_chunks_rebuild_the_dequantized_weight_bit_for_bit(monkeypatch, n, chunk_elements):
+def test_chunks_rebuild_the_dequantized_weight_bit_for_bit(monkeypatch, n, chunk_elements, by_columns):
     monkeypatch.setattr(chunked, "_CHUNK_ELEMENTS", chunk_elements)
     k, group_size = 256, 64
     weight = _weight(n, k, group_size)
     expected = dequantize_packed(weight.qdata, weight.scale_and_zero, group_size, n, k)
-    rebuilt = _rebuilt_by_columns(weight, group_size, torch.float32)
-    assert torch.equal(rebuilt[:, :n].t(), expected)
-    rounded = _rebuilt_by_columns(_bf16_copy(weight, group_size), group_size, torch.bfloat16)
-    assert rounded.dtype == torch.bfloat16
-
-
-def _bf16_copy(weight, group_size):
-    dense = dequantize_int4(weight, torch.float32)
-    return to_torchao_int4(quantize_rtn(dense, group_size), device="cpu", dtype=torch.bfloat16)
-
-
-@pytest.mark.parametrize("chunk_elements", [1 << 19, 1])  # one chunk; one block per chunk
-@pytest.mark.parametrize("n", [64, 112, 16, 200 * 16])  # full blocks, a partial tail, tail only
-def test_chunks_rebuild_the_dequantized_weight_bit_for_bit(monkeypatch, n, chunk_elements):
-    monkeypatch.setattr(chunked, "_CHUNK_ELEMENTS", chunk_elements)
-    k, group_size = 256, 64
-    weight = _weight(n, k, group_size)
-    expected = dequantize_packed(weight.qdata, weight.scale_and_zero, group_size, n, k)
-    rebuilt = _rebuilt_transposed(weight, group_size, torch.float32)
+    rebuilt = _rebuilt(weight, group_size, torch.float32, by_columns)
     assert torch.equal(rebuilt[:, :n].t(), expected)
 
 
 def test_other_dtypes_round_the_fp32_dequantization_once():
     weight = _weight(112, 128, 32, torch.bfloat16)
     exact = dequantize_packed(weight.qdata, weight.scale_and_zero, 32, 112, 128, torch.float32)
-    rebuilt = _rebuilt_transposed(weight, 32, torch.bfloat16)
+    rebuilt = _rebuilt(weight, 32, torch.bfloat16)
     assert rebuilt.dtype == torch.bfloat16
     assert torch.equal(rebuilt[:, :112].t(), exact.to(torch.bfloat16))
-    by_columns = _rebuilt_by_columns(weight, 32, torch.bfloat16)
+    by_columns = _rebuilt(weight, 32, torch.bfloat16, by_columns=True)
     assert torch.equal(by_columns[:, :112].t(), exact.to(torch.bfloat16))
 
 
