@@ -64,7 +64,9 @@ _REQUIRED_FILES = (CONFIG_FILENAME, WEIGHTS_FILENAME, TOKENIZER_FILENAME, METRIC
 DEFAULT_STEPS = 700
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_LR = 5e-3
-DEFAULT_MAX_SECONDS = 55.0
+# no wall-clock budget by default: a budget makes the base depend on how busy the machine
+# is (on a loaded CI machine it stopped early and the base reached 30% accuracy)
+DEFAULT_MAX_SECONDS = None
 DEFAULT_NUM_VALIDATION = 1000
 
 
@@ -107,7 +109,8 @@ def prepare_tiny_base(
         steps (int): pretraining steps.
         batch_size (int): pretraining batch size.
         lr (float): peak AdamW learning rate.
-        max_seconds (float, optional): stop pretraining early after this long.
+        max_seconds (float, optional): stop pretraining early after this long; the base
+            then depends on the machine's speed. Default: no limit, all ``steps`` run.
         num_validation (int): validation examples for ``base_metrics.json``.
         log (Callable[[str], None], optional): progress sink; None for quiet.
 
