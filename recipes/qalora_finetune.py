@@ -45,7 +45,13 @@ import qalora_tune
 from qalora_tune._compat import get_component_from_path
 from qalora_tune.checkpointing import check_resume_matches
 from qalora_tune.models import count_parameters
+from qalora_tune.models import CALIBRATED_QUANTIZERS
 from qalora_tune.modules import QALoRALinear
+from qalora_tune.quantization import (
+    calibrate_gptq,
+    load_quantized_base,
+    sample_calibration_sequences,
+)
 from qalora_tune.recipe_utils import (
     TrainingError,
     all_reduce_gradients,
@@ -78,6 +84,14 @@ IGNORE_INDEX = -100
 # component); check_config refuses others (did-you-mean) before anything runs
 CONFIG_KEYS = (
     "batch_size",
+    "calibration",
+    "calibration.batch_size",
+    "calibration.block_size",
+    "calibration.damp",
+    "calibration.dataset",
+    "calibration.max_seq_len",
+    "calibration.num_samples",
+    "calibration.seed",
     "checkpointer",
     "clip_grad_norm",
     "compile",
@@ -157,6 +171,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             )
         self._batch_size = cfg.batch_size
         self._shuffle = cfg.get("shuffle", True)
+        self._calibration = _calibration_settings(cfg)
         check_cuda_only_options(cfg, self._device)
         if self._gradient_accumulation_steps < 1:
             raise ValueError(
@@ -186,8 +201,8 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         if self._metric_logger is not None:
             self._metric_logger.log_config(cfg)
         self._model_cfg = cfg.model
-        self._model = self._setup_model(cfg.model)
         self._tokenizer = config.instantiate(cfg.tokenizer)
+        self._model = self._setup_model(cfg.model)
         check_tokenizer_fits(self._tokenizer, self._model)
         self._loss_fn = self._setup_loss(cfg.loss)
         self._optimizer = self._setup_optimizer(cfg.optimizer)
@@ -221,7 +236,10 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         start = time.perf_counter()
         with training.set_default_dtype(self._dtype), self._device:
             model = config.instantiate(cfg_model)
-        self._hf_config = self._checkpointer.load_base(model)
+        if self._calibration is not None:
+            self._hf_config = self._load_calibrated_base(model, cfg_model)
+        else:
+            self._hf_config = self._checkpointer.load_base(model)
         adapters = {n: m for n, m in model.named_modules() if isinstance(m, QALoRALinear)}
         if not adapters:
             raise ValueError(
@@ -250,6 +268,44 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         if self._device.type == "cuda":
             training.log_memory_stats(training.get_memory_stats(device=self._device))
         return model
+
+    def _load_calibrated_base(self, model: nn.Module, cfg_model: DictConfig) -> Dict[str, Any]:
+        """Quantize the full-precision base with sequential GPTQ on the calibration data
+        and load the int4 result into ``model`` (the full-precision model is resident
+        meanwhile; see ``qalora_tune.quantization.gptq_calibration``)."""
+        start = time.perf_counter()
+        settings = self._calibration
+        builder = get_component_from_path(cfg_model._component_)
+        if not hasattr(builder, "full_precision"):
+            raise ValueError(
+                f"{cfg_model._component_} has no full-precision counterpart to calibrate; "
+                "set model.quantizer=rtn or hqq"
+            )
+        dataset = self._build_dataset(OmegaConf.create(settings["dataset"]))
+        sequences = sample_calibration_sequences(
+            dataset, settings["num_samples"], settings["max_seq_len"], settings["seed"]
+        )
+        with training.set_default_dtype(self._dtype), self._device:
+            full_precision = builder.full_precision()
+        hf_config = self._checkpointer.load_base(full_precision)
+        state = calibrate_gptq(
+            full_precision,
+            sequences,
+            group_size=cfg_model.get("group_size", 64),
+            bits=cfg_model.get("bits", 4),
+            damp=settings["damp"],
+            block_size=settings["block_size"],
+            batch_size=settings["batch_size"],
+            dtype=self._dtype,
+        )
+        del full_precision
+        load_quantized_base(model, state)
+        tokens = sum(s.numel() for s in sequences)
+        _info(
+            f"GPTQ base calibrated on {len(sequences)} sequences ({tokens:,} tokens) in "
+            f"{time.perf_counter() - start:.1f}s"
+        )
+        return hf_config
 
     def _setup_loss(self, cfg_loss: DictConfig) -> nn.Module:
         loss_fn = config.instantiate(cfg_loss)
@@ -529,6 +585,11 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             "dtype": str(self._dtype).removeprefix("torch."),
             "base_checkpoint_dir": str(self._checkpointer.checkpoint_dir),
             "base_fingerprint": self._checkpointer.base_fingerprint(),
+            **(
+                {"calibration": _json_ready(self._calibration)}
+                if self._calibration is not None
+                else {}
+            ),
             "versions": {
                 "qalora_tune": qalora_tune.__version__,
                 "torch": torch.__version__,
@@ -609,6 +670,20 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
 
     def _restore(self, saved: Dict[str, Any]) -> None:
         check_resume_matches(saved["adapter_config"], self._adapter_metadata, saved["path"])
+        saved_calibration = saved["adapter_config"].get("calibration")
+        current_calibration = self._adapter_metadata.get("calibration")
+        if saved_calibration != current_calibration:
+            saved_calibration, current_calibration = saved_calibration or {}, current_calibration or {}
+            key = next(
+                k for k in sorted(set(saved_calibration) | set(current_calibration))
+                if saved_calibration.get(k) != current_calibration.get(k)
+            )
+            raise ValueError(
+                f"resume_from_checkpoint=True but {saved['path']} was trained on a base "
+                f"calibrated with calibration.{key}={saved_calibration.get(key)!r} and this "
+                f"config gives {current_calibration.get(key)!r}; set it back to resume, or set "
+                "resume_from_checkpoint=False (or another output_dir) to start a new run"
+            )
         state = saved["recipe_state"]
         progress = state["progress"]
         missing = set(self._adapter_params) - set(saved["adapter"])
@@ -712,6 +787,48 @@ def _format_metrics(metrics: Dict[str, float]) -> str:
         f"loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.3f}, "
         f"accuracy {metrics['accuracy']:.2%}, exact match {metrics['exact_match']:.2%}"
     )
+
+
+_CALIBRATION_DEFAULTS = {
+    "num_samples": 128,
+    "max_seq_len": None,
+    "damp": 0.01,
+    "block_size": 128,
+    "batch_size": 8,
+    "seed": 0,
+}
+
+
+def _calibration_settings(cfg: DictConfig) -> Optional[Dict[str, Any]]:
+    """The ``calibration:`` settings (defaults filled in, ``dataset`` defaulting to the
+    training data) when ``model.quantizer`` needs calibration, else None (a
+    ``calibration:`` section is then ignored, so a config can keep one for switching)."""
+    quantizer = cfg.model.get("quantizer", "rtn")
+    if quantizer not in CALIBRATED_QUANTIZERS:
+        if cfg.get("calibration") is not None:
+            _info(f"model.quantizer={quantizer}: the calibration: section is not used")
+        return None
+    section = cfg.get("calibration")
+    if section is None:
+        raise ValueError(
+            f"model.quantizer={quantizer} needs a calibration: section (calibration.dataset, "
+            "calibration.num_samples, ...) to calibrate the base on; add one as in the "
+            "tinystories656K_qalora config, or set model.quantizer=rtn or hqq"
+        )
+    settings = dict(_CALIBRATION_DEFAULTS, **OmegaConf.to_container(section, resolve=True))
+    if settings.get("dataset") is None:
+        settings["dataset"] = OmegaConf.to_container(cfg.dataset, resolve=True)
+    damp, block_size = settings["damp"], settings["block_size"]
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or damp < 0:
+        raise ValueError(f"calibration.damp must be a number >= 0, got {damp!r}; e.g. 0.01")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"calibration.block_size must be a positive integer, got {block_size!r}")
+    return settings
+
+
+def _json_ready(settings: Dict[str, Any]) -> Dict[str, Any]:
+    """The calibration settings that fix the base, as recorded in the adapter metadata."""
+    return json.loads(json.dumps(settings, sort_keys=True))
 
 
 def _version(package: str) -> str:

@@ -9,7 +9,9 @@ folded into the int4 zero points, and the result is written atomically in transf
 TorchAoConfig layout with a ``merge_report.json`` measured on a probe batch (the first
 ``merge_probe_size`` examples of ``validation.dataset``, else of ``dataset``; none when
 ``merge_probe_size=0``). An adapter whose group size, bits, rank, alpha, targets or base
-checkpoint do not match is refused with a message naming the mismatch.
+checkpoint do not match is refused with a message naming the mismatch. A GPTQ base
+(``model.quantizer=gptq``) is refused: it depends on its calibration run, so use the
+``merged_int4/`` its training run wrote.
 """
 
 import json
@@ -31,6 +33,7 @@ from qalora_tune.checkpointing import (
     load_adapter_into,
     read_adapter,
 )
+from qalora_tune.models import CALIBRATED_QUANTIZERS
 from qalora_tune.modules import QALoRALinear
 from qalora_tune.recipe_utils import (
     check_config,
@@ -83,6 +86,7 @@ class QALoRAMergeRecipe:
         self._checkpointer = config.instantiate(cfg.checkpointer, output_dir=cfg.output_dir)
         self._checkpointer.check_base_available()
         adapter, self._metadata = read_adapter(self._adapter_dir, self._checkpointer.key_map)
+        _refuse_calibrated_base(self._metadata.get("quantizer"), cfg.model.get("quantizer"))
         check_output_dir(self._merged_dir.parent, "merged_dir")  # before the slow part
         self._model = self._setup_model(cfg.model)
         self._check_and_load(adapter)
@@ -147,6 +151,23 @@ class QALoRAMergeRecipe:
         )
         print(json.dumps({k: v for k, v in report.items() if k != "definition"}, indent=2))
         return self._merged_dir
+
+
+def _refuse_calibrated_base(*quantizers: Optional[str]) -> None:
+    """A GPTQ base depends on its calibration run (data, order, floating-point sums), so
+    this recipe does not rebuild it; the training run's own ``merged_int4/`` is the merge.
+
+    Raises:
+        ValueError: if the adapter or the config names a calibrated quantizer.
+    """
+    for quantizer in quantizers:
+        if quantizer in CALIBRATED_QUANTIZERS:
+            raise ValueError(
+                f"qalora_merge does not rebuild a model.quantizer={quantizer} base (its "
+                "calibration is not reproduced bit for bit here); use the merged_int4/ that "
+                "the training run wrote beside the adapter (save_merged_int4=True, the "
+                "default), or train with model.quantizer=rtn or hqq to merge offline"
+            )
 
 
 @config.parse

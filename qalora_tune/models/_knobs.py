@@ -8,19 +8,40 @@ from typing import Iterable, List, Tuple
 
 from torch import nn
 
-from qalora_tune.quantization import INT4_KERNEL_GROUP_SIZES
+from qalora_tune.quantization import INT4_KERNEL_GROUP_SIZES, QUANTIZERS
 from qalora_tune.quantization import SUPPORTED_BITS as IMPLEMENTED_BITS
 
-__all__ = ["IMPLEMENTED_BITS", "QALORA_BITS", "check_group_size_fits", "check_model_knobs"]
+__all__ = [
+    "BASE_QUANTIZERS",
+    "CALIBRATED_QUANTIZERS",
+    "IMPLEMENTED_BITS",
+    "QALORA_BITS",
+    "check_group_size_fits",
+    "check_model_knobs",
+]
 
 QALORA_BITS = (2, 3, 4, 8)
 """The base bit widths QA-LoRA defines (``IMPLEMENTED_BITS`` are those this version runs)."""
 
+CALIBRATED_QUANTIZERS = ("gptq",)
+"""Base quantizers that need calibration data, so they cannot quantize a weight on arrival:
+the recipe quantizes the whole model first (``calibration:`` section) and loads int4."""
+
+BASE_QUANTIZERS = tuple(QUANTIZERS) + CALIBRATED_QUANTIZERS
+"""Every value ``model.quantizer`` accepts."""
+
 
 def check_model_knobs(
-    *, bits: int, lora_rank: int, lora_alpha: float, lora_dropout: float, group_size: int
+    *,
+    bits: int,
+    lora_rank: int,
+    lora_alpha: float,
+    lora_dropout: float,
+    group_size: int,
+    quantizer: str = "rtn",
 ) -> None:
-    """Refuse a bit width, rank, alpha, dropout or group size no layer could be built with.
+    """Refuse a bit width, rank, alpha, dropout, group size or quantizer no layer could be
+    built with.
 
     Raises:
         ValueError: naming the ``model.*`` setting and the values it accepts.
@@ -57,6 +78,11 @@ def check_model_knobs(
         raise ValueError(
             f"model.group_size={group_size!r} has no int4 kernel; set model.group_size to one "
             f"of {_join(INT4_KERNEL_GROUP_SIZES)}"
+        )
+    if quantizer not in BASE_QUANTIZERS:
+        raise ValueError(
+            f"model.quantizer={quantizer!r} is not a base quantizer; set model.quantizer to "
+            f"one of {', '.join(BASE_QUANTIZERS)} (gptq also needs a calibration: section)"
         )
 
 

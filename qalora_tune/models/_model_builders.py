@@ -56,7 +56,8 @@ _BUILDER_DOC = """QA-LoRA {title}: torchtune's ``{base}`` with an int4 base and 
         lora_alpha (float): adapter scaling numerator.
         lora_dropout (float): dropout on the adapters' input.
         group_size (int): quantization group size shared by base and adapters.
-        quantizer (str): base quantizer, ``"rtn"`` or ``"hqq"``.
+        quantizer (str): base quantizer, ``"rtn"``, ``"hqq"`` or ``"gptq"`` (calibrated:
+            its int4 weights come from :func:`~qalora_tune.quantization.calibrate_gptq`).
         pad_in_dim (bool): zero-pad linears whose ``in_dim`` ``group_size`` does not divide.
         bits (int): bit width of the base, from 2, 3, 4, 8 (this version implements 2, 3, 4).
 

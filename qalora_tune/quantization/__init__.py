@@ -10,6 +10,11 @@ from qalora_tune.quantization.group_quant import (
     validate_group_size,
 )
 from qalora_tune.quantization.gptq import HessianAccumulator, quantize_gptq
+from qalora_tune.quantization.gptq_calibration import (
+    calibrate_gptq,
+    load_quantized_base,
+    sample_calibration_sequences,
+)
 from qalora_tune.quantization.int4_weight import (
     INT4_KERNEL_GROUP_SIZES,
     Int4Weight,
@@ -34,6 +39,7 @@ __all__ = [
     "Int4Weight",
     "QUANTIZERS",
     "SUPPORTED_BITS",
+    "calibrate_gptq",
     "dequantize_int4",
     "empty_int4",
     "from_plain_int4",
@@ -41,10 +47,12 @@ __all__ = [
     "get_quantizer",
     "is_int4_weight",
     "is_plain_int4",
+    "load_quantized_base",
     "plain_int4_bytes",
     "quantize_gptq",
     "quantize_hqq",
     "quantize_rtn",
+    "sample_calibration_sequences",
     "to_plain_int4",
     "to_torchao_int4",
     "validate_group_size",

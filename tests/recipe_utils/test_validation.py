@@ -49,7 +49,7 @@ def test_unknown_top_level_key_suggests_the_close_one():
 def test_unknown_key_without_a_close_one_lists_the_known_keys():
     message = _message(_tiny(zzz_unrelated=1))
     assert message.startswith("unknown config key zzz_unrelated: qalora_finetune does not read it")
-    assert "remove it (known keys: batch_size, checkpointer," in message
+    assert "remove it (known keys: batch_size, calibration, checkpointer," in message
 
 
 def test_unknown_key_of_a_plain_section_is_refused():
