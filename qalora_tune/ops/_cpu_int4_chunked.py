@@ -20,7 +20,7 @@ column ``c`` holds row ``c`` (low nibble) and row ``c + block_n / 2`` (high nibb
 plain pair blocks (and the partial last block) it holds rows ``2c`` and ``2c + 1``.
 """
 
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -33,7 +33,8 @@ _CHUNK_ELEMENTS = 1 << 19
 
 
 class _Dequantizer:
-    """What both chunk directions share: the layout, the weight's views, reused buffers.
+    """What both chunk directions share: the layout, the weight's views, and the buffers
+    a chunk is built in (sized by the first, largest chunk and reused for the others).
 
     Args:
         qdata (torch.Tensor): ``(N_pad, K / 2)`` uint8 in the CPU kernel's layout.
@@ -60,22 +61,49 @@ class _Dequantizer:
         self.halves = layout.lanes > 1
         self.packed = qdata.reshape(-1)
         self._scale_and_zero = scale_and_zero[: self.n_groups]
-        chunk_size = self._plan_chunks()
-        self._codes = torch.empty(chunk_size, dtype=torch.uint8)
-        self._fp32 = torch.empty(chunk_size, dtype=torch.float32)
-        self._rounded = None if dtype == torch.float32 else torch.empty(chunk_size, dtype=dtype)
+        self._dtype = dtype
+        self._codes: Optional[torch.Tensor] = None
+        self._fp32: Optional[torch.Tensor] = None
+        self._rounded: Optional[torch.Tensor] = None
 
-    def _plan_chunks(self) -> int:
-        """Set how much one chunk covers; return the values in the largest chunk."""
-        raise NotImplementedError
+    def _code_buffer(self, size: int) -> torch.Tensor:
+        """A uint8 buffer of ``size`` codes (allocated once, at the first chunk)."""
+        if self._codes is None:
+            self._codes = torch.empty(size, dtype=torch.uint8)
+            self._fp32 = torch.empty(size, dtype=torch.float32)
+            if self._dtype != torch.float32:
+                self._rounded = torch.empty(size, dtype=self._dtype)
+        return self._codes[:size]
+
+    def _scale_codes(
+        self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: Tuple[int, ...]
+    ) -> torch.Tensor:
+        """``(q - 8) * s + z`` of the unpacked ``codes`` in fp32, then in the compute dtype.
+
+        Args:
+            codes (torch.Tensor): unpacked codes in ``[0, 15]``, as laid out in the buffer.
+            scale (torch.Tensor): scales broadcasting against ``codes.view(shape)``.
+            zero (torch.Tensor): zeros, the same.
+            shape (Tuple[int, ...]): the grouped view of the chunk the scales address.
+
+        Returns:
+            torch.Tensor: the chunk, shaped like ``codes``.
+        """
+        signed = codes.view(torch.int8)
+        signed.sub_(8)  # q - 8, exact in int8
+        dense = self._fp32[: codes.numel()].view(shape)
+        torch.mul(signed.view(shape), scale, out=dense)
+        dense.add_(zero)
+        dense = dense.view(codes.shape)
+        if self._rounded is None:
+            return dense
+        rounded = self._rounded[: codes.numel()].view(codes.shape)
+        rounded.copy_(dense)
+        return rounded
 
 
 class _ChunkDequantizer(_Dequantizer):
-    """Rebuilds ``W^T[:, rows]`` for runs of packed row blocks, into reused buffers."""
-
-    def _plan_chunks(self) -> int:
-        self.blocks_per_chunk = max(1, _CHUNK_ELEMENTS // (self.k * self.block_n))
-        return self.k * min(self.blocks_per_chunk * self.block_n, self.n_rows)
+    """Rebuilds ``W^T[:, rows]`` for runs of packed row blocks."""
 
     def chunks(self) -> Iterator[Tuple[int, int, torch.Tensor]]:
         """Yield ``(row_start, row_end, W^T[:, row_start:row_end])`` for each row block, in order.
@@ -84,7 +112,7 @@ class _ChunkDequantizer(_Dequantizer):
         later blocks overwrite.
         """
         n_full = self.n_rows // self.block_n
-        step = self.blocks_per_chunk
+        step = max(1, _CHUNK_ELEMENTS // (self.k * self.block_n))
         for first in range(0, n_full, step):
             count = min(step, n_full - first)
             start = first * self.block_n
@@ -99,41 +127,26 @@ class _ChunkDequantizer(_Dequantizer):
 
     def _dequantize(self, start: int, blocks: int, rows: int, halves: bool) -> torch.Tensor:
         """``W^T`` of ``blocks`` row blocks of ``rows`` rows from ``start``: ``(blocks, K, rows)``."""
-        k, half = self.k, rows // 2
-        width = blocks * rows
-        packed = self.packed[start * k // 2 : (start + width) * k // 2].view(blocks, k, half)
+        k, width = self.k, blocks * rows
+        packed = self.packed[start * k // 2 : (start + width) * k // 2].view(blocks, k, rows // 2)
         # written in the packed order, so that every pass runs over contiguous memory
-        codes = self._codes[: k * width].view(blocks, k, rows)
+        codes = self._code_buffer(k * width).view(blocks, k, rows)
         _unpack_nibbles(packed, codes, halves)
-        signed = codes.view(torch.int8)
-        signed.sub_(8)  # q - 8, exact in int8
-        g, n_groups = self.group_size, self.n_groups
-        # scales and zeros of row start + b * rows + r, group j, at [b, j, 0, r]
-        # (scale_and_zero interleaves them: copied to unit stride, so the passes vectorize)
-        scale = self._scale_and_zero[:, start : start + width, 0]
-        zero = self._scale_and_zero[:, start : start + width, 1]
-        scale = scale.reshape(n_groups, blocks, rows).transpose(0, 1).float().contiguous()
-        zero = zero.reshape(n_groups, blocks, rows).transpose(0, 1).float().contiguous()
-        dense = self._fp32[: k * width].view(blocks, n_groups, g, rows)
-        torch.mul(signed.view(blocks, n_groups, g, rows), scale.unsqueeze(2), out=dense)
-        dense.add_(zero.unsqueeze(2))
-        if self._rounded is None:
-            return dense.view(blocks, k, rows)
-        rounded = self._rounded[: k * width].view(blocks, k, rows)
-        rounded.copy_(dense.view(blocks, k, rows))
-        return rounded
+        # scales and zeros of row start + b * rows + r, group j, at [b, j, 0, r]; they are
+        # interleaved in scale_and_zero, so copied to unit stride for the passes to vectorize
+        scale_and_zero = self._scale_and_zero[:, start : start + width]
+        scale_and_zero = scale_and_zero.reshape(self.n_groups, blocks, rows, 2).transpose(0, 1)
+        scale = scale_and_zero[..., 0].float().contiguous().unsqueeze(2)
+        zero = scale_and_zero[..., 1].float().contiguous().unsqueeze(2)
+        return self._scale_codes(codes, scale, zero, (blocks, self.n_groups, self.group_size, rows))
 
 
 class _ColumnChunkDequantizer(_Dequantizer):
-    """Rebuilds ``W^T[k0:k1, :]`` for runs of whole quantization groups, into reused buffers.
+    """Rebuilds ``W^T[k0:k1, :]`` for runs of whole quantization groups.
 
     Used for ``grad @ W``: a chunk of input columns gives its own slice of the result, so
     nothing is accumulated across chunks and the result is rounded once.
     """
-
-    def _plan_chunks(self) -> int:
-        self.groups_per_chunk = max(1, _CHUNK_ELEMENTS // (self.group_size * self.n_rows))
-        return min(self.groups_per_chunk, self.n_groups) * self.group_size * self.n_rows
 
     def chunks(self) -> Iterator[Tuple[int, int, torch.Tensor]]:
         """Yield ``(k_start, k_end, W^T[k_start:k_end, :N_pad])`` in the compute dtype.
@@ -141,8 +154,9 @@ class _ColumnChunkDequantizer(_Dequantizer):
         The yielded ``(columns, N_pad)`` tensor is a view of a buffer that later chunks
         overwrite.
         """
-        for first in range(0, self.n_groups, self.groups_per_chunk):
-            last = min(first + self.groups_per_chunk, self.n_groups)
+        step = max(1, _CHUNK_ELEMENTS // (self.group_size * self.n_rows))
+        for first in range(0, self.n_groups, step):
+            last = min(first + step, self.n_groups)
             k_start, k_end = first * self.group_size, last * self.group_size
             yield k_start, k_end, self._dequantize(first, last)
 
@@ -150,7 +164,7 @@ class _ColumnChunkDequantizer(_Dequantizer):
         k, n_rows, block_n = self.k, self.n_rows, self.block_n
         k_start = first_group * self.group_size
         columns = (last_group - first_group) * self.group_size
-        codes = self._codes[: columns * n_rows].view(columns, n_rows)
+        codes = self._code_buffer(columns * n_rows).view(columns, n_rows)
         n_full = n_rows // block_n
         split = n_full * block_n * k // 2
         if n_full:
@@ -168,20 +182,11 @@ class _ColumnChunkDequantizer(_Dequantizer):
             _unpack_nibbles(
                 packed[:, k_start : k_start + columns], destination.permute(1, 0, 2), False
             )
-        signed = codes.view(torch.int8)
-        signed.sub_(8)  # q - 8, exact in int8
-        groups = last_group - first_group
         scale_and_zero = self._scale_and_zero[first_group:last_group]
         scale = scale_and_zero[..., 0].float().contiguous().unsqueeze(1)
         zero = scale_and_zero[..., 1].float().contiguous().unsqueeze(1)
-        dense = self._fp32[: columns * n_rows].view(groups, self.group_size, n_rows)
-        torch.mul(signed.view(groups, self.group_size, n_rows), scale, out=dense)
-        dense.add_(zero)
-        if self._rounded is None:
-            return dense.view(columns, n_rows)
-        rounded = self._rounded[: columns * n_rows].view(columns, n_rows)
-        rounded.copy_(dense.view(columns, n_rows))
-        return rounded
+        groups = last_group - first_group
+        return self._scale_codes(codes, scale, zero, (groups, self.group_size, n_rows))
 
 
 def _unpack_nibbles(packed: torch.Tensor, codes: torch.Tensor, halves: bool) -> None:
@@ -269,10 +274,9 @@ def chunked_int4_grad_input(
     """
     out_features = grad2d.shape[1]
     chunks = _ColumnChunkDequantizer(qdata, scale_and_zero, group_size, in_features, grad2d.dtype)
-    n_rows = qdata.shape[0]
-    grad_t = grad2d.new_zeros(n_rows, grad2d.shape[0])  # padded rows contribute nothing
-    grad_t[:out_features] = grad2d.t()
+    grad_t = grad2d.t()
     grad_input_t = grad2d.new_empty(in_features, grad2d.shape[0])
     for start, end, weight_t in chunks.chunks():
-        torch.mm(weight_t, grad_t, out=grad_input_t[start:end])
+        # padded rows of W (beyond out_features) have no gradient to meet
+        torch.mm(weight_t[:, :out_features], grad_t, out=grad_input_t[start:end])
     return grad_input_t.t().contiguous()
