@@ -44,9 +44,8 @@ from tqdm import tqdm
 import qalora_tune
 from qalora_tune._compat import get_component_from_path
 from qalora_tune.checkpointing import check_resume_matches
-from qalora_tune.models import count_parameters
-from qalora_tune.models import CALIBRATED_QUANTIZERS
-from qalora_tune.modules import QALoRALinear
+from qalora_tune.models import CALIBRATED_QUANTIZERS, count_parameters
+from qalora_tune.modules import Int4Linear, QALoRALinear
 from qalora_tune.quantization import (
     calibrate_gptq,
     load_quantized_base,
@@ -288,11 +287,12 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         with training.set_default_dtype(self._dtype), self._device:
             full_precision = builder.full_precision()
         hf_config = self._checkpointer.load_base(full_precision)
+        base = next(m for m in model.modules() if isinstance(m, Int4Linear))
         state = calibrate_gptq(
             full_precision,
             sequences,
-            group_size=cfg_model.get("group_size", 64),
-            bits=cfg_model.get("bits", 4),
+            group_size=base.group_size,
+            bits=base.bits,
             damp=settings["damp"],
             block_size=settings["block_size"],
             batch_size=settings["batch_size"],
@@ -670,20 +670,6 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
 
     def _restore(self, saved: Dict[str, Any]) -> None:
         check_resume_matches(saved["adapter_config"], self._adapter_metadata, saved["path"])
-        saved_calibration = saved["adapter_config"].get("calibration")
-        current_calibration = self._adapter_metadata.get("calibration")
-        if saved_calibration != current_calibration:
-            saved_calibration, current_calibration = saved_calibration or {}, current_calibration or {}
-            key = next(
-                k for k in sorted(set(saved_calibration) | set(current_calibration))
-                if saved_calibration.get(k) != current_calibration.get(k)
-            )
-            raise ValueError(
-                f"resume_from_checkpoint=True but {saved['path']} was trained on a base "
-                f"calibrated with calibration.{key}={saved_calibration.get(key)!r} and this "
-                f"config gives {current_calibration.get(key)!r}; set it back to resume, or set "
-                "resume_from_checkpoint=False (or another output_dir) to start a new run"
-            )
         state = saved["recipe_state"]
         progress = state["progress"]
         missing = set(self._adapter_params) - set(saved["adapter"])

@@ -258,7 +258,8 @@ def check_resume_matches(saved: Dict[str, Any], current: Dict[str, Any], checkpo
         checkpoint (Path): the checkpoint directory, named in the messages.
 
     Raises:
-        ValueError: naming the first setting that differs, both values, and how to resume
+        ValueError: naming the first setting that differs (model, adapter, or the
+            calibration of a calibrated base), both values, and how to resume
             (set it back) or start over (``resume_from_checkpoint=False`` or another
             ``output_dir``).
     """
@@ -272,6 +273,18 @@ def check_resume_matches(saved: Dict[str, Any], current: Dict[str, Any], checkpo
                 f"{_difference(key, saved[key], current[key])}; set {setting} back to "
                 f"resume it, {start_over}"
             )
+    # a calibrated base (GPTQ) depends on its calibration settings too
+    saved_calibration, current_calibration = saved.get("calibration"), current.get("calibration")
+    if saved_calibration is not None and current_calibration is not None:
+        for key in sorted(set(saved_calibration) | set(current_calibration)):
+            saved_value, current_value = saved_calibration.get(key), current_calibration.get(key)
+            if saved_value != current_value:
+                setting = f"calibration.{key}"
+                raise ValueError(
+                    f"resume_from_checkpoint=True but {checkpoint} was trained on a base "
+                    f"calibrated with {_difference(setting, saved_value, current_value)}; "
+                    f"set {setting} back to resume it, {start_over}"
+                )
     saved_base, current_base = saved.get("base_fingerprint"), current.get("base_fingerprint")
     if saved_base is not None and current_base is not None and saved_base != current_base:
         raise ValueError(

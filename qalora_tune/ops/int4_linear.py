@@ -4,10 +4,11 @@ gradient.
 torchao's int4 subclasses run inference only: the kernels have no derivative and the
 subclasses are created with ``requires_grad=False``. QA-LoRA backpropagates through the
 frozen base to the adapters of earlier layers, so this op supplies
-``grad_x = grad_y @ W``. On CPU the weight is dequantized a few row blocks at a time into
-one cache-sized buffer (``_cpu_int4_chunked``), so no dense copy of the layer exists; on
-CUDA it is dequantized whole for the current layer only and freed after the matmul. The op takes the subclass's inner
-tensors, so ``torch.compile`` sees one opaque node per base matmul.
+``grad_x = grad_y @ W`` as the op ``qalora_tune::int4_linear_grad_input``. On CPU the
+weight is dequantized one cache-sized chunk at a time (``_cpu_int4_chunked``), so no dense
+copy of the layer exists; on CUDA it is dequantized whole for the current layer only and
+freed after the matmul. The ops take the subclass's inner tensors, so ``torch.compile``
+sees one opaque node per base matmul and per input gradient.
 """
 
 from typing import Any, Optional, Tuple

@@ -346,6 +346,18 @@ def test_resume_with_other_targets_names_the_differing_layers(tmp_path):
     assert "model.lora_attn_modules" in message
 
 
+def test_resume_with_other_calibration_names_the_calibration_setting(tmp_path):
+    calibration = {"num_samples": 64, "damp": 0.01, "seed": 0}
+    saved = dict(SAVED, quantizer="gptq", calibration=calibration)
+    check_resume_matches(saved, dict(saved), tmp_path)
+    current = dict(saved, calibration=dict(calibration, num_samples=32))
+    with pytest.raises(ValueError) as error:
+        check_resume_matches(saved, current, tmp_path)
+    message = str(error.value)
+    assert "calibration.num_samples=64" in message and "calibration.num_samples=32" in message
+    assert "set calibration.num_samples back" in message
+
+
 def test_resume_on_another_base_names_the_checkpoint_dir(tmp_path):
     current = dict(SAVED, base_fingerprint="fedcba9876543210" * 4, base_checkpoint_dir="/other")
     with pytest.raises(ValueError) as error:
