@@ -44,9 +44,10 @@ from tqdm import tqdm
 import qalora_tune
 from qalora_tune._compat import get_component_from_path
 from qalora_tune.checkpointing import check_resume_matches
-from qalora_tune.models import CALIBRATED_QUANTIZERS, count_parameters
+from qalora_tune.models import count_parameters
 from qalora_tune.modules import Int4Linear, QALoRALinear
 from qalora_tune.quantization import (
+    CALIBRATED_QUANTIZERS,
     calibrate_gptq,
     load_quantized_base,
     sample_calibration_sequences,

@@ -33,8 +33,8 @@ from qalora_tune.checkpointing import (
     load_adapter_into,
     read_adapter,
 )
-from qalora_tune.models import CALIBRATED_QUANTIZERS
 from qalora_tune.modules import QALoRALinear
+from qalora_tune.quantization import CALIBRATED_QUANTIZERS
 from qalora_tune.recipe_utils import (
     check_config,
     check_device,

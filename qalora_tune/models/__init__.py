@@ -1,6 +1,5 @@
 """QA-LoRA model builders (torchtune style: one component builder, size-fixing model builders)."""
 
-from qalora_tune.models._knobs import CALIBRATED_QUANTIZERS
 from qalora_tune.models._component_builders import (
     ATTENTION_PROJECTIONS,
     MLP_PROJECTIONS,
@@ -29,7 +28,6 @@ from qalora_tune.models._model_builders import (
 
 __all__ = [
     "ATTENTION_PROJECTIONS",
-    "CALIBRATED_QUANTIZERS",
     "MLP_PROJECTIONS",
     "count_parameters",
     "qalora_llama2_13b",

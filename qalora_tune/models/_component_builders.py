@@ -5,11 +5,7 @@ from typing import Callable, Dict, List
 import torch
 from torch import nn
 
-from qalora_tune.models._knobs import (
-    CALIBRATED_QUANTIZERS,
-    check_group_size_fits,
-    check_model_knobs,
-)
+from qalora_tune.models._knobs import check_group_size_fits, check_model_knobs
 from qalora_tune.modules import Int4Linear, QALoRALinear
 
 __all__ = [
@@ -108,14 +104,8 @@ def qalora_transformer(
     if apply_lora_to_output:
         targets.add("output")
     adapter = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout)
-    calibrated = quantizer in CALIBRATED_QUANTIZERS
-    # a calibrated base's layers get their weights already quantized: build them as RTN
-    # layers (placeholder only), then relabel them and refuse full-precision weights
-    layer_quantizer = "rtn" if calibrated else quantizer
-    base = dict(group_size=group_size, quantizer=layer_quantizer, pad_in_dim=pad_in_dim, bits=bits)
+    base = dict(group_size=group_size, quantizer=quantizer, pad_in_dim=pad_in_dim, bits=bits)
     _replace_linears(model, targets, adapter, base, device, dtype)
-    if calibrated:
-        _mark_calibrated(model, quantizer)
     _materialize(model, device)
     model.requires_grad_(False)
     for module in model.modules():
@@ -123,24 +113,6 @@ def qalora_transformer(
             module.lora_a.weight.requires_grad_(True)
             module.lora_b.weight.requires_grad_(True)
     return model
-
-
-def _mark_calibrated(model: nn.Module, quantizer: str) -> None:
-    """Label every int4 layer with ``quantizer`` and make it refuse full-precision weights."""
-
-    def refuse(weight: torch.Tensor, group_size: int, bits: int):
-        raise ValueError(
-            f"model.quantizer={quantizer} needs calibration data and cannot quantize a "
-            "full-precision weight as it loads; quantize the model with "
-            "qalora_tune.quantization.calibrate_gptq and load its int4 state dict (the "
-            "qalora_finetune recipe does this when the config has a calibration: section), "
-            "or set model.quantizer=rtn or hqq"
-        )
-
-    for module in model.modules():
-        if isinstance(module, Int4Linear):
-            module.quantizer = quantizer
-            module._quantize = refuse
 
 
 def _replace_linears(

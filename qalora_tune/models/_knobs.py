@@ -8,12 +8,11 @@ from typing import Iterable, List, Tuple
 
 from torch import nn
 
-from qalora_tune.quantization import INT4_KERNEL_GROUP_SIZES, QUANTIZERS
+from qalora_tune.quantization import CALIBRATED_QUANTIZERS, INT4_KERNEL_GROUP_SIZES, QUANTIZERS
 from qalora_tune.quantization import SUPPORTED_BITS as IMPLEMENTED_BITS
 
 __all__ = [
     "BASE_QUANTIZERS",
-    "CALIBRATED_QUANTIZERS",
     "IMPLEMENTED_BITS",
     "QALORA_BITS",
     "check_group_size_fits",
@@ -22,10 +21,6 @@ __all__ = [
 
 QALORA_BITS = (2, 3, 4, 8)
 """The base bit widths QA-LoRA defines (``IMPLEMENTED_BITS`` are those this version runs)."""
-
-CALIBRATED_QUANTIZERS = ("gptq",)
-"""Base quantizers that need calibration data, so they cannot quantize a weight on arrival:
-the recipe quantizes the whole model first (``calibration:`` section) and loads int4."""
 
 BASE_QUANTIZERS = tuple(QUANTIZERS) + CALIBRATED_QUANTIZERS
 """Every value ``model.quantizer`` accepts."""

@@ -46,7 +46,9 @@ class Int4Linear(nn.Module):
         group_size (int): quantization group size ``G``: 32, 64, 128 or 256.
         use_bias (bool): whether the layer has a (frozen, full precision) bias.
         quantizer (str): how full-precision weights are quantized on load: ``"rtn"``
-            (min-max round to nearest) or ``"hqq"`` (half-quadratic).
+            (min-max round to nearest) or ``"hqq"`` (half-quadratic); ``"gptq"`` needs
+            calibration data, so such a layer takes only int4 weights (see
+            :func:`~qalora_tune.quantization.calibrate_gptq`).
         pad_in_dim (bool): allow ``in_dim`` that ``group_size`` does not divide by padding
             it with zero columns.
         dtype (torch.dtype, optional): dtype of the scales, zeros and compute (fp32, bf16

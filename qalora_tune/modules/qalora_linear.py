@@ -40,7 +40,9 @@ class QALoRALinear(Int4Linear, AdapterModule):
         dropout (float): dropout on the adapter's input.
         use_bias (bool): whether the base has a (frozen, full precision) bias.
         quantizer (str): how a full-precision weight is quantized: ``"rtn"`` (min-max
-            round to nearest) or ``"hqq"`` (half-quadratic).
+            round to nearest) or ``"hqq"`` (half-quadratic); ``"gptq"`` needs calibration
+            data, so such a layer takes only int4 weights (see
+            :func:`~qalora_tune.quantization.calibrate_gptq`).
         pad_in_dim (bool): allow an ``in_dim`` that ``group_size`` does not divide, by
             zero padding (see :class:`Int4Linear`).
         dtype (torch.dtype, optional): dtype of the int4 kernel's scales, zeros and compute

@@ -1,6 +1,7 @@
 """Group-wise quantization of the frozen base and its torchao int4 storage."""
 
 from qalora_tune.quantization.group_quant import (
+    CALIBRATED_QUANTIZERS,
     GroupQuantizedWeight,
     QUANTIZERS,
     SUPPORTED_BITS,
@@ -33,6 +34,7 @@ from qalora_tune.quantization.plain_int4 import (
 )
 
 __all__ = [
+    "CALIBRATED_QUANTIZERS",
     "GroupQuantizedWeight",
     "HessianAccumulator",
     "INT4_KERNEL_GROUP_SIZES",

@@ -21,6 +21,7 @@ from qalora_tune._compat import (
 )
 
 __all__ = [
+    "CALIBRATED_QUANTIZERS",
     "GroupQuantizedWeight",
     "QUANTIZERS",
     "get_quantizer",
@@ -193,11 +194,35 @@ Quantizer = Callable[[torch.Tensor, int, int], GroupQuantizedWeight]
 QUANTIZERS: Dict[str, Quantizer] = {"rtn": quantize_rtn, "hqq": quantize_hqq}
 
 
+CALIBRATED_QUANTIZERS = ("gptq",)
+"""Base quantizers that need calibration data, so they cannot quantize a weight on arrival:
+the whole model is quantized first (``calibrate_gptq``; the recipe's ``calibration:``
+section) and loaded as int4."""
+
+
+def _calibration_required(name: str) -> Quantizer:
+    def quantize(weight: torch.Tensor, group_size: int, bits: int = 4) -> GroupQuantizedWeight:
+        raise ValueError(
+            f"model.quantizer={name} needs calibration data and cannot quantize a "
+            "full-precision weight as it loads; quantize the model with "
+            "qalora_tune.quantization.calibrate_gptq and load its int4 state dict (the "
+            "qalora_finetune recipe does this when the config has a calibration: section), "
+            "or set model.quantizer=rtn or hqq"
+        )
+
+    return quantize
+
+
 def get_quantizer(name: str) -> Quantizer:
-    """Return the base quantizer registered under ``name`` (``"rtn"`` or ``"hqq"``)."""
+    """Return the base quantizer registered under ``name`` (``"rtn"`` or ``"hqq"``); a
+    calibrated one (``"gptq"``) gives a quantizer that refuses, with a message saying how
+    to calibrate, since a single weight cannot be."""
+    if name in CALIBRATED_QUANTIZERS:
+        return _calibration_required(name)
     try:
         return QUANTIZERS[name]
     except KeyError:
         raise ValueError(
-            f"unknown base quantizer {name!r}; choose one of {sorted(QUANTIZERS)}"
+            f"unknown base quantizer {name!r}; choose one of "
+            f"{sorted(QUANTIZERS) + list(CALIBRATED_QUANTIZERS)}"
         ) from None
