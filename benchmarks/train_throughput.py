@@ -36,7 +36,6 @@ the table.
 import argparse
 import ctypes
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -44,7 +43,7 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn

@@ -29,7 +29,6 @@ import contextlib
 import difflib
 import importlib.util
 import json
-import os
 import sys
 import time
 from functools import partial
@@ -47,6 +46,7 @@ from torchtune import config, training, utils
 import qalora_tune
 from qalora_tune._compat import get_component_from_path
 from qalora_tune.checkpointing import (
+    atomic_write_text,
     clean_module_name,
     load_adapter_into,
     load_merged,
@@ -233,10 +233,10 @@ class QALoRAEvalRecipe:
                 f"  {name:<36} nll {row['nll']:<10.6g} perplexity {row['perplexity']:<10.6g} "
                 f"tokens {row['tokens']:>8,}"
             )
-        path = _write_json_atomically(self._output_dir / RESULTS_NAME, results)
+        path = atomic_write_text(self._output_dir / RESULTS_NAME, _json_text(results))
         if self._harness is not None:  # the perplexities are on disk if a task fails
             results["lm_eval"] = self._run_lm_eval(*self._harness)
-            _write_json_atomically(path, results)
+            atomic_write_text(path, _json_text(results))
         print(f"  results: {path}")
         return results
 
@@ -402,19 +402,8 @@ def _load_adapter(
     )
 
 
-def _write_json_atomically(path: Path, payload: Dict[str, Any]) -> Path:
-    """Write ``payload`` to a temporary name beside ``path``, then rename it into place."""
-    staging = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        staging.write_text(json.dumps(payload, indent=2) + "\n")
-        os.replace(staging, path)
-    except OSError as error:
-        staging.unlink(missing_ok=True)
-        raise PermissionError(
-            f"cannot write {path} ({error.strerror or error}); set output_dir to a directory "
-            "you can write"
-        ) from None
-    return path
+def _json_text(payload: Dict[str, Any]) -> str:
+    return json.dumps(payload, indent=2) + "\n"
 
 
 class _HarnessTokenizer:

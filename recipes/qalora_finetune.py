@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 import qalora_tune
 from qalora_tune._compat import get_component_from_path
-from qalora_tune.checkpointing import check_resume_matches
+from qalora_tune.checkpointing import atomic_write_text, check_resume_matches
 from qalora_tune.models import count_parameters
 from qalora_tune.modules import Int4Linear, QALoRALinear
 from qalora_tune.quantization import (
@@ -758,8 +758,9 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
                     f" bits per quantized weight; merged vs unmerged logits: max relative "
                     f"error {report['max_relative_logit_error']:.2e})"
                 )
-        (self._output_dir / "summary.json").write_text(
-            json.dumps({"metrics": self._metrics, "outputs": str(latest)}, indent=2)
+        atomic_write_text(
+            self._output_dir / "summary.json",
+            json.dumps({"metrics": self._metrics, "outputs": str(latest)}, indent=2),
         )
         return "\n".join(lines)
 

@@ -9,7 +9,11 @@ from qalora_tune.checkpointing._adapter import (
     read_adapter,
     write_adapter,
 )
-from qalora_tune.checkpointing._atomic import CheckpointWriteError, atomic_directory
+from qalora_tune.checkpointing._atomic import (
+    CheckpointWriteError,
+    atomic_directory,
+    atomic_write_text,
+)
 from qalora_tune.checkpointing._checkpointer import (
     PROGRESS_NAME,
     RECIPE_STATE_NAME,
@@ -49,6 +53,7 @@ __all__ = [
     "PROGRESS_NAME",
     "RECIPE_STATE_NAME",
     "atomic_directory",
+    "atomic_write_text",
     "check_adapter_matches",
     "check_resume_matches",
     "load_adapter_into",

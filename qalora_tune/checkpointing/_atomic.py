@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
-__all__ = ["CheckpointWriteError", "atomic_directory"]
+__all__ = ["CheckpointWriteError", "atomic_directory", "atomic_write_text"]
 
 # errno values of a write the disk or the system refused (not a bug in the writer)
 _WRITE_ERRNOS = (
@@ -80,6 +80,35 @@ def atomic_directory(final: Union[str, Path], setting: str = "output_dir") -> It
         if reason is None:
             raise
         raise _write_error(final, reason, setting) from error
+
+
+def atomic_write_text(final: Union[str, Path], text: str, setting: str = "output_dir") -> Path:
+    """Write ``text`` to a temporary file beside ``final``, then rename it into place.
+
+    Args:
+        final (str or Path): the file to (re)write.
+        text (str): its whole content.
+        setting (str): the config key that chose where ``final`` lives.
+
+    Returns:
+        Path: ``final``.
+
+    Raises:
+        CheckpointWriteError: if the disk refuses the write; ``final`` is then untouched.
+    """
+    final = Path(final)
+    staging = final.with_name(f".{final.name}.partial-{os.getpid()}")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging.write_text(text)
+        os.replace(staging, final)
+    except OSError as error:
+        staging.unlink(missing_ok=True)
+        reason = _write_failure(error)
+        if reason is None:
+            raise
+        raise _write_error(final, reason, setting) from error
+    return final
 
 
 def _write_error(final: Path, reason: str, setting: str) -> CheckpointWriteError:

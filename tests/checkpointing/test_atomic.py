@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qalora_tune.checkpointing import CheckpointWriteError, atomic_directory
+from qalora_tune.checkpointing import CheckpointWriteError, atomic_directory, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,6 +41,17 @@ def test_no_space_left_is_a_checkpoint_write_error_and_leaves_nothing(tmp_path, 
     assert isinstance(error.value, OSError) and "\n" not in message
     assert _entries(tmp_path) == ["epoch_0"]  # staging removed, no epoch_1
     assert (previous / "weights").read_text() == "good"
+
+
+def test_a_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    final = tmp_path / "summary.json"
+    assert atomic_write_text(final, "first") == final and final.read_text() == "first"
+    atomic_write_text(final, "second")
+    assert final.read_text() == "second" and _entries(tmp_path) == ["summary.json"]
+    monkeypatch.setattr(os, "replace", _no_space)
+    with pytest.raises(CheckpointWriteError, match="set output_dir to another location"):
+        atomic_write_text(final, "third")
+    assert final.read_text() == "second" and _entries(tmp_path) == ["summary.json"]
 
 
 def test_a_failed_rewrite_keeps_the_previous_version_under_its_name(tmp_path, monkeypatch):
@@ -94,7 +105,7 @@ SCRIPT = r"""
 import sys, torch
 from pathlib import Path
 from safetensors.torch import save_file
-from qalora_tune.checkpointing import CheckpointWriteError, atomic_directory
+from qalora_tune.checkpointing import CheckpointWriteError, atomic_directory, atomic_write_text
 root = Path(sys.argv[1])
 for writer in sys.argv[2:]:
     try:
