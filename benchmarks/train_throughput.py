@@ -59,10 +59,6 @@ QLORA_TINYSTORIES_REASON = (
 )
 
 LLAMA2_7B_LAYER = dict(num_heads=32, num_kv_heads=32, embed_dim=4096, intermediate_dim=11008)
-TINYSTORIES656K = dict(
-    vocab_size=2048, num_layers=2, num_heads=8, num_kv_heads=4, embed_dim=128,
-    intermediate_dim=384, norm_eps=1e-6,
-)
 TINY = dict(vocab_size=256, num_layers=2, num_heads=4, num_kv_heads=4, embed_dim=256,
             intermediate_dim=512)
 
@@ -74,7 +70,9 @@ def _shape_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     if args.shape == "llama2_7b_layers":
         dims = dict(LLAMA2_7B_LAYER, vocab_size=args.vocab, num_layers=args.layers)
     elif args.shape == "tinystories656K":
-        dims = dict(TINYSTORIES656K)
+        from qalora_tune.models import qalora_tinystories656k
+
+        dims = dict(qalora_tinystories656k.full_precision.keywords)  # the real model's sizes
     else:
         dims = dict(TINY)
     return dict(dims, max_seq_len=max(512, args.seq_len))
@@ -126,18 +124,15 @@ def _qalora(args: argparse.Namespace, dtype: torch.dtype) -> nn.Module:
 
     from qalora_tune.models import qalora_transformer, tied_llama
 
+    from torchtune.training import set_default_dtype
+
     dims = _shape_kwargs(args)
     base = partial(tied_llama if _tied(args.shape) else llama2, **dims)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(args.device):
-            return qalora_transformer(
-                base, ADAPTER_TARGETS, apply_lora_to_mlp=True, lora_rank=args.rank,
-                lora_alpha=2 * args.rank, group_size=args.group_size,
-            )
-    finally:
-        torch.set_default_dtype(previous)
+    with set_default_dtype(dtype), torch.device(args.device):
+        return qalora_transformer(
+            base, ADAPTER_TARGETS, apply_lora_to_mlp=True, lora_rank=args.rank,
+            lora_alpha=2 * args.rank, group_size=args.group_size,
+        )
 
 
 def build(method: str, args: argparse.Namespace, state: Optional[Dict[str, torch.Tensor]]) -> nn.Module:
