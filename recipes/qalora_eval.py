@@ -59,6 +59,7 @@ from qalora_tune.recipe_utils import (
     check_output_dir,
     check_tokenizer_fits,
     evaluate_lm,
+    load_full_precision,
     resolve_dtype,
     run_recipe,
 )
@@ -155,16 +156,10 @@ class QALoRAEvalRecipe:
 
     def _setup_full_precision(self, cfg_model: DictConfig, checkpointer: Any) -> nn.Module:
         """The unquantized counterpart of ``model``'s builder, with the base loaded."""
-        builder = get_component_from_path(cfg_model._component_)
-        if not hasattr(builder, "full_precision"):
-            raise ValueError(
-                f"model._component_={cfg_model._component_} has no full-precision counterpart "
-                "(a `full_precision` attribute); use a qalora_tune.models builder or another "
-                "checkpoint.kind"
-            )
-        with training.set_default_dtype(self._dtype), self._device:
-            model = builder.full_precision()
-        checkpointer.load_base(model)
+        model, _ = load_full_precision(
+            cfg_model._component_, checkpointer, self._device, self._dtype,
+            otherwise="another checkpoint.kind",
+        )
         return model
 
     def _setup_quantized(self, cfg_model: DictConfig, checkpointer: Any) -> nn.Module:

@@ -67,6 +67,7 @@ from qalora_tune.recipe_utils import (
     gather_objects,
     init_distributed,
     is_rank_zero,
+    load_full_precision,
     merge_with_report,
     resolve_dtype,
     run_on_rank_zero,
@@ -275,19 +276,14 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         meanwhile; see ``qalora_tune.quantization.gptq_calibration``)."""
         start = time.perf_counter()
         settings = self._calibration
-        builder = get_component_from_path(cfg_model._component_)
-        if not hasattr(builder, "full_precision"):
-            raise ValueError(
-                f"{cfg_model._component_} has no full-precision counterpart to calibrate; "
-                "set model.quantizer=rtn or hqq"
-            )
         dataset = self._build_dataset(OmegaConf.create(settings["dataset"]))
         sequences = sample_calibration_sequences(
             dataset, settings["num_samples"], settings["max_seq_len"], settings["seed"]
         )
-        with training.set_default_dtype(self._dtype), self._device:
-            full_precision = builder.full_precision()
-        hf_config = self._checkpointer.load_base(full_precision)
+        full_precision, hf_config = load_full_precision(
+            cfg_model._component_, self._checkpointer, self._device, self._dtype,
+            otherwise="set model.quantizer=rtn or hqq",
+        )
         base = next(m for m in model.modules() if isinstance(m, Int4Linear))
         state = calibrate_gptq(
             full_precision,
@@ -409,15 +405,10 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
                 module.disabled = False
 
     def _evaluate_full_precision(self, cfg_model: DictConfig) -> Dict[str, float]:
-        builder = get_component_from_path(cfg_model._component_)
-        if not hasattr(builder, "full_precision"):
-            raise ValueError(
-                f"{cfg_model._component_} has no full-precision counterpart; set "
-                "validation.full_precision_baseline=False"
-            )
-        with training.set_default_dtype(self._dtype), self._device:
-            model = builder.full_precision()
-        self._checkpointer.load_base(model)
+        model, _ = load_full_precision(
+            cfg_model._component_, self._checkpointer, self._device, self._dtype,
+            otherwise="set validation.full_precision_baseline=False",
+        )
         metrics = evaluate_lm(
             model, self._val_dataloader, self._device, sum_across_ranks=self._world_size > 1
         )

@@ -29,10 +29,12 @@ from qalora_tune.recipe_utils._preflight import (
     tokenizer_vocab_size,
 )
 from qalora_tune.recipe_utils._evaluation import evaluate_lm, full_logits, next_token_loss
+from qalora_tune.recipe_utils._full_precision import load_full_precision
 from qalora_tune.recipe_utils._merge_report import merge_with_report
 from qalora_tune.recipe_utils._validation import check_config
 
 __all__ = [
+    "load_full_precision",
     "TrainingError",
     "all_reduce_gradients",
     "all_reduce_sum",
