@@ -66,9 +66,20 @@ from torchao.prototype.safetensors.safetensors_support import (  # noqa: E402
 )
 from torchao.quantization import Int4Tensor, Int4WeightOnlyConfig  # noqa: E402
 
+# the dequantizing base for 8-bit codes and group sizes the int4 kernels lack, and its
+# transformers TorchAoConfig entry
+from torchao.quantization import (  # noqa: E402
+    IntxUnpackedToInt8Tensor,
+    IntxWeightOnlyConfig,
+    PerGroup,
+)
+
 __all__ += [
     "Int4Tensor",
     "Int4WeightOnlyConfig",
+    "IntxUnpackedToInt8Tensor",
+    "IntxWeightOnlyConfig",
+    "PerGroup",
     "config_to_dict",
     "flatten_tensor_state_dict",
     "override_torchao_linear",

@@ -6,7 +6,9 @@
   ``TorchAoConfig`` reads (``Int4WeightOnlyConfig``, plain int4 packing);
 - ``model.safetensors``: every quantized linear as a torchao ``Int4Tensor`` (codes, scales
   and the merged zero points), flattened by ``torchao.prototype.safetensors`` the way
-  transformers saves and loads torchao models; embeddings and norms as plain tensors;
+  transformers saves and loads torchao models; embeddings and norms as plain tensors.
+  A base the int4 kernels cannot hold (8-bit codes, other group sizes) is written as
+  torchao ``IntxUnpackedToInt8Tensor`` instead, with an ``IntxWeightOnlyConfig``;
 - ``qalora_tune.json``: how to rebuild the torchtune model (:func:`load_merged`);
 - tokenizer files and ``merge_report.json`` (written by the caller).
 """
@@ -22,6 +24,9 @@ from torch import nn
 
 from qalora_tune._compat import (
     Int4WeightOnlyConfig,
+    IntxWeightOnlyConfig,
+    MappingType,
+    PerGroup,
     config_to_dict,
     flatten_tensor_state_dict,
     get_component_from_path,
@@ -32,10 +37,13 @@ from qalora_tune.modules import Int4Linear, QALoRALinear
 from qalora_tune.quantization import (
     GroupQuantizedWeight,
     from_plain_int4,
-    from_torchao_int4,
+    from_torchao_base,
+    is_intx_weight,
     plain_int4_bytes,
     to_plain_int4,
-    to_torchao_int4,
+    to_torchao_base,
+    to_torchao_intx,
+    uses_int4_kernel,
 )
 
 __all__ = [
@@ -63,12 +71,21 @@ def clean_module_name(name: str) -> str:
     return name
 
 
-def torchao_quantization_config(group_size: int) -> Dict[str, Any]:
+def torchao_quantization_config(group_size: int, bits: int = 4) -> Dict[str, Any]:
     """``config.json``'s ``quantization_config``: transformers' ``TorchAoConfig.to_dict()``
-    for ``Int4WeightOnlyConfig(group_size)`` in torchao's plain int4 packing."""
+    for ``Int4WeightOnlyConfig(group_size)`` in torchao's plain int4 packing, or, for a
+    base off the int4 kernels, ``IntxWeightOnlyConfig`` (asymmetric, per group)."""
+    if uses_int4_kernel(bits, group_size):
+        config = Int4WeightOnlyConfig(group_size=group_size)
+    else:
+        config = IntxWeightOnlyConfig(
+            weight_dtype=getattr(torch, f"int{bits}"),
+            granularity=PerGroup(group_size),
+            mapping_type=MappingType.ASYMMETRIC,
+        )
     return {
         "quant_method": "torchao",
-        "quant_type": {"default": config_to_dict(Int4WeightOnlyConfig(group_size=group_size))},
+        "quant_type": {"default": config_to_dict(config)},
         "modules_to_not_convert": None,
         "include_input_output_embeddings": False,
         "untie_embedding_weights": False,
@@ -122,17 +139,15 @@ def write_merged_int4(
         ValueError: if an adapter is not merged.
     """
     tensors: Dict[str, torch.Tensor] = {}
-    quantized_params, quantized_bytes, group_size, dtype = 0, 0, None, None
+    quantized_params, quantized_bytes, group_size, bits, dtype = 0, 0, None, 4, None
     for key, value in _merged_tensors(model):
         if isinstance(value, Int4Linear):
-            gq = from_torchao_int4(value.weight)
-            gq = GroupQuantizedWeight(gq.qdata.cpu(), gq.scale.cpu(), gq.zero.cpu(), gq.group_size)
             hf_key, rows = key_map.row_order(key, value.out_dim, to_hf=True)
-            plain = to_plain_int4(_permute_rows(gq, rows), in_features=value.in_dim)
-            tensors[hf_key] = plain
+            portable, nbytes = _portable_weight(value, rows)
+            tensors[hf_key] = portable
             quantized_params += value.out_dim * value.in_dim
-            quantized_bytes += plain_int4_bytes(plain)
-            group_size, dtype = gq.group_size, plain.dtype
+            quantized_bytes += nbytes
+            group_size, bits, dtype = value.group_size, value.bits, portable.dtype
         else:
             tensors.update(key_map.to_hf({key: value.detach().cpu().contiguous()}))
     if group_size is None:
@@ -142,7 +157,7 @@ def write_merged_int4(
     path = directory / MERGED_WEIGHTS_NAME
     save_file(data, str(path), metadata=metadata)
     config = dict(hf_config)
-    config["quantization_config"] = torchao_quantization_config(group_size)
+    config["quantization_config"] = torchao_quantization_config(group_size, bits)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     (directory / MERGED_SPEC_NAME).write_text(json.dumps(spec, indent=2))
@@ -152,6 +167,28 @@ def write_merged_int4(
         "bits_per_quantized_parameter": 8 * quantized_bytes / quantized_params,
         "file_bytes": path.stat().st_size,
     }
+
+
+def _portable_weight(module: Int4Linear, rows: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """The layer's weight as written, rows in Hugging Face order, and its bytes: a plain
+    ``Int4Tensor`` for int4 bases, an ``IntxUnpackedToInt8Tensor`` for intx ones."""
+    gq = from_torchao_base(module.weight)
+    gq = GroupQuantizedWeight(
+        gq.qdata.cpu(), gq.scale.cpu(), gq.zero.cpu(), gq.group_size, gq.bits
+    )
+    gq = _permute_rows(gq, rows)
+    if not is_intx_weight(module.weight):
+        plain = to_plain_int4(gq, in_features=module.in_dim)
+        return plain, plain_int4_bytes(plain)
+    if module.padded_in_dim != module.in_dim:
+        raise ValueError(
+            f"a padded intx base ({module.in_dim} inputs in groups of {module.group_size}) "
+            "has no transformers layout; set model.group_size to a divisor of every "
+            "linear's in_dim instead of model.pad_in_dim=True"
+        )
+    intx = to_torchao_intx(gq, device="cpu", dtype=module.weight.dtype)
+    nbytes = sum(t.numel() * t.element_size() for t in (intx.qdata, intx.scale, intx.zero_point))
+    return intx, nbytes
 
 
 def _read_tensors(path: Path) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -227,11 +264,15 @@ def load_merged(
     expected = set(model.state_dict())
     loaded = set()
     for hf_key, value in _read_tensors(path / MERGED_WEIGHTS_NAME):
-        if value.__class__.__name__ == "Int4Tensor":
+        if value.__class__.__name__ in ("Int4Tensor", "IntxUnpackedToInt8Tensor"):
             key, rows = key_map.row_order(hf_key, value.shape[0], to_hf=False)
             module = _int4_module(model, key)
-            gq = _permute_rows(from_plain_int4(value, module.padded_in_dim), rows)
-            packed = to_torchao_int4(gq, device=device, dtype=dtype)
+            gq = (
+                from_torchao_base(value)
+                if is_intx_weight(value)
+                else from_plain_int4(value, module.padded_in_dim)
+            )
+            packed = to_torchao_base(_permute_rows(gq, rows), device=device, dtype=dtype)
             module._check_base(packed)
             module.weight = nn.Parameter(packed, requires_grad=False)
             loaded.add(key)

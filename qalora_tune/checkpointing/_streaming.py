@@ -9,7 +9,7 @@ from safetensors import safe_open
 from torch import nn
 
 from qalora_tune.modules import Int4Linear
-from qalora_tune.quantization import is_int4_weight
+from qalora_tune.quantization import is_quantized_base
 
 __all__ = ["TIED_KEYS", "guess_key_format", "iter_checkpoint_tensors", "load_tensor_stream"]
 
@@ -169,7 +169,7 @@ def _format_hint(raw_keys: List[str], checkpoint_format: str) -> str:
 
 def _load_one(model: nn.Module, key: str, value: torch.Tensor, raw_key: Optional[str] = None) -> None:
     expected = _expected_shape(model, key)
-    if expected is not None and not is_int4_weight(value) and tuple(value.shape) != expected:
+    if expected is not None and not is_quantized_base(value) and tuple(value.shape) != expected:
         name = key if raw_key in (None, key) else f"{raw_key} (torchtune {key})"
         raise ValueError(
             f"{name}: checkpoint shape {tuple(value.shape)} does not match the model's "

@@ -50,7 +50,7 @@ def check_model_knobs(
         raise ValueError(
             f"model.bits={bits} is not available in this version (only "
             f"{_join(IMPLEMENTED_BITS)}-bit bases are implemented); set "
-            f"model.bits={max(IMPLEMENTED_BITS)}"
+            f"model.bits to one of {_join(IMPLEMENTED_BITS)}"
         )
     if _not_int(lora_rank) or lora_rank <= 0:
         raise ValueError(
@@ -69,10 +69,11 @@ def check_model_knobs(
             f"model.lora_dropout={lora_dropout!r} is not a probability in [0, 1); set "
             "model.lora_dropout to e.g. 0.0 or 0.05"
         )
-    if group_size not in INT4_KERNEL_GROUP_SIZES:
+    if _not_int(group_size) or group_size <= 0:
         raise ValueError(
-            f"model.group_size={group_size!r} has no int4 kernel; set model.group_size to one "
-            f"of {_join(INT4_KERNEL_GROUP_SIZES)}"
+            f"model.group_size={group_size!r} is not a positive integer; set model.group_size "
+            f"to one of {_join(INT4_KERNEL_GROUP_SIZES)} (int4 kernels) or another divisor "
+            "of every linear's in_dim (dequantizing intx base)"
         )
     if quantizer not in BASE_QUANTIZERS:
         raise ValueError(
@@ -102,7 +103,8 @@ def check_group_size_fits(model: nn.Module, group_size: int, pad_in_dim: bool) -
             choice = (
                 f"set model.group_size to {' or '.join(map(str, fitting))}"
                 if fitting
-                else "no int4 group size divides every linear's in_dim"
+                else "no int4 kernel group size divides every linear's in_dim; set "
+                "model.group_size to a common divisor of them (dequantizing intx base)"
             )
             raise ValueError(
                 f"{path}: model.group_size={group_size} does not divide in_dim={in_dim}; "

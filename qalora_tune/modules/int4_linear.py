@@ -1,4 +1,4 @@
-"""Int4Linear: a frozen linear layer whose weight is a torchao int4 tensor."""
+"""Int4Linear: a frozen linear layer whose weight is a torchao int4 (or intx) tensor."""
 
 import math
 from typing import Any, Dict, Optional
@@ -7,15 +7,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qalora_tune.ops import int4_linear
+from qalora_tune.ops import int4_linear, intx_linear
 from qalora_tune.quantization import (
     INT4_KERNEL_GROUP_SIZES,
     SUPPORTED_BITS,
-    empty_int4,
+    empty_base,
     get_quantizer,
-    is_int4_weight,
+    intx_bits,
+    is_intx_weight,
+    is_quantized_base,
     quantize_rtn,
-    to_torchao_int4,
+    to_torchao_base,
+    uses_int4_kernel,
 )
 
 __all__ = ["Int4Linear"]
@@ -32,7 +35,14 @@ class Int4Linear(nn.Module):
     ``group_size`` consecutive inputs) with float zero points,
     ``W[n, k] = (q[n, k] - 8) * s[n, g] + z[n, g]``, and stored as a torchao
     ``Int4OpaqueTensor`` (CPU) or ``Int4TilePackedTo4dTensor`` (CUDA). Gradients flow to
-    the input, never to the weight. Every linear of a QA-LoRA model that has no adapter
+    the input, never to the weight.
+
+    A base the int4 kernels cannot hold (8-bit codes, or a group size other than 32, 64,
+    128, 256) is stored as torchao's ``IntxUnpackedToInt8Tensor`` instead (one int8 per
+    code, float scale and zero point per group) and computed by dequantizing it for a
+    dense matmul in every call (``qalora_tune::intx_linear``): less memory than a
+    full-precision base, no int4 speed-up; see
+    :mod:`qalora_tune.quantization.base_weight`. Every linear of a QA-LoRA model that has no adapter
     is one of these; :class:`~qalora_tune.modules.QALoRALinear` adds the adapter.
 
     When ``group_size`` does not divide ``in_dim`` and ``pad_in_dim`` is set, the weight
@@ -43,7 +53,8 @@ class Int4Linear(nn.Module):
     Args:
         in_dim (int): input features ``K``.
         out_dim (int): output features ``N``.
-        group_size (int): quantization group size ``G``: 32, 64, 128 or 256.
+        group_size (int): quantization group size ``G``: 32, 64, 128 or 256 run on the
+            int4 kernels; any other positive size on the dequantizing intx path.
         use_bias (bool): whether the layer has a (frozen, full precision) bias.
         quantizer (str): how full-precision weights are quantized on load: ``"rtn"``
             (min-max round to nearest) or ``"hqq"`` (half-quadratic); ``"gptq"`` needs
@@ -56,12 +67,13 @@ class Int4Linear(nn.Module):
             on CUDA.
         device (torch.device, optional): where to build the layer; ``meta`` builds the
             structure without memory.
-        bits (int): bit width of the quantization grid: 2, 3 or 4. Narrower codes are
-            stored in the same int4 layout (``q + 8 - 2**(bits - 1)``) and computed by the
-            same int4 kernels, so they change accuracy, not memory or speed.
+        bits (int): bit width of the quantization grid: 2, 3, 4 or 8. With an int4 group
+            size, 2- and 3-bit codes are stored in the int4 layout (``q + 8 - 2**(bits -
+            1)``) and computed by the same kernels, so they change accuracy, not memory or
+            speed; 8-bit codes take the intx path.
 
     Raises:
-        ValueError: if ``group_size`` has no int4 kernel, or does not divide ``in_dim``
+        ValueError: if ``group_size`` is not positive, or does not divide ``in_dim``
             while ``pad_in_dim`` is off.
     """
 
@@ -88,14 +100,14 @@ class Int4Linear(nn.Module):
         self.padded_in_dim = _round_up(in_dim, group_size)
         device = torch.device(device) if device is not None else torch.get_default_device()
         if device.type == "meta":
-            weight = empty_int4(out_dim, self.padded_in_dim, group_size, device, dtype)
+            weight = empty_base(out_dim, self.padded_in_dim, group_size, bits, device, dtype)
         else:
             # a placeholder like nn.Linear's init, quantized with fast RTN whatever the
             # quantizer: real weights arrive through from_linear / load_state_dict
             init_weight = torch.empty(out_dim, in_dim, device=device, dtype=torch.float32)
             nn.init.kaiming_uniform_(init_weight, a=math.sqrt(5))
-            placeholder = quantize_rtn(self._pad_columns(init_weight), group_size)
-            weight = to_torchao_int4(placeholder, device=device, dtype=dtype)
+            placeholder = quantize_rtn(self._pad_columns(init_weight), group_size, bits)
+            weight = to_torchao_base(placeholder, device=device, dtype=dtype)
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = (
             nn.Parameter(torch.zeros(out_dim, device=device, dtype=dtype), requires_grad=False)
@@ -134,26 +146,31 @@ class Int4Linear(nn.Module):
     def from_int4(
         cls, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, **kwargs: Any
     ) -> "Int4Linear":
-        """Wrap an already quantized torchao int4 weight.
+        """Wrap an already quantized torchao int4 (or intx) weight.
 
         Args:
             weight (torch.Tensor): ``Int4OpaqueTensor`` or ``Int4TilePackedTo4dTensor`` of
-                shape ``(out_dim, in_dim)``, asymmetric with contiguous input groups.
+                shape ``(out_dim, in_dim)``, asymmetric with contiguous input groups, or an
+                ``IntxUnpackedToInt8Tensor`` with float zero points (8-bit codes or other
+                group sizes).
             bias (torch.Tensor, optional): frozen bias of shape ``(out_dim,)``.
-            **kwargs: the other constructor arguments; ``group_size`` defaults to the
-                weight's.
+            **kwargs: the other constructor arguments; ``group_size`` (and, for intx,
+                ``bits``) default to the weight's.
 
         Raises:
-            TypeError: if ``weight`` is not one of those int4 subclasses.
-            ValueError: if its groups are not contiguous input groups of ``group_size``.
+            TypeError: if ``weight`` is not one of those subclasses.
+            ValueError: if its groups are not contiguous input groups of ``group_size``,
+                or its subclass is not the one ``bits`` and ``group_size`` select.
         """
-        if not is_int4_weight(weight):
+        if not is_quantized_base(weight):
             raise TypeError(
-                "the QA-LoRA base must be a torchao Int4OpaqueTensor or "
-                "Int4TilePackedTo4dTensor (asymmetric, float zero points), "
-                f"got {type(weight).__name__}"
+                "the QA-LoRA base must be a torchao Int4OpaqueTensor, "
+                "Int4TilePackedTo4dTensor or IntxUnpackedToInt8Tensor (asymmetric, float "
+                f"zero points), got {type(weight).__name__}"
             )
         kwargs.setdefault("group_size", weight.block_size[-1])
+        if is_intx_weight(weight):
+            kwargs.setdefault("bits", intx_bits(weight))
         kwargs.setdefault("dtype", weight.dtype)
         kwargs.setdefault("device", weight.device)
         out_dim, in_dim = weight.shape
@@ -174,6 +191,27 @@ class Int4Linear(nn.Module):
                 f"contiguous input groups (1, {self.group_size}) matching group_size; "
                 "set group_size to the base's group size"
             )
+        if is_intx_weight(weight) == uses_int4_kernel(self.bits, self.group_size):
+            expected = (
+                "an int4 kernel tensor"
+                if uses_int4_kernel(self.bits, self.group_size)
+                else "an IntxUnpackedToInt8Tensor"
+            )
+            raise ValueError(
+                f"a {self.bits}-bit base with group_size={self.group_size} is stored as "
+                f"{expected}, got {type(weight).__name__}; set model.bits and "
+                "model.group_size to those the weights were quantized with"
+            )
+        if is_intx_weight(weight) and intx_bits(weight) != self.bits:
+            raise ValueError(
+                f"the base has {intx_bits(weight)}-bit codes but the layer is built for "
+                f"bits={self.bits}; set model.bits={intx_bits(weight)}"
+            )
+        if is_intx_weight(weight) and not weight.zero_point.is_floating_point():
+            raise ValueError(
+                "the intx base has integer zero points, which cannot take a QA-LoRA merge; "
+                "quantize it with float zero points"
+            )
         if getattr(weight, "act_pre_scale", None) is not None:
             raise ValueError(
                 "the base scales its input (act_pre_scale), so its groups no longer see the "
@@ -181,7 +219,7 @@ class Int4Linear(nn.Module):
             )
         if tuple(weight.shape) != (self.out_dim, self.padded_in_dim):
             raise ValueError(
-                f"expected an int4 base of shape ({self.out_dim}, {self.padded_in_dim}), "
+                f"expected a base of shape ({self.out_dim}, {self.padded_in_dim}), "
                 f"got {tuple(weight.shape)}"
             )
 
@@ -209,14 +247,18 @@ class Int4Linear(nn.Module):
             )
         target = self.weight.device
         quantized = self._quantize(self._pad_columns(weight.to(target)), self.group_size, self.bits)
-        packed = to_torchao_int4(quantized, device=target, dtype=self.weight.dtype)
+        packed = to_torchao_base(quantized, device=target, dtype=self.weight.dtype)
         self.weight = nn.Parameter(packed, requires_grad=False)
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x W^T + bias`` for an input already padded to ``(..., padded_in_dim)``."""
-        out = int4_linear(
-            x, self.weight.qdata, self.weight.scale_and_zero, self.group_size, self.out_dim
-        )
+        weight = self.weight
+        if is_intx_weight(weight):
+            out = intx_linear(x, weight.qdata, weight.scale, weight.zero_point)
+        else:
+            out = int4_linear(
+                x, weight.qdata, weight.scale_and_zero, self.group_size, self.out_dim
+            )
         return out if self.bias is None else out + self.bias
 
     def pad_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -247,13 +289,14 @@ def _quantize_incoming_weight(
     """load_state_dict pre-hook: quantize a full-precision base weight on arrival.
 
     One layer at a time, so a model loads from bf16/fp32 checkpoints without ever holding
-    them whole in full precision; an int4 weight is checked and moved to the layer's layout.
+    them whole in full precision; a quantized weight is checked and moved to the layer's
+    layout.
     """
     key = prefix + "weight"
     incoming = state_dict.get(key)
     if incoming is None:
         return
-    if is_int4_weight(incoming):
+    if is_quantized_base(incoming):
         module._check_base(incoming)
         if type(incoming) is not type(module.weight):
             state_dict[key] = incoming.to(module.weight.device)
@@ -269,9 +312,10 @@ def _validate_base_hparams(
         raise ValueError(f"bits={bits} is not supported; use one of {SUPPORTED_BITS}")
     if in_dim <= 0 or out_dim <= 0:
         raise ValueError(f"in_dim and out_dim must be positive, got {in_dim} and {out_dim}")
-    if group_size not in INT4_KERNEL_GROUP_SIZES:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
         raise ValueError(
-            f"group_size={group_size} has no int4 kernel; use one of {INT4_KERNEL_GROUP_SIZES}"
+            f"group_size={group_size!r} must be a positive integer (the int4 kernels have "
+            f"{INT4_KERNEL_GROUP_SIZES}; others run on the dequantizing intx path)"
         )
     if in_dim % group_size and not pad_in_dim:
         raise ValueError(

@@ -9,7 +9,7 @@ from torch import nn
 from qalora_tune._compat import AdapterModule
 from qalora_tune.modules.int4_linear import Int4Linear
 from qalora_tune.ops import pooled_lora
-from qalora_tune.quantization import zero_points
+from qalora_tune.quantization import shift_zero_points_, stored_zero_points
 
 __all__ = ["QALoRALinear"]
 
@@ -36,7 +36,8 @@ class QALoRALinear(Int4Linear, AdapterModule):
         rank (int): adapter rank ``r`` (useful up to ``n_groups``).
         alpha (float): adapter scaling numerator; the update is scaled by ``alpha / rank``.
         group_size (int): quantization group size ``G`` shared by base and adapter:
-            one of 32, 64, 128, 256 (the int4 kernels' group sizes).
+            32, 64, 128 or 256 run on the int4 kernels, other sizes (e.g. 8 or 16, for
+            more pooled groups) on the dequantizing intx base (see :class:`Int4Linear`).
         dropout (float): dropout on the adapter's input.
         use_bias (bool): whether the base has a (frozen, full precision) bias.
         quantizer (str): how a full-precision weight is quantized: ``"rtn"`` (min-max
@@ -49,10 +50,10 @@ class QALoRALinear(Int4Linear, AdapterModule):
             (fp32/bf16/fp16 on CPU, bf16 on CUDA), and of the adapter. Defaults to the
             default dtype on CPU and bf16 on CUDA.
         device (torch.device, optional): where to build the layer.
-        bits (int): bit width of the base's grid, 2, 3 or 4 (see :class:`Int4Linear`).
+        bits (int): bit width of the base's grid, 2, 3, 4 or 8 (see :class:`Int4Linear`).
 
     Raises:
-        ValueError: if ``group_size`` has no kernel or does not divide ``in_dim`` (without
+        ValueError: if ``group_size`` is not positive or does not divide ``in_dim`` (without
             ``pad_in_dim``), if ``rank`` or ``alpha`` is not positive, or ``dropout`` is
             outside ``[0, 1)``.
     """
@@ -197,7 +198,7 @@ class QALoRALinear(Int4Linear, AdapterModule):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the adapter into the int4 zero points; codes and scales stay untouched.
+        """Fold the adapter into the base's zero points; codes and scales stay untouched.
 
         The new zeros are computed in float64 and rounded once to the storage dtype (the
         only deviation from the unmerged layer). The previous zeros are kept, so
@@ -208,9 +209,8 @@ class QALoRALinear(Int4Linear, AdapterModule):
         """
         if self.merged:
             raise ValueError("the adapter is already merged")
-        zeros = zero_points(self.weight)
-        self._premerge_zeros = zeros.clone()
-        zeros.copy_(zeros.double() + self.zero_point_delta())
+        self._premerge_zeros = stored_zero_points(self.weight).clone()
+        shift_zero_points_(self.weight, self.zero_point_delta())
         self.merged = True
 
     @torch.no_grad()
@@ -222,11 +222,10 @@ class QALoRALinear(Int4Linear, AdapterModule):
         """
         if not self.merged:
             raise ValueError("the adapter is not merged")
-        zeros = zero_points(self.weight)
         if self._premerge_zeros is not None:
-            zeros.copy_(self._premerge_zeros)
+            stored_zero_points(self.weight).copy_(self._premerge_zeros)
         else:
-            zeros.copy_(zeros.double() - self.zero_point_delta())
+            shift_zero_points_(self.weight, -self.zero_point_delta())
         self._premerge_zeros = None
         self.merged = False
 

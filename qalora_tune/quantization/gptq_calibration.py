@@ -31,7 +31,7 @@ from torch import nn
 
 from qalora_tune.quantization.gptq import HessianAccumulator, quantize_gptq
 from qalora_tune.quantization.group_quant import GroupQuantizedWeight
-from qalora_tune.quantization.int4_weight import to_torchao_int4
+from qalora_tune.quantization.base_weight import to_torchao_base
 
 __all__ = ["calibrate_gptq", "load_quantized_base", "sample_calibration_sequences"]
 
@@ -260,7 +260,7 @@ def calibrate_gptq(
     for key, value in model.state_dict().items():
         owner = key.removesuffix(".weight")
         if key.endswith(".weight") and owner in quantized:
-            state[key] = to_torchao_int4(quantized[owner], device=device, dtype=dtype)
+            state[key] = to_torchao_base(quantized[owner], device=device, dtype=dtype)
         else:
             state[key] = value
     return state

@@ -30,8 +30,10 @@ __all__ = [
     "validate_group_size",
 ]
 
-SUPPORTED_BITS = (2, 3, 4)
-"""Bit widths the quantizers produce; all are stored and computed in the int4 layout."""
+SUPPORTED_BITS = (2, 3, 4, 8)
+"""Bit widths the quantizers produce (QA-LoRA's). 2 to 4 bits run on the int4 kernels when
+the group size has one; 8 bits, and other group sizes, on the dequantizing intx layout
+(see :mod:`qalora_tune.quantization.base_weight`)."""
 
 
 @dataclass
@@ -75,7 +77,8 @@ class GroupQuantizedWeight:
             return self
         if self.bits > 4:
             raise ValueError(
-                f"{self.bits}-bit codes do not fit the int4 layout; use bits of 2, 3 or 4"
+                f"{self.bits}-bit codes do not fit the int4 layout; store them with "
+                "to_torchao_intx (or to_torchao_base, which picks the layout)"
             )
         shift = 8 - self.mid
         return GroupQuantizedWeight(

@@ -1,0 +1,133 @@
+"""The frozen base in whichever torchao subclass fits its bit width and group size.
+
+- Codes of 2 to 4 bits with a group size of 32, 64, 128 or 256: the int4 kernel
+  subclasses (:mod:`qalora_tune.quantization.int4_weight`).
+- Anything else (8-bit codes, or group sizes such as 8 or 16): the dequantizing
+  ``IntxUnpackedToInt8Tensor`` (:mod:`qalora_tune.quantization.intx_weight`).
+
+Both keep float zero points per (row, input group), so a QA-LoRA merge is a zero-point
+update in either; :func:`shift_zero_points_` applies one.
+"""
+
+from typing import Optional, Union
+
+import torch
+
+from qalora_tune.quantization.group_quant import GroupQuantizedWeight
+from qalora_tune.quantization.int4_weight import (
+    INT4_KERNEL_GROUP_SIZES,
+    dequantize_int4,
+    empty_int4,
+    from_torchao_int4,
+    is_int4_weight,
+    to_torchao_int4,
+    zero_points,
+)
+from qalora_tune.quantization.intx_weight import (
+    empty_intx,
+    from_torchao_intx,
+    is_intx_weight,
+    to_torchao_intx,
+)
+
+__all__ = [
+    "dequantize_base",
+    "empty_base",
+    "from_torchao_base",
+    "is_quantized_base",
+    "shift_zero_points_",
+    "stored_zero_points",
+    "to_torchao_base",
+    "uses_int4_kernel",
+]
+
+
+def uses_int4_kernel(bits: int, group_size: int) -> bool:
+    """Whether a ``bits``-bit base with ``group_size`` runs on the int4 kernels (else the
+    dequantizing intx path)."""
+    return bits <= 4 and group_size in INT4_KERNEL_GROUP_SIZES
+
+
+def is_quantized_base(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is an int4 or intx base weight this project computes with."""
+    return is_int4_weight(tensor) or is_intx_weight(tensor)
+
+
+def to_torchao_base(
+    gq: GroupQuantizedWeight,
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """Store ``gq`` in the subclass :func:`uses_int4_kernel` picks for its bits and groups.
+
+    Args:
+        gq (GroupQuantizedWeight): codes, scales and zeros of shape ``(out_dim, in_dim)``.
+        device (str or torch.device, optional): target device; defaults to ``gq``'s.
+        dtype (torch.dtype, optional): dtype of scales, zeros and compute.
+
+    Returns:
+        torch.Tensor: an int4 subclass or an ``IntxUnpackedToInt8Tensor``.
+    """
+    if uses_int4_kernel(gq.bits, gq.group_size):
+        return to_torchao_int4(gq, device=device, dtype=dtype)
+    return to_torchao_intx(gq, device=device, dtype=dtype)
+
+
+def from_torchao_base(weight: torch.Tensor) -> GroupQuantizedWeight:
+    """Plain codes, scales and zeros of an int4 or intx base (int4 ones as 4-bit codes)."""
+    if is_intx_weight(weight):
+        return from_torchao_intx(weight)
+    return from_torchao_int4(weight)
+
+
+def dequantize_base(weight: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The dense ``(out_dim, in_dim)`` weight of an int4 or intx base, in ``dtype``
+    (the weight's own by default)."""
+    if is_intx_weight(weight):
+        return from_torchao_intx(weight).dequantize(dtype or weight.dtype)
+    return dequantize_int4(weight, dtype)
+
+
+def empty_base(
+    out_dim: int,
+    in_dim: int,
+    group_size: int,
+    bits: int,
+    device: Union[str, torch.device],
+    dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """An uninitialised base of the subclass ``bits`` and ``group_size`` select (for
+    ``meta``-device construction)."""
+    if uses_int4_kernel(bits, group_size):
+        return empty_int4(out_dim, in_dim, group_size, device, dtype)
+    return empty_intx(out_dim, in_dim, group_size, bits, device, dtype)
+
+
+def stored_zero_points(weight: torch.Tensor) -> torch.Tensor:
+    """A writable view of the zero points as stored, ``(out_dim, n_groups)``.
+
+    For int4 bases these are ``z`` of ``(q - mid) * s + z``; for intx bases torchao's
+    integer-domain ``zp = -z / s``. Save and restore it to undo a merge bit for bit.
+    """
+    if is_intx_weight(weight):
+        return weight.zero_point
+    return zero_points(weight)
+
+
+@torch.no_grad()
+def shift_zero_points_(weight: torch.Tensor, delta: torch.Tensor) -> None:
+    """Add ``delta`` to every dequantized value of each (row, group): ``z += delta``.
+
+    Computed in float64 and rounded once to the stored dtype; codes and scales are
+    untouched.
+
+    Args:
+        weight (torch.Tensor): an int4 or intx base.
+        delta (torch.Tensor): ``(out_dim, n_groups)`` shift per group.
+    """
+    stored = stored_zero_points(weight)
+    delta = delta.to(device=stored.device, dtype=torch.float64)
+    if is_intx_weight(weight):
+        stored.copy_(stored.double() - delta / weight.scale.double())
+    else:
+        stored.copy_(stored.double() + delta)

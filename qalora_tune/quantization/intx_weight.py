@@ -1,0 +1,135 @@
+"""The dequantizing base: torchao ``IntxUnpackedToInt8Tensor`` for what int4 kernels cannot hold.
+
+The int4 kernels take 4-bit codes and group sizes 32, 64, 128 and 256 only. An 8-bit base,
+or a group size outside that list (e.g. 8 or 16, which give a pooled adapter 16x more
+input groups), is stored in torchao's ``IntxUnpackedToInt8Tensor``: one signed int8 per
+code (``target_dtype`` ``torch.int2`` ... ``torch.int8``), a float scale and a float zero
+point per (row, contiguous input group). It has no fused kernel: a linear dequantizes the
+weight and runs a dense matmul (``qalora_tune::intx_linear``), so it saves memory over a
+full-precision base (8 bits per code instead of 16/32) but not time.
+
+torchao's convention for this class is ``W = (c - zp) * s`` with ``c = q - mid`` signed;
+this project's is ``W = (q - mid) * s + z``. They agree for ``zp = -z / s``, and a QA-LoRA
+merge ``z' = z + delta`` is ``zp' = zp - delta / s``: still a zero-point update, with the
+codes and scales untouched.
+"""
+
+from typing import Optional, Union
+
+import torch
+
+from qalora_tune._compat import IntxUnpackedToInt8Tensor
+from qalora_tune.quantization.group_quant import GroupQuantizedWeight
+
+__all__ = [
+    "IntxWeight",
+    "empty_intx",
+    "from_torchao_intx",
+    "intx_bits",
+    "is_intx_weight",
+    "to_torchao_intx",
+]
+
+IntxWeight = IntxUnpackedToInt8Tensor
+
+
+def is_intx_weight(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a torchao ``IntxUnpackedToInt8Tensor``."""
+    return isinstance(tensor, IntxUnpackedToInt8Tensor)
+
+
+def intx_bits(weight: IntxWeight) -> int:
+    """The bit width of an intx weight's codes (from its ``target_dtype``, e.g. 8 for int8)."""
+    return int(str(weight.target_dtype).removeprefix("torch.int"))
+
+
+def to_torchao_intx(
+    gq: GroupQuantizedWeight,
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> IntxWeight:
+    """Store a plain group-quantized weight as a torchao ``IntxUnpackedToInt8Tensor``.
+
+    Args:
+        gq (GroupQuantizedWeight): codes of 1 to 8 bits, scales and zeros, shape
+            ``(out_dim, in_dim)``, any group size dividing ``in_dim``.
+        device (str or torch.device, optional): target device; defaults to ``gq``'s.
+        dtype (torch.dtype, optional): dtype of the scales, zero points and compute;
+            defaults to the default dtype.
+
+    Returns:
+        IntxUnpackedToInt8Tensor: dequantizing to ``(q - mid) * scale + zero``.
+
+    Raises:
+        ValueError: if a scale is zero (its zero point has no integer-domain form).
+    """
+    device = torch.device(device) if device is not None else gq.qdata.device
+    dtype = dtype or torch.get_default_dtype()
+    scale = gq.scale.double()
+    if bool((scale == 0).any()):
+        raise ValueError(
+            "a quantization group has scale 0, which the intx layout cannot hold; "
+            "quantize with a minimum scale (the rtn, hqq and gptq quantizers do)"
+        )
+    codes = (gq.qdata.to(torch.int16) - gq.mid).to(torch.int8)
+    return IntxUnpackedToInt8Tensor(
+        qdata=codes.to(device),
+        scale=gq.scale.to(device, dtype),
+        zero_point=(-gq.zero.double() / scale).to(device, dtype),
+        target_dtype=getattr(torch, f"int{gq.bits}"),
+        block_size=(1, gq.group_size),
+        dtype=dtype,
+        activation_quantization=None,
+    )
+
+
+def from_torchao_intx(weight: IntxWeight) -> GroupQuantizedWeight:
+    """Back to plain codes ``[0, 2**bits - 1]``, float32 scales and float zeros.
+
+    Args:
+        weight (IntxUnpackedToInt8Tensor): with ``block_size`` ``(1, group_size)``.
+
+    Returns:
+        GroupQuantizedWeight: on the weight's device.
+    """
+    bits = intx_bits(weight)
+    mid = 2 ** (bits - 1)
+    scale = weight.scale.double()
+    return GroupQuantizedWeight(
+        qdata=(weight.qdata.to(torch.int16) + mid).to(torch.uint8),
+        scale=weight.scale.float(),
+        zero=(-weight.zero_point.double() * scale).float(),
+        group_size=weight.block_size[-1],
+        bits=bits,
+    )
+
+
+def empty_intx(
+    out_dim: int,
+    in_dim: int,
+    group_size: int,
+    bits: int,
+    device: Union[str, torch.device],
+    dtype: Optional[torch.dtype] = None,
+) -> IntxWeight:
+    """An uninitialised intx weight, for building models on the ``meta`` device.
+
+    Args:
+        out_dim (int): ``N``.
+        in_dim (int): ``K``, a multiple of ``group_size``.
+        group_size (int): quantization group size.
+        bits (int): code width, 1 to 8.
+        device (str or torch.device): usually ``"meta"``.
+        dtype (torch.dtype, optional): dtype of scales and zeros; the default dtype if unset.
+    """
+    dtype = dtype or torch.get_default_dtype()
+    n_groups = in_dim // group_size
+    return IntxUnpackedToInt8Tensor(
+        qdata=torch.empty(out_dim, in_dim, dtype=torch.int8, device=device),
+        scale=torch.empty(out_dim, n_groups, dtype=dtype, device=device),
+        zero_point=torch.empty(out_dim, n_groups, dtype=dtype, device=device),
+        target_dtype=getattr(torch, f"int{bits}"),
+        block_size=(1, group_size),
+        dtype=dtype,
+        activation_quantization=None,
+    )
