@@ -10,9 +10,12 @@
   checkpointer reads), in ``dtype`` (fp32 or bf16), through the ``full_precision``
   counterpart of the ``model`` builder;
 - ``quantized_base``: the same base quantized as ``model`` says, adapters off (what
-  quantization alone costs);
+  quantization alone costs); a GPTQ base (``model.quantizer=gptq``) is calibrated with
+  the config's ``calibration:`` section, which must name its ``dataset``;
 - ``adapter``: the quantized base plus ``checkpoint.adapter_dir`` (an ``adapter/`` written
-  by ``qalora_finetune``), unmerged; the adapter must match ``model`` and the base;
+  by ``qalora_finetune``), unmerged; the adapter must match ``model`` and the base; a GPTQ
+  base is calibrated again with the settings the adapter recorded (the same data, seed
+  and order; equal to the training base up to floating-point summation order);
 - ``merged``: ``checkpoint.merged_dir`` (a ``merged_int4/`` written by ``qalora_finetune``
   or ``qalora_merge``), loaded with :func:`qalora_tune.load_merged`; ``model`` and
   ``checkpointer`` are not needed.
@@ -53,7 +56,10 @@ from qalora_tune.checkpointing import (
     read_adapter,
 )
 from qalora_tune.modules import QALoRALinear
+from qalora_tune.quantization import CALIBRATED_QUANTIZERS
 from qalora_tune.recipe_utils import (
+    calibrate_base,
+    calibration_settings,
     check_config,
     check_device,
     check_output_dir,
@@ -78,6 +84,14 @@ CONFIG_KEYS = (
     "checkpoint.adapter_dir",
     "checkpoint.kind",
     "checkpoint.merged_dir",
+    "calibration",
+    "calibration.batch_size",
+    "calibration.block_size",
+    "calibration.damp",
+    "calibration.dataset",
+    "calibration.max_seq_len",
+    "calibration.num_samples",
+    "calibration.seed",
     "checkpointer",
     "datasets",
     "device",
@@ -136,7 +150,7 @@ class QALoRAEvalRecipe:
             if self._kind == "full":
                 self._model = self._setup_full_precision(cfg.model, checkpointer)
             else:
-                self._model = self._setup_quantized(cfg.model, checkpointer)
+                self._model = self._setup_quantized(cfg.model, checkpointer, cfg)
         self._model.eval()
         check_tokenizer_fits(self._tokenizer, self._model)
         # build the harness and load its tasks now: a missing download fails before any work
@@ -162,12 +176,30 @@ class QALoRAEvalRecipe:
         )
         return model
 
-    def _setup_quantized(self, cfg_model: DictConfig, checkpointer: Any) -> nn.Module:
+    def _setup_quantized(
+        self, cfg_model: DictConfig, checkpointer: Any, cfg: DictConfig
+    ) -> nn.Module:
         """The QA-LoRA model on the quantized base: adapters off (``quantized_base``) or
-        loaded from ``checkpoint.adapter_dir`` (``adapter``)."""
+        loaded from ``checkpoint.adapter_dir`` (``adapter``). A calibrated (GPTQ) base is
+        calibrated here: with the adapter's recorded settings, else ``calibration:``."""
+        adapter, metadata = None, None
+        if self._kind == "adapter":
+            adapter, metadata = read_adapter(self._checkpoint_path, checkpointer.key_map)
+        recorded = metadata.get("calibration") if metadata is not None else None
+        if recorded is not None and cfg_model.get("quantizer") in CALIBRATED_QUANTIZERS:
+            settings = recorded
+        else:
+            settings = calibration_settings(cfg)
         with training.set_default_dtype(self._dtype), self._device:
             model = config.instantiate(cfg_model)
-        checkpointer.load_base(model)
+        if settings is None:
+            checkpointer.load_base(model)
+        else:
+            calibrate_base(
+                model, cfg_model._component_, checkpointer, settings,
+                lambda cfg_dataset: config.instantiate(cfg_dataset, self._tokenizer),
+                self._device, self._dtype,
+            )
         layers = {
             clean_module_name(n): m for n, m in model.named_modules() if isinstance(m, QALoRALinear)
         }
@@ -175,8 +207,10 @@ class QALoRAEvalRecipe:
             for layer in layers.values():
                 layer.disabled = True
         else:
-            pad_in_dim = bool(cfg_model.get("pad_in_dim", False))
-            _load_adapter(layers, self._checkpoint_path, checkpointer, pad_in_dim)
+            load_adapter_into(
+                layers, adapter, metadata, self._checkpoint_path,
+                checkpointer.base_fingerprint(), bool(cfg_model.get("pad_in_dim", False)),
+            )
         return model
 
     def _setup_merged(self, merged_dir: Path) -> nn.Module:
@@ -384,17 +418,6 @@ def _check_lm_eval(cfg_lm_eval: Optional[DictConfig]) -> Optional[DictConfig]:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _load_adapter(
-    layers: Dict[str, QALoRALinear], adapter_dir: Path, checkpointer: Any, pad_in_dim: bool
-) -> None:
-    """Load ``adapter_dir`` into ``layers`` bit for bit, after checking that it was trained
-    for this quantization and base (the same checks as ``qalora_merge``)."""
-    adapter, metadata = read_adapter(adapter_dir, checkpointer.key_map)
-    load_adapter_into(
-        layers, adapter, metadata, adapter_dir, checkpointer.base_fingerprint(), pad_in_dim
-    )
 
 
 def _json_text(payload: Dict[str, Any]) -> str:

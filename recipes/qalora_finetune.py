@@ -45,18 +45,14 @@ import qalora_tune
 from qalora_tune._compat import get_component_from_path
 from qalora_tune.checkpointing import atomic_write_text, check_resume_matches
 from qalora_tune.models import count_parameters
-from qalora_tune.modules import Int4Linear, QALoRALinear
-from qalora_tune.quantization import (
-    CALIBRATED_QUANTIZERS,
-    calibrate_gptq,
-    load_quantized_base,
-    sample_calibration_sequences,
-)
+from qalora_tune.modules import QALoRALinear
 from qalora_tune.recipe_utils import (
     TrainingError,
     all_reduce_gradients,
     all_reduce_sum,
     broadcast_parameters,
+    calibrate_base,
+    calibration_settings,
     check_config,
     check_cuda_only_options,
     check_device,
@@ -172,7 +168,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             )
         self._batch_size = cfg.batch_size
         self._shuffle = cfg.get("shuffle", True)
-        self._calibration = _calibration_settings(cfg)
+        self._calibration = calibration_settings(cfg, default_dataset=cfg.get("dataset"))
         check_cuda_only_options(cfg, self._device)
         if self._gradient_accumulation_steps < 1:
             raise ValueError(
@@ -238,7 +234,10 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         with training.set_default_dtype(self._dtype), self._device:
             model = config.instantiate(cfg_model)
         if self._calibration is not None:
-            self._hf_config = self._load_calibrated_base(model, cfg_model)
+            self._hf_config = calibrate_base(
+                model, cfg_model._component_, self._checkpointer, self._calibration,
+                self._build_dataset, self._device, self._dtype,
+            )
         else:
             self._hf_config = self._checkpointer.load_base(model)
         adapters = {n: m for n, m in model.named_modules() if isinstance(m, QALoRALinear)}
@@ -269,40 +268,6 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         if self._device.type == "cuda":
             training.log_memory_stats(training.get_memory_stats(device=self._device))
         return model
-
-    def _load_calibrated_base(self, model: nn.Module, cfg_model: DictConfig) -> Dict[str, Any]:
-        """Quantize the full-precision base with sequential GPTQ on the calibration data
-        and load the int4 result into ``model`` (the full-precision model is resident
-        meanwhile; see ``qalora_tune.quantization.gptq_calibration``)."""
-        start = time.perf_counter()
-        settings = self._calibration
-        dataset = self._build_dataset(OmegaConf.create(settings["dataset"]))
-        sequences = sample_calibration_sequences(
-            dataset, settings["num_samples"], settings["max_seq_len"], settings["seed"]
-        )
-        full_precision, hf_config = load_full_precision(
-            cfg_model._component_, self._checkpointer, self._device, self._dtype,
-            otherwise="set model.quantizer=rtn or hqq",
-        )
-        base = next(m for m in model.modules() if isinstance(m, Int4Linear))
-        state = calibrate_gptq(
-            full_precision,
-            sequences,
-            group_size=base.group_size,
-            bits=base.bits,
-            damp=settings["damp"],
-            block_size=settings["block_size"],
-            batch_size=settings["batch_size"],
-            dtype=self._dtype,
-        )
-        del full_precision
-        load_quantized_base(model, state)
-        tokens = sum(s.numel() for s in sequences)
-        _info(
-            f"GPTQ base calibrated on {len(sequences)} sequences ({tokens:,} tokens) in "
-            f"{time.perf_counter() - start:.1f}s"
-        )
-        return hf_config
 
     def _setup_loss(self, cfg_loss: DictConfig) -> nn.Module:
         loss_fn = config.instantiate(cfg_loss)
@@ -578,7 +543,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             "base_checkpoint_dir": str(self._checkpointer.checkpoint_dir),
             "base_fingerprint": self._checkpointer.base_fingerprint(),
             **(
-                {"calibration": _json_ready(self._calibration)}
+                {"calibration": self._calibration}
                 if self._calibration is not None
                 else {}
             ),
@@ -766,48 +731,6 @@ def _format_metrics(metrics: Dict[str, float]) -> str:
         f"loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.3f}, "
         f"accuracy {metrics['accuracy']:.2%}, exact match {metrics['exact_match']:.2%}"
     )
-
-
-_CALIBRATION_DEFAULTS = {
-    "num_samples": 128,
-    "max_seq_len": None,
-    "damp": 0.01,
-    "block_size": 128,
-    "batch_size": 8,
-    "seed": 0,
-}
-
-
-def _calibration_settings(cfg: DictConfig) -> Optional[Dict[str, Any]]:
-    """The ``calibration:`` settings (defaults filled in, ``dataset`` defaulting to the
-    training data) when ``model.quantizer`` needs calibration, else None (a
-    ``calibration:`` section is then ignored, so a config can keep one for switching)."""
-    quantizer = cfg.model.get("quantizer", "rtn")
-    if quantizer not in CALIBRATED_QUANTIZERS:
-        if cfg.get("calibration") is not None:
-            _info(f"model.quantizer={quantizer}: the calibration: section is not used")
-        return None
-    section = cfg.get("calibration")
-    if section is None:
-        raise ValueError(
-            f"model.quantizer={quantizer} needs a calibration: section (calibration.dataset, "
-            "calibration.num_samples, ...) to calibrate the base on; add one as in the "
-            "tinystories656K_qalora config, or set model.quantizer=rtn or hqq"
-        )
-    settings = dict(_CALIBRATION_DEFAULTS, **OmegaConf.to_container(section, resolve=True))
-    if settings.get("dataset") is None:
-        settings["dataset"] = OmegaConf.to_container(cfg.dataset, resolve=True)
-    damp, block_size = settings["damp"], settings["block_size"]
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or damp < 0:
-        raise ValueError(f"calibration.damp must be a number >= 0, got {damp!r}; e.g. 0.01")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"calibration.block_size must be a positive integer, got {block_size!r}")
-    return settings
-
-
-def _json_ready(settings: Dict[str, Any]) -> Dict[str, Any]:
-    """The calibration settings that fix the base, as recorded in the adapter metadata."""
-    return json.loads(json.dumps(settings, sort_keys=True))
 
 
 def _version(package: str) -> str:

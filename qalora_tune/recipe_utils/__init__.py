@@ -1,5 +1,10 @@
 """Pieces the recipes share: config resolution, evaluation, data parallelism."""
 
+from qalora_tune.recipe_utils._calibration import (
+    CALIBRATION_DEFAULTS,
+    calibrate_base,
+    calibration_settings,
+)
 from qalora_tune.recipe_utils._configs import (
     packaged_config_names,
     resolve_config,
@@ -34,12 +39,14 @@ from qalora_tune.recipe_utils._merge_report import merge_with_report
 from qalora_tune.recipe_utils._validation import check_config
 
 __all__ = [
-    "load_full_precision",
+    "CALIBRATION_DEFAULTS",
     "TrainingError",
     "all_reduce_gradients",
     "all_reduce_sum",
     "barrier",
     "broadcast_parameters",
+    "calibrate_base",
+    "calibration_settings",
     "check_config",
     "check_cuda_only_options",
     "check_device",
@@ -51,6 +58,7 @@ __all__ = [
     "gather_objects",
     "init_distributed",
     "is_rank_zero",
+    "load_full_precision",
     "merge_with_report",
     "next_token_loss",
     "packaged_config_names",

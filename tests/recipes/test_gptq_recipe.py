@@ -82,6 +82,29 @@ def test_gptq_base_trains_merges_and_beats_rtn_base(tmp_path):
     assert merge.returncode == 1
     assert "use the merged_int4/ that the training run wrote" in merge.stderr.strip().splitlines()[-1]
 
+    # qalora_eval recalibrates a GPTQ base from the adapter's recorded settings: the
+    # unmerged adapter scores what the merged model written by training scores
+    results, logs = {}, {}
+    for kind in ("adapter", "merged"):
+        evaluated = _tune_run_eval(out, kind, tmp_path / f"eval_{kind}", "model.quantizer=gptq")
+        assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+        results[kind] = json.loads((tmp_path / f"eval_{kind}" / "eval_results.json").read_text())
+        logs[kind] = evaluated.stderr + evaluated.stdout
+    assert "GPTQ base calibrated on 32 sequences" in logs["adapter"]
+    for name, merged_values in results["merged"]["datasets"].items():
+        adapter_values = results["adapter"]["datasets"][name]
+        assert adapter_values["nll"] == pytest.approx(merged_values["nll"], rel=1e-4), name
+    # the int-b base alone needs the calibration settings in the eval config
+    bare = _tune_run_eval(out, "quantized_base", tmp_path / "eval_base", "model.quantizer=gptq")
+    assert bare.returncode == 1
+    assert "model.quantizer=gptq needs a calibration: section" in bare.stderr.strip().splitlines()[-1]
+
+
+def _tune_run_eval(run, kind, out, *args):
+    from tests.recipes.test_qalora_eval import _eval_args, _tune
+
+    return _tune("qalora_eval", *_eval_args(run, kind, out), *args, timeout=300)
+
 
 def _tune_run_merge(*args):
     import os

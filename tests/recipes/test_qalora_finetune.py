@@ -228,3 +228,44 @@ def test_narrow_bit_widths_train_merge_and_load(tmp_path, bits):
     assert summary["QA-LoRA merged int4"]["loss"] == pytest.approx(
         summary["QA-LoRA"]["loss"], rel=1e-4
     )
+
+
+@requires_shared
+@pytest.mark.parametrize("bits, group_size", [(8, 32), (4, 8)])
+def test_intx_bases_train_merge_and_load_in_transformers(tmp_path, bits, group_size):
+    """8-bit bases and group sizes without an int4 kernel run on the dequantizing intx
+    base end to end: training, the exact merge, and both loaders of merged_int4/."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import qalora_tune
+
+    out = tmp_path / "run"
+    result = _tune_run(
+        "--config", "tinystories656K_qalora",
+        *_shared_overrides("tinystories656K", "tokenizer.json", out),
+        "max_steps_per_epoch=4", "validation.full_precision_baseline=False",
+        f"model.bits={bits}", f"model.group_size={group_size}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    merged = out / "epoch_0" / "merged_int4"
+    report = json.loads((merged / "merge_report.json").read_text())
+    assert report["max_relative_logit_error"] < 1e-4
+    # int8 codes plus fp32 scale and zero point per group
+    assert report["size"]["bits_per_quantized_parameter"] == pytest.approx(8 + 64 / group_size)
+    quant_type = json.loads((merged / "config.json").read_text())["quantization_config"]
+    assert quant_type["quant_type"]["default"]["_type"] == "IntxWeightOnlyConfig"
+    ours = qalora_tune.load_merged(merged, device="cpu", dtype=torch.float32)
+    layer = ours.layers[0].attn.q_proj
+    assert (layer.bits, layer.group_size) == (bits, group_size)
+    assert type(layer.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    hf = AutoModelForCausalLM.from_pretrained(str(merged)).eval()
+    assert type(hf.model.layers[0].self_attn.q_proj.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    tokens = torch.randint(0, 2048, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference, theirs = ours(tokens), hf(tokens).logits
+    assert ((theirs - reference).norm() / reference.norm()).item() < 1e-5
+    summary = json.loads((out / "summary.json").read_text())["metrics"]
+    assert summary["QA-LoRA merged int4"]["loss"] == pytest.approx(
+        summary["QA-LoRA"]["loss"], rel=1e-4
+    )
