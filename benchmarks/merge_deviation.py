@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--rank", type=int, default=16)
     args = parser.parse_args()
-    print(f"| dtype | merged vs unmerged | merged vs fp64 exact | unmerged vs fp64 exact | max zero rounding (max abs zero) |")
+    print("| dtype | merged vs unmerged | merged vs fp64 exact | unmerged vs fp64 exact | max zero rounding (max abs zero) |")
     print("|---|---|---|---|---|")
     for dtype in (torch.float32, torch.bfloat16):
         r = measure(args.dim, args.group_size, args.rank, dtype)

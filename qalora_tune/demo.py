@@ -86,7 +86,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     r = run(group_size=args.group_size, rank=args.rank, steps=args.steps, seed=args.seed)
     print("QA-LoRA demo: 1024x1024 layer, int4 base, group size", args.group_size, "rank", args.rank)
-    print(f"  relative output error vs the fine-tuned target (held-out inputs)")
+    print("  relative output error vs the fine-tuned target (held-out inputs)")
     print(f"    fp32 base, not adapted     {r['error_fp_base']:.4f}")
     print(f"    int4 base, not adapted     {r['error_int4_base']:.4f}")
     print(f"    int4 base + QA-LoRA        {r['error_qalora']:.4f}   ({args.steps} steps, {r['train_seconds']:.1f} s)")

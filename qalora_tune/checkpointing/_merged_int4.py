@@ -41,8 +41,8 @@ from qalora_tune.quantization import (
     is_intx_weight,
     plain_int4_bytes,
     to_plain_int4,
+    reorder_intx_rows,
     to_torchao_base,
-    to_torchao_intx,
     uses_int4_kernel,
 )
 
@@ -171,14 +171,14 @@ def write_merged_int4(
 
 def _portable_weight(module: Int4Linear, rows: torch.Tensor) -> Tuple[torch.Tensor, int]:
     """The layer's weight as written, rows in Hugging Face order, and its bytes: a plain
-    ``Int4Tensor`` for int4 bases, an ``IntxUnpackedToInt8Tensor`` for intx ones."""
-    gq = from_torchao_base(module.weight)
-    gq = GroupQuantizedWeight(
-        gq.qdata.cpu(), gq.scale.cpu(), gq.zero.cpu(), gq.group_size, gq.bits
-    )
-    gq = _permute_rows(gq, rows)
+    ``Int4Tensor`` for int4 bases, an ``IntxUnpackedToInt8Tensor`` (zero points copied
+    bit for bit) for intx ones."""
     if not is_intx_weight(module.weight):
-        plain = to_plain_int4(gq, in_features=module.in_dim)
+        gq = from_torchao_base(module.weight)
+        gq = GroupQuantizedWeight(
+            gq.qdata.cpu(), gq.scale.cpu(), gq.zero.cpu(), gq.group_size, gq.bits
+        )
+        plain = to_plain_int4(_permute_rows(gq, rows), in_features=module.in_dim)
         return plain, plain_int4_bytes(plain)
     if module.padded_in_dim != module.in_dim:
         raise ValueError(
@@ -186,7 +186,7 @@ def _portable_weight(module: Int4Linear, rows: torch.Tensor) -> Tuple[torch.Tens
             "has no transformers layout; set model.group_size to a divisor of every "
             "linear's in_dim instead of model.pad_in_dim=True"
         )
-    intx = to_torchao_intx(gq, device="cpu", dtype=module.weight.dtype)
+    intx = reorder_intx_rows(module.weight, rows, device="cpu")
     nbytes = sum(t.numel() * t.element_size() for t in (intx.qdata, intx.scale, intx.zero_point))
     return intx, nbytes
 
@@ -267,12 +267,11 @@ def load_merged(
         if value.__class__.__name__ in ("Int4Tensor", "IntxUnpackedToInt8Tensor"):
             key, rows = key_map.row_order(hf_key, value.shape[0], to_hf=False)
             module = _int4_module(model, key)
-            gq = (
-                from_torchao_base(value)
-                if is_intx_weight(value)
-                else from_plain_int4(value, module.padded_in_dim)
-            )
-            packed = to_torchao_base(_permute_rows(gq, rows), device=device, dtype=dtype)
+            if is_intx_weight(value):
+                packed = reorder_intx_rows(value, rows, device=device, dtype=dtype)
+            else:
+                gq = _permute_rows(from_plain_int4(value, module.padded_in_dim), rows)
+                packed = to_torchao_base(gq, device=device, dtype=dtype)
             module._check_base(packed)
             module.weight = nn.Parameter(packed, requires_grad=False)
             loaded.add(key)

@@ -32,6 +32,7 @@ from qalora_tune.quantization.intx_weight import (
     from_torchao_intx,
     intx_bits,
     is_intx_weight,
+    reorder_intx_rows,
     to_torchao_intx,
 )
 from qalora_tune.quantization.base_weight import (
@@ -78,6 +79,7 @@ __all__ = [
     "is_quantized_base",
     "load_quantized_base",
     "plain_int4_bytes",
+    "reorder_intx_rows",
     "quantize_gptq",
     "quantize_hqq",
     "quantize_rtn",

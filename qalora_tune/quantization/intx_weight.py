@@ -27,6 +27,7 @@ __all__ = [
     "from_torchao_intx",
     "intx_bits",
     "is_intx_weight",
+    "reorder_intx_rows",
     "to_torchao_intx",
 ]
 
@@ -101,6 +102,36 @@ def from_torchao_intx(weight: IntxWeight) -> GroupQuantizedWeight:
         zero=(-weight.zero_point.double() * scale).float(),
         group_size=weight.block_size[-1],
         bits=bits,
+    )
+
+
+def reorder_intx_rows(
+    weight: IntxWeight,
+    rows: torch.Tensor,
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> IntxWeight:
+    """The same intx weight with its rows in the order ``rows``, moved to ``device`` and
+    ``dtype``, its stored zero points copied as they are (a trip through
+    :func:`from_torchao_intx` would round ``-zp * s`` and back).
+
+    Args:
+        weight (IntxUnpackedToInt8Tensor): the weight.
+        rows (torch.Tensor): a permutation of ``range(out_dim)``.
+        device (str or torch.device, optional): defaults to the weight's.
+        dtype (torch.dtype, optional): of the scales and zero points; defaults to the weight's.
+    """
+    device = torch.device(device) if device is not None else weight.qdata.device
+    dtype = dtype or weight.dtype
+    rows = rows.to(weight.qdata.device)
+    return IntxUnpackedToInt8Tensor(
+        qdata=weight.qdata[rows].to(device),
+        scale=weight.scale[rows].to(device, dtype),
+        zero_point=weight.zero_point[rows].to(device, dtype),
+        target_dtype=weight.target_dtype,
+        block_size=tuple(weight.block_size),
+        dtype=dtype,
+        activation_quantization=None,
     )
 
 

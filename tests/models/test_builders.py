@@ -422,14 +422,14 @@ def test_qalora_tune_imports_and_builds_under_a_meta_default_device():
     "knobs, message",
     [
         (dict(bits=5), "model.bits=5 is not a supported bit width; choose from 2, 3, 4, 8"),
-        (dict(bits=8), "model.bits=8 is not available in this version.*set model.bits=4"),
         (dict(lora_rank=0), "model.lora_rank=0: the adapter rank must be a positive integer"),
         (dict(lora_rank=2.5), "set model.lora_rank"),
         (dict(lora_alpha=0), "model.lora_alpha=0: .*must be positive"),
         (dict(lora_alpha=-1.0), "set model.lora_alpha"),
         (dict(lora_dropout=1.0), r"model.lora_dropout=1.0 is not a probability in \[0, 1\)"),
         (dict(lora_dropout=-0.1), "set model.lora_dropout"),
-        (dict(group_size=48), "model.group_size=48 has no int4 kernel; set model.group_size to one of"),
+        (dict(group_size=0), "model.group_size=0 is not a positive integer; set model.group_size"),
+        (dict(group_size=48), "model.group_size=48 does not divide in_dim=64; set model.group_size to 32"),
     ],
 )
 def test_bad_knobs_name_the_model_setting(knobs, message):
@@ -463,3 +463,100 @@ def test_a_group_size_that_fits_no_linear_lists_the_ones_that_do():
     message = str(info.value)
     assert "model.group_size=64 does not divide in_dim=96" in message
     assert "set model.group_size to 32, or set model.pad_in_dim=True" in message
+
+
+def _builders():
+    from qalora_tune import models
+
+    return [
+        pytest.param(getattr(models, name), id=name)
+        for name in models.__all__
+        if name.startswith("qalora_") and name != "qalora_transformer"
+    ]
+
+
+@pytest.mark.parametrize("builder", _builders())
+def test_every_builder_takes_8_bits_and_group_size_8_as_intx_layers(builder):
+    from qalora_tune.quantization import is_intx_weight
+
+    with torch.device("meta"):
+        # pad_in_dim: stories260K's intermediate_dim 172 is no multiple of 8
+        model = builder(["q_proj", "v_proj"], apply_lora_to_mlp=True, group_size=8, bits=8, pad_in_dim=True)
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    assert layers
+    for module in layers:
+        assert module.bits == 8 and module.group_size == 8
+        assert is_intx_weight(module.weight) and module.weight.is_meta
+        assert module.weight.target_dtype == torch.int8 and tuple(module.weight.block_size) == (1, 8)
+        assert module.weight.scale.shape == (module.out_dim, module.padded_in_dim // 8)
+    q_proj = model.layers[0].attn.q_proj
+    assert isinstance(q_proj, QALoRALinear) and q_proj.lora_a.weight.shape[1] == q_proj.in_dim // 8
+
+
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_8_bits_at_an_int4_group_size_is_intx_and_4_bits_at_group_8_too(group_size):
+    from qalora_tune.quantization import is_intx_weight
+
+    with torch.device("meta"):
+        eight = qalora_transformer(small_llama2, ["q_proj"], group_size=32, bits=8)
+        four = qalora_transformer(small_llama2, ["q_proj"], group_size=8, bits=4)
+        int4 = qalora_transformer(small_llama2, ["q_proj"], group_size=32, bits=4)
+    for model in (eight, four):
+        assert all(is_intx_weight(m.weight) for m in model.modules() if isinstance(m, Int4Linear))
+    assert all(is_int4_weight(m.weight) for m in int4.modules() if isinstance(m, Int4Linear))
+    if group_size == 64:
+        with torch.device("meta"):
+            model = qalora_llama3_2_1b(["q_proj"], group_size=64, bits=8)
+        assert is_intx_weight(model.layers[0].attn.q_proj.weight)
+        assert is_intx_weight(model.layers[0].mlp.w2.weight)
+
+
+def test_intx_model_matches_float64_reference_with_adapters():
+    """bits=8, group_size=8 on CPU: the whole decoder against float64 (intx dense weights)."""
+    from qalora_tune.ops.intx_linear import dequantize_intx
+
+    torch.manual_seed(5)
+    plain = small_llama2().eval()
+    model = qalora_transformer(
+        small_llama2, ["q_proj", "v_proj"], apply_lora_to_mlp=True, lora_rank=2, lora_alpha=4.0,
+        group_size=8, bits=8,
+    ).eval()
+    model.load_state_dict(plain.state_dict(), strict=False)
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, QALoRALinear):
+                module.lora_b.weight.copy_(torch.randn(module.lora_b.weight.shape, generator=gen) * 0.1)
+
+    class _Float64IntxLinear(_Float64Linear):
+        def __init__(self, layer):
+            nn.Module.__init__(self)
+            self.in_dim, self.padded = layer.in_dim, layer.padded_in_dim
+            w = layer.weight  # the function the intx base stores, in float64
+            self.weight = dequantize_intx(w.qdata, w.scale, w.zero_point, torch.float64)
+            self.bias = None
+            self.adapter = None
+            if isinstance(layer, QALoRALinear):
+                self.adapter = (
+                    layer.lora_a.weight.detach().double(), layer.lora_b.weight.detach().double(),
+                    layer.group_size, layer.scaling,
+                )
+
+    def reference(qalora):
+        ref = _float64_reference(plain, small_llama2())  # norms in float64, linears replaced below
+        for path, module in qalora.named_modules():
+            if isinstance(module, Int4Linear):
+                parent_path, _, leaf = path.rpartition(".")
+                setattr(ref.get_submodule(parent_path), leaf, _Float64IntxLinear(module))
+        return ref
+
+    tokens = torch.randint(0, SMALL_SIZES["vocab_size"], (2, 12), generator=gen)
+    with torch.no_grad():
+        expected = reference(model)(tokens)
+        out = model(tokens)
+        without_adapter = reference(_zero_b_copy(model))(tokens)
+        unquantized = _float64_reference(plain, plain)(tokens)
+    scale = expected.abs().max()
+    assert (out.double() - expected).abs().max() <= REL_TOL * scale
+    assert (unquantized - without_adapter).abs().max() > 10 * REL_TOL * scale  # 8 bits: small
+    assert (without_adapter - expected).abs().max() > 1000 * REL_TOL * scale

@@ -88,3 +88,30 @@ def test_meta_device_builds_structure_without_memory():
     assert frozen.weight.is_meta and frozen.weight.shape == (64, 192)
     with pytest.raises(ValueError, match="meta device"):
         frozen.quantize_base_(torch.randn(64, 172))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_padded_intx_layer_is_exact_and_merges(bits):
+    from qalora_tune.ops.intx_linear import dequantize_intx
+    from qalora_tune.quantization import from_torchao_base, is_intx_weight
+
+    torch.manual_seed(bits)
+    linear = nn.Linear(100, 40)
+    layer = QALoRALinear.from_linear(linear, rank=2, alpha=4.0, group_size=24, pad_in_dim=True, bits=bits)
+    assert is_intx_weight(layer.weight) and layer.weight.shape == (40, 120)
+    with torch.no_grad():
+        layer.lora_b.weight.normal_(0.0, 0.05)
+    x = torch.randn(6, 100)
+    w = layer.weight
+    dense = dequantize_intx(w.qdata, w.scale, w.zero_point, torch.float64)
+    x_pad = F.pad(x, (0, 20))
+    ref = (
+        x.double() @ dense[:, :100].t() + linear.bias.double()
+        + pooled_lora_reference(x_pad, layer.lora_a.weight, layer.lora_b.weight, 24, layer.scaling)
+    )
+    u = UNIT_ROUNDOFF[torch.float32]
+    bound = matmul_error_bound(x, dense[:, :100], torch.float32) + 2 * u * (x.double().abs() @ dense[:, :100].abs().t())
+    assert_within(layer(x), ref, bound + 1e-6 * ref.abs().max(), "padded intx forward")
+    layer.merge()
+    zero_rounding = u * x_pad.double().unflatten(-1, (-1, 24)).sum(-1).abs() @ from_torchao_base(layer.weight).zero.double().abs().t()
+    assert_within(layer(x), ref, 2 * bound + zero_rounding + 1e-6 * ref.abs().max(), "padded intx merged")

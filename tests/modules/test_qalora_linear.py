@@ -178,7 +178,7 @@ def test_dropout_applies_to_adapter_input_in_training_only():
     "kwargs,message",
     [
         (dict(in_dim=200, group_size=64), "group_size=64 does not divide in_dim=200.*pad_in_dim=True"),
-        (dict(in_dim=256, group_size=16), "group_size=16 has no int4 kernel"),
+        (dict(in_dim=256, group_size=0), "group_size=0 must be a positive integer"),
         (dict(rank=0), "rank must be a positive integer"),
         (dict(alpha=0.0), "alpha must be positive"),
         (dict(alpha=-1.0), "alpha must be positive"),
@@ -289,3 +289,158 @@ def test_cuda_layer_matches_reference_and_merges():
     layer.merge()
     layer.unmerge()
     assert torch.equal(layer.weight.scale_and_zero, before)
+
+
+# ---------------------------------------------------------------------- intx base (8 bits, G 8/16)
+
+
+def _intx_dense(weight):
+    """(c - zp) s from an intx base's stored codes, scales and zero points, in float64."""
+    from qalora_tune.ops.intx_linear import dequantize_intx
+
+    return dequantize_intx(weight.qdata, weight.scale, weight.zero_point, torch.float64)
+
+
+def _intx_bound(x, dense, dtype, y_ref):
+    # matmul_error_bound plus the weight formed in dtype: (c - zp) and (c - zp) * s rounded
+    u = UNIT_ROUNDOFF[dtype]
+    return matmul_error_bound(x, dense, dtype, y_ref) + 2 * u * (x.double().abs() @ dense.abs().t())
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, 8), (8, 16), (2, 8), (4, 16), (8, 64)])
+def test_intx_forward_and_gradients_match_float64(bits, group_size):
+    from qalora_tune.quantization import is_intx_weight
+
+    layer = _layer(128, 48, rank=4, alpha=8.0, group_size=group_size, bits=bits)
+    assert is_intx_weight(layer.weight) and layer.bits == bits
+    assert layer.lora_a.weight.shape == (4, 128 // group_size)
+    x = torch.randn(3, 5, 128, requires_grad=True)
+    out = layer(x)
+    x64 = x.detach().double().requires_grad_()
+    a64 = layer.lora_a.weight.detach().double().requires_grad_()
+    b64 = layer.lora_b.weight.detach().double().requires_grad_()
+    dense = _intx_dense(layer.weight)
+    ref = x64 @ dense.t() + layer.bias.double() + pooled_lora_reference(x64, a64, b64, group_size, layer.scaling)
+    bound = _intx_bound(x.detach(), dense, torch.float32, ref.detach()) + 1e-5 * ref.detach().abs().max()
+    assert_within(out, ref.detach(), bound, "forward")
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref.backward(grad.double())
+    torch.testing.assert_close(layer.lora_a.weight.grad.double(), a64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.lora_b.weight.grad.double(), b64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-5)
+    assert layer.weight.grad is None and not layer.weight.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("quantizer", ["rtn", "hqq"])
+def test_intx_merged_output_equals_unmerged_within_zero_rounding(dtype, bits, quantizer):
+    from qalora_tune.quantization import from_torchao_base, is_intx_weight
+
+    group_size = 16
+    layer = _layer(in_dim=256, out_dim=64, group_size=group_size, dtype=dtype, bits=bits, quantizer=quantizer)
+    assert is_intx_weight(layer.weight)
+    x = torch.randn(16, 256).to(dtype)
+    with torch.no_grad():
+        unmerged = layer(x)
+        dense = _intx_dense(layer.weight)
+        exact = (
+            x.double() @ dense.t() + layer.bias.double()
+            + pooled_lora_reference(x, layer.lora_a.weight, layer.lora_b.weight, group_size, layer.scaling)
+        )
+        layer.merge()
+        merged = layer(x)
+    # the merged zero point zp' = fl(zp - delta / s) is off by u |zp'| per group, i.e. by
+    # u |zp'| s = u |z'| in every dequantized value of the group
+    u = UNIT_ROUNDOFF[dtype]
+    new_zeros = from_torchao_base(layer.weight).zero.double().abs()
+    group_sums = x.double().unflatten(-1, (-1, group_size)).sum(-1).abs()
+    zero_rounding = u * group_sums @ new_zeros.t() * (1 + 1e-3)
+    merged_dense = _intx_dense(layer.weight)
+    kernel = _intx_bound(x, merged_dense, dtype, exact)
+    adapter_rounding = 4 * u * (exact.abs() + (x.double().abs() @ dense.abs().t()))
+    assert_within(merged, exact, zero_rounding + kernel, "merged vs exact unmerged")
+    assert_within(
+        merged, unmerged,
+        zero_rounding + kernel + _intx_bound(x, dense, dtype, exact) + adapter_rounding,
+        "merged vs unmerged",
+    )
+    # not vacuous: the adapter moved the output by more than the merged-vs-exact bound
+    assert ((merged.double() - x.double() @ dense.t() - layer.bias.double()).abs() > zero_rounding + kernel).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits,group_size", [(8, 8), (4, 16)])
+def test_intx_merge_keeps_codes_and_scales_and_unmerge_restores_zero_points(dtype, bits, group_size):
+    layer = _layer(in_dim=128, out_dim=32, group_size=group_size, dtype=dtype, bits=bits)
+    weight = layer.weight
+    qdata, scale, zero_point = weight.qdata.clone(), weight.scale.clone(), weight.zero_point.clone()
+    x = torch.randn(4, 128, dtype=dtype)
+    with torch.no_grad():
+        expected = layer(x)
+        delta = layer.zero_point_delta()
+        layer.merge()
+        assert torch.equal(layer.weight.qdata, qdata) and torch.equal(layer.weight.scale, scale)
+        shifted = (zero_point.double() - delta / scale.double()).to(dtype)
+        assert torch.equal(layer.weight.zero_point, shifted)
+        assert not torch.equal(layer.weight.zero_point, zero_point)
+        layer.unmerge()
+        assert torch.equal(layer.weight.qdata, qdata) and torch.equal(layer.weight.scale, scale)
+        assert torch.equal(layer.weight.zero_point, zero_point)
+        assert torch.equal(layer(x), expected)
+    assert not layer.merged
+
+
+@pytest.mark.parametrize("quantizer", ["rtn", "hqq"])
+@pytest.mark.parametrize("bits,group_size", [(8, 8), (8, 32), (3, 16)])
+def test_loading_a_full_precision_weight_into_an_intx_layer_quantizes_it(quantizer, bits, group_size):
+    from qalora_tune.quantization import from_torchao_intx, is_intx_weight
+
+    linear = nn.Linear(64, 24)
+    fresh = QALoRALinear(64, 24, rank=2, alpha=4.0, group_size=group_size, use_bias=True, quantizer=quantizer, bits=bits)
+    assert is_intx_weight(fresh.weight)
+    state = {"weight": linear.weight.detach(), "bias": linear.bias.detach()}
+    state.update({k: v for k, v in fresh.state_dict().items() if k.startswith("lora")})
+    fresh.load_state_dict(state)
+    assert is_intx_weight(fresh.weight)
+    expected = get_quantizer(quantizer)(linear.weight, group_size, bits)
+    got = from_torchao_intx(fresh.weight)
+    assert torch.equal(got.qdata, expected.qdata) and torch.equal(got.scale, expected.scale)
+    assert ((got.zero - expected.zero).abs() <= 2 * UNIT_ROUNDOFF[torch.float32] * expected.zero.abs()).all()
+    assert torch.equal(fresh.bias, linear.bias.detach())
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, 8), (2, 16), (8, 64)])
+def test_from_int4_accepts_an_intx_weight_and_takes_its_bits(bits, group_size):
+    from qalora_tune.quantization import to_torchao_intx
+
+    weight = to_torchao_intx(quantize_rtn(torch.randn(32, 128), group_size, bits))
+    layer = QALoRALinear.from_int4(weight, rank=4, alpha=8.0)
+    assert layer.bits == bits and layer.group_size == group_size
+    assert torch.equal(layer.weight.qdata, weight.qdata) and torch.equal(layer.weight.zero_point, weight.zero_point)
+    assert layer.lora_a.weight.shape == (4, 128 // group_size)
+    x = torch.randn(3, 128)
+    dense = _intx_dense(weight)
+    assert_within(layer(x), x.double() @ dense.t(), _intx_bound(x, dense, torch.float32, None), "from_int4")
+    frozen = Int4Linear.from_int4(weight)
+    assert frozen.bits == bits and torch.equal(frozen(x), layer(x))
+
+
+def test_intx_storage_and_bits_mismatches_are_refused():
+    from qalora_tune.quantization import to_torchao_intx
+
+    intx4_g32 = to_torchao_intx(quantize_rtn(torch.randn(32, 128), 32, 4))
+    with pytest.raises(ValueError, match="4-bit base with group_size=32 is stored as an int4 kernel tensor"):
+        QALoRALinear.from_int4(intx4_g32, rank=4, alpha=8.0)
+    intx8_g8 = to_torchao_intx(quantize_rtn(torch.randn(32, 128), 8, 8))
+    with pytest.raises(ValueError, match="8-bit codes but the layer is built for bits=4"):
+        QALoRALinear.from_int4(intx8_g8, rank=4, alpha=8.0, bits=4)
+    layer = QALoRALinear(128, 32, rank=4, alpha=8.0, group_size=8, bits=4)
+    with pytest.raises(ValueError, match="8-bit codes but the layer is built for bits=4"):
+        layer.load_state_dict({"weight": intx8_g8}, strict=False)
+    int4_g32 = to_torchao_int4(quantize_rtn(torch.randn(32, 128), 32, 4), device="cpu", dtype=torch.float32)
+    with pytest.raises(ValueError, match="8-bit base with group_size=32 is stored as an IntxUnpackedToInt8Tensor"):
+        QALoRALinear.from_int4(int4_g32, rank=4, alpha=8.0, bits=8)
+    with pytest.raises(ValueError, match=r"block_size=\(1, 8\)"):
+        QALoRALinear.from_int4(intx8_g8, rank=4, alpha=8.0, group_size=16)

@@ -6,18 +6,28 @@ from pathlib import Path
 import pytest
 import torch
 
-from qalora_tune.quantization import dequantize_int4, quantize_rtn, to_torchao_int4
+from qalora_tune.quantization import (
+    calibrate_gptq,
+    dequantize_int4,
+    from_torchao_base,
+    is_intx_weight,
+    load_quantized_base,
+    quantize_rtn,
+    to_torchao_base,
+    to_torchao_int4,
+)
 from qalora_tune.quantization.gptq import HessianAccumulator, quantize_gptq
 
 SHARED = (Path(__file__).resolve().parents[2] / ".." / "shared").resolve()
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
-def test_without_error_feedback_gptq_is_rtn(bits):
+@pytest.mark.parametrize("group_size", [32, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_without_error_feedback_gptq_is_rtn(bits, group_size):
     weight = torch.randn(48, 256)
-    expected = quantize_rtn(weight, 32, bits)
+    expected = quantize_rtn(weight, group_size, bits)
     for hessian in (None, torch.eye(256, dtype=torch.float64)):
-        got = quantize_gptq(weight, 32, bits, hessian, damp=0.0)
+        got = quantize_gptq(weight, group_size, bits, hessian, damp=0.0)
         assert torch.equal(got.qdata, expected.qdata)
         assert torch.equal(got.scale, expected.scale) and torch.equal(got.zero, expected.zero)
 
@@ -45,7 +55,7 @@ def test_lazy_block_updates_do_not_change_the_result():
         torch.testing.assert_close(blocked.scale, column_by_column.scale, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_gptq_lowers_the_output_error_of_rtn_on_correlated_inputs(bits):
     torch.manual_seed(bits)
     weight = torch.randn(64, 128)
@@ -61,8 +71,16 @@ def test_gptq_lowers_the_output_error_of_rtn_on_correlated_inputs(bits):
         return ((held_out.double() @ quantized.dequantize(torch.float64).t() - exact).norm() / exact.norm()).item()
 
     assert error(gq) < 0.9 * error(quantize_rtn(weight, 32, bits))
-    # stored as int4 codes (narrower grids included), it is the same weight
-    assert torch.equal(dequantize_int4(to_torchao_int4(gq), torch.float64), gq.dequantize(torch.float64))
+    if bits <= 4:
+        # stored as int4 codes (narrower grids included), it is the same weight
+        assert torch.equal(dequantize_int4(to_torchao_int4(gq), torch.float64), gq.dequantize(torch.float64))
+    else:
+        # 8 bits: the intx base, same codes and scales, zeros within two fp32 roundings
+        stored = to_torchao_base(gq)
+        assert is_intx_weight(stored)
+        back = from_torchao_base(stored)
+        assert torch.equal(back.qdata, gq.qdata) and torch.equal(back.scale, gq.scale)
+        assert ((back.zero - gq.zero).abs() <= 2 * 2.0**-24 * gq.zero.abs()).all()
 
 
 def test_inputs_that_never_fire_and_bad_arguments():
@@ -79,8 +97,8 @@ def test_inputs_that_never_fire_and_bad_arguments():
         accumulator.add(torch.randn(3, 32))
     with pytest.raises(ValueError, match=r"hessian must have shape \(64, 64\)"):
         quantize_gptq(weight, 32, 4, torch.eye(32))
-    with pytest.raises(ValueError, match="bits=8"):
-        quantize_gptq(weight, 32, 8)
+    with pytest.raises(ValueError, match="bits=5"):
+        quantize_gptq(weight, 32, 5)
     with pytest.raises(ValueError, match="group_size=48"):
         quantize_gptq(weight, 48, 4)
 
@@ -124,3 +142,36 @@ def test_gptq_beats_rtn_on_real_weights_and_activations(bits):
 
         gptq, rtn = error(quantize_gptq(weight, 32, bits, accumulator.matrix())), error(quantize_rtn(weight, 32, bits))
         assert gptq < 0.97 * rtn, (name, bits, gptq, rtn)
+
+
+@pytest.mark.parametrize("bits", [8])  # 4 bits at group 8 takes the same intx path
+def test_calibrate_gptq_with_group_size_8_gives_intx_weights_that_load(bits):
+    import copy
+
+    from qalora_tune.models import qalora_tiny_llama
+    from qalora_tune.modules import Int4Linear
+
+    torch.manual_seed(bits)
+    full_precision = qalora_tiny_llama.full_precision()
+    for name, param in full_precision.named_parameters():
+        if name.endswith("weight") and param.ndim == 2:
+            torch.nn.init.normal_(param, std=0.1)
+    sequences = [torch.randint(0, 57, (int(n),)) for n in torch.randint(12, 24, (6,))]
+    quantized = copy.deepcopy(full_precision)
+    state = calibrate_gptq(quantized, sequences, group_size=8, bits=bits, batch_size=3)
+    linears = [n for n, m in full_precision.named_modules() if isinstance(m, torch.nn.Linear)]
+    for name in linears:
+        weight = state[f"{name}.weight"]
+        assert is_intx_weight(weight), name
+        assert tuple(weight.block_size) == (1, 8) and weight.target_dtype == getattr(torch, f"int{bits}")
+    model = qalora_tiny_llama(["q_proj", "v_proj"], group_size=8, quantizer="gptq", bits=bits)
+    load_quantized_base(model, state)
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    assert len(layers) == len(linears) and {m.bits for m in layers} == {bits}
+    assert all(is_intx_weight(m.weight) for m in layers)
+    tokens = torch.stack([s[:12] for s in sequences[:3]])
+    model.eval()
+    quantized.eval()
+    with torch.no_grad():
+        intx, dequantized = model(tokens).double(), quantized(tokens).double()
+    assert ((intx - dequantized).norm() / dequantized.norm()).item() < 1e-5
