@@ -58,6 +58,7 @@ from qalora_tune.checkpointing import (
 from qalora_tune.modules import QALoRALinear
 from qalora_tune.quantization import CALIBRATED_QUANTIZERS
 from qalora_tune.recipe_utils import (
+    CALIBRATION_CONFIG_KEYS,
     calibrate_base,
     calibration_settings,
     check_config,
@@ -84,14 +85,7 @@ CONFIG_KEYS = (
     "checkpoint.adapter_dir",
     "checkpoint.kind",
     "checkpoint.merged_dir",
-    "calibration",
-    "calibration.batch_size",
-    "calibration.block_size",
-    "calibration.damp",
-    "calibration.dataset",
-    "calibration.max_seq_len",
-    "calibration.num_samples",
-    "calibration.seed",
+    *CALIBRATION_CONFIG_KEYS,
     "checkpointer",
     "datasets",
     "device",

@@ -47,6 +47,7 @@ from qalora_tune.checkpointing import atomic_write_text, check_resume_matches
 from qalora_tune.models import count_parameters
 from qalora_tune.modules import QALoRALinear
 from qalora_tune.recipe_utils import (
+    CALIBRATION_CONFIG_KEYS,
     TrainingError,
     all_reduce_gradients,
     all_reduce_sum,
@@ -81,14 +82,7 @@ IGNORE_INDEX = -100
 # component); check_config refuses others (did-you-mean) before anything runs
 CONFIG_KEYS = (
     "batch_size",
-    "calibration",
-    "calibration.batch_size",
-    "calibration.block_size",
-    "calibration.damp",
-    "calibration.dataset",
-    "calibration.max_seq_len",
-    "calibration.num_samples",
-    "calibration.seed",
+    *CALIBRATION_CONFIG_KEYS,
     "checkpointer",
     "clip_grad_norm",
     "compile",

@@ -38,3 +38,20 @@ def assert_within(actual, expected, bound, what):
     err = (actual.double() - expected.double()).abs()
     worst = (err / bound).max().item()
     assert worst <= 1.0, f"{what}: error reaches {worst:.3g}x its bound (max abs err {err.max().item():.3g})"
+
+
+def assert_compiled_matches_eager(layer, x):
+    """``torch.compile(layer, fullgraph=True)`` gives the eager output and the eager
+    gradients of ``x`` and of the layer's adapter (``lora_a``, ``lora_b``)."""
+    params = [layer.lora_a.weight, layer.lora_b.weight]
+    eager = layer(x)
+    eager.sum().backward()
+    eager_grads = [t.grad.clone() for t in [x, *params]]
+    for t in [x, *params]:
+        t.grad = None
+    torch._dynamo.reset()
+    out = torch.compile(layer, fullgraph=True)(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, eager)
+    for got, want in zip([t.grad for t in [x, *params]], eager_grads):
+        torch.testing.assert_close(got, want)

@@ -1,6 +1,7 @@
 """Pieces the recipes share: config resolution, evaluation, data parallelism."""
 
 from qalora_tune.recipe_utils._calibration import (
+    CALIBRATION_CONFIG_KEYS,
     CALIBRATION_DEFAULTS,
     calibrate_base,
     calibration_settings,
@@ -39,6 +40,7 @@ from qalora_tune.recipe_utils._merge_report import merge_with_report
 from qalora_tune.recipe_utils._validation import check_config
 
 __all__ = [
+    "CALIBRATION_CONFIG_KEYS",
     "CALIBRATION_DEFAULTS",
     "TrainingError",
     "all_reduce_gradients",

@@ -23,7 +23,12 @@ from qalora_tune.quantization import (
 )
 from qalora_tune.recipe_utils._full_precision import load_full_precision
 
-__all__ = ["CALIBRATION_DEFAULTS", "calibrate_base", "calibration_settings"]
+__all__ = [
+    "CALIBRATION_CONFIG_KEYS",
+    "CALIBRATION_DEFAULTS",
+    "calibrate_base",
+    "calibration_settings",
+]
 
 # the recipes' logger; every rank runs the same steps, so log once
 _info = partial(utils.log_rank_zero, utils.get_logger("INFO"))
@@ -37,6 +42,11 @@ CALIBRATION_DEFAULTS = {
     "seed": 0,
 }
 """Values of the ``calibration:`` keys a config leaves out."""
+
+CALIBRATION_CONFIG_KEYS = ("calibration", "calibration.dataset") + tuple(
+    f"calibration.{key}" for key in CALIBRATION_DEFAULTS
+)
+"""The ``calibration:`` keys a recipe reads (for its config key check)."""
 
 
 def calibration_settings(

@@ -18,6 +18,7 @@ from qalora_tune.quantization import (
 from tests.reference import (
     CUDA_SKIP_REASON,
     UNIT_ROUNDOFF,
+    assert_compiled_matches_eager,
     assert_within,
     matmul_error_bound,
     pooled_lora_reference,
@@ -48,13 +49,19 @@ def _reference(layer, x):
 def test_forward_and_gradients_match_float64(in_dim, out_dim, group_size, rank):
     layer = _layer(in_dim, out_dim, rank=rank, alpha=2.0 * rank, group_size=group_size)
     x = torch.randn(3, 7, in_dim, requires_grad=True)
+    _check_forward_and_gradients(layer, x, dequantize_int4(layer.weight, torch.float64), matmul_error_bound)
+
+
+def _check_forward_and_gradients(layer, x, dense, error_bound):
+    """The layer's output and its gradients for x, A and B against a float64 reference
+    built on the dense base ``dense``; ``error_bound`` bounds the base matmul's rounding."""
     out = layer(x)
     x64 = x.detach().double().requires_grad_()
     a64 = layer.lora_a.weight.detach().double().requires_grad_()
     b64 = layer.lora_b.weight.detach().double().requires_grad_()
-    dense = dequantize_int4(layer.weight, torch.float64)
-    ref = x64 @ dense.t() + layer.bias.double() + pooled_lora_reference(x64, a64, b64, group_size, layer.scaling)
-    bound = matmul_error_bound(x.detach(), dense, torch.float32, ref.detach()) + 1e-5 * ref.detach().abs().max()
+    adapter = pooled_lora_reference(x64, a64, b64, layer.group_size, layer.scaling)
+    ref = x64 @ dense.t() + layer.bias.double() + adapter
+    bound = error_bound(x.detach(), dense, torch.float32, ref.detach()) + 1e-5 * ref.detach().abs().max()
     assert_within(out, ref.detach(), bound, "forward")
 
     grad = torch.randn_like(out)
@@ -257,19 +264,7 @@ def test_torchtune_adapter_utilities_see_only_the_adapter():
 
 
 def test_compile_fullgraph_forward_and_backward():
-    layer = _layer()
-    x = torch.randn(4, 256, requires_grad=True)
-    eager = layer(x)
-    eager.sum().backward()
-    eager_grads = [x.grad.clone(), layer.lora_a.weight.grad.clone(), layer.lora_b.weight.grad.clone()]
-    x.grad = layer.lora_a.weight.grad = layer.lora_b.weight.grad = None
-    torch._dynamo.reset()
-    compiled = torch.compile(layer, fullgraph=True)
-    out = compiled(x)
-    out.sum().backward()
-    torch.testing.assert_close(out, eager)
-    for got, want in zip([x.grad, layer.lora_a.weight.grad, layer.lora_b.weight.grad], eager_grads):
-        torch.testing.assert_close(got, want)
+    assert_compiled_matches_eager(_layer(), torch.randn(4, 256, requires_grad=True))
 
 
 @pytest.mark.skipif(not requires_cuda, reason=CUDA_SKIP_REASON)
@@ -315,21 +310,7 @@ def test_intx_forward_and_gradients_match_float64(bits, group_size):
     assert is_intx_weight(layer.weight) and layer.bits == bits
     assert layer.lora_a.weight.shape == (4, 128 // group_size)
     x = torch.randn(3, 5, 128, requires_grad=True)
-    out = layer(x)
-    x64 = x.detach().double().requires_grad_()
-    a64 = layer.lora_a.weight.detach().double().requires_grad_()
-    b64 = layer.lora_b.weight.detach().double().requires_grad_()
-    dense = _intx_dense(layer.weight)
-    ref = x64 @ dense.t() + layer.bias.double() + pooled_lora_reference(x64, a64, b64, group_size, layer.scaling)
-    bound = _intx_bound(x.detach(), dense, torch.float32, ref.detach()) + 1e-5 * ref.detach().abs().max()
-    assert_within(out, ref.detach(), bound, "forward")
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    ref.backward(grad.double())
-    torch.testing.assert_close(layer.lora_a.weight.grad.double(), a64.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(layer.lora_b.weight.grad.double(), b64.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-5)
-    assert layer.weight.grad is None and not layer.weight.requires_grad
+    _check_forward_and_gradients(layer, x, _intx_dense(layer.weight), _intx_bound)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

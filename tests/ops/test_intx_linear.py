@@ -9,7 +9,12 @@ from qalora_tune import QALoRALinear
 from qalora_tune.ops import intx_linear
 from qalora_tune.ops.intx_linear import dequantize_intx, intx_linear_grad_input
 from qalora_tune.quantization import is_intx_weight, quantize_rtn, to_torchao_intx
-from tests.reference import UNIT_ROUNDOFF, assert_within, matmul_error_bound
+from tests.reference import (
+    UNIT_ROUNDOFF,
+    assert_compiled_matches_eager,
+    assert_within,
+    matmul_error_bound,
+)
 
 
 def _weight(n, k, group_size, bits, dtype):
@@ -109,16 +114,5 @@ def test_compile_fullgraph_qalora_layer_with_intx_base():
     assert is_intx_weight(layer.weight)
     with torch.no_grad():
         layer.lora_b.weight.normal_(0.0, 0.05)
-    x = torch.randn(2, 3, 64, requires_grad=True)
-    eager = layer(x)
-    eager.sum().backward()
-    eager_grads = [x.grad.clone(), layer.lora_a.weight.grad.clone(), layer.lora_b.weight.grad.clone()]
-    x.grad = layer.lora_a.weight.grad = layer.lora_b.weight.grad = None
-    torch._dynamo.reset()
-    compiled = torch.compile(layer, fullgraph=True)
-    out = compiled(x)
-    out.sum().backward()
-    torch.testing.assert_close(out, eager)
-    for got, want in zip([x.grad, layer.lora_a.weight.grad, layer.lora_b.weight.grad], eager_grads):
-        torch.testing.assert_close(got, want)
+    assert_compiled_matches_eager(layer, torch.randn(2, 3, 64, requires_grad=True))
     assert layer.weight.grad is None

@@ -113,13 +113,13 @@ def test_group_size_not_dividing_a_linear_without_padding(base, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "bits, message",
-    [(5, "model.bits=5 is not a supported bit width; choose from 2, 3, 4, 8"),
-     (8, "model.bits=8 is not available in this version")],
+    "override, message",
+    [("model.bits=5", "model.bits=5 is not a supported bit width; choose from 2, 3, 4, 8"),
+     ("model.group_size=0", "model.group_size=0 is not a positive integer; set model.group_size")],
 )
-def test_bits_outside_the_implemented_widths(base, tmp_path, bits, message):
-    last = _error_line(_finetune(base, tmp_path / "out", f"model.bits={bits}"), message)
-    assert bits == 5 or "set model.bits=4" in last
+def test_bits_and_group_size_outside_the_supported_values(base, tmp_path, override, message):
+    _error_line(_finetune(base, tmp_path / "out", override), message)
+    assert _checkpoints(tmp_path / "out") == []
 
 
 @pytest.mark.parametrize(
