@@ -44,7 +44,9 @@ fine-tune-then-quantize baseline with the best validation perplexity) are repeat
 every seed of ``--seeds``; their cells show mean +- standard deviation.
 
 Every perplexity is reported on the target's test split and on a fixed slice of
-``data/tinystories_val_a.txt`` (forgetting). Output: a markdown summary on stdout,
+``data/tinystories_val_a.txt`` (forgetting, one story per sequence). Each target runs in its
+own process (``--jobs``) with one torch thread (``--threads``): on a busy 2-core machine
+two threads per process stalled each other 10-20x. Output: a markdown summary on stdout,
 ``--json`` (environment, settings, every learning rate tried, every row), ``--markdown``
 (the command, then one table per target) and ``--plot`` (perplexity vs bits).
 """
