@@ -13,31 +13,9 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-__all__ = ["dequantize_intx", "intx_linear", "intx_linear_grad_input"]
+from qalora_tune.quantization.intx_weight import dequantize_intx
 
-
-def dequantize_intx(
-    qdata: torch.Tensor,
-    scale: torch.Tensor,
-    zero_point: torch.Tensor,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """``(qdata - zero_point) * scale`` per (row, group), torchao's intx convention.
-
-    Args:
-        qdata (torch.Tensor): int8 codes ``(out_dim, in_dim)``.
-        scale (torch.Tensor): ``(out_dim, n_groups)``.
-        zero_point (torch.Tensor): float zero points ``(out_dim, n_groups)``.
-        dtype (torch.dtype): dtype of the computation and the result.
-
-    Returns:
-        torch.Tensor: the dense weight ``(out_dim, in_dim)`` in ``dtype``.
-    """
-    out_dim, in_dim = qdata.shape
-    n_groups = scale.shape[-1]
-    codes = qdata.reshape(out_dim, n_groups, in_dim // n_groups).to(dtype)
-    weight = (codes - zero_point.to(dtype).unsqueeze(-1)) * scale.to(dtype).unsqueeze(-1)
-    return weight.reshape(out_dim, in_dim)
+__all__ = ["intx_linear", "intx_linear_grad_input"]
 
 
 @torch.library.custom_op("qalora_tune::intx_linear", mutates_args=())

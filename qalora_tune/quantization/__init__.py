@@ -28,6 +28,7 @@ from qalora_tune.quantization.int4_weight import (
 )
 from qalora_tune.quantization.intx_weight import (
     IntxWeight,
+    dequantize_intx,
     empty_intx,
     from_torchao_intx,
     intx_bits,
@@ -64,6 +65,7 @@ __all__ = [
     "calibrate_gptq",
     "dequantize_base",
     "dequantize_int4",
+    "dequantize_intx",
     "empty_base",
     "empty_int4",
     "empty_intx",

@@ -24,6 +24,7 @@ from qalora_tune.quantization.int4_weight import (
     zero_points,
 )
 from qalora_tune.quantization.intx_weight import (
+    dequantize_intx,
     empty_intx,
     from_torchao_intx,
     is_intx_weight,
@@ -84,7 +85,9 @@ def dequantize_base(weight: torch.Tensor, dtype: Optional[torch.dtype] = None) -
     """The dense ``(out_dim, in_dim)`` weight of an int4 or intx base, in ``dtype``
     (the weight's own by default)."""
     if is_intx_weight(weight):
-        return from_torchao_intx(weight).dequantize(dtype or weight.dtype)
+        return dequantize_intx(
+            weight.qdata, weight.scale, weight.zero_point, dtype or weight.dtype
+        )
     return dequantize_int4(weight, dtype)
 
 

@@ -23,6 +23,7 @@ from qalora_tune.quantization.group_quant import GroupQuantizedWeight
 
 __all__ = [
     "IntxWeight",
+    "dequantize_intx",
     "empty_intx",
     "from_torchao_intx",
     "intx_bits",
@@ -42,6 +43,30 @@ def is_intx_weight(tensor: torch.Tensor) -> bool:
 def intx_bits(weight: IntxWeight) -> int:
     """The bit width of an intx weight's codes (from its ``target_dtype``, e.g. 8 for int8)."""
     return int(str(weight.target_dtype).removeprefix("torch.int"))
+
+
+def dequantize_intx(
+    qdata: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``(qdata - zero_point) * scale`` per (row, group), torchao's intx convention.
+
+    Args:
+        qdata (torch.Tensor): int8 codes ``(out_dim, in_dim)``.
+        scale (torch.Tensor): ``(out_dim, n_groups)``.
+        zero_point (torch.Tensor): float zero points ``(out_dim, n_groups)``.
+        dtype (torch.dtype): dtype of the computation and the result.
+
+    Returns:
+        torch.Tensor: the dense weight ``(out_dim, in_dim)`` in ``dtype``.
+    """
+    out_dim, in_dim = qdata.shape
+    n_groups = scale.shape[-1]
+    codes = qdata.reshape(out_dim, n_groups, in_dim // n_groups).to(dtype)
+    weight = (codes - zero_point.to(dtype).unsqueeze(-1)) * scale.to(dtype).unsqueeze(-1)
+    return weight.reshape(out_dim, in_dim)
 
 
 def to_torchao_intx(
