@@ -9,6 +9,8 @@ shapes, batch, sequence length and adapter targets (q, k, v, output projections 
 MLP) for each method:
 
     qalora_{fp32,bf16}  this project: int4 base (torchao), pooled adapters, in that dtype
+    qalora_dq_{fp32,bf16}  the same with the base's scales in 8 bits
+                        (``double_quant_scales=True``)
     lora_{fp32,bf16}    torchtune ``lora_llama2``: dense base and adapters in that dtype
     qlora_{fp32,bf16}   torchtune ``lora_llama2(quantize_base=True)``: NF4 base, the rest
                         (and NF4's dequantized weight) in that dtype
@@ -28,6 +30,10 @@ Shapes: ``llama2_7b_layers`` is Llama-2-7B's decoder layer (dim 4096, MLP 11008,
 heads) repeated ``--layers`` times with random weights, vocab ``--vocab``;
 ``tinystories656K`` is the real checkpoint in ``../shared/models`` (output tied to the
 embeddings, group size 32).
+
+Base bits per weight: the bytes the frozen linear weights of the decoder layers hold
+(codes, scales, zero points, NF4 block scalers), times 8, over their logical number of
+weights.
 
 Output: a markdown table on stdout, ``--json`` with every number, ``--markdown`` with
 the table.
@@ -50,7 +56,10 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MODELS = ROOT.parent / "shared" / "models"
-METHODS = ("qalora_fp32", "qalora_bf16", "lora_fp32", "lora_bf16", "qlora_fp32", "qlora_bf16")
+METHODS = (
+    "qalora_fp32", "qalora_bf16", "qalora_dq_fp32", "qalora_dq_bf16",
+    "lora_fp32", "lora_bf16", "qlora_fp32", "qlora_bf16",
+)
 ADAPTER_TARGETS = ["q_proj", "k_proj", "v_proj", "output_proj"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 QLORA_TINYSTORIES_REASON = (
@@ -119,7 +128,7 @@ def _torchtune_lora(args: argparse.Namespace, quantize_base: bool, dtype: torch.
     return model
 
 
-def _qalora(args: argparse.Namespace, dtype: torch.dtype) -> nn.Module:
+def _qalora(args: argparse.Namespace, dtype: torch.dtype, double_quant: bool) -> nn.Module:
     from torchtune.models.llama2 import llama2
 
     from qalora_tune.models import qalora_transformer, tied_llama
@@ -132,6 +141,7 @@ def _qalora(args: argparse.Namespace, dtype: torch.dtype) -> nn.Module:
         return qalora_transformer(
             base, ADAPTER_TARGETS, apply_lora_to_mlp=True, lora_rank=args.rank,
             lora_alpha=2 * args.rank, group_size=args.group_size,
+            double_quant_scales=double_quant,
         )
 
 
@@ -141,8 +151,8 @@ def build(method: str, args: argparse.Namespace, state: Optional[Dict[str, torch
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     kind, dtype_name = method.rsplit("_", 1)
     dtype = DTYPES[dtype_name]
-    if kind == "qalora":
-        model = _qalora(args, dtype)
+    if kind.startswith("qalora"):
+        model = _qalora(args, dtype, double_quant=kind == "qalora_dq")
     else:
         model = _torchtune_lora(args, quantize_base=kind == "qlora", dtype=dtype)
     if state is not None:
@@ -217,6 +227,7 @@ def measure_throughput(trainers: List[Trainer], args: argparse.Namespace) -> Dic
             "tokens_per_s": tokens_per_step / median,
             "trainable_params": trainer.trainable,
             "model_mib": {k: v / 2**20 for k, v in model_bytes(trainer.model).items()},
+            "base_bits_per_weight": base_bits_per_weight(trainer.model),
             "final_loss": trainer.losses[-1],
         }
         if trainer.method in peaks:
@@ -280,6 +291,19 @@ def model_bytes(model: nn.Module) -> Dict[str, int]:
     for buffer in model.buffers():
         sizes["frozen"] += tensor_nbytes(buffer)
     return sizes
+
+
+def base_bits_per_weight(model: nn.Module) -> float:
+    """Stored bits per weight of the frozen linear weights in the decoder layers."""
+    from qalora_tune.models import tensor_nbytes
+
+    bits, weights = 0, 0
+    for name, param in model.named_parameters():
+        if name.startswith("layers.") and name.endswith("weight") and param.dim() == 2:
+            if not param.requires_grad:
+                bits += 8 * tensor_nbytes(param)
+                weights += param.numel()
+    return bits / weights
 
 
 def _reset_peak_rss() -> None:
@@ -361,7 +385,8 @@ def markdown_table(report: Dict[str, Any]) -> str:
         for m in ("qlora_fp32", "qlora_bf16", "lora_fp32", "lora_bf16")
         if m in results
     }
-    head = ["method", "tokens/s", "s/step"] + [f"vs {m}" for m in reference] + ["peak training memory (MiB)"]
+    head = ["method", "tokens/s", "s/step"] + [f"vs {m}" for m in reference]
+    head += ["peak training memory (MiB)", "base bits/weight"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, numbers in results.items():
         memory = report.get("memory", {}).get(method, {})
@@ -369,6 +394,7 @@ def markdown_table(report: Dict[str, Any]) -> str:
         row = [method, f"{numbers['tokens_per_s']:.1f}", f"{numbers['median_seconds_per_step']:.3f}"]
         row += [f"{numbers['tokens_per_s'] / value:.2f}x" for value in reference.values()]
         row.append("-" if peak is None else f"{peak:.0f}")
+        row.append(f"{numbers['base_bits_per_weight']:.3f}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 

@@ -17,6 +17,7 @@ from torchao.quantization.utils import (
     pack_tinygemm_scales_and_zeros,
     unpack_tinygemm_scales_and_zeros,
 )
+from torchao.utils import TorchAOBaseTensor
 from torchtune.modules.peft import AdapterModule
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "Int4OpaqueTensor",
     "Int4TilePackedTo4dTensor",
     "MappingType",
+    "TorchAOBaseTensor",
     "choose_qparams_and_quantize_hqq",
     "choose_qparams_tinygemm",
     "pack_tinygemm_scales_and_zeros",

@@ -44,7 +44,7 @@ from tqdm import tqdm
 import qalora_tune
 from qalora_tune._compat import get_component_from_path
 from qalora_tune.checkpointing import atomic_write_text, check_resume_matches
-from qalora_tune.models import count_parameters
+from qalora_tune.models import base_bits_per_weight, count_parameters
 from qalora_tune.modules import QALoRALinear
 from qalora_tune.recipe_utils import (
     CALIBRATION_CONFIG_KEYS,
@@ -257,7 +257,8 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         _info(
             f"Model ready in {time.perf_counter() - start:.1f}s: {len(adapters)} QA-LoRA "
             f"layers, {counts['trainable']:,} trainable and {counts['frozen']:,} frozen "
-            f"parameters, dtype {self._dtype}, device {self._device}"
+            f"parameters, dtype {self._dtype}, device {self._device}; the base stores "
+            f"{base_bits_per_weight(model):.3f} bits per linear weight"
         )
         if self._device.type == "cuda":
             training.log_memory_stats(training.get_memory_stats(device=self._device))
@@ -511,6 +512,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             "quantizer": first.quantizer,
             "pad_in_dim": bool(cfg.get("pad_in_dim", False)),
             "bits": first.bits,
+            "double_quant_scales": first.double_quant_scales,
         }
         return {
             "format": "qalora_tune",
@@ -518,6 +520,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             "alpha": first.alpha,
             "group_size": first.group_size,
             "bits": first.bits,
+            "double_quant_scales": first.double_quant_scales,
             "pooling": "mean",
             "pooling_note": (
                 "the adapter's input is the mean over each group of group_size inputs; "

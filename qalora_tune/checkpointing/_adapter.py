@@ -153,7 +153,11 @@ _MATCHED_SETTINGS = (
     ("alpha", "model.lora_alpha"),
     ("target_modules", "model.lora_attn_modules / apply_lora_to_mlp / apply_lora_to_output"),
     ("pad_in_dim", "model.pad_in_dim"),
+    ("double_quant_scales", "model.double_quant_scales (8-bit scales round the base)"),
 )
+
+# what an adapter written before a setting existed was trained with
+_SETTING_DEFAULTS = {"double_quant_scales": False}
 
 
 def check_adapter_matches(
@@ -172,9 +176,10 @@ def check_adapter_matches(
         ValueError: naming the first mismatch and the setting to change.
     """
     for key, setting in _MATCHED_SETTINGS:
-        if key in expected and adapter.get(key) != expected[key]:
+        value = adapter.get(key, _SETTING_DEFAULTS.get(key))
+        if key in expected and value != expected[key]:
             raise ValueError(
-                f"the adapter in {adapter_dir} has {key}={adapter.get(key)!r} but the model "
+                f"the adapter in {adapter_dir} has {key}={value!r} but the model "
                 f"has {key}={expected[key]!r}; set {setting} to match the adapter (a QA-LoRA "
                 "adapter merges exactly only into the base quantization it was trained on)"
             )
@@ -226,6 +231,7 @@ def load_adapter_into(
         "alpha": first.alpha,
         "target_modules": sorted(layers),
         "pad_in_dim": pad_in_dim,
+        "double_quant_scales": first.double_quant_scales,
         "base_fingerprint": base_fingerprint,
     }
     check_adapter_matches(metadata, expected, adapter_dir)
@@ -241,6 +247,7 @@ _RESUMED_SETTINGS = (
     ("group_size", "model.group_size"),
     ("quantizer", "model.quantizer"),
     ("pad_in_dim", "model.pad_in_dim"),
+    ("double_quant_scales", "model.double_quant_scales"),
     ("rank", "model.lora_rank"),
     ("alpha", "model.lora_alpha"),
     ("target_modules", "model.lora_attn_modules / apply_lora_to_mlp / apply_lora_to_output"),

@@ -345,8 +345,12 @@ class QALoRACheckpointer:
         Returns:
             Dict[str, Any]: the merge report with the measured sizes added.
         """
+        # merged_int4/ holds dense scales (8-bit ones decoded): it loads as a plain int4 base
+        model_spec = dict(adapter_metadata["model"])
+        if "double_quant_scales" in model_spec:
+            model_spec["double_quant_scales"] = False
         spec = {
-            "model": adapter_metadata["model"],
+            "model": model_spec,
             "model_type": self.model_type,
             "adapter": {k: adapter_metadata.get(k) for k in ("rank", "alpha", "group_size", "bits")},
         }

@@ -3,6 +3,7 @@
 from qalora_tune.models._component_builders import (
     ATTENTION_PROJECTIONS,
     MLP_PROJECTIONS,
+    base_bits_per_weight,
     count_parameters,
     qalora_transformer,
     tensor_nbytes,
@@ -29,6 +30,7 @@ from qalora_tune.models._model_builders import (
 __all__ = [
     "ATTENTION_PROJECTIONS",
     "MLP_PROJECTIONS",
+    "base_bits_per_weight",
     "count_parameters",
     "qalora_llama2_13b",
     "qalora_llama2_70b",

@@ -11,6 +11,7 @@ from qalora_tune.modules import Int4Linear, QALoRALinear
 __all__ = [
     "ATTENTION_PROJECTIONS",
     "MLP_PROJECTIONS",
+    "base_bits_per_weight",
     "count_parameters",
     "qalora_transformer",
     "tensor_nbytes",
@@ -33,6 +34,7 @@ def qalora_transformer(
     quantizer: str = "rtn",
     pad_in_dim: bool = False,
     bits: int = 4,
+    double_quant_scales: bool = False,
 ) -> nn.Module:
     """Build a torchtune decoder whose linears are int4, with QA-LoRA adapters on some.
 
@@ -66,6 +68,10 @@ def qalora_transformer(
         bits (int): bit width of the base's quantization grid: QA-LoRA defines 2, 3, 4
             and 8; this version implements 2, 3 and 4 (stored and computed in the int4
             layout, see :class:`Int4Linear`).
+        double_quant_scales (bool): store the int4 base's per-group scales as 8-bit codes
+            with a float32 grid per row (double quantization): ``(b_s - 8) / group_size``
+            fewer bits per weight for ``b_s``-bit scales (16 in bf16), zero points kept in
+            full precision so the merge stays exact. Int4 kernel bases only.
 
     Returns:
         nn.Module: the decoder, on the default device, with only adapters trainable.
@@ -83,6 +89,7 @@ def qalora_transformer(
         lora_dropout=lora_dropout,
         group_size=group_size,
         quantizer=quantizer,
+        double_quant_scales=double_quant_scales,
     )
     unknown = sorted(set(lora_attn_modules) - set(ATTENTION_PROJECTIONS))
     if unknown:
@@ -104,7 +111,13 @@ def qalora_transformer(
     if apply_lora_to_output:
         targets.add("output")
     adapter = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout)
-    base = dict(group_size=group_size, quantizer=quantizer, pad_in_dim=pad_in_dim, bits=bits)
+    base = dict(
+        group_size=group_size,
+        quantizer=quantizer,
+        pad_in_dim=pad_in_dim,
+        bits=bits,
+        double_quant_scales=double_quant_scales,
+    )
     _replace_linears(model, targets, adapter, base, device, dtype)
     _materialize(model, device)
     model.requires_grad_(False)
@@ -177,6 +190,18 @@ def count_parameters(model: nn.Module) -> Dict[str, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     return {"trainable": trainable, "frozen": frozen}
+
+
+def base_bits_per_weight(model: nn.Module) -> float:
+    """Bits the quantized base stores per weight of its linears: codes, scales, zero points
+    and padding, over the logical ``out_dim * in_dim`` weights (0.0 without any).
+
+    For example 4.5 for int4 codes with bf16 scales and zeros at group size 64, about
+    4.39 with 8-bit scales (``double_quant_scales``) when ``in_dim`` is 4096.
+    """
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    weights = sum(m.out_dim * m.in_dim for m in layers)
+    return 8 * sum(tensor_nbytes(m.weight) for m in layers) / weights if weights else 0.0
 
 
 def tensor_nbytes(tensor: torch.Tensor) -> int:

@@ -8,7 +8,12 @@ from typing import Iterable, List, Tuple
 
 from torch import nn
 
-from qalora_tune.quantization import CALIBRATED_QUANTIZERS, INT4_KERNEL_GROUP_SIZES, QUANTIZERS
+from qalora_tune.quantization import (
+    CALIBRATED_QUANTIZERS,
+    INT4_KERNEL_GROUP_SIZES,
+    QUANTIZERS,
+    check_double_quant,
+)
 from qalora_tune.quantization import SUPPORTED_BITS as IMPLEMENTED_BITS
 
 __all__ = [
@@ -34,9 +39,10 @@ def check_model_knobs(
     lora_dropout: float,
     group_size: int,
     quantizer: str = "rtn",
+    double_quant_scales: bool = False,
 ) -> None:
-    """Refuse a bit width, rank, alpha, dropout, group size or quantizer no layer could be
-    built with.
+    """Refuse a bit width, rank, alpha, dropout, group size, quantizer or scale storage no
+    layer could be built with.
 
     Raises:
         ValueError: naming the ``model.*`` setting and the values it accepts.
@@ -80,6 +86,12 @@ def check_model_knobs(
             f"model.quantizer={quantizer!r} is not a base quantizer; set model.quantizer to "
             f"one of {', '.join(BASE_QUANTIZERS)} (gptq also needs a calibration: section)"
         )
+    if not isinstance(double_quant_scales, bool):
+        raise ValueError(
+            f"model.double_quant_scales={double_quant_scales!r} is not a boolean; set it to "
+            "True (8-bit scales) or False"
+        )
+    check_double_quant(double_quant_scales, bits, group_size)
 
 
 def check_group_size_fits(model: nn.Module, group_size: int, pad_in_dim: bool) -> None:

@@ -60,6 +60,7 @@ _BUILDER_DOC = """QA-LoRA {title}: torchtune's ``{base}`` with an int4 base and 
             its int4 weights come from :func:`~qalora_tune.quantization.calibrate_gptq`).
         pad_in_dim (bool): zero-pad linears whose ``in_dim`` ``group_size`` does not divide.
         bits (int): bit width of the base, from 2, 3, 4, 8 (this version implements 2, 3, 4).
+        double_quant_scales (bool): store the int4 base's scales as 8-bit codes.
 
     Returns:
         TransformerDecoder: see :func:`~qalora_tune.models.qalora_transformer`.
@@ -78,6 +79,7 @@ def _model_builder(name: str, base: Callable[[], nn.Module], title: str) -> Call
         quantizer: str = "rtn",
         pad_in_dim: bool = False,
         bits: int = 4,
+        double_quant_scales: bool = False,
     ) -> nn.Module:
         return qalora_transformer(
             base,
@@ -91,6 +93,7 @@ def _model_builder(name: str, base: Callable[[], nn.Module], title: str) -> Call
             quantizer=quantizer,
             pad_in_dim=pad_in_dim,
             bits=bits,
+            double_quant_scales=double_quant_scales,
         )
 
     base_name = getattr(base, "__name__", None) or base.func.__name__

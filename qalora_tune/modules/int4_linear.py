@@ -7,18 +7,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qalora_tune.ops import int4_linear, intx_linear
+from qalora_tune.ops import int4_dq_linear, int4_linear, intx_linear
 from qalora_tune.quantization import (
     INT4_KERNEL_GROUP_SIZES,
     SUPPORTED_BITS,
+    check_double_quant,
     empty_base,
+    from_torchao_base,
     get_quantizer,
     intx_bits,
+    is_double_quant,
     is_intx_weight,
     is_quantized_base,
     quantize_rtn,
     to_torchao_base,
     uses_int4_kernel,
+    with_dense_scales,
 )
 
 __all__ = ["Int4Linear"]
@@ -71,10 +75,16 @@ class Int4Linear(nn.Module):
             size, 2- and 3-bit codes are stored in the int4 layout (``q + 8 - 2**(bits -
             1)``) and computed by the same kernels, so they change accuracy, not memory or
             speed; 8-bit codes take the intx path.
+        double_quant_scales (bool): keep the int4 base's per-group scales as 8-bit codes
+            on a per-row grid (double quantization, see
+            :mod:`qalora_tune.quantization.double_quant`): ``(16 - 8) / group_size`` fewer
+            bits per weight in bf16, the zero points (which the merge updates) unchanged.
+            Only for bases on the int4 kernels.
 
     Raises:
         ValueError: if ``group_size`` is not positive, or does not divide ``in_dim``
-            while ``pad_in_dim`` is off.
+            while ``pad_in_dim`` is off, or ``double_quant_scales`` is set for a base off
+            the int4 kernels.
     """
 
     def __init__(
@@ -88,10 +98,13 @@ class Int4Linear(nn.Module):
         dtype: Optional[torch.dtype] = None,
         device: Optional[torch.device] = None,
         bits: int = 4,
+        double_quant_scales: bool = False,
     ):
         super().__init__()
         _validate_base_hparams(in_dim, out_dim, group_size, pad_in_dim, bits)
+        check_double_quant(double_quant_scales, bits, group_size)
         self.bits = bits
+        self.double_quant_scales = double_quant_scales
         self._quantize = get_quantizer(quantizer)
         self.in_dim = in_dim
         self.out_dim = out_dim
@@ -100,14 +113,18 @@ class Int4Linear(nn.Module):
         self.padded_in_dim = _round_up(in_dim, group_size)
         device = torch.device(device) if device is not None else torch.get_default_device()
         if device.type == "meta":
-            weight = empty_base(out_dim, self.padded_in_dim, group_size, bits, device, dtype)
+            weight = empty_base(
+                out_dim, self.padded_in_dim, group_size, bits, device, dtype, double_quant_scales
+            )
         else:
             # a placeholder like nn.Linear's init, quantized with fast RTN whatever the
             # quantizer: real weights arrive through from_linear / load_state_dict
             init_weight = torch.empty(out_dim, in_dim, device=device, dtype=torch.float32)
             nn.init.kaiming_uniform_(init_weight, a=math.sqrt(5))
             placeholder = quantize_rtn(self._pad_columns(init_weight), group_size, bits)
-            weight = to_torchao_base(placeholder, device=device, dtype=dtype)
+            weight = to_torchao_base(
+                placeholder, device=device, dtype=dtype, double_quant=double_quant_scales
+            )
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = (
             nn.Parameter(torch.zeros(out_dim, device=device, dtype=dtype), requires_grad=False)
@@ -155,7 +172,9 @@ class Int4Linear(nn.Module):
                 group sizes).
             bias (torch.Tensor, optional): frozen bias of shape ``(out_dim,)``.
             **kwargs: the other constructor arguments; ``group_size`` (and, for intx,
-                ``bits``) default to the weight's.
+                ``bits``) default to the weight's. With ``double_quant_scales`` (default:
+                whether ``weight`` has 8-bit scales) an int4 weight's scales are stored
+                in 8 bits, without it 8-bit scales are decoded.
 
         Raises:
             TypeError: if ``weight`` is not one of those subclasses.
@@ -173,10 +192,11 @@ class Int4Linear(nn.Module):
             kwargs.setdefault("bits", intx_bits(weight))
         kwargs.setdefault("dtype", weight.dtype)
         kwargs.setdefault("device", weight.device)
+        kwargs.setdefault("double_quant_scales", is_double_quant(weight))
         out_dim, in_dim = weight.shape
         module = cls(in_dim, out_dim, use_bias=bias is not None, **kwargs)
         module._check_base(weight)
-        module.weight = nn.Parameter(weight, requires_grad=False)
+        module.weight = nn.Parameter(module._in_storage(weight), requires_grad=False)
         if bias is not None:
             module.bias.data.copy_(bias.detach())
         return module
@@ -223,6 +243,20 @@ class Int4Linear(nn.Module):
                 f"got {tuple(weight.shape)}"
             )
 
+    def _in_storage(self, weight: torch.Tensor) -> torch.Tensor:
+        """A checked quantized base with its scales as this layer keeps them (8-bit codes
+        with ``double_quant_scales``, else dense)."""
+        if is_double_quant(weight) and not self.double_quant_scales:
+            return with_dense_scales(weight)
+        if self.double_quant_scales and not is_double_quant(weight):
+            return to_torchao_base(
+                from_torchao_base(weight),
+                device=weight.device,
+                dtype=weight.dtype,
+                double_quant=True,
+            )
+        return weight
+
     def _pad_columns(self, tensor: torch.Tensor) -> torch.Tensor:
         extra = self.padded_in_dim - self.in_dim
         return F.pad(tensor, (0, extra)) if extra else tensor
@@ -247,7 +281,12 @@ class Int4Linear(nn.Module):
             )
         target = self.weight.device
         quantized = self._quantize(self._pad_columns(weight.to(target)), self.group_size, self.bits)
-        packed = to_torchao_base(quantized, device=target, dtype=self.weight.dtype)
+        packed = to_torchao_base(
+            quantized,
+            device=target,
+            dtype=self.weight.dtype,
+            double_quant=self.double_quant_scales,
+        )
         self.weight = nn.Parameter(packed, requires_grad=False)
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -255,6 +294,17 @@ class Int4Linear(nn.Module):
         weight = self.weight
         if is_intx_weight(weight):
             out = intx_linear(x, weight.qdata, weight.scale, weight.zero_point)
+        elif is_double_quant(weight):
+            out = int4_dq_linear(
+                x,
+                weight.qdata,
+                weight.scale_codes,
+                weight.scale_min,
+                weight.scale_step,
+                weight.zero,
+                self.group_size,
+                self.out_dim,
+            )
         else:
             out = int4_linear(
                 x, weight.qdata, weight.scale_and_zero, self.group_size, self.out_dim
@@ -277,9 +327,10 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         padded = f", padded_in_dim={self.padded_in_dim}" if self.padded_in_dim != self.in_dim else ""
+        scales = ", double_quant_scales=True" if self.double_quant_scales else ""
         return (
             f"in_dim={self.in_dim}, out_dim={self.out_dim}, group_size={self.group_size}, "
-            f"bits={self.bits}, quantizer={self.quantizer}{padded}"
+            f"bits={self.bits}, quantizer={self.quantizer}{padded}{scales}"
         )
 
 
@@ -298,8 +349,9 @@ def _quantize_incoming_weight(
         return
     if is_quantized_base(incoming):
         module._check_base(incoming)
-        if type(incoming) is not type(module.weight):
-            state_dict[key] = incoming.to(module.weight.device)
+        if incoming.device.type != module.weight.device.type:
+            incoming = incoming.to(module.weight.device)
+        state_dict[key] = module._in_storage(incoming)
         return
     module.quantize_base_(incoming)
     state_dict[key] = module.weight

@@ -51,6 +51,8 @@ class QALoRALinear(Int4Linear, AdapterModule):
             default dtype on CPU and bf16 on CUDA.
         device (torch.device, optional): where to build the layer.
         bits (int): bit width of the base's grid, 2, 3, 4 or 8 (see :class:`Int4Linear`).
+        double_quant_scales (bool): keep the base's scales as 8-bit codes (see
+            :class:`Int4Linear`); the zero points the merge updates stay full precision.
 
     Raises:
         ValueError: if ``group_size`` is not positive or does not divide ``in_dim`` (without
@@ -72,6 +74,7 @@ class QALoRALinear(Int4Linear, AdapterModule):
         dtype: Optional[torch.dtype] = None,
         device: Optional[torch.device] = None,
         bits: int = 4,
+        double_quant_scales: bool = False,
     ):
         _validate_adapter_hparams(rank, alpha, dropout)
         super().__init__(
@@ -84,6 +87,7 @@ class QALoRALinear(Int4Linear, AdapterModule):
             dtype=dtype,
             device=device,
             bits=bits,
+            double_quant_scales=double_quant_scales,
         )
         self.rank = rank
         self.alpha = alpha

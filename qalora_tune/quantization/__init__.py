@@ -16,6 +16,13 @@ from qalora_tune.quantization.gptq_calibration import (
     load_quantized_base,
     sample_calibration_sequences,
 )
+from qalora_tune.quantization.double_quant import (
+    DoubleQuantInt4Tensor,
+    dequantize_scales,
+    double_quantize_scales,
+    is_double_quant,
+    quantize_scales,
+)
 from qalora_tune.quantization.int4_weight import (
     INT4_KERNEL_GROUP_SIZES,
     Int4Weight,
@@ -24,6 +31,7 @@ from qalora_tune.quantization.int4_weight import (
     from_torchao_int4,
     is_int4_weight,
     to_torchao_int4,
+    with_dense_scales,
     zero_points,
 )
 from qalora_tune.quantization.intx_weight import (
@@ -37,6 +45,7 @@ from qalora_tune.quantization.intx_weight import (
     to_torchao_intx,
 )
 from qalora_tune.quantization.base_weight import (
+    check_double_quant,
     dequantize_base,
     empty_base,
     from_torchao_base,
@@ -55,6 +64,7 @@ from qalora_tune.quantization.plain_int4 import (
 
 __all__ = [
     "CALIBRATED_QUANTIZERS",
+    "DoubleQuantInt4Tensor",
     "GroupQuantizedWeight",
     "HessianAccumulator",
     "INT4_KERNEL_GROUP_SIZES",
@@ -63,9 +73,12 @@ __all__ = [
     "QUANTIZERS",
     "SUPPORTED_BITS",
     "calibrate_gptq",
+    "check_double_quant",
     "dequantize_base",
     "dequantize_int4",
     "dequantize_intx",
+    "dequantize_scales",
+    "double_quantize_scales",
     "empty_base",
     "empty_int4",
     "empty_intx",
@@ -75,6 +88,7 @@ __all__ = [
     "from_torchao_intx",
     "get_quantizer",
     "intx_bits",
+    "is_double_quant",
     "is_int4_weight",
     "is_intx_weight",
     "is_plain_int4",
@@ -85,6 +99,7 @@ __all__ = [
     "quantize_gptq",
     "quantize_hqq",
     "quantize_rtn",
+    "quantize_scales",
     "sample_calibration_sequences",
     "shift_zero_points_",
     "stored_zero_points",
@@ -94,5 +109,6 @@ __all__ = [
     "to_torchao_intx",
     "uses_int4_kernel",
     "validate_group_size",
+    "with_dense_scales",
     "zero_points",
 ]

@@ -6,7 +6,8 @@
   ``IntxUnpackedToInt8Tensor`` (:mod:`qalora_tune.quantization.intx_weight`).
 
 Both keep float zero points per (row, input group), so a QA-LoRA merge is a zero-point
-update in either; :func:`shift_zero_points_` applies one.
+update in either; :func:`shift_zero_points_` applies one. An int4 kernel base can keep its
+scales as 8-bit codes (``double_quant``, :mod:`qalora_tune.quantization.double_quant`).
 """
 
 from typing import Optional, Union
@@ -32,6 +33,7 @@ from qalora_tune.quantization.intx_weight import (
 )
 
 __all__ = [
+    "check_double_quant",
     "dequantize_base",
     "empty_base",
     "from_torchao_base",
@@ -58,6 +60,7 @@ def to_torchao_base(
     gq: GroupQuantizedWeight,
     device: Optional[Union[str, torch.device]] = None,
     dtype: Optional[torch.dtype] = None,
+    double_quant: bool = False,
 ) -> torch.Tensor:
     """Store ``gq`` in the subclass :func:`uses_int4_kernel` picks for its bits and groups.
 
@@ -65,13 +68,33 @@ def to_torchao_base(
         gq (GroupQuantizedWeight): codes, scales and zeros of shape ``(out_dim, in_dim)``.
         device (str or torch.device, optional): target device; defaults to ``gq``'s.
         dtype (torch.dtype, optional): dtype of scales, zeros and compute.
+        double_quant (bool): keep the scales as 8-bit codes (int4 kernel bases only).
 
     Returns:
         torch.Tensor: an int4 subclass or an ``IntxUnpackedToInt8Tensor``.
+
+    Raises:
+        ValueError: if ``double_quant`` is asked of a base off the int4 kernels.
     """
     if uses_int4_kernel(gq.bits, gq.group_size):
-        return to_torchao_int4(gq, device=device, dtype=dtype)
+        return to_torchao_int4(gq, device=device, dtype=dtype, double_quant=double_quant)
+    check_double_quant(double_quant, gq.bits, gq.group_size)
     return to_torchao_intx(gq, device=device, dtype=dtype)
+
+
+def check_double_quant(double_quant: bool, bits: int, group_size: int) -> None:
+    """Refuse 8-bit scales for a base the int4 kernels cannot hold.
+
+    Raises:
+        ValueError: naming ``model.double_quant_scales`` and what would allow it.
+    """
+    if double_quant and not uses_int4_kernel(bits, group_size):
+        raise ValueError(
+            f"model.double_quant_scales=True stores the scales of an int4 kernel base in 8 "
+            f"bits, but bits={bits} with group_size={group_size} is stored as an intx base; "
+            f"set model.double_quant_scales=False, or use bits <= 4 with a group_size from "
+            f"{', '.join(map(str, INT4_KERNEL_GROUP_SIZES))}"
+        )
 
 
 def from_torchao_base(weight: torch.Tensor) -> GroupQuantizedWeight:
@@ -98,11 +121,13 @@ def empty_base(
     bits: int,
     device: Union[str, torch.device],
     dtype: Optional[torch.dtype] = None,
+    double_quant: bool = False,
 ) -> torch.Tensor:
-    """An uninitialised base of the subclass ``bits`` and ``group_size`` select (for
-    ``meta``-device construction)."""
+    """An uninitialised base of the subclass ``bits``, ``group_size`` and ``double_quant``
+    select (for ``meta``-device construction)."""
     if uses_int4_kernel(bits, group_size):
-        return empty_int4(out_dim, in_dim, group_size, device, dtype)
+        return empty_int4(out_dim, in_dim, group_size, device, dtype, double_quant)
+    check_double_quant(double_quant, bits, group_size)
     return empty_intx(out_dim, in_dim, group_size, bits, device, dtype)
 
 

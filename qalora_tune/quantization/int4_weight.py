@@ -6,7 +6,10 @@
   ``aten._weight_int4pack_mm``; bf16 only, ``in_dim`` padded to a multiple of 1024).
 
 Both store ``scale_and_zero`` of shape ``(n_groups, out_dim_padded, 2)`` with float zero
-points, which is what makes the QA-LoRA merge a pure zero-point update. torchao 0.15 gives
+points, which is what makes the QA-LoRA merge a pure zero-point update. With
+``double_quant=True`` the same packed codes are kept with 8-bit scales instead
+(:class:`~qalora_tune.quantization.double_quant.DoubleQuantInt4Tensor`); every function
+here takes that storage too. torchao 0.15 gives
 neither class a way back to plain codes, nor a device move that changes the packing; this
 module adds both (registered on the classes when ``qalora_tune`` is imported).
 """
@@ -26,6 +29,11 @@ from qalora_tune.quantization.cpu_int4_layout import (
     pack_cpu_int4,
     unpack_cpu_int4,
 )
+from qalora_tune.quantization.double_quant import (
+    DoubleQuantInt4Tensor,
+    double_quantize_scales,
+    is_double_quant,
+)
 from qalora_tune.quantization.group_quant import GroupQuantizedWeight
 
 __all__ = [
@@ -38,10 +46,11 @@ __all__ = [
     "is_int4_weight",
     "tinygemm_padded_in_features",
     "to_torchao_int4",
+    "with_dense_scales",
     "zero_points",
 ]
 
-Int4Weight = Union[Int4OpaqueTensor, Int4TilePackedTo4dTensor]
+Int4Weight = Union[Int4OpaqueTensor, Int4TilePackedTo4dTensor, DoubleQuantInt4Tensor]
 
 INT4_KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 _CUDA_K_MULTIPLE = 1024
@@ -54,8 +63,9 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 def is_int4_weight(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is one of the torchao int4 subclasses this project computes with."""
-    return isinstance(tensor, (Int4OpaqueTensor, Int4TilePackedTo4dTensor))
+    """Whether ``tensor`` is one of the int4 kernel subclasses this project computes with
+    (torchao's two, or either layout with 8-bit scales)."""
+    return isinstance(tensor, (Int4OpaqueTensor, Int4TilePackedTo4dTensor, DoubleQuantInt4Tensor))
 
 
 def _pad_codes(gq: GroupQuantizedWeight, n_pad: int, k_pad: int):
@@ -74,6 +84,7 @@ def to_torchao_int4(
     gq: GroupQuantizedWeight,
     device: Optional[Union[str, torch.device]] = None,
     dtype: Optional[torch.dtype] = None,
+    double_quant: bool = False,
 ) -> Int4Weight:
     """Pack a plain group-quantized weight into the torchao int4 subclass for ``device``.
 
@@ -84,13 +95,22 @@ def to_torchao_int4(
         device (str or torch.device, optional): target device; defaults to ``gq``'s.
         dtype (torch.dtype, optional): dtype of ``scale_and_zero`` and of the kernel's
             compute. Defaults to ``torch.get_default_dtype()`` on CPU; CUDA needs bfloat16.
+        double_quant (bool): store the scales as 8-bit codes (see
+            :mod:`qalora_tune.quantization.double_quant`); the scales are rounded and the
+            zeros moved to keep each group's mean.
 
     Returns:
-        Int4OpaqueTensor on CPU, Int4TilePackedTo4dTensor on CUDA.
+        Int4OpaqueTensor on CPU, Int4TilePackedTo4dTensor on CUDA; a
+        DoubleQuantInt4Tensor in that layout with ``double_quant``.
 
     Raises:
         ValueError: for bit widths or group sizes the int4 kernels do not support.
     """
+    if double_quant:
+        rounded, codes, scale_min, scale_step = double_quantize_scales(gq)
+        return _with_scale_codes(
+            to_torchao_int4(rounded, device=device, dtype=dtype), codes, scale_min, scale_step
+        )
     device = torch.device(device) if device is not None else gq.qdata.device
     gq = gq.as_int4()
     if gq.group_size not in INT4_KERNEL_GROUP_SIZES:
@@ -136,6 +156,49 @@ def to_torchao_int4(
         )
     raise ValueError(
         f"no int4 kernel for device {device}; use a CPU or a CUDA (sm80+) device"
+    )
+
+
+def _with_scale_codes(
+    weight: Union[Int4OpaqueTensor, Int4TilePackedTo4dTensor],
+    codes: torch.Tensor,
+    scale_min: torch.Tensor,
+    scale_step: torch.Tensor,
+) -> DoubleQuantInt4Tensor:
+    """``weight``'s packed codes and zeros with ``(out_dim, n_groups)`` scale ``codes``
+    (padded to its layout), whose decoded scales ``weight`` already holds."""
+    n, k = weight.shape
+    n_groups = k // weight.block_size[1]
+    groups_pad, n_pad = weight.scale_and_zero.shape[:2]
+    device = weight.qdata.device
+    padded_codes = torch.zeros(groups_pad, n_pad, dtype=torch.uint8, device=device)
+    padded_codes[:n_groups, :n] = codes.t().to(device)
+    padded_min = torch.zeros(n_pad, dtype=torch.float32, device=device)
+    padded_step = torch.zeros_like(padded_min)
+    padded_min[:n] = scale_min.to(device)
+    padded_step[:n] = scale_step.to(device)
+    return DoubleQuantInt4Tensor(
+        weight.qdata,
+        padded_codes,
+        padded_min,
+        padded_step,
+        weight.scale_and_zero[..., 1].contiguous(),
+        weight.block_size,
+        weight.shape,
+    )
+
+
+def with_dense_scales(weight: Int4Weight) -> Union[Int4OpaqueTensor, Int4TilePackedTo4dTensor]:
+    """``weight`` in its torchao subclass with dense ``scale_and_zero`` (8-bit scales
+    decoded to the weight's dtype; any other int4 weight is returned as is)."""
+    if not is_double_quant(weight):
+        return weight
+    cls = Int4OpaqueTensor if weight.qdata.dim() == 2 else Int4TilePackedTo4dTensor
+    return cls(
+        qdata=weight.qdata,
+        scale_and_zero=weight.dense_scale_and_zero(),
+        block_size=weight.block_size,
+        shape=weight.shape,
     )
 
 
@@ -208,6 +271,7 @@ def from_torchao_int4(weight: Int4Weight) -> GroupQuantizedWeight:
         raise TypeError(
             f"expected Int4OpaqueTensor or Int4TilePackedTo4dTensor, got {type(weight).__name__}"
         )
+    weight = with_dense_scales(weight)
     n, k = weight.shape
     group_size = weight.block_size[1]
     if isinstance(weight, Int4OpaqueTensor):
@@ -238,6 +302,7 @@ def dequantize_int4(
         torch.Tensor: ``(q - 8) * scale + zero`` of shape ``(out_dim, in_dim)``.
     """
     n, k = weight.shape
+    weight = with_dense_scales(weight)
     return dequantize_packed(
         weight.qdata, weight.scale_and_zero, weight.block_size[1], n, k, dtype
     )
@@ -250,6 +315,8 @@ def zero_points(weight: Int4Weight) -> torch.Tensor:
     """
     n, k = weight.shape
     n_groups = k // weight.block_size[1]
+    if is_double_quant(weight):
+        return weight.zero[:n_groups, :n].t()
     return weight.scale_and_zero[:n_groups, :n, 1].t()
 
 
@@ -282,13 +349,32 @@ for _cls in (Int4OpaqueTensor, Int4TilePackedTo4dTensor):
     _cls.implements(torch.ops.aten._to_copy.default)(_int4_to_copy)
 
 
+@DoubleQuantInt4Tensor.implements(torch.ops.aten._to_copy.default)
+def _double_quant_to_copy(func, types, args, kwargs):
+    """``Tensor.to`` for int4 weights with 8-bit scales: as for the others, and the scale
+    codes and their per-row grid are kept bit for bit."""
+    weight = args[0]
+    device = torch.device(kwargs.get("device") or weight.device)
+    dtype = kwargs.get("dtype") or (torch.bfloat16 if device.type == "cuda" else weight.dtype)
+    n, k = weight.shape
+    n_groups = k // weight.block_size[1]
+    moved = _int4_to_copy(func, types, (with_dense_scales(weight),), {"device": device, "dtype": dtype})
+    return _with_scale_codes(
+        moved,
+        weight.scale_codes[:n_groups, :n].t(),
+        weight.scale_min[:n],
+        weight.scale_step[:n],
+    )
+
+
 def empty_int4(
     out_dim: int,
     in_dim: int,
     group_size: int,
     device: Union[str, torch.device],
     dtype: Optional[torch.dtype] = None,
-) -> Int4OpaqueTensor:
+    double_quant: bool = False,
+) -> Int4Weight:
     """An uninitialised CPU-layout int4 weight, for building models on the meta device.
 
     Shapes and dtypes match what :func:`to_torchao_int4` gives on CPU, so a model built
@@ -301,12 +387,24 @@ def empty_int4(
         device (str or torch.device): usually ``"meta"``.
         dtype (torch.dtype, optional): dtype of the scales and zeros; defaults to the
             default dtype.
+        double_quant (bool): a ``DoubleQuantInt4Tensor`` (8-bit scales) instead.
 
     Returns:
         Int4OpaqueTensor: of shape ``(out_dim, in_dim)`` with empty inner tensors.
     """
     dtype = dtype or torch.get_default_dtype()
     n_pad = _round_up(out_dim, PACK_ROW_MULTIPLE)
+    if double_quant:
+        groups = in_dim // group_size
+        return DoubleQuantInt4Tensor(
+            qdata=torch.empty(n_pad, in_dim // 2, dtype=torch.uint8, device=device),
+            scale_codes=torch.empty(groups, n_pad, dtype=torch.uint8, device=device),
+            scale_min=torch.empty(n_pad, dtype=torch.float32, device=device),
+            scale_step=torch.empty(n_pad, dtype=torch.float32, device=device),
+            zero=torch.empty(groups, n_pad, dtype=dtype, device=device),
+            block_size=[1, group_size],
+            shape=torch.Size([out_dim, in_dim]),
+        )
     return Int4OpaqueTensor(
         qdata=torch.empty(n_pad, in_dim // 2, dtype=torch.uint8, device=device),
         scale_and_zero=torch.empty(

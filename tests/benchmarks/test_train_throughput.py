@@ -25,7 +25,9 @@ def test_every_method_trains_and_is_reported(tmp_path):
         # a step that did nothing would leave the loss at its initial value and finite
         assert torch.isfinite(torch.tensor(numbers["final_loss"]))
     assert "| qalora_fp32 |" in (tmp_path / "train.md").read_text()
-    assert set(saved["qalora_breakdown"]) == {"qalora_fp32", "qalora_bf16"}
+    assert set(saved["qalora_breakdown"]) == {
+        "qalora_fp32", "qalora_bf16", "qalora_dq_fp32", "qalora_dq_bf16"
+    }
 
 
 def test_the_methods_train_the_same_adapter_targets():
@@ -47,6 +49,23 @@ def test_qalora_base_is_smaller_than_the_dense_base():
     }
     assert sizes["qalora_fp32"] < sizes["lora_fp32"] / 3
     assert sizes["qlora_fp32"] < sizes["lora_fp32"] / 3
+
+
+def test_base_bits_per_weight_counts_codes_scales_and_zeros():
+    """4 bits of code plus a scale and a zero per group of 64; 8-bit scales save
+    (b - 8) / 64 bits for b-bit scales, less a float32 pair per row."""
+    args = train_throughput.parse_args(["--shape", "tiny"])
+    bits = {
+        method: train_throughput.base_bits_per_weight(train_throughput.build(method, args, None))
+        for method in ("qalora_fp32", "qalora_dq_fp32", "qalora_bf16", "qalora_dq_bf16", "lora_bf16")
+    }
+    assert bits["qalora_fp32"] == pytest.approx(4 + 64 / 64)
+    assert bits["qalora_bf16"] == pytest.approx(4 + 32 / 64)
+    assert bits["lora_bf16"] == pytest.approx(16)
+    # tiny shape: in_dim 256 (attention, w1, w3) and 512 (w2), one float32 pair per row
+    per_row = {"qalora_dq_fp32": 8 + 32, "qalora_dq_bf16": 8 + 16}
+    for method, group_bits in per_row.items():
+        assert 4 + group_bits / 64 < bits[method] < 4 + group_bits / 64 + 64 / 256
 
 
 def test_cpu_peak_memory_runs_in_a_child_process():

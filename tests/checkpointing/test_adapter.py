@@ -296,6 +296,17 @@ def test_each_mismatch_names_the_key_and_the_setting(tmp_path, key, other, setti
     assert str(tmp_path / "adapter") in message
 
 
+def test_an_adapter_from_before_eight_bit_scales_counts_as_dense_scales(tmp_path):
+    """Adapters written before ``double_quant_scales`` existed were trained on dense scales."""
+    assert "double_quant_scales" not in METADATA
+    check_adapter_matches(dict(METADATA), dict(EXPECTED, double_quant_scales=False), tmp_path)
+    with pytest.raises(ValueError, match="double_quant_scales=False but the model has "
+                       "double_quant_scales=True; set model.double_quant_scales"):
+        check_adapter_matches(dict(METADATA), dict(EXPECTED, double_quant_scales=True), tmp_path)
+    check_adapter_matches(dict(METADATA, double_quant_scales=True),
+                          dict(EXPECTED, double_quant_scales=True), tmp_path)
+
+
 def test_another_base_checkpoint_is_refused(tmp_path):
     expected = dict(EXPECTED, base_fingerprint="fedcba9876543210" * 4)
     with pytest.raises(ValueError) as error:

@@ -437,6 +437,35 @@ def test_bad_knobs_name_the_model_setting(knobs, message):
         qalora_transformer(small_llama2, ["q_proj"], **{"group_size": 32, **knobs})
 
 
+def test_eight_bit_scales_reach_every_linear_and_cut_the_bits_per_weight():
+    from qalora_tune.models import base_bits_per_weight
+    from qalora_tune.quantization import is_double_quant
+
+    bits = {}
+    for double_quant in (False, True):
+        torch.manual_seed(0)
+        model = _small_qalora(double_quant_scales=double_quant)
+        layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+        assert layers and all(is_double_quant(m.weight) == double_quant for m in layers)
+        bits[double_quant] = base_bits_per_weight(model)
+    # fp32 scales at G=32: 4 + 64/32 bits; 8-bit ones: 4 + 40/32 plus a float32 pair per
+    # row (in_dim 64 or 96)
+    assert bits[False] == pytest.approx(6.0)
+    assert 4 + 40 / 32 + 64 / 96 <= bits[True] <= 4 + 40 / 32 + 64 / 64
+
+
+@pytest.mark.parametrize(
+    "knobs, message",
+    [
+        (dict(double_quant_scales=True, bits=8), "model.double_quant_scales=True stores"),
+        (dict(double_quant_scales="yes"), "model.double_quant_scales='yes' is not a boolean"),
+    ],
+)
+def test_bad_double_quant_scales_name_the_setting(knobs, message):
+    with torch.device("meta"), pytest.raises(ValueError, match=message):
+        qalora_transformer(small_llama2, ["q_proj"], group_size=32, **knobs)
+
+
 def test_every_model_builder_takes_bits_and_layers_record_it():
     import inspect
 
@@ -447,6 +476,8 @@ def test_every_model_builder_takes_bits_and_layers_record_it():
         if name.startswith("qalora_") and name != "qalora_transformer":
             assert inspect.signature(builder).parameters["bits"].default == 4, name
             assert "bits (int)" in builder.__doc__, name
+            assert inspect.signature(builder).parameters["double_quant_scales"].default is False
+            assert "double_quant_scales (bool)" in builder.__doc__, name
     for bits in (2, 3, 4):
         with torch.device("meta"):
             model = qalora_transformer(small_llama2, ["q_proj"], group_size=32, bits=bits)

@@ -269,3 +269,49 @@ def test_intx_bases_train_merge_and_load_in_transformers(tmp_path, bits, group_s
     assert summary["QA-LoRA merged int4"]["loss"] == pytest.approx(
         summary["QA-LoRA"]["loss"], rel=1e-4
     )
+
+
+@requires_shared
+def test_eight_bit_scales_train_merge_and_export_a_plain_int4_model(tmp_path):
+    """model.double_quant_scales=True: the base reports fewer bits per weight, the merge is
+    exact, the adapter records the setting, merged_int4/ loads as a plain int4 model, and
+    resuming with dense scales is refused."""
+    import torch
+
+    import qalora_tune
+    from qalora_tune._compat import Int4OpaqueTensor
+
+    def run(out, *extra):
+        return _tune_run(
+            "--config", "tinystories656K_qalora",
+            *_shared_overrides("tinystories656K", "tokenizer.json", out),
+            "max_steps_per_epoch=2", "validation.full_precision_baseline=False",
+            "model.group_size=64", *extra,
+        )
+
+    def reported_bits(result):
+        assert result.returncode == 0, result.stderr[-3000:]
+        line = re.search(r"the base stores ([0-9.]+) bits per linear weight", result.stdout + result.stderr)
+        return float(line.group(1))
+
+    plain_bits = reported_bits(run(tmp_path / "plain"))
+    out = tmp_path / "dq"
+    dq_bits = reported_bits(run(out, "model.double_quant_scales=True"))
+    # fp32 scales at G=64: 5.0 bits; 8-bit ones save 24 bits per group, less a float32
+    # pair per row (in_dim 128 or 384)
+    assert plain_bits == pytest.approx(5.0, abs=1e-3)
+    assert 4 + 40 / 64 + 64 / 384 - 1e-3 <= dq_bits <= 4 + 40 / 64 + 64 / 128 + 1e-3
+    merged = out / "epoch_0" / "merged_int4"
+    report = json.loads((merged / "merge_report.json").read_text())
+    assert report["max_relative_logit_error"] < 1e-4
+    adapter_config = json.loads((out / "epoch_0" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["qalora_tune"]["double_quant_scales"] is True
+    model = qalora_tune.load_merged(merged, device="cpu", dtype=torch.float32)
+    assert isinstance(model.layers[0].attn.q_proj.weight, Int4OpaqueTensor)
+    summary = json.loads((out / "summary.json").read_text())["metrics"]
+    assert summary["QA-LoRA merged int4"]["loss"] == pytest.approx(
+        summary["QA-LoRA"]["loss"], rel=1e-4
+    )
+    result = run(out, "resume_from_checkpoint=True")
+    assert result.returncode != 0
+    assert "model.double_quant_scales" in result.stderr.strip().splitlines()[-1]

@@ -1,0 +1,147 @@
+"""Int4Linear / QALoRALinear with 8-bit scales (``double_quant_scales=True``): numerics
+against float64, the exact merge, and conversion between the two scale storages."""
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from qalora_tune import Int4Linear, QALoRALinear
+from qalora_tune._compat import Int4OpaqueTensor
+from qalora_tune.quantization import (
+    DoubleQuantInt4Tensor,
+    dequantize_int4,
+    double_quantize_scales,
+    from_torchao_int4,
+    quantize_rtn,
+    to_torchao_int4,
+    zero_points,
+)
+from tests.modules.test_qalora_linear import _check_forward_and_gradients
+from tests.reference import UNIT_ROUNDOFF, assert_within, matmul_error_bound
+
+
+def _layer(in_dim=256, out_dim=96, group_size=64, dtype=torch.float32, **kwargs):
+    layer = QALoRALinear.from_linear(
+        nn.Linear(in_dim, out_dim), rank=8, alpha=16.0, group_size=group_size, dtype=dtype,
+        double_quant_scales=True, **kwargs,
+    )
+    with torch.no_grad():
+        layer.lora_b.weight.normal_(0.0, 0.05)
+    return layer
+
+
+@pytest.mark.parametrize("in_dim,out_dim,group_size", [(128, 48, 32), (256, 200, 64), (512, 64, 128)])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_forward_and_gradients_match_float64(in_dim, out_dim, group_size, bits):
+    layer = _layer(in_dim, out_dim, group_size, bits=bits)
+    assert isinstance(layer.weight, DoubleQuantInt4Tensor)
+    x = torch.randn(3, 7, in_dim, requires_grad=True)
+    _check_forward_and_gradients(layer, x, dequantize_int4(layer.weight, torch.float64), matmul_error_bound)
+
+
+def test_the_base_is_the_rounded_quantization_of_the_weight():
+    linear = nn.Linear(256, 96)
+    layer = Int4Linear.from_linear(linear, group_size=64, double_quant_scales=True)
+    rounded = double_quantize_scales(quantize_rtn(linear.weight.detach(), 64))[0]
+    torch.testing.assert_close(dequantize_int4(layer.weight), rounded.dequantize(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_is_a_zero_point_update_and_unmerge_restores_it(dtype):
+    layer = _layer(512, 128, 64, dtype=dtype)
+    x = torch.randn(16, 512).to(dtype)
+    codes = layer.weight.scale_codes.clone()
+    zeros = zero_points(layer.weight).clone()
+    with torch.no_grad():
+        unmerged = layer(x)
+        layer.merge()
+        merged = layer(x)
+        dense = dequantize_int4(layer.weight, torch.float64)
+    assert torch.equal(layer.weight.scale_codes, codes)  # the 8-bit scales are untouched
+    u = UNIT_ROUNDOFF[dtype]
+    group_sums = x.double().unflatten(-1, (-1, 64)).sum(-1).abs()
+    zero_rounding = u * group_sums @ zero_points(layer.weight).double().abs().t()
+    exact = x.double() @ dense.t()
+    kernel = matmul_error_bound(x, dense, dtype, exact)
+    adapter_rounding = 4 * u * (unmerged.double().abs() + x.double().abs() @ dense.abs().t())
+    assert_within(merged, unmerged, zero_rounding + 2 * kernel + adapter_rounding, "merged vs unmerged")
+    layer.unmerge()
+    assert torch.equal(zero_points(layer.weight), zeros)
+    with torch.no_grad():
+        assert torch.equal(layer(x), unmerged)
+
+
+def test_merged_fp32_output_is_within_1e_6_of_unmerged():
+    layer = _layer(512, 128, 64)
+    x = torch.randn(16, 512)
+    with torch.no_grad():
+        unmerged = layer(x)
+        layer.merge()
+        relative = ((layer(x) - unmerged).norm(dim=-1) / unmerged.norm(dim=-1)).max()
+    assert relative < 1e-5
+
+
+def test_a_plain_int4_state_is_double_quantized_on_arrival():
+    linear = nn.Linear(256, 96)
+    plain = QALoRALinear.from_linear(linear, rank=8, alpha=16.0, group_size=64)
+    fresh = QALoRALinear(256, 96, rank=8, alpha=16.0, group_size=64, use_bias=True,
+                         double_quant_scales=True)
+    fresh.load_state_dict(plain.state_dict())
+    assert isinstance(fresh.weight, DoubleQuantInt4Tensor)
+    expected = double_quantize_scales(from_torchao_int4(plain.weight))[0]
+    torch.testing.assert_close(dequantize_int4(fresh.weight), expected.dequantize(), rtol=0, atol=1e-6)
+
+
+def test_eight_bit_scales_load_into_a_plain_layer_exactly():
+    layer = _layer()
+    fresh = QALoRALinear(256, 96, rank=8, alpha=16.0, group_size=64, use_bias=True)
+    fresh.load_state_dict(layer.state_dict())
+    assert isinstance(fresh.weight, Int4OpaqueTensor)
+    assert torch.equal(dequantize_int4(fresh.weight), dequantize_int4(layer.weight))
+    x = torch.randn(4, 256)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), layer(x))
+
+
+def test_state_dict_round_trip_through_torch_save():
+    layer = _layer()
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = QALoRALinear(256, 96, rank=8, alpha=16.0, group_size=64, use_bias=True,
+                         double_quant_scales=True)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    x = torch.randn(4, 256)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), layer(x))
+
+
+def test_from_int4_keeps_the_storage_it_is_given():
+    gq = quantize_rtn(torch.randn(48, 256), 64)
+    dq = to_torchao_int4(gq, device="cpu", double_quant=True)
+    layer = Int4Linear.from_int4(dq)
+    assert layer.double_quant_scales and layer.weight is not None
+    assert isinstance(layer.weight, DoubleQuantInt4Tensor)
+    plain_layer = Int4Linear.from_int4(dq, double_quant_scales=False)
+    assert isinstance(plain_layer.weight, Int4OpaqueTensor)
+    assert torch.equal(dequantize_int4(plain_layer.weight), dequantize_int4(dq))
+    assert "double_quant_scales=True" in repr(layer)
+
+
+def test_meta_layer_has_the_structure_of_a_real_one():
+    real = QALoRALinear(256, 96, rank=8, alpha=16.0, group_size=64, double_quant_scales=True)
+    meta = QALoRALinear(256, 96, rank=8, alpha=16.0, group_size=64, double_quant_scales=True,
+                        device="meta")
+    assert isinstance(meta.weight, DoubleQuantInt4Tensor)
+    for name in DoubleQuantInt4Tensor.tensor_data_names:
+        got, want = getattr(meta.weight, name), getattr(real.weight, name)
+        assert (got.shape, got.dtype) == (want.shape, want.dtype), name
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, 64), (4, 8)])
+def test_eight_bit_scales_off_the_int4_kernels_are_refused(bits, group_size):
+    with pytest.raises(ValueError, match="model.double_quant_scales"):
+        QALoRALinear(256, 96, rank=8, alpha=16.0, group_size=group_size, bits=bits,
+                     double_quant_scales=True)

@@ -1,0 +1,70 @@
+"""``qalora_tune::int4_dq_linear``: registration (opcheck), forward and input gradient
+against float64, what autograd saves, and torch.compile of a layer with 8-bit scales."""
+
+import pytest
+import torch
+from torch import nn
+
+from qalora_tune import QALoRALinear
+from qalora_tune.ops import int4_dq_linear
+from qalora_tune.quantization import dequantize_int4, is_double_quant, quantize_rtn, to_torchao_int4
+from tests.reference import assert_compiled_matches_eager, assert_within, matmul_error_bound
+
+
+def _weight(n, k, group_size, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=generator) + 0.5 * torch.randn(n, 1, generator=generator)
+    return to_torchao_int4(quantize_rtn(w, group_size), device="cpu", dtype=dtype, double_quant=True)
+
+
+def _args(weight, group_size, n):
+    return (weight.qdata, weight.scale_codes, weight.scale_min, weight.scale_step, weight.zero,
+            group_size, n)
+
+
+@pytest.mark.parametrize("n,k,group_size", [(48, 128, 32), (96, 256, 64), (40, 512, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_and_input_gradient_match_float64(n, k, group_size, dtype):
+    weight = _weight(n, k, group_size, dtype, seed=n)
+    dense = dequantize_int4(weight, torch.float64)
+    x = torch.randn(2, 5, k, requires_grad=True)
+    out = int4_dq_linear(x, *_args(weight, group_size, n))
+    assert out.shape == (2, 5, n) and out.dtype == torch.float32
+    expected = x.detach().double() @ dense.t()
+    assert_within(out, expected, matmul_error_bound(x.detach(), dense, dtype, expected), "forward")
+
+    grad = torch.randn(2, 5, n)
+    out.backward(grad)
+    expected_grad = grad.double() @ dense
+    bound = matmul_error_bound(grad, dense.t(), dtype, expected_grad)
+    assert_within(x.grad, expected_grad, bound, "input gradient")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(dtype):
+    weight = _weight(48, 256, 64, dtype)
+    x = torch.randn(3, 256, dtype=dtype, requires_grad=True)
+    torch.library.opcheck(int4_dq_linear, (x, *_args(weight, 64, 48)))
+
+
+def test_autograd_saves_the_eight_bit_codes_not_dense_scales():
+    weight = _weight(48, 256, 64, torch.float32)
+    saved = []
+    x = torch.randn(4, 256, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        int4_dq_linear(x, *_args(weight, 64, 48))
+    dense_shape = (*weight.zero.shape, 2)
+    assert not any(tuple(t.shape) == dense_shape for t in saved)
+    assert any(t.dtype == torch.uint8 and t.shape == weight.scale_codes.shape for t in saved)
+    assert sum(t.numel() * t.element_size() for t in saved) < (
+        weight.qdata.numel() + weight.scale_codes.numel() + 4 * weight.zero.numel() + 8 * 48 + 1
+    )
+
+
+def test_compile_fullgraph_matches_eager():
+    layer = QALoRALinear.from_linear(nn.Linear(256, 96), rank=8, alpha=16.0, group_size=64,
+                                     double_quant_scales=True)
+    assert is_double_quant(layer.weight)
+    with torch.no_grad():
+        layer.lora_b.weight.normal_(0.0, 0.05)
+    assert_compiled_matches_eager(layer, torch.randn(3, 7, 256, requires_grad=True))
