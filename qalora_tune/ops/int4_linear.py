@@ -67,7 +67,7 @@ def int4_linear(
         y = _cpu_forward(x2d, qdata, scale_and_zero, group_size, out_features)
     else:
         y = _cuda_forward(x2d, qdata, scale_and_zero, group_size)
-    return y[:, :out_features].reshape(*x.shape[:-1], out_features).to(x.dtype)
+    return y[:, :out_features].reshape(*x.shape[:-1], out_features).to(x.dtype).contiguous()
 
 
 @int4_linear.register_fake

@@ -2,6 +2,7 @@
 the zero points keep, and the DoubleQuantInt4Tensor storage in every int4 function."""
 
 import io
+import zlib
 
 import pytest
 import torch
@@ -27,6 +28,12 @@ from qalora_tune.quantization import (
     zero_points,
 )
 from tests.reference import UNIT_ROUNDOFF
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # fresh, reproducible random inputs for every test (and parameter set)
+    torch.manual_seed(zlib.crc32(request.node.name.encode()))
 
 
 def _scales(rows, groups, seed):
@@ -55,6 +62,12 @@ def test_scale_codes_round_to_nearest_on_each_rows_grid(seed):
     assert (err <= bound).all()
     # every row uses its whole grid: its smallest scale is code 0, its largest 255
     assert (codes.min(1).values == 0).all() and (codes.max(1).values == 255).all()
+    # round to nearest on the float64 grid; only a near-tie may round the other way
+    exact = (s64 - s64.min(1, keepdim=True).values) / (step.double()[:, None])
+    reference = exact.round()
+    near_tie = ((exact - exact.floor()) - 0.5).abs() < 1e-3
+    assert torch.equal(codes.double()[~near_tie], reference[~near_tie])
+    assert ((codes.double() - reference).abs() <= 1).all()
 
 
 def test_a_row_of_equal_scales_is_exact():
@@ -62,6 +75,19 @@ def test_a_row_of_equal_scales_is_exact():
     codes, low, step = quantize_scales(scale)
     assert (codes == 0).all() and (step == 0).all()
     assert torch.equal(dequantize_scales(codes.t(), low, step).t(), scale)
+
+
+def test_a_constant_row_among_others_gets_step_zero_alone():
+    scale = _scales(6, 32, seed=11)
+    scale[2] = 0.0173
+    codes, low, step = quantize_scales(scale)
+    assert step[2] == 0 and (codes[2] == 0).all() and low[2] == scale[2, 0]
+    assert torch.equal(dequantize_scales(codes.t(), low, step).t()[2], scale[2])
+    others = [0, 1, 3, 4, 5]
+    assert (step[others] > 0).all()
+    # the other rows are coded as they would be on their own
+    alone = quantize_scales(scale[others])
+    assert torch.equal(codes[others], alone[0]) and torch.equal(step[others], alone[2])
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -97,8 +123,17 @@ def test_stored_weight_dequantizes_to_the_rounded_scales(bits, group_size, dtype
     q = rounded.qdata.double().unflatten(-1, (-1, group_size)) - 8
     expected = (q * expected[0][..., None] + expected[1][..., None]).flatten(-2)
     torch.testing.assert_close(dequantize_int4(weight, torch.float64), expected, rtol=0, atol=1e-6)
+    # in the weight's own dtype: within the rounding of s', z' and of the output to dtype
+    exact = rounded.dequantize(torch.float64)
+    u = UNIT_ROUNDOFF[dtype]
+    scale_term = (q.abs() * rounded.scale.double()[..., None]).flatten(-2)
+    zero_term = rounded.zero.double().repeat_interleave(group_size, 1).abs()
+    bound = 3 * u * (scale_term + zero_term) + 1e-30
+    assert ((dequantize_int4(weight).double() - exact).abs() <= bound).all()
     back = from_torchao_int4(weight)
     assert torch.equal(back.qdata, gq.as_int4().qdata)
+    assert torch.equal(back.scale, rounded.scale.to(dtype))
+    assert torch.equal(back.zero, rounded.zero.to(dtype))
     dense = with_dense_scales(weight)
     assert isinstance(dense, Int4OpaqueTensor)
     assert torch.equal(dequantize_int4(dense), dequantize_int4(weight))
@@ -153,8 +188,8 @@ def test_zero_points_are_a_writable_view():
     zeros.add_(torch.randn(48, 4, generator=torch.Generator().manual_seed(6)))
     written = zeros.double() - stored_before
     after = dequantize_int4(weight, torch.float64)
-    # fp32 dequantization: (q - 8) s + z rounds once more than the float64 difference
-    slack = 4 * UNIT_ROUNDOFF[torch.float32] * (before.abs() + after.abs())
+    # float64 dequantization of float32 scales and zeros: only float64 roundings remain
+    slack = 4 * 2.0**-53 * (before.abs() + after.abs())
     assert ((after - before - written.repeat_interleave(64, 1)).abs() <= slack).all()
 
 
