@@ -46,7 +46,9 @@ class Int4Linear(nn.Module):
     code, float scale and zero point per group) and computed by dequantizing it for a
     dense matmul in every call (``qalora_tune::intx_linear``): less memory than a
     full-precision base, no int4 speed-up; see
-    :mod:`qalora_tune.quantization.base_weight`. Every linear of a QA-LoRA model that has no adapter
+    :mod:`qalora_tune.quantization.base_weight`. With ``double_quant_scales`` an int4 base
+    keeps its scales as 8-bit codes (``DoubleQuantInt4Tensor``, computed by
+    ``qalora_tune::int4_dq_linear``). Every linear of a QA-LoRA model that has no adapter
     is one of these; :class:`~qalora_tune.modules.QALoRALinear` adds the adapter.
 
     When ``group_size`` does not divide ``in_dim`` and ``pad_in_dim`` is set, the weight

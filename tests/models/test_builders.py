@@ -454,6 +454,42 @@ def test_eight_bit_scales_reach_every_linear_and_cut_the_bits_per_weight():
     assert 4 + 40 / 32 + 64 / 96 <= bits[True] <= 4 + 40 / 32 + 64 / 64
 
 
+def _expected_base_bits(model, double_quant):
+    """Bits per weight from the storage formula: 4-bit codes, then per (padded row, group)
+    a float32 scale and zero (dense) or a uint8 code and a float32 zero plus a float32 min
+    and step per padded row (8-bit scales); rows padded to 16."""
+    stored = weights = 0
+    for m in model.modules():
+        if isinstance(m, Int4Linear):
+            rows = -(-m.out_dim // 16) * 16
+            groups = m.padded_in_dim // m.group_size
+            per_group = 1 + 4 if double_quant else 4 + 4
+            stored += rows * m.padded_in_dim // 2 + rows * groups * per_group
+            stored += rows * 8 if double_quant else 0
+            weights += m.out_dim * m.in_dim
+    return 8 * stored / weights
+
+
+@pytest.mark.parametrize("sizes", [SMALL_SIZES, dict(SMALL_SIZES, embed_dim=256, intermediate_dim=512)])
+def test_base_bits_per_weight_follows_the_storage_formula(sizes):
+    from qalora_tune.models import base_bits_per_weight
+
+    bits = {}
+    for double_quant in (False, True):
+        with torch.device("meta"):
+            model = qalora_transformer(partial(llama2, **sizes), ["q_proj", "v_proj"],
+                                       apply_lora_to_mlp=True, group_size=32,
+                                       double_quant_scales=double_quant)
+        bits[double_quant] = base_bits_per_weight(model)
+        assert bits[double_quant] == pytest.approx(_expected_base_bits(model, double_quant))
+    if sizes["embed_dim"] >= 256:
+        # 24 bits saved per group of 32 outweigh 64 bits per row once rows are this wide
+        assert bits[True] < bits[False]
+    else:
+        # in_dim 64 and 96: the per-row grid costs more than the 2 or 3 groups save
+        assert bits[True] > bits[False]
+
+
 @pytest.mark.parametrize(
     "knobs, message",
     [
