@@ -95,7 +95,7 @@ def double_quantize_scales(
     """
     codes, scale_min, scale_step = quantize_scales(gq.scale)
     new_scale = dequantize_scales(codes.t(), scale_min, scale_step).t()
-    centred = (gq.qdata.double() - gq.mid).unflatten(-1, (-1, gq.group_size)).mean(-1)
+    centred = _mean_centred_code(gq.qdata, gq.group_size, gq.mid)
     new_zero = gq.zero.double() - centred * (new_scale.double() - gq.scale.double())
     rounded = GroupQuantizedWeight(
         qdata=gq.qdata,
@@ -105,6 +105,18 @@ def double_quantize_scales(
         bits=gq.bits,
     )
     return rounded, codes, scale_min, scale_step
+
+
+def _mean_centred_code(codes: torch.Tensor, group_size: int, mid: int) -> torch.Tensor:
+    """``mean_g(q - mid)`` per (row, group) in float64, a block of rows at a time, so no
+    widened copy of a whole weight's codes is ever made."""
+    means = torch.empty(codes.shape[0], codes.shape[1] // group_size, dtype=torch.float64,
+                        device=codes.device)
+    rows = max(1, 2**20 // codes.shape[1])
+    for start in range(0, codes.shape[0], rows):
+        block = codes[start : start + rows].to(torch.int32).unflatten(-1, (-1, group_size))
+        means[start : start + rows] = block.sum(-1).double() / group_size - mid
+    return means
 
 
 def rebuild_scale_and_zero(
