@@ -1,5 +1,8 @@
 """Float64 references and rounding-error bounds shared by the numerical tests."""
 
+import zlib
+
+import pytest
 import torch
 
 # unit roundoff of the storage / compute dtypes
@@ -32,6 +35,30 @@ def matmul_error_bound(x, weight, dtype, y_ref=None):
     if y_ref is not None:
         bound = bound + u * y_ref.abs()
     return 2 * bound + 1e-30
+
+
+@pytest.fixture(autouse=True)
+def seed_each_test(request):
+    """Fresh, reproducible random inputs for every test and parameter set (active in the
+    modules that import it)."""
+    torch.manual_seed(zlib.crc32(request.node.name.encode()))
+
+
+def assert_linear_op_matches_float64(call, dense, dtype):
+    """``call(x)`` (an ``x @ W^T`` op on ``(2, 5, in_dim)``) and its input gradient equal
+    the float64 products with ``dense`` within the int4 matmul rounding bound."""
+    n, k = dense.shape
+    x = torch.randn(2, 5, k, requires_grad=True)
+    out = call(x)
+    assert out.shape == (2, 5, n) and out.dtype == torch.float32
+    expected = x.detach().double() @ dense.t()
+    assert_within(out, expected, matmul_error_bound(x.detach(), dense, dtype, expected), "forward")
+    grad = torch.randn(2, 5, n)
+    out.backward(grad)
+    expected_grad = grad.double() @ dense
+    # the backward runs in the weight's dtype: grad rounded to it, fp32 accumulation over n
+    bound = matmul_error_bound(grad, dense.t(), dtype, expected_grad)
+    assert_within(x.grad, expected_grad, bound, "input gradient")
 
 
 def assert_within(actual, expected, bound, what):

@@ -2,7 +2,6 @@
 against float64, the exact merge, and conversion between the two scale storages."""
 
 import io
-import zlib
 
 import pytest
 import torch
@@ -20,13 +19,12 @@ from qalora_tune.quantization import (
     zero_points,
 )
 from tests.modules.test_qalora_linear import _check_forward_and_gradients
-from tests.reference import UNIT_ROUNDOFF, assert_within, matmul_error_bound
-
-
-@pytest.fixture(autouse=True)
-def _seed(request):
-    # fresh, reproducible random inputs for every test (and parameter set)
-    torch.manual_seed(zlib.crc32(request.node.name.encode()))
+from tests.reference import (
+    UNIT_ROUNDOFF,
+    assert_within,
+    matmul_error_bound,
+    seed_each_test,  # noqa: F401 (an autouse fixture: importing it activates it)
+)
 
 
 def _layer(in_dim=256, out_dim=96, group_size=64, dtype=torch.float32, **kwargs):

@@ -1,7 +1,6 @@
 """``qalora_tune::int4_dq_linear``: registration (opcheck), forward and input gradient
 against float64, what autograd saves, and torch.compile of a layer with 8-bit scales."""
 
-import zlib
 
 import pytest
 import torch
@@ -16,13 +15,11 @@ from qalora_tune.quantization import (
     to_torchao_int4,
     with_dense_scales,
 )
-from tests.reference import assert_compiled_matches_eager, assert_within, matmul_error_bound
-
-
-@pytest.fixture(autouse=True)
-def _seed(request):
-    # fresh, reproducible random inputs for every test (and parameter set)
-    torch.manual_seed(zlib.crc32(request.node.name.encode()))
+from tests.reference import (
+    assert_compiled_matches_eager,
+    assert_linear_op_matches_float64,
+    seed_each_test,  # noqa: F401 (an autouse fixture: importing it activates it)
+)
 
 
 def _weight(n, k, group_size, dtype, seed=0):
@@ -40,18 +37,11 @@ def _args(weight, group_size, n):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_forward_and_input_gradient_match_float64(n, k, group_size, dtype):
     weight = _weight(n, k, group_size, dtype, seed=n)
-    dense = dequantize_int4(weight, torch.float64)
-    x = torch.randn(2, 5, k, requires_grad=True)
-    out = int4_dq_linear(x, *_args(weight, group_size, n))
-    assert out.shape == (2, 5, n) and out.dtype == torch.float32
-    expected = x.detach().double() @ dense.t()
-    assert_within(out, expected, matmul_error_bound(x.detach(), dense, dtype, expected), "forward")
-
-    grad = torch.randn(2, 5, n)
-    out.backward(grad)
-    expected_grad = grad.double() @ dense
-    bound = matmul_error_bound(grad, dense.t(), dtype, expected_grad)
-    assert_within(x.grad, expected_grad, bound, "input gradient")
+    assert_linear_op_matches_float64(
+        lambda x: int4_dq_linear(x, *_args(weight, group_size, n)),
+        dequantize_int4(weight, torch.float64),
+        dtype,
+    )
 
 
 @pytest.mark.parametrize("n,k,group_size,batch", [(48, 256, 64, (3,)), (40, 128, 32, (2, 3))])

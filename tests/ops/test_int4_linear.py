@@ -3,7 +3,7 @@ import torch
 
 from qalora_tune.ops import int4_linear
 from qalora_tune.quantization import dequantize_int4, quantize_rtn, to_torchao_int4
-from tests.reference import assert_within, matmul_error_bound
+from tests.reference import assert_linear_op_matches_float64
 
 
 def _weight(n, k, group_size, dtype):
@@ -14,19 +14,11 @@ def _weight(n, k, group_size, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_forward_and_input_gradient_match_float64(n, k, group_size, dtype):
     weight = _weight(n, k, group_size, dtype)
-    dense = dequantize_int4(weight, torch.float64)
-    x = torch.randn(2, 5, k, requires_grad=True)
-    out = int4_linear(x, weight.qdata, weight.scale_and_zero, group_size, n)
-    assert out.shape == (2, 5, n) and out.dtype == torch.float32
-    expected = x.detach().double() @ dense.t()
-    assert_within(out, expected, matmul_error_bound(x.detach(), dense, dtype, expected), "forward")
-
-    grad = torch.randn(2, 5, n)
-    out.backward(grad)
-    expected_grad = grad.double() @ dense
-    # the backward runs in the weight's dtype: grad rounded to it, fp32 accumulation over n
-    bound = matmul_error_bound(grad, dense.t(), dtype, expected_grad)
-    assert_within(x.grad, expected_grad, bound, "input gradient")
+    assert_linear_op_matches_float64(
+        lambda x: int4_linear(x, weight.qdata, weight.scale_and_zero, group_size, n),
+        dequantize_int4(weight, torch.float64),
+        dtype,
+    )
 
 
 def test_opcheck():

@@ -2,7 +2,6 @@
 the zero points keep, and the DoubleQuantInt4Tensor storage in every int4 function."""
 
 import io
-import zlib
 
 import pytest
 import torch
@@ -27,13 +26,10 @@ from qalora_tune.quantization import (
     with_dense_scales,
     zero_points,
 )
-from tests.reference import UNIT_ROUNDOFF
-
-
-@pytest.fixture(autouse=True)
-def _seed(request):
-    # fresh, reproducible random inputs for every test (and parameter set)
-    torch.manual_seed(zlib.crc32(request.node.name.encode()))
+from tests.reference import (
+    UNIT_ROUNDOFF,
+    seed_each_test,  # noqa: F401 (an autouse fixture: importing it activates it)
+)
 
 
 def _scales(rows, groups, seed):
