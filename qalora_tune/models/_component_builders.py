@@ -1,5 +1,6 @@
 """Component builder: turn a torchtune decoder into a QA-LoRA decoder with an int4 base."""
 
+import warnings
 from typing import Callable, Dict, List
 
 import torch
@@ -119,6 +120,8 @@ def qalora_transformer(
         double_quant_scales=double_quant_scales,
     )
     _replace_linears(model, targets, adapter, base, device, dtype)
+    if double_quant_scales:
+        _warn_where_eight_bit_scales_cost_bits(model, dtype)
     _materialize(model, device)
     model.requires_grad_(False)
     for module in model.modules():
@@ -157,6 +160,23 @@ def _replace_linears(
             except ValueError as error:
                 raise ValueError(f"{path}: {error}") from None
             setattr(parent, name, replacement)
+
+
+def _warn_where_eight_bit_scales_cost_bits(model: nn.Module, dtype: torch.dtype) -> None:
+    """8-bit scales save ``(b_s - 8)`` bits per group and spend 64 per row (a float32 grid):
+    a loss for rows of at most ``64 / (b_s - 8)`` groups. Say so once per model."""
+    limit = 64 / (torch.finfo(dtype).bits - 8)
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    losing = [m for m in layers if m.n_groups <= limit]
+    if losing:
+        warnings.warn(
+            f"model.double_quant_scales=True makes {len(losing)} of {len(layers)} linears "
+            f"larger, not smaller: with {dtype} scales, 8-bit codes pay off only above "
+            f"{limit:.3g} groups per row (in_dim / group_size), and these have "
+            f"{min(m.n_groups for m in losing)}; set model.double_quant_scales=False for "
+            "this model or a smaller model.group_size",
+            stacklevel=3,
+        )
 
 
 @torch.no_grad()

@@ -627,3 +627,20 @@ def test_intx_model_matches_float64_reference_with_adapters():
     assert (out.double() - expected).abs().max() <= REL_TOL * scale
     assert (unquantized - without_adapter).abs().max() > 10 * REL_TOL * scale  # 8 bits: small
     assert (without_adapter - expected).abs().max() > 1000 * REL_TOL * scale
+
+
+def test_eight_bit_scales_warn_where_they_cost_bits():
+    """A float32 grid per row costs 64 bits; 8-bit codes save (b_s - 8) per group: fp32
+    scales need more than 2.67 groups per row, bf16 ones more than 8."""
+    import warnings
+
+    from torchtune.training import set_default_dtype
+
+    # SMALL_SIZES at G=32: rows of 2 groups (attention, w1, w3; 13 linears in 2 layers
+    # with the output) and 3 (w2), fp32 scales
+    with torch.device("meta"), pytest.warns(UserWarning, match="makes 13 of 15 linears larger"):
+        qalora_transformer(small_llama2, ["q_proj"], group_size=32, double_quant_scales=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.device("meta"), set_default_dtype(torch.bfloat16):  # 64 and 172 groups
+            qalora_llama3_2_1b(["q_proj"], group_size=32, double_quant_scales=True)
