@@ -20,9 +20,12 @@ from qalora_tune.quantization import (
 )
 from tests.modules.test_qalora_linear import _check_forward_and_gradients
 from tests.reference import (
+    CUDA_SKIP_REASON,
     UNIT_ROUNDOFF,
     assert_within,
     matmul_error_bound,
+    pooled_lora_reference,
+    requires_cuda,
     seed_each_test,  # noqa: F401 (an autouse fixture: importing it activates it)
 )
 
@@ -192,3 +195,30 @@ def test_eight_bit_scales_off_the_int4_kernels_are_refused(bits, group_size):
     with pytest.raises(ValueError, match="model.double_quant_scales"):
         Int4Linear(256, 96, group_size=group_size, bits=bits, double_quant_scales=True,
                    device="meta")
+
+
+@pytest.mark.skipif(not requires_cuda, reason=CUDA_SKIP_REASON)
+def test_cuda_layer_with_eight_bit_scales_matches_reference_and_merges():
+    layer = _layer(dtype=torch.float32)
+    codes = layer.weight.scale_codes[:4, :96].clone()
+    layer = layer.to("cuda")  # repacks the codes as tinygemm, bf16 zeros, same scale codes
+    assert isinstance(layer.weight, DoubleQuantInt4Tensor) and layer.weight.qdata.dim() == 4
+    assert torch.equal(layer.weight.scale_codes[:4, :96].cpu(), codes)
+    layer.lora_a.to(torch.bfloat16)
+    layer.lora_b.to(torch.bfloat16)
+    layer.bias.data = layer.bias.data.bfloat16()
+    x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out = layer(x)
+    dense = dequantize_int4(layer.weight, torch.float64)
+    x64 = x.detach().double()
+    ref = x64 @ dense.t() + layer.bias.double() + pooled_lora_reference(
+        x64, layer.lora_a.weight, layer.lora_b.weight, 64, layer.scaling
+    )
+    bound = matmul_error_bound(x.detach(), dense, torch.bfloat16, ref) + 8 * UNIT_ROUNDOFF[torch.bfloat16] * ref.abs()
+    assert_within(out, ref, bound, "cuda forward")
+    out.float().sum().backward()
+    assert x.grad is not None and layer.lora_b.weight.grad is not None
+    zeros = zero_points(layer.weight).clone()
+    layer.merge()
+    layer.unmerge()
+    assert torch.equal(zero_points(layer.weight), zeros)
