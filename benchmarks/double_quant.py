@@ -19,7 +19,6 @@ Two measurements:
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 from pathlib import Path
@@ -28,11 +27,10 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import BUILDER, DEFAULT_SHARED, perplexity, tinystories_batches  # noqa: E402
+
 MODEL_DIR = Path("models") / "tinystories656K"
-TINYSTORIES_FILE = Path("data") / "tinystories_val_a.txt"
-BUILDER = "qalora_tune.models.qalora_tinystories656k"
 # (in_dim, out_dim) of the linears of one Llama-2-7B decoder layer: q, k, v, o, w1, w3, w2
 LLAMA2_7B_LINEARS = [(4096, 4096)] * 4 + [(4096, 11008)] * 2 + [(11008, 4096)]
 
@@ -65,30 +63,6 @@ def llama2_7b_bits(group_sizes: List[int]) -> List[Dict[str, Any]]:
     return rows
 
 
-def _stories(tokenizer: Any, path: Path, max_tokens: int, seq_len: int) -> List[Dict[str, torch.Tensor]]:
-    stories, predicted = [], 0
-    text = path.read_text(encoding="utf-8")
-    for story in text.split("\n\n")[1:]:  # the file starts inside a story
-        if not story.strip():
-            continue
-        ids = tokenizer.encode(story.strip(), add_bos=True, add_eos=False)[:seq_len]
-        stories.append(ids)
-        predicted += len(ids) - 1
-        if predicted >= max_tokens:
-            break
-    batches = []
-    for start in range(0, len(stories), 16):
-        chunk = stories[start : start + 16]
-        width = max(len(s) for s in chunk)
-        tokens = torch.zeros(len(chunk), width, dtype=torch.long)
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-        for row, ids in enumerate(chunk):
-            tokens[row, : len(ids)] = torch.tensor(ids)
-            labels[row, : len(ids)] = torch.tensor(ids)
-        batches.append({"tokens": tokens, "labels": labels})
-    return batches
-
-
 def _weight_error(model: nn.Module, reference: Dict[str, torch.Tensor]) -> float:
     from qalora_tune.modules import Int4Linear
     from qalora_tune.quantization import dequantize_base
@@ -107,7 +81,7 @@ def tinystories_accuracy(args: argparse.Namespace) -> Dict[str, Any]:
     from qalora_tune.data import text_tokenizer
     from qalora_tune.models import base_bits_per_weight, qalora_tinystories656k
     from qalora_tune.quantization import load_quantized_base
-    from qalora_tune.recipe_utils import evaluate_lm, load_full_precision
+    from qalora_tune.recipe_utils import load_full_precision
 
     model_dir = args.shared / MODEL_DIR
     checkpointer = QALoRACheckpointer(str(model_dir), "LLAMA2", output_dir=tempfile.gettempdir())
@@ -115,10 +89,14 @@ def tinystories_accuracy(args: argparse.Namespace) -> Dict[str, Any]:
                                   otherwise="--shared")
     state = {k: v.detach().clone() for k, v in full.state_dict().items()}
     tokenizer = text_tokenizer(str(model_dir / "tokenizer.json"), prepend_space=False)
-    batches = _stories(tokenizer, args.shared / TINYSTORIES_FILE, args.tinystories_tokens, args.seq_len)
+    # the held-out TinyStories text exactly as benchmarks/accuracy.py evaluates it
+    batches = tinystories_batches(tokenizer, argparse.Namespace(
+        shared=args.shared, eval_seq_len=args.seq_len, eval_batch_size=16,
+        tinystories_tokens=args.tinystories_tokens,
+    ))
 
     def ppl(model: nn.Module) -> float:
-        return math.exp(evaluate_lm(model.eval(), batches, torch.device("cpu"))["loss"])
+        return perplexity(model.eval(), batches)
 
     rows = []
     for bits in args.bits:
@@ -138,7 +116,7 @@ def tinystories_accuracy(args: argparse.Namespace) -> Dict[str, Any]:
                 )
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)  # predicted ones
     return {"fp32_perplexity": ppl(full), "predicted_tokens": tokens, "rows": rows}
 
 

@@ -227,7 +227,7 @@ def measure_throughput(trainers: List[Trainer], args: argparse.Namespace) -> Dic
             "tokens_per_s": tokens_per_step / median,
             "trainable_params": trainer.trainable,
             "model_mib": {k: v / 2**20 for k, v in model_bytes(trainer.model).items()},
-            "base_bits_per_weight": base_bits_per_weight(trainer.model),
+            "base_bits_per_weight": frozen_linear_bits_per_weight(trainer.model),
             "final_loss": trainer.losses[-1],
         }
         if trainer.method in peaks:
@@ -251,6 +251,7 @@ def qalora_op_breakdown(trainer: Trainer) -> Dict[str, float]:
             trainer.step()
     kinds = {
         "qalora_tune::int4_linear": "int4 base",
+        "qalora_tune::int4_dq_linear": "int4 base",
         "qalora_tune::int4_linear_grad_input": "int4 base",
         "qalora_tune::pooled_lora": "pooled update",
         "GeneratedBackwardFor_qalora_tune_pooled_lora_default": "pooled update",
@@ -293,8 +294,9 @@ def model_bytes(model: nn.Module) -> Dict[str, int]:
     return sizes
 
 
-def base_bits_per_weight(model: nn.Module) -> float:
-    """Stored bits per weight of the frozen linear weights in the decoder layers."""
+def frozen_linear_bits_per_weight(model: nn.Module) -> float:
+    """Stored bits per weight of the frozen linear weights in the decoder layers, for any
+    method's model (``qalora_tune.models.base_bits_per_weight`` counts only int4 bases)."""
     from qalora_tune.models import tensor_nbytes
 
     bits, weights = 0, 0

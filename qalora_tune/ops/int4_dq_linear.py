@@ -3,7 +3,8 @@
 A double-quantized base (:class:`~qalora_tune.quantization.DoubleQuantInt4Tensor`) holds
 its scales as 8-bit codes on a per-row grid. The int4 kernels read a dense
 ``scale_and_zero``, so this op rebuilds it (``1/G`` of the weight's values) and runs
-:func:`~qalora_tune.ops.int4_linear`'s kernels. Autograd saves the 8-bit codes, never the
+:func:`~qalora_tune.ops.int4_linear`'s kernels (its body, ``int4_matmul``, without a second
+op dispatch). Autograd saves the 8-bit codes, never the
 rebuilt scales, and the backward rebuilds them again for
 ``qalora_tune::int4_linear_grad_input``: the memory saved at rest is saved during training
 too.
@@ -13,7 +14,7 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-from qalora_tune.ops.int4_linear import int4_linear, int4_linear_grad_input
+from qalora_tune.ops.int4_linear import int4_linear_grad_input, int4_matmul
 from qalora_tune.quantization.double_quant import rebuild_scale_and_zero
 
 __all__ = ["int4_dq_linear"]
@@ -46,7 +47,7 @@ def int4_dq_linear(
         torch.Tensor: ``(..., out_features)`` in ``x.dtype``.
     """
     scale_and_zero = rebuild_scale_and_zero(scale_codes, scale_min, scale_step, zero)
-    return int4_linear(x, qdata, scale_and_zero, group_size, out_features)
+    return int4_matmul(x, qdata, scale_and_zero, group_size, out_features)
 
 
 @int4_dq_linear.register_fake

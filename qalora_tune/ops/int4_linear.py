@@ -18,7 +18,7 @@ import torch
 from qalora_tune.ops._cpu_int4_chunked import chunked_int4_grad_input, chunked_int4_linear
 from qalora_tune.quantization.int4_weight import dequantize_packed, tinygemm_padded_in_features
 
-__all__ = ["int4_linear", "int4_linear_grad_input"]
+__all__ = ["int4_linear", "int4_linear_grad_input", "int4_matmul"]
 
 
 # From this many rows of x on, dequantizing chunks for a bf16/fp16 GEMM beats the CPU int4
@@ -42,6 +42,23 @@ def _cuda_forward(x2d, qdata, scale_and_zero, group_size):
     return torch.ops.aten._weight_int4pack_mm(x2d, qdata, group_size, scale_and_zero)
 
 
+def int4_matmul(
+    x: torch.Tensor,
+    qdata: torch.Tensor,
+    scale_and_zero: torch.Tensor,
+    group_size: int,
+    out_features: int,
+) -> torch.Tensor:
+    """The body of :func:`int4_linear` (same arguments), for ops that build
+    ``scale_and_zero`` themselves and should not dispatch a second op."""
+    x2d = x.reshape(-1, x.shape[-1]).to(scale_and_zero.dtype).contiguous()
+    if x.device.type == "cpu":
+        y = _cpu_forward(x2d, qdata, scale_and_zero, group_size, out_features)
+    else:
+        y = _cuda_forward(x2d, qdata, scale_and_zero, group_size)
+    return y[:, :out_features].reshape(*x.shape[:-1], out_features).to(x.dtype).contiguous()
+
+
 @torch.library.custom_op("qalora_tune::int4_linear", mutates_args=())
 def int4_linear(
     x: torch.Tensor,
@@ -62,12 +79,7 @@ def int4_linear(
     Returns:
         torch.Tensor: ``(..., out_features)`` in ``x.dtype``.
     """
-    x2d = x.reshape(-1, x.shape[-1]).to(scale_and_zero.dtype).contiguous()
-    if x.device.type == "cpu":
-        y = _cpu_forward(x2d, qdata, scale_and_zero, group_size, out_features)
-    else:
-        y = _cuda_forward(x2d, qdata, scale_and_zero, group_size)
-    return y[:, :out_features].reshape(*x.shape[:-1], out_features).to(x.dtype).contiguous()
+    return int4_matmul(x, qdata, scale_and_zero, group_size, out_features)
 
 
 @int4_linear.register_fake

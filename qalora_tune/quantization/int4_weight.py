@@ -354,11 +354,9 @@ def _double_quant_to_copy(func, types, args, kwargs):
     """``Tensor.to`` for int4 weights with 8-bit scales: as for the others, and the scale
     codes and their per-row grid are kept bit for bit."""
     weight = args[0]
-    device = torch.device(kwargs.get("device") or weight.device)
-    dtype = kwargs.get("dtype") or (torch.bfloat16 if device.type == "cuda" else weight.dtype)
     n, k = weight.shape
     n_groups = k // weight.block_size[1]
-    moved = _int4_to_copy(func, types, (with_dense_scales(weight),), {"device": device, "dtype": dtype})
+    moved = _int4_to_copy(func, types, (with_dense_scales(weight),), kwargs)
     return _with_scale_codes(
         moved,
         weight.scale_codes[:n_groups, :n].t(),

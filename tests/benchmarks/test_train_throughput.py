@@ -56,7 +56,7 @@ def test_base_bits_per_weight_counts_codes_scales_and_zeros():
     (b - 8) / 64 bits for b-bit scales, less a float32 pair per row."""
     args = train_throughput.parse_args(["--shape", "tiny"])
     bits = {
-        method: train_throughput.base_bits_per_weight(train_throughput.build(method, args, None))
+        method: train_throughput.frozen_linear_bits_per_weight(train_throughput.build(method, args, None))
         for method in ("qalora_fp32", "qalora_dq_fp32", "qalora_bf16", "qalora_dq_bf16", "lora_bf16")
     }
     assert bits["qalora_fp32"] == pytest.approx(4 + 64 / 64)
