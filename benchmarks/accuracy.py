@@ -72,6 +72,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _report import cpu_model_name, write_outputs
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SHARED = ROOT.parent / "shared"
 MODEL_SUBDIR = Path("models") / "tinystories656K"
@@ -1409,14 +1411,7 @@ def environment(argv: Sequence[str], args: argparse.Namespace) -> dict[str, Any]
     import torchao
     import torchtune
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(
-                line.split(":", 1)[1].strip() for line in info if line.startswith("model name")
-            )
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model_name()
     return {
         "torch": torch.__version__,
         "torchao": torchao.__version__,
@@ -1642,12 +1637,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     markdown = markdown_report(report)
     print(markdown)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1, default=str) + "\n")
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(markdown)
+    write_outputs(args.json, args.markdown, report, markdown, indent=1)
     if args.plot:
         plot(report, args.plot)
     return report

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import write_outputs  # noqa: E402
 from accuracy import BUILDER, DEFAULT_SHARED, perplexity, tinystories_batches  # noqa: E402
 
 MODEL_DIR = Path("models") / "tinystories656K"
@@ -176,12 +177,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         report["tinystories656K_skipped"] = f"{args.shared / MODEL_DIR} not found"
     table = markdown(report)
     print(table)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(table)
+    write_outputs(args.json, args.markdown, report, table)
     return report
 
 

@@ -24,7 +24,6 @@ random weights at group size ``--group-size``.
 import argparse
 import importlib
 import json
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from _report import cpu_model_name, write_outputs
 from qalora_tune.ops import int4_linear, int4_linear_grad_input
 from qalora_tune.ops._cpu_int4_chunked import chunked_int4_linear
 from qalora_tune.ops.int4_linear import tinygemm_dense_weight
@@ -181,13 +181,7 @@ def bench_shape(in_dim: int, out_dim: int, args: argparse.Namespace) -> List[Dic
 def environment(args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, Any]:
     import torchao
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    env = {"torch": torch.__version__, "torchao": torchao.__version__, "cpu": cpu,
+    env = {"torch": torch.__version__, "torchao": torchao.__version__, "cpu": cpu_model_name(),
            "threads": torch.get_num_threads(),
            "command": " ".join(["python benchmarks/int4_matmul.py", *argv]),
            "cpu_dequantize_min_rows": int4_linear_module.CPU_DEQUANTIZE_MIN_ROWS,
@@ -232,12 +226,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
               "group_size": args.group_size, "repeats": args.repeats, "results": results}
     table = markdown(report)
     print(table)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(table)
+    write_outputs(args.json, args.markdown, report, table)
     return report
 
 

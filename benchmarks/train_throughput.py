@@ -42,7 +42,6 @@ the table.
 import argparse
 import ctypes
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -53,6 +52,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
+
+from _report import cpu_model_name, write_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MODELS = ROOT.parent / "shared" / "models"
@@ -364,12 +365,7 @@ def environment(args: argparse.Namespace) -> Dict[str, Any]:
     import torchao
     import torchtune
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model_name()
     env = {
         "torch": torch.__version__, "torchao": torchao.__version__,
         "torchtune": torchtune.__version__, "cpu": cpu, "threads": torch.get_num_threads(),
@@ -467,12 +463,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     for method, reason in report["skipped"].items():
         table += f"\n\n{method}: not run; {reason}."
     print(table)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(f"`{report['environment']['command']}`\n\n{table}\n")
+    write_outputs(args.json, args.markdown, report, f"`{report['environment']['command']}`\n\n{table}\n")
     return report
 
 

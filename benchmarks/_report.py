@@ -1,0 +1,27 @@
+"""What the benchmark scripts share: the machine's name and writing their outputs."""
+
+import json
+import platform
+from pathlib import Path
+from typing import Any, Optional
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def write_outputs(json_path: Optional[Path], markdown_path: Optional[Path], report: Any,
+                  markdown: str, indent: int = 2) -> None:
+    """Write ``report`` as JSON and ``markdown`` to the paths given (``None`` skips one),
+    creating their folders."""
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=indent, default=str) + "\n")
+    if markdown_path:
+        markdown_path.parent.mkdir(parents=True, exist_ok=True)
+        markdown_path.write_text(markdown)
