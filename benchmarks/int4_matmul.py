@@ -35,9 +35,8 @@ import torch
 from _report import cpu_model_name, write_outputs
 from qalora_tune.ops import int4_linear, int4_linear_grad_input
 from qalora_tune.ops._cpu_int4_chunked import chunked_int4_linear
-from qalora_tune.ops.int4_linear import tinygemm_dense_weight
 from qalora_tune.quantization import dequantize_int4, quantize_rtn, to_torchao_int4
-from qalora_tune.quantization.int4_weight import tinygemm_padded_in_features
+from qalora_tune.quantization.int4_weight import dequantize_packed, tinygemm_padded_in_features
 
 # the module, for its thresholds (``qalora_tune.ops.int4_linear`` names the op itself)
 int4_linear_module = importlib.import_module("qalora_tune.ops.int4_linear")
@@ -113,9 +112,9 @@ def _identity_grad_input(grad, weight, group_size, in_dim):
     return grad @ w_t[:in_dim, : grad.shape[-1]].t()
 
 
-def methods_for(weight, dense, group_size: int, dtype: torch.dtype, device: torch.device,
-                rows: int) -> Dict[str, Callable[[torch.Tensor, torch.Tensor], Any]]:
-    """The timed calls for one linear at one row count, each ``fn(x, grad)``."""
+def methods_for(weight, dense, group_size: int, dtype: torch.dtype,
+                device: torch.device) -> Dict[str, Callable[[torch.Tensor, torch.Tensor], Any]]:
+    """The timed calls for one linear, each ``fn(x, grad)``."""
     out_dim, in_dim = dense.shape
     qdata, scale_and_zero = weight.qdata, weight.scale_and_zero
     methods: Dict[str, Callable] = {"dense": lambda x, g: x @ dense.t()}
@@ -132,7 +131,7 @@ def methods_for(weight, dense, group_size: int, dtype: torch.dtype, device: torc
             return torch.ops.aten._weight_int4pack_mm(padded, qdata, group_size, scale_and_zero)
 
         methods["kernel"] = kernel
-        methods["dequant"] = lambda x, g: x @ tinygemm_dense_weight(
+        methods["dequant"] = lambda x, g: x @ dequantize_packed(
             qdata, scale_and_zero, group_size, out_dim, in_dim).t()
     methods["op"] = lambda x, g: int4_linear(x, qdata, scale_and_zero, group_size, out_dim)
     methods["grad_input"] = lambda x, g: int4_linear_grad_input(g, qdata, scale_and_zero, group_size, in_dim)
@@ -161,7 +160,7 @@ def bench_shape(in_dim: int, out_dim: int, args: argparse.Namespace) -> List[Dic
     for rows in args.rows:
         x = torch.randn(rows, in_dim, generator=generator).to(device, dtype)
         grad = torch.randn(rows, out_dim, generator=generator).to(device, dtype)
-        methods = methods_for(weight, dense, args.group_size, dtype, device, rows)
+        methods = methods_for(weight, dense, args.group_size, dtype, device)
         for _ in range(args.warmup):
             for fn in methods.values():
                 fn(x, grad)

@@ -18,10 +18,9 @@ from typing import Any, Optional, Tuple
 import torch
 
 from qalora_tune.ops._cpu_int4_chunked import chunked_int4_grad_input, chunked_int4_linear
-from qalora_tune.quantization.int4_weight import tinygemm_padded_in_features
-from qalora_tune.quantization.tinygemm_layout import unpack_tinygemm_int4
+from qalora_tune.quantization.int4_weight import dequantize_packed, tinygemm_padded_in_features
 
-__all__ = ["int4_linear", "int4_linear_grad_input", "int4_matmul", "tinygemm_dense_weight"]
+__all__ = ["int4_linear", "int4_linear_grad_input", "int4_matmul"]
 
 
 # From this many rows of x on, dequantizing chunks for a bf16/fp16 GEMM beats the CPU int4
@@ -46,34 +45,13 @@ def _cpu_forward(x2d, qdata, scale_and_zero, group_size, out_features):
 CUDA_DEQUANTIZE_MIN_ROWS = 128
 
 
-def tinygemm_dense_weight(
-    qdata: torch.Tensor,
-    scale_and_zero: torch.Tensor,
-    group_size: int,
-    out_features: int,
-    in_features: int,
-) -> torch.Tensor:
-    """The ``(out_features, in_features)`` weight of tinygemm-packed codes in
-    ``scale_and_zero.dtype``: ``(q - 8) * s + z`` rounded once from fp32, the value
-    tinygemm computes in registers (and :func:`~qalora_tune.quantization.dequantize_packed`
-    gives in fp32)."""
-    n_groups = in_features // group_size
-    codes = unpack_tinygemm_int4(qdata)[:out_features, :in_features]
-    shifted = codes.to(scale_and_zero.dtype).sub_(8).unflatten(-1, (n_groups, group_size))
-    scale = scale_and_zero[:n_groups, :out_features, 0].t().unsqueeze(-1)
-    zero = scale_and_zero[:n_groups, :out_features, 1].t().unsqueeze(-1)
-    # one fused multiply-add (fp32 internally for bf16), so one rounding
-    return torch.addcmul(zero, shifted, scale).flatten(-2)
-
-
 def _tinygemm_forward(x2d, qdata, scale_and_zero, group_size, out_features):
     if x2d.is_cuda and x2d.shape[0] < CUDA_DEQUANTIZE_MIN_ROWS:
         k_pad = tinygemm_padded_in_features(qdata)
         x2d = torch.nn.functional.pad(x2d, (0, k_pad - x2d.shape[-1]))
         return torch.ops.aten._weight_int4pack_mm(x2d, qdata, group_size, scale_and_zero)
-    weight = tinygemm_dense_weight(
-        qdata, scale_and_zero, group_size, out_features, x2d.shape[-1]
-    )
+    # unpacked with tensor ops (tinygemm_layout), rounded once to bf16
+    weight = dequantize_packed(qdata, scale_and_zero, group_size, out_features, x2d.shape[-1])
     return x2d @ weight.t()
 
 
@@ -158,9 +136,7 @@ def int4_linear_grad_input(
             grad2d, qdata, scale_and_zero, group_size, in_features
         )
     else:
-        weight = tinygemm_dense_weight(
-            qdata, scale_and_zero, group_size, grad.shape[-1], in_features
-        )
+        weight = dequantize_packed(qdata, scale_and_zero, group_size, grad.shape[-1], in_features)
         grad_x = grad2d @ weight
     return grad_x.reshape(*grad.shape[:-1], in_features)
 

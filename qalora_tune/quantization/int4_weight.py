@@ -35,7 +35,12 @@ from qalora_tune.quantization.double_quant import (
     is_double_quant,
 )
 from qalora_tune.quantization.group_quant import GroupQuantizedWeight
-from qalora_tune.quantization.tinygemm_layout import pack_tinygemm_int4, unpack_tinygemm_int4
+from qalora_tune.quantization.tinygemm_layout import (
+    TINYGEMM_K_TILE,
+    TINYGEMM_N_TILE,
+    pack_tinygemm_int4,
+    unpack_tinygemm_int4,
+)
 
 __all__ = [
     "INT4_KERNEL_GROUP_SIZES",
@@ -56,7 +61,6 @@ Int4Weight = Union[Int4OpaqueTensor, Int4TilePackedTo4dTensor, DoubleQuantInt4Te
 
 INT4_KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 _CUDA_K_MULTIPLE = 1024
-_CUDA_N_MULTIPLE = 8
 _CUDA_INNER_K_TILES = 8
 
 
@@ -158,7 +162,7 @@ def tinygemm_int4(
     so that everything but the CUDA kernel itself can run and be tested on CPU."""
     n, k = gq.shape
     q, scale, zero = _pad_codes(
-        gq, _round_up(n, _CUDA_N_MULTIPLE), _round_up(k, _CUDA_K_MULTIPLE)
+        gq, _round_up(n, TINYGEMM_N_TILE), _round_up(k, _CUDA_K_MULTIPLE)
     )
     q = q.to(device)
     if q.is_cuda:
@@ -221,7 +225,7 @@ def with_dense_scales(weight: Int4Weight) -> Union[Int4OpaqueTensor, Int4TilePac
 
 def tinygemm_padded_in_features(qdata: torch.Tensor) -> int:
     """``in_dim`` after tinygemm's padding, read off its 4D packed codes."""
-    return qdata.shape[1] * _CUDA_INNER_K_TILES * 16
+    return qdata.shape[1] * (2 * qdata.shape[3]) * TINYGEMM_K_TILE
 
 
 def dequantize_packed(
@@ -240,8 +244,10 @@ def dequantize_packed(
         group_size (int): quantization group size.
         out_features (int): ``N`` (rows beyond it are padding).
         in_features (int): ``K``.
-        dtype (torch.dtype, optional): dtype to compute and return in; defaults to
-            ``scale_and_zero.dtype``.
+        dtype (torch.dtype, optional): dtype to return; defaults to
+            ``scale_and_zero.dtype``. fp32 and fp64 compute in it; bf16 and fp16 form
+            ``(q - 8) * scale + zero`` as one multiply-add in fp32 and round once, the value
+            the int4 kernels compute in registers.
 
     Returns:
         torch.Tensor: ``(q - 8) * scale + zero``.
@@ -252,11 +258,12 @@ def dequantize_packed(
     else:
         q = unpack_tinygemm_int4(qdata)[:out_features, :in_features]
     n_groups = in_features // group_size
-    scale = scale_and_zero[:n_groups, :out_features, 0].t().to(dtype)
-    zero = scale_and_zero[:n_groups, :out_features, 1].t().to(dtype)
-    w = (q.to(dtype) - 8).unflatten(-1, (n_groups, group_size))
-    w = w * scale.unsqueeze(-1) + zero.unsqueeze(-1)
-    return w.flatten(-2)
+    scale = scale_and_zero[:n_groups, :out_features, 0].t().to(dtype).unsqueeze(-1)
+    zero = scale_and_zero[:n_groups, :out_features, 1].t().to(dtype).unsqueeze(-1)
+    shifted = q.to(dtype).sub_(8).unflatten(-1, (n_groups, group_size))  # exact
+    if dtype.itemsize < 4:  # addcmul computes 16-bit floats in fp32: one rounding
+        return torch.addcmul(zero, shifted, scale).flatten(-2)
+    return (shifted * scale + zero).flatten(-2)
 
 
 def from_torchao_int4(weight: Int4Weight) -> GroupQuantizedWeight:

@@ -36,7 +36,7 @@ def test_the_timed_methods_compute_the_same_product():
 
     weight = to_torchao_int4(quantize_rtn(torch.randn(64, 256), 64), device="cpu", dtype=torch.bfloat16)
     dense = dequantize_int4(weight, torch.bfloat16)
-    methods = int4_matmul.methods_for(weight, dense, 64, torch.bfloat16, torch.device("cpu"), 5)
+    methods = int4_matmul.methods_for(weight, dense, 64, torch.bfloat16, torch.device("cpu"))
     x, grad = torch.randn(5, 256, dtype=torch.bfloat16), torch.randn(5, 64, dtype=torch.bfloat16)
     # all in bf16: equal up to a few roundings of the output's largest values
     want = x.double() @ dense.double().t()

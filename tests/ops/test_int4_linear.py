@@ -54,17 +54,6 @@ def test_tinygemm_layout_dense_path_matches_float64(n, k, group_size):
     )
 
 
-def test_tinygemm_dense_weight_rounds_the_fp32_dequantization_once():
-    from qalora_tune.ops.int4_linear import tinygemm_dense_weight
-    from qalora_tune.quantization.int4_weight import dequantize_packed
-
-    weight = _tinygemm_weight(40, 1536, 64)
-    exact = dequantize_packed(weight.qdata, weight.scale_and_zero, 64, 40, 1536, torch.float32)
-    dense = tinygemm_dense_weight(weight.qdata, weight.scale_and_zero, 64, 40, 1536)
-    assert dense.dtype == torch.bfloat16 and dense.shape == (40, 1536)
-    assert torch.equal(dense, exact.to(torch.bfloat16))
-
-
 def test_opcheck_tinygemm_layout():
     weight = _tinygemm_weight(48, 256, 64)
     x = torch.randn(3, 256, dtype=torch.bfloat16, requires_grad=True)

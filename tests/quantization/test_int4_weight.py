@@ -145,11 +145,25 @@ def test_tinygemm_layout_with_eight_bit_scales():
     assert torch.equal(dequantize_int4(weight), dequantize_int4(dense))
 
 
+@pytest.mark.parametrize(
+    "layout,dtype", [("cpu", torch.bfloat16), ("cpu", torch.float16), ("tinygemm", torch.bfloat16)]
+)
+def test_sixteen_bit_dequantization_rounds_the_fp32_one_once(layout, dtype):
+    from qalora_tune.quantization.int4_weight import dequantize_packed
+
+    gq = _quantized(n=40, k=1536)
+    weight = to_torchao_int4(gq, device="cpu", dtype=dtype) if layout == "cpu" else _tinygemm_cpu(gq)
+    args = (weight.qdata, weight.scale_and_zero, 64, 40, 1536)
+    dense = dequantize_packed(*args)
+    assert dense.dtype == dtype and dense.shape == (40, 1536)
+    assert torch.equal(dense, dequantize_packed(*args, dtype=torch.float32).to(dtype))
+
+
 @pytest.mark.skipif(not requires_cuda, reason=CUDA_SKIP_REASON)
 def test_cuda_unpacked_weight_equals_the_kernels_identity_product():
     """The tensor-op unpack gives the weight that tinygemm multiplies with: the identity
     through the kernel (the way back before ``tinygemm_layout``) yields the same bf16."""
-    from qalora_tune.ops.int4_linear import tinygemm_dense_weight
+    from qalora_tune.quantization.int4_weight import dequantize_packed
 
     weight = to_torchao_int4(_quantized(n=96, k=1536), device="cuda")
     k_pad = weight.qdata.shape[1] * 8 * 16
@@ -157,5 +171,5 @@ def test_cuda_unpacked_weight_equals_the_kernels_identity_product():
     through_kernel = torch.ops.aten._weight_int4pack_mm(
         eye, weight.qdata, 64, weight.scale_and_zero
     )[:1536, :96].t()
-    unpacked = tinygemm_dense_weight(weight.qdata, weight.scale_and_zero, 64, 96, 1536)
+    unpacked = dequantize_packed(weight.qdata, weight.scale_and_zero, 64, 96, 1536)
     assert torch.equal(unpacked, through_kernel)
