@@ -1,9 +1,10 @@
 """What the benchmark scripts share: the machine's name and writing their outputs."""
 
 import json
+import os
 import platform
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 
 def cpu_model_name() -> str:
@@ -13,6 +14,14 @@ def cpu_model_name() -> str:
             return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
+
+
+def command_line(script: str, argv: Sequence[str]) -> str:
+    """The command that reproduces this run: the ``QALORA_TUNE_*`` variables set in the
+    environment (they switch code paths), ``python``, the script and its arguments."""
+    switches = [f"{name}={value}" for name, value in sorted(os.environ.items())
+                if name.startswith("QALORA_TUNE_")]
+    return " ".join([*switches, "python", script, *argv])
 
 
 def write_outputs(json_path: Optional[Path], markdown_path: Optional[Path], report: Any,

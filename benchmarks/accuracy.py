@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _report import cpu_model_name, write_outputs
+from _report import command_line, cpu_model_name, write_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SHARED = ROOT.parent / "shared"
@@ -1421,7 +1421,7 @@ def environment(argv: Sequence[str], args: argparse.Namespace) -> dict[str, Any]
         "cpu_count": os.cpu_count(),
         "threads": args.threads,
         "processes": min(max(args.jobs, 1), len(args.targets)),
-        "command": " ".join(["python benchmarks/accuracy.py", *argv]),
+        "command": command_line("benchmarks/accuracy.py", argv),
     }
 
 

@@ -65,6 +65,9 @@ from qalora_tune.checkpointing import (
 from qalora_tune.models import qalora_transformer, tensor_nbytes, tied_llama
 from qalora_tune.modules import QALoRALinear
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import command_line  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MODELS = ROOT.parent / "shared" / "models"
 
@@ -622,7 +625,7 @@ def _environment(device: torch.device, argv: Sequence[str]) -> Dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average_at_start": list(os.getloadavg()),
-        "command": "python benchmarks/decode.py " + " ".join(argv),
+        "command": command_line("benchmarks/decode.py", argv),
     }
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import write_outputs  # noqa: E402
+from _report import command_line, write_outputs  # noqa: E402
 from accuracy import BUILDER, DEFAULT_SHARED, perplexity, tinystories_batches  # noqa: E402
 
 MODEL_DIR = Path("models") / "tinystories656K"
@@ -167,7 +167,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     report: Dict[str, Any] = {
-        "command": " ".join(["python benchmarks/double_quant.py", *argv]),
+        "command": command_line("benchmarks/double_quant.py", argv),
         "torch": torch.__version__,
         "llama2_7b_bits": llama2_7b_bits([32, 64, 128]),
     }

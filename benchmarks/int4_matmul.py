@@ -11,11 +11,14 @@ interleaved:
 - ``dense``: ``x @ W^T`` with ``W`` dense in the compute dtype (what LoRA's base costs);
 - ``kernel``: the int4 kernel itself (CPU ``_weight_int4pack_mm_for_cpu``, CUDA tinygemm
   ``_weight_int4pack_mm``); not timed in fp32 on CPU, which has no fast fp32 kernel;
-- ``dequant``: dequantize and a dense GEMM (CPU: chunk by chunk, ``_cpu_int4_chunked``;
-  CUDA: unpack the tinygemm codes with tensor ops, dequantize the layer, one GEMM);
+- ``dequant``: dequantize and a dense GEMM (CPU: chunk by chunk, ``_cpu_int4_chunked``,
+  each chunk built by the fused compiled kernel of ``_cpu_int4_fused``; CUDA: unpack the
+  tinygemm codes with tensor ops, dequantize the layer, one GEMM);
+- ``dequant_eager`` (CPU): the same chunks built by the eager ATen passes;
 - ``op``: ``qalora_tune::int4_linear``, which picks one of the two by ``M``;
-- ``grad_input``: ``qalora_tune::int4_linear_grad_input`` (``grad @ W``), and on CUDA
-  ``grad_identity``, the earlier way that dequantized through tinygemm's identity product.
+- ``grad_input``: ``qalora_tune::int4_linear_grad_input`` (``grad @ W``); on CPU also
+  ``grad_eager``, its chunks built by the eager passes; on CUDA ``grad_identity``, the
+  earlier way that dequantized through tinygemm's identity product.
 
 Times are medians in ms; ``x dense`` is the time over ``dense``'s. Bases are RTN-quantized
 random weights at group size ``--group-size``.
@@ -32,9 +35,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from _report import cpu_model_name, write_outputs
+from _report import command_line, cpu_model_name, write_outputs
 from qalora_tune.ops import int4_linear, int4_linear_grad_input
-from qalora_tune.ops._cpu_int4_chunked import chunked_int4_linear
+from qalora_tune.ops._cpu_int4_chunked import chunked_int4_grad_input, chunked_int4_linear
+from qalora_tune.ops._cpu_int4_fused import use_compiled
 from qalora_tune.quantization import dequantize_int4, quantize_rtn, to_torchao_int4
 from qalora_tune.quantization.int4_weight import dequantize_packed, tinygemm_padded_in_features
 
@@ -122,7 +126,10 @@ def methods_for(weight, dense, group_size: int, dtype: torch.dtype,
         if dtype != torch.float32:
             methods["kernel"] = lambda x, g: torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x, qdata, group_size, scale_and_zero)
-        methods["dequant"] = lambda x, g: chunked_int4_linear(x, qdata, scale_and_zero, group_size, out_dim)
+        methods["dequant"] = lambda x, g: chunked_int4_linear(
+            x, qdata, scale_and_zero, group_size, out_dim, compiled=True)
+        methods["dequant_eager"] = lambda x, g: chunked_int4_linear(
+            x, qdata, scale_and_zero, group_size, out_dim, compiled=False)
     else:
         k_pad = tinygemm_padded_in_features(qdata)
 
@@ -135,18 +142,26 @@ def methods_for(weight, dense, group_size: int, dtype: torch.dtype,
             qdata, scale_and_zero, group_size, out_dim, in_dim).t()
     methods["op"] = lambda x, g: int4_linear(x, qdata, scale_and_zero, group_size, out_dim)
     methods["grad_input"] = lambda x, g: int4_linear_grad_input(g, qdata, scale_and_zero, group_size, in_dim)
+    if device.type == "cpu":
+        methods["grad_eager"] = lambda x, g: chunked_int4_grad_input(
+            g, qdata, scale_and_zero, group_size, in_dim, compiled=False)
     if device.type == "cuda":
         methods["grad_identity"] = lambda x, g: _identity_grad_input(g, weight, group_size, in_dim)
     return methods
 
 
-def op_path(device: torch.device, dtype: torch.dtype, rows: int) -> str:
-    """Which path ``int4_linear`` takes for ``rows`` rows (its thresholds, read here)."""
+def op_path(device: torch.device, dtype: torch.dtype, rows: int, numel: int) -> str:
+    """Which path ``int4_linear`` takes for ``rows`` rows of a weight of ``numel`` values
+    (its thresholds, read here)."""
     if device.type == "cuda":
         return "kernel" if rows < int4_linear_module.CUDA_DEQUANTIZE_MIN_ROWS else "dequant"
-    if dtype == torch.float32 or rows >= int4_linear_module.CPU_DEQUANTIZE_MIN_ROWS:
-        return "dequant"
-    return "kernel"
+    if not use_compiled(numel):
+        min_rows = int4_linear_module.CPU_DEQUANTIZE_MIN_ROWS
+        dequant = "dequant_eager"
+    else:
+        min_rows = int4_linear_module.CPU_COMPILED_DEQUANTIZE_MIN_ROWS
+        dequant = "dequant"
+    return dequant if dtype == torch.float32 or rows >= min_rows else "kernel"
 
 
 def bench_shape(in_dim: int, out_dim: int, args: argparse.Namespace) -> List[Dict[str, Any]]:
@@ -170,7 +185,7 @@ def bench_shape(in_dim: int, out_dim: int, args: argparse.Namespace) -> List[Dic
                 times[name].append(timer(lambda: fn(x, grad)))
         medians = {name: statistics.median(t) for name, t in times.items()}
         row = {"in_dim": in_dim, "out_dim": out_dim, "rows": rows,
-               "op_path": op_path(device, dtype, rows), "ms": medians,
+               "op_path": op_path(device, dtype, rows, in_dim * out_dim), "ms": medians,
                "x_dense": {name: t / medians["dense"] for name, t in medians.items()}}
         print(json.dumps(row), flush=True)
         rows_out.append(row)
@@ -182,8 +197,9 @@ def environment(args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, Any]
 
     env = {"torch": torch.__version__, "torchao": torchao.__version__, "cpu": cpu_model_name(),
            "threads": torch.get_num_threads(),
-           "command": " ".join(["python benchmarks/int4_matmul.py", *argv]),
+           "command": command_line("benchmarks/int4_matmul.py", argv),
            "cpu_dequantize_min_rows": int4_linear_module.CPU_DEQUANTIZE_MIN_ROWS,
+           "cpu_compiled_dequantize_min_rows": int4_linear_module.CPU_COMPILED_DEQUANTIZE_MIN_ROWS,
            "cuda_dequantize_min_rows": int4_linear_module.CUDA_DEQUANTIZE_MIN_ROWS}
     if args.device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()

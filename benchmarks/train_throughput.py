@@ -53,7 +53,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from _report import cpu_model_name, write_outputs
+from _report import command_line, cpu_model_name, write_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MODELS = ROOT.parent / "shared" / "models"
@@ -369,7 +369,7 @@ def environment(args: argparse.Namespace) -> Dict[str, Any]:
     env = {
         "torch": torch.__version__, "torchao": torchao.__version__,
         "torchtune": torchtune.__version__, "cpu": cpu, "threads": torch.get_num_threads(),
-        "command": " ".join(["python benchmarks/train_throughput.py", *sys.argv[1:]]),
+        "command": command_line("benchmarks/train_throughput.py", sys.argv[1:]),
     }
     if args.device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()

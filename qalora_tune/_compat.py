@@ -1,4 +1,4 @@
-"""Every private or version-sensitive torchao / torchtune import lives here.
+"""Every private or version-sensitive torchao / torchtune / torch import lives here.
 
 qalora-tune is pinned to torchao 0.15 and torchtune 0.6.1 (see ``pyproject.toml``).
 When either moves, this is the one file to update.
@@ -84,6 +84,7 @@ __all__ += [
     "PerGroup",
     "config_to_dict",
     "flatten_tensor_state_dict",
+    "inductor_compile",
     "override_torchao_linear",
     "unflatten_tensor_state_dict",
 ]
@@ -109,3 +110,18 @@ def override_torchao_linear(cls, implementation) -> None:
         handler = functools.partial(implementation, original)
         handler._qalora_override = True
         table[op] = handler
+
+
+def inductor_compile(fn, example_inputs):
+    """``fn`` traced to an FX graph and compiled by inductor for these exact inputs.
+
+    Unlike ``torch.compile``, the result has no dynamo guards and no recompile limit: it
+    is one kernel for the inputs' shapes, strides and dtypes (checked when it runs), which
+    the caller caches. ``fn`` may write its result into an input with ``copy_``. Uses
+    ``torch._inductor.compile``, a private entry point, hence its place here.
+    """
+    from torch._inductor import compile as compile_graph
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    graph = make_fx(fn)(*example_inputs)
+    return compile_graph(graph, list(example_inputs))

@@ -11,7 +11,11 @@ gives its own slice of the result, so nothing is accumulated across chunks:
     x @ W^T   (forward):   chunks of rows of W,           y[:, rows] = x @ W^T[:, rows]
     grad @ W  (backward):  chunks of whole groups of K,   grad_x^T[cols] = W^T[cols] @ grad^T
 
-Chunks are built from the packed bytes with out= ops only, with the arithmetic of
+For weights of at least ``_cpu_int4_fused.COMPILED_MIN_ELEMENTS`` values, whole row
+blocks are rebuilt by one fused kernel compiled with inductor (``_cpu_int4_fused``),
+bit-identical to the eager passes below, in larger chunks (``_COMPILED_CHUNK_ELEMENTS``).
+Otherwise, and for a partial last block, chunks are built from the packed bytes with out=
+ops only, with the arithmetic of
 :func:`~qalora_tune.quantization.dequantize_packed`, ``(q - 8) * s + z`` in fp32, so they
 are bit-identical to it; for bf16/fp16 weights the chunk is then rounded once to that
 dtype (as the unchunked path did). The packed layout (``cpu_int4_layout``) stores blocks
@@ -24,12 +28,17 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
+from qalora_tune.ops._cpu_int4_fused import dequantize_columns, dequantize_row_blocks, use_compiled
 from qalora_tune.quantization.cpu_int4_layout import cpu_int4_layout
 
 __all__ = ["chunked_int4_grad_input", "chunked_int4_linear"]
 
 # weights per chunk: 2^19 fp32 values (2 MiB) fit the L2/L3 caches of current x86 cores
 _CHUNK_ELEMENTS = 1 << 19
+# with the fused kernel a chunk is written once and read once, so larger chunks, whose
+# GEMMs run closer to BLAS's peak, win (bf16, 11008 x 4096, M = 128: forward 25.2 ms at
+# 2^19, 22.8 at 2^21; input gradient 32.6 and 30.3 ms)
+_COMPILED_CHUNK_ELEMENTS = 1 << 21
 
 
 class _Dequantizer:
@@ -42,6 +51,8 @@ class _Dequantizer:
         group_size (int): quantization group size.
         in_features (int): ``K``.
         dtype (torch.dtype): the compute dtype chunks are returned in.
+        compiled (Optional[bool]): build whole blocks with the fused, compiled kernels of
+            ``_cpu_int4_fused``; None decides by the weight's size (``use_compiled``).
     """
 
     def __init__(
@@ -51,6 +62,7 @@ class _Dequantizer:
         group_size: int,
         in_features: int,
         dtype: torch.dtype,
+        compiled: Optional[bool] = None,
     ):
         layout = cpu_int4_layout()
         self.k = in_features
@@ -62,6 +74,10 @@ class _Dequantizer:
         self.packed = qdata.reshape(-1)
         self._scale_and_zero = scale_and_zero[: self.n_groups]
         self._dtype = dtype
+        if compiled is None:
+            compiled = use_compiled(self.n_rows * in_features)
+        self.compiled = compiled
+        self.chunk_elements = _COMPILED_CHUNK_ELEMENTS if compiled else _CHUNK_ELEMENTS
         self._codes: Optional[torch.Tensor] = None
         self._fp32: Optional[torch.Tensor] = None
         self._rounded: Optional[torch.Tensor] = None
@@ -74,6 +90,12 @@ class _Dequantizer:
             if self._dtype != torch.float32:
                 self._rounded = torch.empty(size, dtype=self._dtype)
         return self._codes[:size]
+
+    def _output_buffer(self, size: int) -> torch.Tensor:
+        """The buffer a chunk is returned in: ``size`` values of the compute dtype."""
+        self._code_buffer(size)
+        buffer = self._fp32 if self._rounded is None else self._rounded
+        return buffer[:size]
 
     def _scale_codes(
         self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: Tuple[int, ...]
@@ -112,7 +134,7 @@ class _ChunkDequantizer(_Dequantizer):
         later blocks overwrite.
         """
         n_full = self.n_rows // self.block_n
-        step = max(1, _CHUNK_ELEMENTS // (self.k * self.block_n))
+        step = max(1, self.chunk_elements // (self.k * self.block_n))
         for first in range(0, n_full, step):
             count = min(step, n_full - first)
             start = first * self.block_n
@@ -129,15 +151,19 @@ class _ChunkDequantizer(_Dequantizer):
         """``W^T`` of ``blocks`` row blocks of ``rows`` rows from ``start``: ``(blocks, K, rows)``."""
         k, width = self.k, blocks * rows
         packed = self.packed[start * k // 2 : (start + width) * k // 2].view(blocks, k, rows // 2)
-        # written in the packed order, so that every pass runs over contiguous memory
-        codes = self._code_buffer(k * width).view(blocks, k, rows)
-        _unpack_nibbles(packed, codes, halves)
         # scales and zeros of row start + b * rows + r, group j, at [b, j, 0, r]; they are
         # interleaved in scale_and_zero, so copied to unit stride for the passes to vectorize
         scale_and_zero = self._scale_and_zero[:, start : start + width]
         scale_and_zero = scale_and_zero.reshape(self.n_groups, blocks, rows, 2).transpose(0, 1)
         scale = scale_and_zero[..., 0].float().contiguous().unsqueeze(2)
         zero = scale_and_zero[..., 1].float().contiguous().unsqueeze(2)
+        if self.compiled and rows == self.block_n:  # whole blocks; a partial tail stays eager
+            out = self._output_buffer(k * width).view(blocks, k, rows)
+            if dequantize_row_blocks(packed, scale, zero, out, halves):
+                return out
+        # written in the packed order, so that every pass runs over contiguous memory
+        codes = self._code_buffer(k * width).view(blocks, k, rows)
+        _unpack_nibbles(packed, codes, halves)
         return self._scale_codes(codes, scale, zero, (blocks, self.n_groups, self.group_size, rows))
 
 
@@ -154,7 +180,7 @@ class _ColumnChunkDequantizer(_Dequantizer):
         The yielded ``(columns, N_pad)`` tensor is a view of a buffer that later chunks
         overwrite.
         """
-        step = max(1, _CHUNK_ELEMENTS // (self.group_size * self.n_rows))
+        step = max(1, self.chunk_elements // (self.group_size * self.n_rows))
         for first in range(0, self.n_groups, step):
             last = min(first + step, self.n_groups)
             k_start, k_end = first * self.group_size, last * self.group_size
@@ -164,9 +190,17 @@ class _ColumnChunkDequantizer(_Dequantizer):
         k, n_rows, block_n = self.k, self.n_rows, self.block_n
         k_start = first_group * self.group_size
         columns = (last_group - first_group) * self.group_size
-        codes = self._code_buffer(columns * n_rows).view(columns, n_rows)
         n_full = n_rows // block_n
         split = n_full * block_n * k // 2
+        scale_and_zero = self._scale_and_zero[first_group:last_group]
+        scale = scale_and_zero[..., 0].float().contiguous().unsqueeze(1)
+        zero = scale_and_zero[..., 1].float().contiguous().unsqueeze(1)
+        if self.compiled and n_full * block_n == n_rows:  # whole blocks only
+            packed = self.packed.view(n_full, k, block_n // 2)[:, k_start : k_start + columns]
+            out = self._output_buffer(columns * n_rows).view(columns, n_rows)
+            if dequantize_columns(packed, scale, zero, out, self.halves):
+                return out
+        codes = self._code_buffer(columns * n_rows).view(columns, n_rows)
         if n_full:
             packed = self.packed[:split].view(n_full, k, block_n // 2)
             destination = codes[:, : n_full * block_n].view(columns, n_full, block_n)
@@ -182,9 +216,6 @@ class _ColumnChunkDequantizer(_Dequantizer):
             _unpack_nibbles(
                 packed[:, k_start : k_start + columns], destination.permute(1, 0, 2), False
             )
-        scale_and_zero = self._scale_and_zero[first_group:last_group]
-        scale = scale_and_zero[..., 0].float().contiguous().unsqueeze(1)
-        zero = scale_and_zero[..., 1].float().contiguous().unsqueeze(1)
         groups = last_group - first_group
         return self._scale_codes(codes, scale, zero, (groups, self.group_size, n_rows))
 
@@ -228,6 +259,7 @@ def chunked_int4_linear(
     scale_and_zero: torch.Tensor,
     group_size: int,
     out_features: int,
+    compiled: Optional[bool] = None,
 ) -> torch.Tensor:
     """``x @ W^T`` for a CPU-packed int4 weight, in ``x2d.dtype`` (the weight rounded to it).
 
@@ -237,11 +269,16 @@ def chunked_int4_linear(
         scale_and_zero (torch.Tensor): ``(n_groups_pad, N_pad, 2)``.
         group_size (int): quantization group size.
         out_features (int): ``N``; rows beyond it are padding.
+        compiled (Optional[bool]): rebuild chunks with the fused, compiled kernels
+            (bit-identical to the eager passes); None uses them for weights of at least
+            ``_cpu_int4_fused.COMPILED_MIN_ELEMENTS`` values.
 
     Returns:
         torch.Tensor: ``(M, out_features)``, contiguous.
     """
-    chunks = _ChunkDequantizer(qdata, scale_and_zero, group_size, x2d.shape[1], x2d.dtype)
+    chunks = _ChunkDequantizer(
+        qdata, scale_and_zero, group_size, x2d.shape[1], x2d.dtype, compiled
+    )
     out = x2d.new_empty(x2d.shape[0], out_features)
     for start, end, weight_t in chunks.chunks():
         end = min(end, out_features)
@@ -259,6 +296,7 @@ def chunked_int4_grad_input(
     scale_and_zero: torch.Tensor,
     group_size: int,
     in_features: int,
+    compiled: Optional[bool] = None,
 ) -> torch.Tensor:
     """``grad @ W`` for a CPU-packed int4 weight, in ``grad2d.dtype``.
 
@@ -268,13 +306,16 @@ def chunked_int4_grad_input(
         scale_and_zero (torch.Tensor): ``(n_groups_pad, N_pad, 2)``.
         group_size (int): quantization group size.
         in_features (int): ``K``.
+        compiled (Optional[bool]): as for :func:`chunked_int4_linear`.
 
     Returns:
         torch.Tensor: ``(M, in_features)`` in ``grad2d.dtype`` (products accumulate in
         fp32 inside the GEMM and are rounded once).
     """
     out_features = grad2d.shape[1]
-    chunks = _ColumnChunkDequantizer(qdata, scale_and_zero, group_size, in_features, grad2d.dtype)
+    chunks = _ColumnChunkDequantizer(
+        qdata, scale_and_zero, group_size, in_features, grad2d.dtype, compiled
+    )
     grad_t = grad2d.t()
     grad_input_t = grad2d.new_empty(in_features, grad2d.shape[0])
     for start, end, weight_t in chunks.chunks():

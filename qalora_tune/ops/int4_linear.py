@@ -18,6 +18,7 @@ from typing import Any, Optional, Tuple
 import torch
 
 from qalora_tune.ops._cpu_int4_chunked import chunked_int4_grad_input, chunked_int4_linear
+from qalora_tune.ops._cpu_int4_fused import use_compiled
 from qalora_tune.quantization.int4_weight import dequantize_packed, tinygemm_padded_in_features
 
 __all__ = ["int4_linear", "int4_linear_grad_input", "int4_matmul"]
@@ -26,13 +27,21 @@ __all__ = ["int4_linear", "int4_linear_grad_input", "int4_matmul"]
 # From this many rows of x on, dequantizing chunks for a bf16/fp16 GEMM beats the CPU int4
 # kernel (AVX512-BF16 EPYC, 11008x4096: 130 vs 89 ms at M = 512, 32 vs 40 ms at M = 128).
 CPU_DEQUANTIZE_MIN_ROWS = 256
+# The same when the chunks are built by the fused, compiled kernel (``_cpu_int4_fused``,
+# weights of at least ``COMPILED_MIN_ELEMENTS`` values): measured by
+# ``benchmarks/int4_matmul.py`` (docs/results/int4_matmul_cpu.md).
+CPU_COMPILED_DEQUANTIZE_MIN_ROWS = 128
 
 
 def _cpu_forward(x2d, qdata, scale_and_zero, group_size, out_features):
     # The CPU int4 kernel has no fast fp32 path (11008x4096 at M = 128: ~120x slower than
     # in bf16): fp32 always, and other dtypes for large M, run BLAS on dequantized chunks.
-    if scale_and_zero.dtype == torch.float32 or x2d.shape[0] >= CPU_DEQUANTIZE_MIN_ROWS:
-        return chunked_int4_linear(x2d, qdata, scale_and_zero, group_size, out_features)
+    compiled = use_compiled(qdata.numel() * 2)
+    min_rows = CPU_COMPILED_DEQUANTIZE_MIN_ROWS if compiled else CPU_DEQUANTIZE_MIN_ROWS
+    if scale_and_zero.dtype == torch.float32 or x2d.shape[0] >= min_rows:
+        return chunked_int4_linear(
+            x2d, qdata, scale_and_zero, group_size, out_features, compiled=compiled
+        )
     return torch.ops.aten._weight_int4pack_mm_for_cpu(
         x2d, qdata, group_size, scale_and_zero
     )
