@@ -18,9 +18,10 @@ def cpu_model_name() -> str:
 
 def command_line(script: str, argv: Sequence[str]) -> str:
     """The command that reproduces this run: the ``QALORA_TUNE_*`` variables set in the
-    environment (they switch code paths), ``python``, the script and its arguments."""
+    environment (they switch code paths) and ``TORCHINDUCTOR_CACHE_DIR`` (compile times
+    depend on it), ``python``, the script and its arguments."""
     switches = [f"{name}={value}" for name, value in sorted(os.environ.items())
-                if name.startswith("QALORA_TUNE_")]
+                if name.startswith("QALORA_TUNE_") or name == "TORCHINDUCTOR_CACHE_DIR"]
     return " ".join([*switches, "python", script, *argv])
 
 

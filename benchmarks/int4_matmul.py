@@ -21,7 +21,8 @@ interleaved:
   earlier way that dequantized through tinygemm's identity product.
 
 Times are medians in ms; ``x dense`` is the time over ``dense``'s. Bases are RTN-quantized
-random weights at group size ``--group-size``.
+random weights at group size ``--group-size``. The first call of every method on each
+shape is reported apart: for the compiled CPU chunks it includes compiling their kernels.
 """
 
 import argparse
@@ -176,6 +177,11 @@ def bench_shape(in_dim: int, out_dim: int, args: argparse.Namespace) -> List[Dic
         x = torch.randn(rows, in_dim, generator=generator).to(device, dtype)
         grad = torch.randn(rows, out_dim, generator=generator).to(device, dtype)
         methods = methods_for(weight, dense, args.group_size, dtype, device)
+        # the first call of each method on this shape: for the compiled CPU chunks it
+        # includes compiling their kernels (their layout does not depend on M)
+        first_call = None
+        if not rows_out:  # the first M on this shape
+            first_call = {name: timer(lambda: fn(x, grad)) for name, fn in methods.items()}
         for _ in range(args.warmup):
             for fn in methods.values():
                 fn(x, grad)
@@ -187,6 +193,8 @@ def bench_shape(in_dim: int, out_dim: int, args: argparse.Namespace) -> List[Dic
         row = {"in_dim": in_dim, "out_dim": out_dim, "rows": rows,
                "op_path": op_path(device, dtype, rows, in_dim * out_dim), "ms": medians,
                "x_dense": {name: t / medians["dense"] for name, t in medians.items()}}
+        if first_call is not None:
+            row["first_call_ms"] = first_call
         print(json.dumps(row), flush=True)
         rows_out.append(row)
     return rows_out
@@ -226,6 +234,15 @@ def markdown(report: Dict[str, Any]) -> str:
         ]
         lines.append(f"| {row['in_dim']} -> {row['out_dim']} | {row['rows']} | {row['op_path']} | "
                      + " | ".join(cells) + " |")
+    firsts = [row for row in report["results"] if "first_call_ms" in row]
+    if firsts:
+        lines += ["", "First call of each method on each shape, in ms (at the first M; for the "
+                  "compiled CPU chunks it includes compiling their kernels, so it depends on "
+                  "inductor's cache, `TORCHINDUCTOR_CACHE_DIR`):", "",
+                  "| in -> out | M | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for row in firsts:
+            cells = [f"{row['first_call_ms'][n]:.3g}" if n in row["first_call_ms"] else "-" for n in names]
+            lines.append(f"| {row['in_dim']} -> {row['out_dim']} | {row['rows']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -24,7 +24,7 @@ column ``c`` holds row ``c`` (low nibble) and row ``c + block_n / 2`` (high nibb
 plain pair blocks (and the partial last block) it holds rows ``2c`` and ``2c + 1``.
 """
 
-from typing import Iterator, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -78,24 +78,23 @@ class _Dequantizer:
             compiled = use_compiled(self.n_rows * in_features)
         self.compiled = compiled
         self.chunk_elements = _COMPILED_CHUNK_ELEMENTS if compiled else _CHUNK_ELEMENTS
-        self._codes: Optional[torch.Tensor] = None
-        self._fp32: Optional[torch.Tensor] = None
-        self._rounded: Optional[torch.Tensor] = None
+        self._buffers: Dict[torch.dtype, torch.Tensor] = {}
+
+    def _buffer(self, size: int, dtype: torch.dtype) -> torch.Tensor:
+        """``size`` values of ``dtype`` in a buffer reused by every chunk (one per dtype,
+        allocated at the first, largest chunk that needs it)."""
+        buffer = self._buffers.get(dtype)
+        if buffer is None:
+            buffer = self._buffers[dtype] = torch.empty(size, dtype=dtype)
+        return buffer[:size]
 
     def _code_buffer(self, size: int) -> torch.Tensor:
-        """A uint8 buffer of ``size`` codes (allocated once, at the first chunk)."""
-        if self._codes is None:
-            self._codes = torch.empty(size, dtype=torch.uint8)
-            self._fp32 = torch.empty(size, dtype=torch.float32)
-            if self._dtype != torch.float32:
-                self._rounded = torch.empty(size, dtype=self._dtype)
-        return self._codes[:size]
+        """A uint8 buffer of ``size`` codes."""
+        return self._buffer(size, torch.uint8)
 
     def _output_buffer(self, size: int) -> torch.Tensor:
         """The buffer a chunk is returned in: ``size`` values of the compute dtype."""
-        self._code_buffer(size)
-        buffer = self._fp32 if self._rounded is None else self._rounded
-        return buffer[:size]
+        return self._buffer(size, self._dtype)
 
     def _scale_codes(
         self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: Tuple[int, ...]
@@ -113,13 +112,13 @@ class _Dequantizer:
         """
         signed = codes.view(torch.int8)
         signed.sub_(8)  # q - 8, exact in int8
-        dense = self._fp32[: codes.numel()].view(shape)
+        dense = self._buffer(codes.numel(), torch.float32).view(shape)
         torch.mul(signed.view(shape), scale, out=dense)
         dense.add_(zero)
         dense = dense.view(codes.shape)
-        if self._rounded is None:
+        if self._dtype == torch.float32:
             return dense
-        rounded = self._rounded[: codes.numel()].view(codes.shape)
+        rounded = self._output_buffer(codes.numel()).view(codes.shape)
         rounded.copy_(dense)
         return rounded
 

@@ -78,6 +78,10 @@ def _columns(packed, scale, zero, out, halves: bool) -> None:
 
 
 def _run(body: Callable, halves: bool, *args: torch.Tensor) -> bool:
+    """Run ``body``'s kernel for the layout of ``args``, compiling it on first use.
+
+    Returns False, without writing, once a compile has failed in this process.
+    """
     global _failed
     key = (body.__name__, halves) + tuple(
         (tuple(a.shape), a.stride(), a.dtype) for a in args
@@ -98,10 +102,11 @@ def _run(body: Callable, halves: bool, *args: torch.Tensor) -> bool:
                 kernel = inductor_compile(fn, examples)
         except Exception as error:  # any failure to build leaves the eager path, once
             _failed = True
+            first_line = (str(error).splitlines() or [""])[0]
             warnings.warn(
                 "qalora-tune could not compile its CPU int4 dequantization kernel "
-                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-                f"using the slower eager path. Set {_EAGER_ENV}=1 to skip this attempt.",
+                f"({type(error).__name__}: {first_line}); using the slower eager path. "
+                f"Set {_EAGER_ENV}=1 to skip this attempt.",
                 stacklevel=3,
             )
             return False

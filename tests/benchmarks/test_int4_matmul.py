@@ -26,11 +26,13 @@ def test_a_short_cpu_run_writes_every_method(tmp_path, dtype):
         assert all(t > 0 for t in row["ms"].values())
         assert row["x_dense"]["dense"] == 1.0
     # a weight this small is built by the eager passes (below COMPILED_MIN_ELEMENTS)
+    assert set(rows[0]["first_call_ms"]) == expected and "first_call_ms" not in rows[1]
     paths = [r["op_path"] for r in rows]
     assert paths == (["kernel", "dequant_eager"] if dtype == "bf16" else ["dequant_eager"] * 2)
     assert json.loads((tmp_path / "r.json").read_text())["results"] == rows
     table = (tmp_path / "r.md").read_text()
     assert "| 256 -> 128 | 300 | dequant_eager |" in table
+    assert "First call of each method" in table
 
 
 def test_the_timed_methods_compute_the_same_product():

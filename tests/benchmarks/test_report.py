@@ -10,11 +10,13 @@ import _report  # noqa: E402
 
 def test_the_command_line_carries_the_switches_that_select_code_paths(monkeypatch):
     monkeypatch.delenv("QALORA_TUNE_EAGER_DEQUANTIZE", raising=False)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     assert _report.command_line("benchmarks/x.py", ["--a", "1"]) == "python benchmarks/x.py --a 1"
     monkeypatch.setenv("QALORA_TUNE_EAGER_DEQUANTIZE", "1")
     monkeypatch.setenv("UNRELATED", "1")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/cache")
     assert _report.command_line("benchmarks/x.py", []) == (
-        "QALORA_TUNE_EAGER_DEQUANTIZE=1 python benchmarks/x.py"
+        "QALORA_TUNE_EAGER_DEQUANTIZE=1 TORCHINDUCTOR_CACHE_DIR=/tmp/cache python benchmarks/x.py"
     )
 
 
