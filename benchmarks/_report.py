@@ -16,11 +16,17 @@ def cpu_model_name() -> str:
         return platform.processor() or platform.machine()
 
 
+# the environment as the user set it: inductor writes TORCHINDUCTOR_CACHE_DIR into
+# os.environ itself once it compiles, so it is read here, at import, before any compile
+_ENVIRONMENT_AT_START = dict(os.environ)
+
+
 def command_line(script: str, argv: Sequence[str]) -> str:
     """The command that reproduces this run: the ``QALORA_TUNE_*`` variables set in the
     environment (they switch code paths) and ``TORCHINDUCTOR_CACHE_DIR`` (compile times
-    depend on it), ``python``, the script and its arguments."""
-    switches = [f"{name}={value}" for name, value in sorted(os.environ.items())
+    depend on it), as they were when this module was imported; ``python``, the script and
+    its arguments."""
+    switches = [f"{name}={value}" for name, value in sorted(_ENVIRONMENT_AT_START.items())
                 if name.startswith("QALORA_TUNE_") or name == "TORCHINDUCTOR_CACHE_DIR"]
     return " ".join([*switches, "python", script, *argv])
 

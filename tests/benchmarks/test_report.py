@@ -9,15 +9,20 @@ import _report  # noqa: E402
 
 
 def test_the_command_line_carries_the_switches_that_select_code_paths(monkeypatch):
-    monkeypatch.delenv("QALORA_TUNE_EAGER_DEQUANTIZE", raising=False)
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setattr(_report, "_ENVIRONMENT_AT_START", {"PATH": "/bin"})
     assert _report.command_line("benchmarks/x.py", ["--a", "1"]) == "python benchmarks/x.py --a 1"
-    monkeypatch.setenv("QALORA_TUNE_EAGER_DEQUANTIZE", "1")
-    monkeypatch.setenv("UNRELATED", "1")
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/cache")
+    monkeypatch.setattr(_report, "_ENVIRONMENT_AT_START", {
+        "QALORA_TUNE_EAGER_DEQUANTIZE": "1", "UNRELATED": "1", "TORCHINDUCTOR_CACHE_DIR": "/tmp/c",
+    })
     assert _report.command_line("benchmarks/x.py", []) == (
-        "QALORA_TUNE_EAGER_DEQUANTIZE=1 TORCHINDUCTOR_CACHE_DIR=/tmp/cache python benchmarks/x.py"
+        "QALORA_TUNE_EAGER_DEQUANTIZE=1 TORCHINDUCTOR_CACHE_DIR=/tmp/c python benchmarks/x.py"
     )
+
+
+def test_the_command_line_ignores_what_inductor_sets_after_start(monkeypatch):
+    monkeypatch.setattr(_report, "_ENVIRONMENT_AT_START", {})
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_user")  # as inductor does
+    assert _report.command_line("benchmarks/x.py", []) == "python benchmarks/x.py"
 
 
 def test_outputs_are_written_with_their_folders(tmp_path):
