@@ -59,19 +59,25 @@ def _pack_pairs(codes, block_n):
     return torch.cat(blocks).view(n, k // 2)
 
 
+def plain_pair_weight(n, k, group_size, block_n):
+    """Random codes, scales and zeros packed in plain pairs, and their fp32 dequantization:
+    ``(qdata, scale_and_zero, expected (n, k))``."""
+    codes = torch.randint(0, 16, (n, k))
+    scale = torch.rand(k // group_size, n) + 0.1
+    zero = torch.randn(k // group_size, n)
+    scale_and_zero = torch.stack([scale, zero], dim=-1)
+    expected = (codes.float() - 8).unflatten(-1, (-1, group_size))
+    expected = (expected * scale.t().unsqueeze(-1) + zero.t().unsqueeze(-1)).flatten(-2)
+    return _pack_pairs(codes, block_n), scale_and_zero, expected
+
+
 def test_plain_pair_layout(monkeypatch):
     # builds without AVX pack rows as plain pairs; emulate one to cover that branch
     layout = CpuInt4Layout(block_n=32, lanes=1)
     monkeypatch.setattr(chunked, "cpu_int4_layout", lambda: layout)
     monkeypatch.setattr(chunked, "_CHUNK_ELEMENTS", 1)
     n, k, group_size = 80, 128, 32  # two full blocks of 32 rows and a tail of 16
-    codes = torch.randint(0, 16, (n, k))
-    scale = torch.rand(k // group_size, n) + 0.1
-    zero = torch.randn(k // group_size, n)
-    scale_and_zero = torch.stack([scale, zero], dim=-1)
-    qdata = _pack_pairs(codes, layout.block_n)
-    expected = (codes.float() - 8).unflatten(-1, (-1, group_size))
-    expected = (expected * scale.t().unsqueeze(-1) + zero.t().unsqueeze(-1)).flatten(-2)
+    qdata, scale_and_zero, expected = plain_pair_weight(n, k, group_size, layout.block_n)
     dequantizer = chunked._ChunkDequantizer(qdata, scale_and_zero, group_size, k, torch.float32)
     rebuilt = torch.cat([w.clone() for _, _, w in dequantizer.chunks()], dim=1).t()
     assert torch.equal(rebuilt, expected)

@@ -10,7 +10,7 @@ import qalora_tune.ops._cpu_int4_fused as fused
 from qalora_tune.ops import int4_linear, int4_linear_grad_input
 from qalora_tune.quantization import dequantize_int4, quantize_rtn, to_torchao_int4
 from qalora_tune.quantization.cpu_int4_layout import CpuInt4Layout, cpu_int4_layout
-from tests.ops.test_cpu_int4_chunked import _pack_pairs
+from tests.ops.test_cpu_int4_chunked import plain_pair_weight
 from tests.reference import assert_within, matmul_error_bound
 
 
@@ -55,13 +55,7 @@ def test_plain_pair_layout_compiled(monkeypatch):
     layout = CpuInt4Layout(block_n=32, lanes=1)
     monkeypatch.setattr(chunked, "cpu_int4_layout", lambda: layout)
     n, k, group_size = 96, 128, 32  # three full blocks of plain pairs
-    codes = torch.randint(0, 16, (n, k))
-    scale = torch.rand(k // group_size, n) + 0.1
-    zero = torch.randn(k // group_size, n)
-    scale_and_zero = torch.stack([scale, zero], dim=-1)
-    qdata = _pack_pairs(codes, layout.block_n)
-    expected = (codes.float() - 8).unflatten(-1, (-1, group_size))
-    expected = (expected * scale.t().unsqueeze(-1) + zero.t().unsqueeze(-1)).flatten(-2)
+    qdata, scale_and_zero, expected = plain_pair_weight(n, k, group_size, layout.block_n)
     for by_columns in (False, True):
         rebuilt, _ = _chunks(qdata, scale_and_zero, group_size, k, torch.float32, by_columns, True)
         assert torch.equal(rebuilt.t(), expected)
