@@ -467,3 +467,29 @@ def test_intx_storage_and_bits_mismatches_are_refused():
         QALoRALinear.from_int4(int4_g32, rank=4, alpha=8.0, bits=8)
     with pytest.raises(ValueError, match=r"block_size=\(1, 8\)"):
         QALoRALinear.from_int4(intx8_g8, rank=4, alpha=8.0, group_size=16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_cpu_chunks_give_the_eager_layer_bit_for_bit(monkeypatch, dtype):
+    # the fused, compiled chunk builder (large linears) against the eager one, through
+    # the whole layer: forward, input and adapter gradients, and the merged output
+    import qalora_tune.ops._cpu_int4_fused as fused
+
+    layer = _layer(256, 192, dtype=dtype)
+    x = torch.randn(300, 256, dtype=dtype)  # past both bf16 row thresholds
+    grad = torch.randn(300, 192, dtype=dtype)
+    results = {}
+    for name, min_elements in (("eager", 1 << 60), ("compiled", 0)):
+        monkeypatch.setattr(fused, "COMPILED_MIN_ELEMENTS", min_elements)
+        layer.zero_grad()
+        x_run = x.clone().requires_grad_()
+        out = layer(x_run)
+        out.backward(grad)
+        layer.merge()
+        merged = layer(x).detach()
+        layer.unmerge()
+        results[name] = (out.detach(), x_run.grad, layer.lora_a.weight.grad.clone(),
+                         layer.lora_b.weight.grad.clone(), merged)
+    assert fused._kernels
+    for eager, compiled in zip(results["eager"], results["compiled"]):
+        assert torch.equal(eager, compiled)

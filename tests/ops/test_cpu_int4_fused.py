@@ -33,7 +33,7 @@ def _chunks(qdata, scale_and_zero, group_size, k, dtype, by_columns, compiled):
 
 
 @pytest.mark.parametrize("by_columns", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n", [128, 112])  # whole blocks; a partial tail block (kept eager)
 def test_compiled_chunks_equal_the_eager_chunks_bit_for_bit(monkeypatch, n, dtype, by_columns):
     # two chunks per direction, so the kernel is reused on a second chunk's bytes
