@@ -66,7 +66,7 @@ from qalora_tune.models import qalora_transformer, tensor_nbytes, tied_llama
 from qalora_tune.modules import QALoRALinear
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import command_line  # noqa: E402
+from _report import command_line, cpu_model_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MODELS = ROOT.parent / "shared" / "models"
@@ -600,14 +600,12 @@ def _median(values: Sequence[float]) -> Optional[float]:
 def _environment(device: torch.device, argv: Sequence[str]) -> Dict[str, Any]:
     from importlib.metadata import version
 
-    cpu_model, cpu_flags = platform.processor(), []
+    cpu_model, cpu_flags = cpu_model_name(), []
     try:
         info = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         info = []
     for line in info:
-        if line.startswith("model name") and not cpu_flags:
-            cpu_model = line.split(":", 1)[1].strip()
         if line.startswith("flags"):
             cpu_flags = [f for f in line.split(":", 1)[1].split() if f in _CPU_FLAGS_OF_NOTE]
             break

@@ -153,16 +153,13 @@ def methods_for(weight, dense, group_size: int, dtype: torch.dtype,
 
 def op_path(device: torch.device, dtype: torch.dtype, rows: int, numel: int) -> str:
     """Which path ``int4_linear`` takes for ``rows`` rows of a weight of ``numel`` values
-    (its thresholds, read here)."""
+    (the op's own decision, asked here)."""
     if device.type == "cuda":
         return "kernel" if rows < int4_linear_module.CUDA_DEQUANTIZE_MIN_ROWS else "dequant"
-    if not use_compiled(numel):
-        min_rows = int4_linear_module.CPU_DEQUANTIZE_MIN_ROWS
-        dequant = "dequant_eager"
-    else:
-        min_rows = int4_linear_module.CPU_COMPILED_DEQUANTIZE_MIN_ROWS
-        dequant = "dequant"
-    return dequant if dtype == torch.float32 or rows >= min_rows else "kernel"
+    compiled = use_compiled(numel)
+    if not int4_linear_module._cpu_takes_chunks(rows, dtype, compiled):
+        return "kernel"
+    return "dequant" if compiled else "dequant_eager"
 
 
 def bench_shape(in_dim: int, out_dim: int, args: argparse.Namespace) -> List[Dict[str, Any]]:

@@ -28,7 +28,7 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
-from qalora_tune.ops._cpu_int4_fused import dequantize_columns, dequantize_row_blocks, use_compiled
+from qalora_tune.ops import _cpu_int4_fused as fused
 from qalora_tune.quantization.cpu_int4_layout import cpu_int4_layout
 
 __all__ = ["chunked_int4_grad_input", "chunked_int4_linear"]
@@ -75,7 +75,7 @@ class _Dequantizer:
         self._scale_and_zero = scale_and_zero[: self.n_groups]
         self._dtype = dtype
         if compiled is None:
-            compiled = use_compiled(self.n_rows * in_features)
+            compiled = fused.use_compiled(self.n_rows * in_features)
         self.compiled = compiled
         self.chunk_elements = _COMPILED_CHUNK_ELEMENTS if compiled else _CHUNK_ELEMENTS
         self._buffers: Dict[torch.dtype, torch.Tensor] = {}
@@ -87,10 +87,6 @@ class _Dequantizer:
         if buffer is None:
             buffer = self._buffers[dtype] = torch.empty(size, dtype=dtype)
         return buffer[:size]
-
-    def _code_buffer(self, size: int) -> torch.Tensor:
-        """A uint8 buffer of ``size`` codes."""
-        return self._buffer(size, torch.uint8)
 
     def _output_buffer(self, size: int) -> torch.Tensor:
         """The buffer a chunk is returned in: ``size`` values of the compute dtype."""
@@ -158,10 +154,10 @@ class _ChunkDequantizer(_Dequantizer):
         zero = scale_and_zero[..., 1].float().contiguous().unsqueeze(2)
         if self.compiled and rows == self.block_n:  # whole blocks; a partial tail stays eager
             out = self._output_buffer(k * width).view(blocks, k, rows)
-            if dequantize_row_blocks(packed, scale, zero, out, halves):
+            if fused.dequantize(fused.row_blocks, packed, scale, zero, out, halves):
                 return out
         # written in the packed order, so that every pass runs over contiguous memory
-        codes = self._code_buffer(k * width).view(blocks, k, rows)
+        codes = self._buffer(k * width, torch.uint8).view(blocks, k, rows)
         _unpack_nibbles(packed, codes, halves)
         return self._scale_codes(codes, scale, zero, (blocks, self.n_groups, self.group_size, rows))
 
@@ -197,9 +193,9 @@ class _ColumnChunkDequantizer(_Dequantizer):
         if self.compiled and n_full * block_n == n_rows:  # whole blocks only
             packed = self.packed.view(n_full, k, block_n // 2)[:, k_start : k_start + columns]
             out = self._output_buffer(columns * n_rows).view(columns, n_rows)
-            if dequantize_columns(packed, scale, zero, out, self.halves):
+            if fused.dequantize(fused.columns, packed, scale, zero, out, self.halves):
                 return out
-        codes = self._code_buffer(columns * n_rows).view(columns, n_rows)
+        codes = self._buffer(columns * n_rows, torch.uint8).view(columns, n_rows)
         if n_full:
             packed = self.packed[:split].view(n_full, k, block_n // 2)
             destination = codes[:, : n_full * block_n].view(columns, n_full, block_n)

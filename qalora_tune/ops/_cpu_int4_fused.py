@@ -8,8 +8,8 @@ reads each byte once and writes each weight once. The result is bit-identical to
 eager builder: ``(q - 8)`` is formed exactly in fp32, then multiplied by ``s``, added to
 ``z`` and rounded once to the compute dtype, in that order.
 
-Each kernel is compiled for the exact shapes, strides and dtypes of a chunk (one per
-distinct linear shape in a model, about five for a Llama layer) and cached for the
+Each kernel is compiled for the exact shapes, strides and dtypes of a chunk (seven for the
+three linear shapes of a Llama-2-7B layer, forward and input gradient) and cached for the
 process. Compiling takes seconds, so weights under :data:`COMPILED_MIN_ELEMENTS` keep the
 eager passes. If inductor cannot compile here (no C++ compiler, say), one warning is
 issued and the eager passes are used from then on; ``QALORA_TUNE_EAGER_DEQUANTIZE=1``
@@ -24,7 +24,7 @@ import torch
 
 from qalora_tune._compat import inductor_compile
 
-__all__ = ["COMPILED_MIN_ELEMENTS", "dequantize_columns", "dequantize_row_blocks", "use_compiled"]
+__all__ = ["COMPILED_MIN_ELEMENTS", "columns", "dequantize", "row_blocks", "use_compiled"]
 
 # Weights with fewer values than this keep the eager passes: a kernel costs seconds to
 # compile, and small weights are dominated by per-op overhead anyway. 2^22 is 2048 x 2048;
@@ -58,34 +58,59 @@ def _nibbles(packed: torch.Tensor, halves: bool) -> torch.Tensor:
     return codes.reshape(*packed.shape[:-1], 2 * packed.shape[-1])
 
 
-def _row_blocks(packed, scale, zero, out, halves: bool) -> None:
-    # packed (blocks, K, rows / 2) bytes; scale, zero (blocks, groups, 1, rows) fp32;
-    # out (blocks, K, rows): W^T of each block of rows
+def row_blocks(packed, scale, zero, out, halves: bool) -> None:
+    """``W^T`` of whole row blocks, written into ``out``: a kernel body for :func:`dequantize`.
+
+    Args:
+        packed (torch.Tensor): ``(blocks, K, rows / 2)`` uint8, the blocks' packed bytes.
+        scale (torch.Tensor): ``(blocks, groups, 1, rows)`` fp32.
+        zero (torch.Tensor): ``(blocks, groups, 1, rows)`` fp32.
+        out (torch.Tensor): ``(blocks, K, rows)`` in the compute dtype.
+        halves (bool): the lane layout (low nibbles first half of the rows) or plain pairs.
+    """
     blocks, k, half = packed.shape
     groups = scale.shape[1]
     codes = _nibbles(packed.view(blocks, groups, k // groups, half), halves)
     out.view(blocks, groups, k // groups, 2 * half).copy_((codes.float() - 8) * scale + zero)
 
 
-def _columns(packed, scale, zero, out, halves: bool) -> None:
-    # packed (blocks, columns, rows / 2) bytes, a strided slice of every full row block;
-    # scale, zero (groups, 1, N) fp32; out (columns, N): W^T[columns]
-    blocks, columns, half = packed.shape
+def columns(packed, scale, zero, out, halves: bool) -> None:
+    """``W^T[k0:k1]`` (whole groups, all rows), written into ``out``: a kernel body for
+    :func:`dequantize`.
+
+    Args:
+        packed (torch.Tensor): ``(blocks, columns, rows / 2)`` uint8: columns ``k0:k1`` of
+            every row block (a strided view).
+        scale (torch.Tensor): ``(groups, 1, N)`` fp32.
+        zero (torch.Tensor): ``(groups, 1, N)`` fp32.
+        out (torch.Tensor): ``(columns, N)`` contiguous, in the compute dtype.
+        halves (bool): as for :func:`row_blocks`.
+    """
+    blocks, n_columns, half = packed.shape
     groups = scale.shape[0]
     codes = _nibbles(packed.permute(1, 0, 2), halves)  # (columns, blocks, rows)
-    codes = codes.reshape(groups, columns // groups, blocks * 2 * half)
-    out.view(groups, columns // groups, -1).copy_((codes.float() - 8) * scale + zero)
+    codes = codes.reshape(groups, n_columns // groups, blocks * 2 * half)
+    out.view(groups, n_columns // groups, -1).copy_((codes.float() - 8) * scale + zero)
 
 
-def _run(body: Callable, halves: bool, *args: torch.Tensor) -> bool:
-    """Run ``body``'s kernel for the layout of ``args``, compiling it on first use.
+def dequantize(
+    body: Callable,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    out: torch.Tensor,
+    halves: bool,
+) -> bool:
+    """Run ``body`` (:func:`row_blocks` or :func:`columns`) compiled for the layout of
+    these arguments, compiling it on first use; the arguments are ``body``'s.
 
-    Returns False, without writing, once a compile has failed in this process.
+    Returns:
+        bool: whether ``out`` was written; False, without writing, once a compile has
+        failed in this process (the caller then takes the eager passes).
     """
     global _failed
-    key = (body.__name__, halves) + tuple(
-        (tuple(a.shape), a.stride(), a.dtype) for a in args
-    )
+    args = (packed, scale, zero, out)
+    key = (body, halves) + tuple((tuple(a.shape), a.stride(), a.dtype) for a in args)
     kernel = _kernels.get(key)
     if kernel is None:
         if _failed:
@@ -107,57 +132,12 @@ def _run(body: Callable, halves: bool, *args: torch.Tensor) -> bool:
                 "qalora-tune could not compile its CPU int4 dequantization kernel "
                 f"({type(error).__name__}: {first_line}); using the slower eager path. "
                 f"Set {_EAGER_ENV}=1 to skip this attempt.",
-                stacklevel=3,
+                stacklevel=2,
             )
             return False
         _kernels[key] = kernel
     kernel(*args)
     return True
-
-
-def dequantize_row_blocks(
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    out: torch.Tensor,
-    halves: bool,
-) -> bool:
-    """Rebuild ``W^T`` of whole row blocks into ``out``; False if no kernel could be built.
-
-    Args:
-        packed (torch.Tensor): ``(blocks, K, rows / 2)`` uint8, the blocks' packed bytes.
-        scale (torch.Tensor): ``(blocks, groups, 1, rows)`` fp32.
-        zero (torch.Tensor): ``(blocks, groups, 1, rows)`` fp32.
-        out (torch.Tensor): ``(blocks, K, rows)`` in the compute dtype, written in place.
-        halves (bool): the lane layout (low nibbles first half of the rows) or plain pairs.
-
-    Returns:
-        bool: whether ``out`` was written.
-    """
-    return _run(_row_blocks, halves, packed, scale, zero, out)
-
-
-def dequantize_columns(
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    out: torch.Tensor,
-    halves: bool,
-) -> bool:
-    """Rebuild ``W^T[k0:k1]`` (whole groups, all rows) into ``out``; False if no kernel.
-
-    Args:
-        packed (torch.Tensor): ``(blocks, columns, rows / 2)`` uint8: columns ``k0:k1`` of
-            every row block (a strided view).
-        scale (torch.Tensor): ``(groups, 1, N)`` fp32.
-        zero (torch.Tensor): ``(groups, 1, N)`` fp32.
-        out (torch.Tensor): ``(columns, N)`` contiguous, in the compute dtype.
-        halves (bool): as for :func:`dequantize_row_blocks`.
-
-    Returns:
-        bool: whether ``out`` was written.
-    """
-    return _run(_columns, halves, packed, scale, zero, out)
 
 
 def _reset(failed: Optional[bool] = None) -> None:

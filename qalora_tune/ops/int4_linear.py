@@ -34,12 +34,16 @@ CPU_DEQUANTIZE_MIN_ROWS = 256
 CPU_COMPILED_DEQUANTIZE_MIN_ROWS = 128
 
 
-def _cpu_forward(x2d, qdata, scale_and_zero, group_size, out_features):
+def _cpu_takes_chunks(rows: int, dtype: torch.dtype, compiled: bool) -> bool:
     # The CPU int4 kernel has no fast fp32 path (11008x4096 at M = 128: ~120x slower than
     # in bf16): fp32 always, and other dtypes for large M, run BLAS on dequantized chunks.
-    compiled = use_compiled(qdata.numel() * 2)
     min_rows = CPU_COMPILED_DEQUANTIZE_MIN_ROWS if compiled else CPU_DEQUANTIZE_MIN_ROWS
-    if scale_and_zero.dtype == torch.float32 or x2d.shape[0] >= min_rows:
+    return dtype == torch.float32 or rows >= min_rows
+
+
+def _cpu_forward(x2d, qdata, scale_and_zero, group_size, out_features):
+    compiled = use_compiled(qdata.numel() * 2)
+    if _cpu_takes_chunks(x2d.shape[0], scale_and_zero.dtype, compiled):
         return chunked_int4_linear(
             x2d, qdata, scale_and_zero, group_size, out_features, compiled=compiled
         )
