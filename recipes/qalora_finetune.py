@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 import qalora_tune
 from qalora_tune._compat import get_component_from_path
-from qalora_tune.checkpointing import atomic_write_text, check_resume_matches
+from qalora_tune.checkpointing import adopt_pooling, atomic_write_text, check_resume_matches
 from qalora_tune.models import base_bits_per_weight, count_parameters
 from qalora_tune.modules import QALoRALinear
 from qalora_tune.recipe_utils import (
@@ -521,12 +521,13 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             "group_size": first.group_size,
             "bits": first.bits,
             "double_quant_scales": first.double_quant_scales,
-            "pooling": "mean",
+            "pooling": first.pooling,
             "pooling_note": (
-                "the adapter's input is the mean over each group of group_size inputs; "
-                "for sum pooling (paper, Algorithm 1) divide lora_A by group_size; PEFT "
+                f"the adapter's input is the {first.pooling} over each group of group_size "
+                "inputs (sum: as the paper's Algorithm 1; mean: qalora-tune 0.1); PEFT "
                 "multiplies the mean by n_groups, which lora_alpha/alpha_pattern here "
-                "already account for (alpha / n_groups)"
+                "already account for (alpha * group_size / n_groups for sum pooling, "
+                "alpha / n_groups for mean pooling)"
             ),
             "quantizer": first.quantizer,
             "pad_in_dim": bool(cfg.get("pad_in_dim", False)),
@@ -623,6 +624,11 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         )
 
     def _restore(self, saved: Dict[str, Any]) -> None:
+        # a checkpoint of qalora-tune 0.1 (mean pooling) resumes in its own convention
+        pooling = adopt_pooling(self._adapter_modules.values(), saved["adapter_config"], saved["path"])
+        if pooling != self._adapter_metadata["pooling"]:
+            _info(f"{saved['path']} was trained with {pooling} pooling: resuming it so")
+            self._adapter_metadata = self._adapter_config()
         check_resume_matches(saved["adapter_config"], self._adapter_metadata, saved["path"])
         state = saved["recipe_state"]
         progress = state["progress"]

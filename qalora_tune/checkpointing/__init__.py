@@ -3,6 +3,7 @@
 from qalora_tune.checkpointing._adapter import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
+    adopt_pooling,
     check_adapter_matches,
     check_resume_matches,
     load_adapter_into,
@@ -54,6 +55,7 @@ __all__ = [
     "RECIPE_STATE_NAME",
     "atomic_directory",
     "atomic_write_text",
+    "adopt_pooling",
     "check_adapter_matches",
     "check_resume_matches",
     "load_adapter_into",

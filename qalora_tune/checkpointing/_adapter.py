@@ -6,28 +6,34 @@
 ``LoraConfig`` with ``use_qalora`` and ``qalora_group_size``, plus this project's own
 description under the key ``"qalora_tune"``.
 
-Pooling conventions differ (``docs/design.md``): this project averages each group, PEFT
-multiplies that average by ``n_groups = in_dim / group_size``. Instead of rescaling ``A``
-(which would round), the PEFT config carries ``lora_alpha = alpha / n_groups`` per module
-(``alpha_pattern``), so PEFT's formula gives the same function from the same tensors, and
-reading the adapter back is exact (a row permutation at most).
+Pooling conventions differ (``docs/design.md``): this project sums each group (adapters
+written by qalora-tune 0.1 averaged it; their metadata says ``"pooling": "mean"``, or
+nothing), PEFT multiplies the average by ``n_groups = in_dim / group_size``. Instead of
+rescaling ``A`` (which would round), the PEFT config carries ``lora_alpha = alpha *
+group_size / n_groups`` per module (``alpha / n_groups`` for a mean-pooled adapter) in
+``alpha_pattern``, so PEFT's formula gives the same function from the same tensors, and
+reading the adapter back is exact (a row permutation at most). A mean-pooled adapter loads
+into layers switched to mean pooling (:func:`adopt_pooling`): the same function and the
+same merged zero points as when it was written, bit for bit.
 """
 
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Iterable, Mapping, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from qalora_tune.checkpointing._hf_keys import HFKeyMap
-from qalora_tune.modules import QALoRALinear
+from qalora_tune.modules import POOLINGS, QALoRALinear
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
     "PEFT_PREFIX",
+    "adapter_pooling",
+    "adopt_pooling",
     "check_adapter_matches",
     "check_resume_matches",
     "load_adapter_into",
@@ -68,7 +74,8 @@ def write_adapter(
         b = layer.lora_b.weight.detach()[rows.to(layer.lora_b.weight.device)]
         tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.cpu().contiguous()
         tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.cpu().contiguous()
-        module_alpha[module] = layer.alpha / layer.n_groups
+        # PEFT applies lora_alpha / r to mean * n_groups; the layer, scaling to the mean
+        module_alpha[module] = layer.alpha * layer.pooling_factor / layer.n_groups
     save_file(tensors, str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
     config = _peft_config(module_alpha, metadata)
     (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2))
@@ -145,6 +152,36 @@ def read_adapter(directory: Path, key_map: HFKeyMap) -> Tuple[Dict[str, torch.Te
     return tensors, config["qalora_tune"]
 
 
+def adapter_pooling(metadata: Dict[str, Any], adapter_dir: Path) -> str:
+    """The pooling convention an adapter was trained with: its ``"pooling"`` entry, or
+    ``"mean"`` for adapters written before the entry existed.
+
+    Raises:
+        ValueError: for a convention this version does not know.
+    """
+    pooling = metadata.get("pooling", "mean")
+    if pooling not in POOLINGS:
+        raise ValueError(
+            f"the adapter in {adapter_dir} has pooling={pooling!r}, which this version of "
+            f"qalora-tune does not know (it knows {', '.join(POOLINGS)}); use the version "
+            "that wrote it"
+        )
+    return pooling
+
+
+def adopt_pooling(layers: Iterable[QALoRALinear], metadata: Dict[str, Any], adapter_dir: Path) -> str:
+    """Set every layer to the adapter's pooling convention (:func:`adapter_pooling`), so
+    that its tensors, loaded unchanged, give the function and merge they were trained for.
+
+    Returns:
+        str: the convention.
+    """
+    pooling = adapter_pooling(metadata, adapter_dir)
+    for layer in layers:
+        layer.pooling = pooling
+    return pooling
+
+
 # (description key, the setting that changes it) compared by check_adapter_matches
 _MATCHED_SETTINGS = (
     ("group_size", "model.group_size"),
@@ -214,6 +251,9 @@ def load_adapter_into(
         base_fingerprint (str): the fingerprint of the base the model was loaded from.
         pad_in_dim (bool): the model's ``pad_in_dim`` setting.
 
+    The layers take the adapter's pooling convention (:func:`adopt_pooling`): an adapter
+    written with mean pooling (qalora-tune 0.1) computes and merges as it did then.
+
     Raises:
         ValueError: if the model has no QA-LoRA layers, or the adapter was trained for
             another base, quantization or set of layers (see :func:`check_adapter_matches`).
@@ -235,6 +275,7 @@ def load_adapter_into(
         "base_fingerprint": base_fingerprint,
     }
     check_adapter_matches(metadata, expected, adapter_dir)
+    adopt_pooling(layers.values(), metadata, adapter_dir)
     for name, layer in layers.items():
         for part in ("lora_a", "lora_b"):
             getattr(layer, part).weight.copy_(adapter[f"{name}.{part}.weight"])

@@ -11,7 +11,7 @@ from qalora_tune.modules.int4_linear import Int4Linear
 from qalora_tune.ops import pooled_lora
 from qalora_tune.quantization import shift_zero_points_, stored_zero_points
 
-__all__ = ["QALoRALinear"]
+__all__ = ["POOLINGS", "QALoRALinear"]
 
 
 class QALoRALinear(Int4Linear, AdapterModule):
@@ -20,15 +20,23 @@ class QALoRALinear(Int4Linear, AdapterModule):
     The frozen base ``W`` (``out_dim x in_dim``) is an :class:`Int4Linear`: a torchao int4
     tensor quantized asymmetrically per (output row, group of ``group_size`` consecutive
     inputs) with float zero points, ``W[n, k] = (q[n, k] - 8) * s[n, g] + z[n, g]``. The
-    adapter sees the input averaged over the same groups::
+    adapter sees the input summed over the same groups::
 
-        y = x W^T + (alpha / rank) * B A pool(dropout(x))
+        y = x W^T + (alpha / rank) * B A pool(dropout(x)),    pool(x)[g] = sum_{k in g} x[k]
 
     with ``A`` of shape ``(rank, n_groups)`` and ``B`` of shape ``(out_dim, rank)``, ``B``
-    starting at zero. As the update is constant inside a group, :meth:`merge` folds it into
-    the zero points, ``z += (alpha / rank) (B A) / group_size``, and the layer stays the
-    same int4 tensor. With ``pad_in_dim`` the padded input columns are zeros: the last
-    group's pooled value is its sum over ``group_size``, and the merge stays exact.
+    starting at zero and ``A`` drawn as torchtune's LoRA draws a ``(rank, in_dim)`` A
+    (uniform, bound ``1 / sqrt(in_dim)``). The adapter is then exactly a LoRA whose ``A``
+    is constant on each group, so Adam moves it as it moves LoRA and LoRA's learning rate
+    carries over, whatever the group size (``docs/design.md`` section 2). As the update is
+    constant inside a group, :meth:`merge` folds it into the zero points,
+    ``z += (alpha / rank) (B A)``, and the layer stays the same int4 tensor. With
+    ``pad_in_dim`` the padded input columns are zeros and the merge stays exact.
+
+    ``pooling="mean"`` is the convention of adapters written before (qalora-tune 0.1): the
+    group average, ``A`` initialised with fan-in ``n_groups`` and ``z += (alpha / rank)
+    (B A) / group_size``; such adapters load into it unchanged (the checkpoint loaders set
+    it from the adapter's metadata).
 
     Args:
         in_dim (int): input features ``K``.
@@ -53,11 +61,13 @@ class QALoRALinear(Int4Linear, AdapterModule):
         bits (int): bit width of the base's grid, 2, 3, 4 or 8 (see :class:`Int4Linear`).
         double_quant_scales (bool): keep the base's scales as 8-bit codes (see
             :class:`Int4Linear`); the zero points the merge updates stay full precision.
+        pooling (str): ``"sum"`` (default) or ``"mean"``, the convention of adapters
+            written before sum pooling (see above).
 
     Raises:
         ValueError: if ``group_size`` is not positive or does not divide ``in_dim`` (without
-            ``pad_in_dim``), if ``rank`` or ``alpha`` is not positive, or ``dropout`` is
-            outside ``[0, 1)``.
+            ``pad_in_dim``), if ``rank`` or ``alpha`` is not positive, ``dropout`` is
+            outside ``[0, 1)`` or ``pooling`` is not one of :data:`POOLINGS`.
     """
 
     def __init__(
@@ -75,8 +85,9 @@ class QALoRALinear(Int4Linear, AdapterModule):
         device: Optional[torch.device] = None,
         bits: int = 4,
         double_quant_scales: bool = False,
+        pooling: str = "sum",
     ):
-        _validate_adapter_hparams(rank, alpha, dropout)
+        _validate_adapter_hparams(rank, alpha, dropout, pooling)
         super().__init__(
             in_dim,
             out_dim,
@@ -91,6 +102,7 @@ class QALoRALinear(Int4Linear, AdapterModule):
         )
         self.rank = rank
         self.alpha = alpha
+        self.pooling = pooling
         self.merged = False
         # 'disabled' turns the adapter off (torchtune uses it for DPO reference passes)
         self.disabled = False
@@ -150,8 +162,14 @@ class QALoRALinear(Int4Linear, AdapterModule):
         return super().from_int4(weight, bias=bias, rank=rank, alpha=alpha, **kwargs)
 
     def initialize_parameters(self) -> None:
-        """Kaiming-uniform ``A`` (as ``nn.Linear``) and zero ``B``: the layer starts as the base."""
-        nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
+        """Zero ``B``, so the layer starts as the base, and ``A`` uniform with bound
+        ``1 / sqrt(in_dim)``, as torchtune's LoRA draws its ``A`` (``pooling="mean"``:
+        ``1 / sqrt(n_groups)``, ``nn.Linear``'s default on ``A``'s own shape)."""
+        if self.pooling == "sum":
+            bound = 1.0 / math.sqrt(self.n_groups * self.group_size)
+            nn.init.uniform_(self.lora_a.weight, -bound, bound)
+        else:
+            nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_b.weight)
 
     def adapter_params(self) -> List[str]:
@@ -160,7 +178,16 @@ class QALoRALinear(Int4Linear, AdapterModule):
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.rank
+        """The factor on ``B A`` applied to the group *mean* of the input (what the op
+        ``qalora_tune::pooled_lora`` takes): ``alpha / rank`` times ``group_size`` for sum
+        pooling, ``alpha / rank`` for mean pooling."""
+        return self.alpha / self.rank * self.pooling_factor
+
+    @property
+    def pooling_factor(self) -> int:
+        """What the group mean is multiplied by to give the adapter's pooled input:
+        ``group_size`` (sum pooling) or 1 (mean pooling)."""
+        return self.group_size if self.pooling == "sum" else 1
 
     # ------------------------------------------------------------------ compute
 
@@ -192,7 +219,8 @@ class QALoRALinear(Int4Linear, AdapterModule):
 
     @torch.no_grad()
     def zero_point_delta(self) -> torch.Tensor:
-        """The adapter as a zero-point shift, ``(alpha / r) (B A) / G``, in float64.
+        """The adapter as a zero-point shift in float64: ``(alpha / r) (B A)`` (sum pooling;
+        ``(alpha / r) (B A) / G`` for mean pooling).
 
         Returns:
             torch.Tensor: ``(out_dim, n_groups)``.
@@ -234,10 +262,20 @@ class QALoRALinear(Int4Linear, AdapterModule):
         self.merged = False
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
+        return (
+            f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, "
+            f"pooling={self.pooling}, merged={self.merged}"
+        )
 
 
-def _validate_adapter_hparams(rank: int, alpha: float, dropout: float) -> None:
+POOLINGS = ("sum", "mean")
+"""Pooling conventions: ``"sum"`` (trained by this version), ``"mean"`` (adapters written
+by qalora-tune 0.1, loaded as they are)."""
+
+
+def _validate_adapter_hparams(rank: int, alpha: float, dropout: float, pooling: str) -> None:
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got pooling={pooling!r}")
     if rank <= 0:
         raise ValueError(f"rank must be a positive integer, got rank={rank}")
     if not alpha > 0:

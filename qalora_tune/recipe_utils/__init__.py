@@ -36,6 +36,7 @@ from qalora_tune.recipe_utils._preflight import (
 )
 from qalora_tune.recipe_utils._evaluation import evaluate_lm, full_logits, next_token_loss
 from qalora_tune.recipe_utils._full_precision import load_full_precision
+from qalora_tune.recipe_utils._lr_schedule import get_cosine_schedule_with_floor
 from qalora_tune.recipe_utils._merge_report import merge_with_report
 from qalora_tune.recipe_utils._validation import check_config
 
@@ -58,6 +59,7 @@ __all__ = [
     "evaluate_lm",
     "full_logits",
     "gather_objects",
+    "get_cosine_schedule_with_floor",
     "init_distributed",
     "is_rank_zero",
     "load_full_precision",

@@ -11,6 +11,7 @@ from qalora_tune.tiny.base import (
     is_complete_tiny_base,
     load_tiny_base,
     prepare_tiny_base,
+    tiny_llama_sizes,
 )
 from qalora_tune.tiny.dataset import TinyTaskDataset, encode_example, tiny_task_dataset
 from qalora_tune.tiny.metrics import answer_metrics, to_qalora_
@@ -30,6 +31,7 @@ __all__ = [
     "is_complete_tiny_base",
     "load_tiny_base",
     "prepare_tiny_base",
+    "tiny_llama_sizes",
     "tiny_task_dataset",
     "tiny_tokenizer",
     "to_qalora_",

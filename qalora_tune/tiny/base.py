@@ -39,6 +39,7 @@ __all__ = [
     "is_complete_tiny_base",
     "load_tiny_base",
     "prepare_tiny_base",
+    "tiny_llama_sizes",
 ]
 
 TINY_LLAMA_SIZES: Dict[str, Any] = {
@@ -55,6 +56,32 @@ TINY_LLAMA_SIZES: Dict[str, Any] = {
 Every linear has ``in_dim`` 128 or 256: 4 or 8 quantization groups of 32.
 """
 
+HEAD_DIM = 32
+"""Width of an attention head of the tiny bases, whatever their width."""
+
+
+def tiny_llama_sizes(embed_dim: int = 128) -> Dict[str, Any]:
+    """The tiny base's sizes at another width: :data:`TINY_LLAMA_SIZES` with ``embed_dim``
+    changed, one head per 32 features and a feed-forward width of ``2 * embed_dim``
+    (``tiny_llama_sizes(128) == TINY_LLAMA_SIZES``). Wider tiny bases are what
+    ``benchmarks/lr_transfer.py`` measures learning-rate transfer across width on.
+
+    Raises:
+        ValueError: if ``embed_dim`` is not a positive multiple of 32.
+    """
+    if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim <= 0 or (
+        embed_dim % HEAD_DIM
+    ):
+        raise ValueError(f"embed_dim must be a positive multiple of {HEAD_DIM}, got {embed_dim!r}")
+    heads = embed_dim // HEAD_DIM
+    return {
+        **TINY_LLAMA_SIZES,
+        "embed_dim": embed_dim,
+        "num_heads": heads,
+        "num_kv_heads": heads,
+        "intermediate_dim": 2 * embed_dim,
+    }
+
 METRICS_FILENAME = "base_metrics.json"
 COMPLETE_MARKER = "TINY_BASE_COMPLETE"
 """Empty file written last: a directory without it is not a finished base."""
@@ -70,9 +97,9 @@ DEFAULT_MAX_SECONDS = None
 DEFAULT_NUM_VALIDATION = 1000
 
 
-def build_tiny_base() -> torch.nn.Module:
-    """A freshly initialised ``llama2(**TINY_LLAMA_SIZES)`` (fp32)."""
-    return llama2(**TINY_LLAMA_SIZES)
+def build_tiny_base(embed_dim: int = 128) -> torch.nn.Module:
+    """A freshly initialised ``llama2(**tiny_llama_sizes(embed_dim))`` (fp32)."""
+    return llama2(**tiny_llama_sizes(embed_dim))
 
 
 def is_complete_tiny_base(checkpoint_dir: str) -> bool:
@@ -91,6 +118,7 @@ def prepare_tiny_base(
     max_seconds: Optional[float] = DEFAULT_MAX_SECONDS,
     num_validation: int = DEFAULT_NUM_VALIDATION,
     log: Optional[Callable[[str], None]] = print,
+    embed_dim: int = 128,
 ) -> str:
     """Make the tiny base in ``checkpoint_dir`` unless a finished one is already there.
 
@@ -113,16 +141,25 @@ def prepare_tiny_base(
             then depends on the machine's speed. Default: no limit, all ``steps`` run.
         num_validation (int): validation examples for ``base_metrics.json``.
         log (Callable[[str], None], optional): progress sink; None for quiet.
+        embed_dim (int): the base's width (:func:`tiny_llama_sizes`); 128, the embedded
+            default's, unless a wider base is wanted.
 
     Returns:
         str: ``checkpoint_dir``.
 
     Raises:
         ValueError: if ``checkpoint_dir`` is a non-empty directory that is not a finished
-            tiny base, or an argument is out of range.
+            tiny base, holds a base of another width, or an argument is out of range.
     """
     checkpoint_dir = os.path.abspath(checkpoint_dir)
+    sizes = tiny_llama_sizes(embed_dim)
     if is_complete_tiny_base(checkpoint_dir):
+        found = _stored_sizes(checkpoint_dir)
+        if found != sizes:
+            raise ValueError(
+                f"{checkpoint_dir!r} holds a tiny base of width {found.get('embed_dim')}, not "
+                f"{embed_dim}; choose another checkpoint_dir for a base of width {embed_dim}"
+            )
         if log is not None:
             log(f"[tiny base] reusing {checkpoint_dir}")
         return checkpoint_dir
@@ -142,7 +179,7 @@ def prepare_tiny_base(
     tokenizer = TinyTokenizer()
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
         torch.manual_seed(seed)
-        model = build_tiny_base()
+        model = build_tiny_base(embed_dim)
         train_info = pretrain(
             model, tokenizer, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
             max_seconds=max_seconds, log=log,
@@ -169,7 +206,7 @@ def prepare_tiny_base(
             "pretrain_seconds": round(pretrain_seconds, 2),
             "seconds": round(time.perf_counter() - start, 2),
         },
-        "sizes": TINY_LLAMA_SIZES,
+        "sizes": sizes,
     }
     _write_atomically(checkpoint_dir, state_dict, tokenizer, metrics)
     if log is not None:
@@ -190,21 +227,27 @@ def _write_atomically(
     # the checkpointer's atomic_directory: built under a temporary name, renamed when done
     # (an empty placeholder directory is replaced; a foreign one was refused earlier)
     with atomic_directory(checkpoint_dir) as staging:
-        save_hf_checkpoint(state_dict, TINY_LLAMA_SIZES, str(staging))
+        save_hf_checkpoint(state_dict, metrics["sizes"], str(staging))
         tokenizer.save(str(staging / TOKENIZER_FILENAME))
         (staging / METRICS_FILENAME).write_text(json.dumps(metrics, indent=2))
         (staging / COMPLETE_MARKER).touch()
 
 
+def _stored_sizes(checkpoint_dir: str) -> Dict[str, Any]:
+    """The sizes a finished base records (bases written before other widths: the default)."""
+    metrics = json.loads((Path(checkpoint_dir) / METRICS_FILENAME).read_text())
+    return metrics.get("sizes", TINY_LLAMA_SIZES)
+
+
 def load_tiny_base(checkpoint_dir: str) -> torch.nn.Module:
-    """The fp32 torchtune decoder stored in a finished tiny base directory.
+    """The fp32 torchtune decoder stored in a finished tiny base directory (of any width).
 
     Raises:
         ValueError: if ``checkpoint_dir`` is not a finished tiny base.
     """
     if not is_complete_tiny_base(checkpoint_dir):
         raise ValueError(f"{checkpoint_dir!r} is not a finished tiny base")
-    model = build_tiny_base()
+    model = llama2(**_stored_sizes(checkpoint_dir))
     directory = Path(checkpoint_dir)
     load_hf_weights(
         model, find_checkpoint_files(directory, None), "LLAMA2", read_hf_config(directory)
