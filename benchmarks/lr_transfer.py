@@ -567,7 +567,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     analysis, poolings = report["analysis"], report["settings"]["poolings"]
-    axes_shown = [a for a in AXES if a != "config" and analysis["axes"].get(a)]
+    measured = {name for name, found in analysis["cases"].items() if found}
+    axes_shown = [a for a in AXES if a != "config" and any(
+        a in c.axes and c.name in measured for c in CASES)]
     if not axes_shown:
         return
     figure, grid = plt.subplots(len(axes_shown), len(poolings), squeeze=False,
