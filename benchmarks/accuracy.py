@@ -36,9 +36,11 @@ Learning rates are tuned per method on the validation split with the first seed;
 is extended past its edge (``--max-lr-extensions`` times per side) while a method's best
 is at an edge. LoRA and QLoRA are trained once per learning rate and each ``(b, G,
 quantizer)`` row takes the learning rate whose post-PTQ validation perplexity is best.
-QA-LoRA is tuned per ``(b, G)`` on the rtn base over the learning rate and the pooling
-normalisation (``mean``: alpha 16, the project's average; ``sum``: alpha 16 * G, the
-paper's group sum), and the choice is reused for hqq and gptq. The headline rows (per
+QA-LoRA is tuned per ``(b, G)`` on the rtn base over the learning rate and the adapter's
+parametrization (``sum``: this version's group sum with LoRA's initialisation of A;
+``mean``: earlier qalora-tune's group average; alpha 16 in both, see ``docs/design.md`` section
+2), and the choice is reused for hqq and gptq. ``--qalora-lr LR`` skips that search: QA-LoRA
+trains at ``LR`` with sum pooling (the packaged configs' default, for their row). The headline rows (per
 ``b`` and ``G`` in ``--headline-group-sizes``: the QA-LoRA quantizer and the
 fine-tune-then-quantize baseline with the best validation perplexity) are repeated with
 every seed of ``--seeds``; their cells show mean +- standard deviation.
@@ -259,12 +261,19 @@ def nf4_scaler_block_size(numel: int, block_size: int = NF4_BLOCK_SIZE) -> int:
     return size
 
 
-def qalora_alpha(pooling: str, group_size: int) -> float:
-    """Adapter alpha of a pooling normalisation: ``mean`` keeps 16, ``sum`` (the paper's
-    group sum, equivalent to the project's mean with alpha multiplied by G) is 16 * G."""
+def use_pooling(model: nn.Module, pooling: str) -> nn.Module:
+    """Switch every QA-LoRA adapter of ``model`` to ``pooling`` (``sum``: what the builders
+    make; ``mean``: earlier qalora-tune's parametrization), drawing ``A`` again in that
+    convention where it changes."""
+    from qalora_tune.modules import QALoRALinear
+
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    return ALPHA * (group_size if pooling == "sum" else 1)
+    for module in model.modules():
+        if isinstance(module, QALoRALinear) and module.pooling != pooling:
+            module.pooling = pooling
+            module.initialize_parameters()
+    return model
 
 
 # ------------------------------------------------------------------------- data
@@ -554,11 +563,12 @@ class Models:
         bits: int,
         group_size: int,
         quantizer: str,
-        alpha: float,
+        pooling: str,
         seed: int,
         target: TargetData,
     ) -> nn.Module:
-        """The project's QA-LoRA model on the int-b base, adapters initialised with ``seed``."""
+        """The project's QA-LoRA model on the int-b base, adapters in ``pooling``
+        initialised with ``seed``."""
         from qalora_tune.quantization import load_quantized_base
 
         torch.manual_seed(seed)
@@ -566,12 +576,13 @@ class Models:
             ATTENTION_TARGETS,
             apply_lora_to_mlp=True,
             lora_rank=RANK,
-            lora_alpha=alpha,
+            lora_alpha=ALPHA,
             lora_dropout=0.0,
             group_size=group_size,
             quantizer=quantizer,
             bits=bits,
         )
+        use_pooling(model, pooling)
         load_quantized_base(model, self._quantized_state(None, bits, group_size, quantizer, target))
         return model
 
@@ -896,8 +907,7 @@ class Benchmark:
         """Train QA-LoRA once (cached): adapter weights and merged validation perplexity."""
         key = (target.name, bits, group_size, quantizer, lr, pooling, seed)
         if key not in self._qalora:
-            alpha = qalora_alpha(pooling, group_size)
-            model = self.models.qalora(bits, group_size, quantizer, alpha, seed, target)
+            model = self.models.qalora(bits, group_size, quantizer, pooling, seed, target)
             start = time.perf_counter()
             losses = train(
                 model,
@@ -925,7 +935,7 @@ class Benchmark:
                 f"{target.name}: qalora b={bits} G={group_size} {quantizer} {pooling} lr={lr:.3g} "
                 f"seed={seed}: val ppl {val:.3f} ({seconds:.0f}s)"
             )
-            self._qalora[key] = {"adapter": adapter, "val": val, "alpha": alpha}
+            self._qalora[key] = {"adapter": adapter, "val": val}
         return self._qalora[key]
 
     def qalora_evaluation(
@@ -941,7 +951,7 @@ class Benchmark:
         """Unmerged and merged test perplexity, merged validation and TinyStories perplexity,
         and the merged-vs-unmerged deviation of a trained QA-LoRA model."""
         run = self.qalora_run(target, bits, group_size, quantizer, lr, pooling, seed)
-        model = self.models.qalora(bits, group_size, quantizer, run["alpha"], seed, target)
+        model = self.models.qalora(bits, group_size, quantizer, pooling, seed, target)
         model.load_state_dict(run["adapter"], strict=False)
         unmerged = self.scores(model, target, ("test",))["test"]
         merge_all(model)
@@ -958,6 +968,9 @@ class Benchmark:
         quantizer = self.tuning_quantizer()
         if self.is_skipped(target, bits, group_size, quantizer):
             return None
+        if self.args.qalora_lr is not None:  # the packaged default: no search
+            self._bracketed[(target.name, bits, group_size, "sum")] = None
+            return self.args.qalora_lr, "sum"
         best: dict[str, tuple[float, float]] = {}
         for pooling in self.args.pooling:
             grid = self.args.qalora_lr_grid if pooling == "mean" else self.args.qalora_sum_lr_grid
@@ -976,7 +989,7 @@ class Benchmark:
                         bits,
                         group_size,
                         lr,
-                        qalora_alpha(pooling, group_size),
+                        ALPHA,
                         val,
                         pooling=pooling,
                     )
@@ -1010,7 +1023,7 @@ class Benchmark:
                 row.update(
                     lr=lr,
                     pooling=pooling,
-                    alpha=qalora_alpha(pooling, group_size),
+                    alpha=ALPHA,
                     tuned_on=self.tuning_quantizer(),
                     lr_bracketed=self._bracketed[(target.name, bits, group_size, pooling)],
                 )
@@ -1241,10 +1254,14 @@ def lr_table(rows: Sequence[dict[str, Any]], target: str) -> str:
         deviation = r.get("merge_deviation_mean")
         lines.append(
             f"| {_label(r)} | {r['bits'] or '-'} | {r['group_size'] or '-'} | {r['lr']:.3g} | {pooling} | "
-            f"{'yes' if r['lr_bracketed'] else 'no (edge)'} | "
+            f"{_bracketed(r['lr_bracketed'])} | "
             f"{'-' if deviation is None else f'{100 * deviation:.4f}%'} |"
         )
     return "\n".join(lines)
+
+
+def _bracketed(value: bool | None) -> str:
+    return {True: "yes", False: "no (edge)", None: "not searched (--qalora-lr)"}[value]
 
 
 def comparison_lines(
@@ -1281,7 +1298,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         (
             f"TinyStories-656K, {settings['steps']} steps x batch {settings['batch_size']} x "
             f"{settings['seq_len']} tokens for every method; rank {RANK}, alpha {ALPHA:g} (QA-LoRA: "
-            f"alpha per pooling), adapters on q/k/v/output_proj and w1/w2/w3; AdamW (weight decay 0), "
+            f"sum or mean pooling), adapters on q/k/v/output_proj and w1/w2/w3; AdamW (weight decay 0), "
             f"{int(WARMUP_FRACTION * 100)}% linear warmup then cosine. Seeds {settings['seeds']} on the "
             f"headline rows of {', '.join(settings['seed_targets'])} (cells: mean ± std), seed "
             f"{settings['seeds'][0]} elsewhere. Evaluation in "
@@ -1468,14 +1485,20 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         type=float,
         default=[3e-2, 1e-1, 3e-1],
-        help="initial grid of QA-LoRA with mean pooling (alpha 16)",
+        help="initial grid of QA-LoRA with mean pooling (earlier qalora-tune's parametrization)",
     )
     parser.add_argument(
         "--qalora-sum-lr-grid",
         nargs="+",
         type=float,
         default=[3e-3, 1e-2, 3e-2],
-        help="initial grid of QA-LoRA with sum pooling (alpha 16 * G)",
+        help="initial grid of QA-LoRA with sum pooling (this version's parametrization)",
+    )
+    parser.add_argument(
+        "--qalora-lr",
+        type=float,
+        default=None,
+        help="no QA-LoRA search: train at this learning rate with sum pooling",
     )
     parser.add_argument("--pooling", nargs="+", choices=POOLINGS, default=list(POOLINGS))
     parser.add_argument(

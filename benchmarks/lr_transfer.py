@@ -1,4 +1,4 @@
-"""Learning-rate transfer of QA-LoRA's pooled adapter: mean pooling (qalora-tune 0.1)
+"""Learning-rate transfer of QA-LoRA's pooled adapter: mean pooling (earlier qalora-tune)
 against sum pooling with LoRA's initialisation of A (this version).
 
     python benchmarks/lr_transfer.py --jobs 2 --json docs/results/lr_transfer.json \\
@@ -15,7 +15,7 @@ exponential). Only the learning rate, the seed, the pooling, and the case's knob
 Parametrizations (``--poolings``):
 
 - ``mean``: the adapter's input is the group average, ``A`` is ``nn.Linear``'s default on
-  its ``(rank, n_groups)`` shape (qalora-tune 0.1);
+  its ``(rank, n_groups)`` shape (earlier qalora-tune);
 - ``sum``: the group sum, ``A`` drawn as torchtune's LoRA draws a ``(rank, in_dim)`` A
   (this version's ``QALoRALinear``; ``docs/design.md`` section 2 gives the reason).
 
@@ -63,7 +63,7 @@ from typing import Any
 import torch
 
 from _report import command_line, cpu_model_name, write_outputs
-from accuracy import best_lr, grid_ratio, is_bracketed, lr_extensions
+from accuracy import best_lr, grid_ratio, is_bracketed, lr_extensions, use_pooling
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SHARED = ROOT.parent / "shared"
@@ -174,13 +174,12 @@ def adapted_model(
 
     ``sum`` is what the builders make (nothing changes: the point equals ``tune run``);
     ``mean`` switches every adapter to mean pooling and draws its ``A`` again in that
-    convention (qalora-tune 0.1's initialisation).
+    convention (earlier qalora-tune's initialisation).
     """
     from torchtune.models.llama2 import llama2
 
     from qalora_tune._compat import get_component_from_path
     from qalora_tune.models import qalora_transformer
-    from qalora_tune.modules import QALoRALinear
     from qalora_tune.tiny import tiny_llama_sizes
 
     if embed_dim is not None:
@@ -188,11 +187,7 @@ def adapted_model(
         model = qalora_transformer(partial(llama2, **tiny_llama_sizes(embed_dim)), **knobs)
     else:
         model = get_component_from_path(builder)(**knobs)
-    for module in model.modules():
-        if isinstance(module, QALoRALinear) and module.pooling != pooling:
-            module.pooling = pooling
-            module.initialize_parameters()
-    return model
+    return use_pooling(model, pooling)
 
 
 def adamw_lora_plus(params: Iterable[torch.nn.Parameter], lr: float, b_lr_ratio: float = 1.0,

@@ -524,7 +524,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             "pooling": first.pooling,
             "pooling_note": (
                 f"the adapter's input is the {first.pooling} over each group of group_size "
-                "inputs (sum: as the paper's Algorithm 1; mean: qalora-tune 0.1); PEFT "
+                "inputs (sum: as the paper's Algorithm 1; mean: earlier qalora-tune); PEFT "
                 "multiplies the mean by n_groups, which lora_alpha/alpha_pattern here "
                 "already account for (alpha * group_size / n_groups for sum pooling, "
                 "alpha / n_groups for mean pooling)"
@@ -624,7 +624,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         )
 
     def _restore(self, saved: Dict[str, Any]) -> None:
-        # a checkpoint of qalora-tune 0.1 (mean pooling) resumes in its own convention
+        # a checkpoint of earlier qalora-tune (mean pooling) resumes in its own convention
         pooling = adopt_pooling(self._adapter_modules.values(), saved["adapter_config"], saved["path"])
         if pooling != self._adapter_metadata["pooling"]:
             _info(f"{saved['path']} was trained with {pooling} pooling: resuming it so")

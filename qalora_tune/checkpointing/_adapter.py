@@ -7,7 +7,7 @@
 description under the key ``"qalora_tune"``.
 
 Pooling conventions differ (``docs/design.md``): this project sums each group (adapters
-written by qalora-tune 0.1 averaged it; their metadata says ``"pooling": "mean"``, or
+written by earlier qalora-tune averaged it; their metadata says ``"pooling": "mean"``, or
 nothing), PEFT multiplies the average by ``n_groups = in_dim / group_size``. Instead of
 rescaling ``A`` (which would round), the PEFT config carries ``lora_alpha = alpha *
 group_size / n_groups`` per module (``alpha / n_groups`` for a mean-pooled adapter) in
@@ -252,7 +252,7 @@ def load_adapter_into(
         pad_in_dim (bool): the model's ``pad_in_dim`` setting.
 
     The layers take the adapter's pooling convention (:func:`adopt_pooling`): an adapter
-    written with mean pooling (qalora-tune 0.1) computes and merges as it did then.
+    written with mean pooling (earlier qalora-tune) computes and merges as it did then.
 
     Raises:
         ValueError: if the model has no QA-LoRA layers, or the adapter was trained for

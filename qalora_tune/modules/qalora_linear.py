@@ -33,7 +33,7 @@ class QALoRALinear(Int4Linear, AdapterModule):
     ``z += (alpha / rank) (B A)``, and the layer stays the same int4 tensor. With
     ``pad_in_dim`` the padded input columns are zeros and the merge stays exact.
 
-    ``pooling="mean"`` is the convention of adapters written before (qalora-tune 0.1): the
+    ``pooling="mean"`` is the convention of adapters written by earlier qalora-tune: the
     group average, ``A`` initialised with fan-in ``n_groups`` and ``z += (alpha / rank)
     (B A) / group_size``; such adapters load into it unchanged (the checkpoint loaders set
     it from the adapter's metadata).
@@ -270,7 +270,7 @@ class QALoRALinear(Int4Linear, AdapterModule):
 
 POOLINGS = ("sum", "mean")
 """Pooling conventions: ``"sum"`` (trained by this version), ``"mean"`` (adapters written
-by qalora-tune 0.1, loaded as they are)."""
+by earlier qalora-tune, loaded as they are)."""
 
 
 def _validate_adapter_hparams(rank: int, alpha: float, dropout: float, pooling: str) -> None:

@@ -2,7 +2,7 @@
 
 Covers ``write_adapter`` (PEFT keys, shapes, Hugging Face row order, the PEFT
 ``adapter_config.json`` with per-module ``lora_alpha = alpha * group_size / n_groups``
-for sum pooling and ``alpha / n_groups`` for the mean pooling of qalora-tune 0.1), the
+for sum pooling and ``alpha / n_groups`` for the mean pooling of earlier qalora-tune), the
 key property that PEFT's QA-LoRA formula (``mean * n_groups`` pooling) applied to the
 written tensors reproduces the layer's adapter output in both conventions,
 ``read_adapter`` (bit-exact torchtune tensors back, and its errors on missing, foreign or
@@ -263,7 +263,7 @@ def test_read_adapter_returns_the_trained_tensors_bit_for_bit(layers, pooling, k
 def test_a_mean_pooled_adapter_loads_with_its_function_and_merge_bit_for_bit(
     tmp_path, key_map, written_pooling
 ):
-    """An adapter of qalora-tune 0.1 (mean pooling; its metadata says so, or says nothing)
+    """An adapter of earlier qalora-tune (mean pooling; its metadata says so, or says nothing)
     loaded into a model of this version (sum pooling) computes what it computed, and
     merges into the zeros the old formula z + (alpha / r) (B A) / G gives."""
     old = _adapted_layers("mean", seed=1)

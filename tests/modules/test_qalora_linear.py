@@ -519,7 +519,7 @@ def test_sum_pooling_is_a_lora_whose_a_is_constant_on_each_group():
 @pytest.mark.parametrize("pooling, fan_in", [("sum", 1024), ("mean", 1024 // 32)])
 def test_a_is_drawn_uniform_with_the_fan_in_of_its_convention(pooling, fan_in):
     """Sum pooling draws A as torchtune's LoRA draws a (rank, in_dim) A; mean pooling keeps
-    qalora-tune 0.1's nn.Linear default on A's own (rank, n_groups) shape."""
+    earlier qalora-tune's nn.Linear default on A's own (rank, n_groups) shape."""
     torch.manual_seed(0)
     layer = QALoRALinear(1024, 64, rank=64, alpha=16.0, group_size=32, pooling=pooling)
     a = layer.lora_a.weight
