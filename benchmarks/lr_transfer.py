@@ -292,25 +292,29 @@ def builder_of(case: Case, default: str) -> str:
     return OmegaConf.load(resolve_config(case.config)).model._component_
 
 
-def run_point(point: Point, args: argparse.Namespace) -> dict[str, Any]:
-    """Train one point with the recipe, in this process; its validation metrics."""
+def _recipe(point: Point, args: argparse.Namespace, output_dir: Path) -> Any:
+    """The recipe of ``point``, set up (config checked as ``tune run`` checks it)."""
     from omegaconf import OmegaConf
 
     import qalora_finetune
     from qalora_tune.recipe_utils import check_config, resolve_config
 
-    torch.set_num_threads(args.threads)
     case = case_by_name(point.case)
+    overrides = point_overrides(point, args, output_dir)
+    cfg = OmegaConf.merge(OmegaConf.load(resolve_config(case.config)), OmegaConf.from_dotlist(overrides))
+    cfg = OmegaConf.create(_rebase_shared(OmegaConf.to_container(cfg), args.shared))
+    check_config(cfg, qalora_finetune.CONFIG_KEYS, "qalora_finetune")
+    recipe = qalora_finetune.QALoRAFinetuneRecipe(cfg=cfg)
+    recipe.setup(cfg=cfg)
+    return recipe
+
+
+def run_point(point: Point, args: argparse.Namespace) -> dict[str, Any]:
+    """Train one point with the recipe, in this process; its validation metrics."""
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="lr_point_", dir=args.work_dir) as output_dir:
-        overrides = point_overrides(point, args, Path(output_dir))
-        cfg = OmegaConf.merge(
-            OmegaConf.load(resolve_config(case.config)), OmegaConf.from_dotlist(overrides)
-        )
-        cfg = OmegaConf.create(_rebase_shared(OmegaConf.to_container(cfg), args.shared))
-        check_config(cfg, qalora_finetune.CONFIG_KEYS, "qalora_finetune")
         start_cpu, start = time.process_time(), time.perf_counter()
-        recipe = qalora_finetune.QALoRAFinetuneRecipe(cfg=cfg)
-        recipe.setup(cfg=cfg)
+        recipe = _recipe(point, args, Path(output_dir))
         try:
             recipe.train()
             recipe.summary()
@@ -329,6 +333,40 @@ def run_point(point: Point, args: argparse.Namespace) -> dict[str, Any]:
         "accuracy": metrics.get("accuracy"),
         "cpu_seconds": round(time.process_time() - start_cpu, 2),
         "wall_seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+@torch.no_grad()
+def pooled_input_scale(case: Case, args: argparse.Namespace) -> dict[str, Any]:
+    """How large each adapter's ``A p`` is at initialisation next to LoRA's ``A x`` on the
+    same inputs (the case's first validation batch, through the int4 base):
+    ``sqrt(E|p_sum|^2 / E|x|^2)`` with sum pooling (1 when the inputs of a group are
+    uncorrelated, up to ``sqrt(G)`` when they are equal), ``sqrt(G)`` times less with mean
+    pooling. Median and range over the adapted linears."""
+    from qalora_tune.modules import QALoRALinear
+
+    ratios: list[float] = []
+
+    def record(module: QALoRALinear, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = module.pad_input(inputs[0]).double()
+        pooled = x.unflatten(-1, (-1, module.group_size)).sum(-1)
+        ratios.append((pooled.pow(2).sum() / x.pow(2).sum()).item())
+
+    with tempfile.TemporaryDirectory(prefix="lr_stats_", dir=args.work_dir) as output_dir:
+        recipe = _recipe(Point(case.name, "sum", 1e-3, args.seeds[0]), args, Path(output_dir))
+        try:  # the recipe's model and validation data (its own attributes)
+            layers = [m for m in recipe._model.modules() if isinstance(m, QALoRALinear)]
+            handles = [layer.register_forward_pre_hook(record) for layer in layers]
+            recipe._model.eval()(next(iter(recipe._val_dataloader))["tokens"])
+            for handle in handles:
+                handle.remove()
+        finally:
+            recipe.cleanup()
+    scales = sorted(math.sqrt(r) for r in ratios)
+    return {
+        "sum": {"median": statistics.median(scales), "min": scales[0], "max": scales[-1]},
+        "mean": {k: v / math.sqrt(case.group_size) for k, v in
+                 {"median": statistics.median(scales), "min": scales[0], "max": scales[-1]}.items()},
     }
 
 
@@ -516,19 +554,26 @@ def markdown_report(report: dict[str, Any]) -> str:
         "",
         "## Optimal learning rate per case",
         "",
-        "| case | axes | " + " | ".join(f"{p}: best lr (interpolated), loss" for p in settings["poolings"]) + " |",
-        "|---|---|" + "---|" * len(settings["poolings"]),
+        "| case | axes | " + " | ".join(f"{p}: best lr (interpolated), loss" for p in settings["poolings"])
+        + " | A p / LoRA's A x at init, sum (mean) |",
+        "|---|---|" + "---|" * len(settings["poolings"]) + "---|",
     ]
     for name, found in analysis["cases"].items():
         axes = ", ".join(a for a in case_by_name(name).axes)
+        scale = report.get("input_scale", {}).get(name)
+        scale_cell = "–" if scale is None else (
+            f"{scale['sum']['median']:.2f} [{scale['sum']['min']:.2f}-{scale['sum']['max']:.2f}] "
+            f"({scale['mean']['median']:.3f})")
         cells = []
         for pooling in settings["poolings"]:
             f = found.get(pooling)
             cells.append("–" if f is None else
                          f"{f['best_lr']:.3g} ({f['optimum_lr']:.3g}), {f['best_loss']:.4f}"
                          + ("" if f["bracketed"] else " (edge)"))
-        lines.append(f"| {name} | {axes} | " + " | ".join(cells) + " |")
-    lines += ["", "## Transfer along each axis", "",
+        lines.append(f"| {name} | {axes} | " + " | ".join(cells) + f" | {scale_cell} |")
+    lines += ["", "Interpolated: the minimum of a parabola in log(lr) through the best grid point "
+              "and its neighbours. Init scale: median [range] over the adapted linears, on the "
+              "first validation batch.", "", "## Transfer along each axis", "",
               "Spread: largest over smallest interpolated optimum. Single rate: the one grid "
               "learning rate with the smallest worst-case excess validation loss over each "
               "case's own best (and that worst case).", "",
@@ -748,6 +793,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
         "points": points,
         "analysis": analyse(sweep, cases, args.poolings),
+        "input_scale": {case.name: pooled_input_scale(case, args) for case in cases},
         **side,
         "cpu_seconds": sum(r["cpu_seconds"] for r in points),
         "wall_seconds": time.perf_counter() - start,

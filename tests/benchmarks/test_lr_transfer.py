@@ -125,6 +125,9 @@ def test_quick_run_measures_both_parametrizations_and_the_side_studies(quick):
     assert sum(p["min_lr_ratio"] == 0.1 for p in points) == 3
     assert json.loads(outputs["json"].read_text())["analysis"] == json.loads(
         json.dumps(report["analysis"]))
+    scale = report["input_scale"][QUICK_CASE]
+    assert 0 < scale["sum"]["min"] <= scale["sum"]["median"] <= scale["sum"]["max"]
+    assert scale["mean"]["median"] == pytest.approx(scale["sum"]["median"] / 64**0.5)
     markdown = outputs["md"].read_text()
     assert f"| {QUICK_CASE} | width |" in markdown and "## Schedule floor" in markdown
     if HAS_MATPLOTLIB:
