@@ -587,6 +587,15 @@ def markdown_report(report: dict[str, Any]) -> str:
                          f"{f['optimum_spread']:.2f}x / {f['single_rate']['lr']:.3g} "
                          f"({_pct(f['single_rate']['worst_excess'])})")
         lines.append(f"| {AXES[axis]} | " + " | ".join(cells) + " |")
+    if report.get("defaults"):
+        lines += ["", "## The packaged defaults (no lr override)", "",
+                  "| command | metric | default lr | default (merged int4) | best lr in the sweep | "
+                  "best (mean of seeds) | default vs best |", "|---|---|---|---|---|---|---|"]
+        for row in report["defaults"]:
+            lines.append(
+                f"| `{row['command']}` | {row['metric']} | {row['default_lr']:.3g} | "
+                f"{row['default']:.4f} ({row['merged_int4']:.4f}) | {row['best_lr']:.3g} | "
+                f"{row['best']:.4f} | {_pct(row['excess'])} |")
     for title, key in (("LoRA+ (lr of B / lr of A)", "lora_plus"), ("Schedule floor", "schedule")):
         side = report.get(key) or {}
         if not side:
@@ -663,6 +672,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--schedule-cases", nargs="*",
                         default=["tiny_qalora G32 b2", "stories260K_qalora G32 b2",
                                  "tinystories656K_qalora G32 b2", "tiny w512 G64 b2 r8"])
+    parser.add_argument("--check-defaults", action="store_true",
+                        help="also run each packaged-config case's real tune run command with "
+                        "its defaults and compare it with the sweep's best")
     parser.add_argument("--steps", type=int, default=None,
                         help="override every case's steps (the --quick test)")
     parser.add_argument("--pretrain-steps", type=int, default=TINY_PRETRAIN["steps"],
@@ -748,6 +760,57 @@ def run_sweep(args: argparse.Namespace, sweep: Sweep) -> dict[str, Any]:
     return side
 
 
+def check_defaults(args: argparse.Namespace, sweep: Sweep) -> list[dict[str, Any]]:
+    """Run ``tune run qalora_finetune --config X model.bits=B output_dir=...`` (the packaged
+    defaults, nothing else changed) for every packaged-config case, and compare its
+    validation score with the best of that case's sweep (sum pooling, mean over seeds):
+    perplexity for text, loss for the tiny task."""
+    import shutil
+    import subprocess
+
+    tune = str(Path(sys.executable).with_name("tune"))
+    rows = []
+    for case in (case_by_name(n) for n in args.cases):
+        if "config" not in case.axes:
+            continue
+        output_dir = args.work_dir / "defaults" / f"{case.config}_b{case.bits}"
+        shutil.rmtree(output_dir, ignore_errors=True)
+        command = [tune, "run", "qalora_finetune", "--config", case.config,
+                   f"model.bits={case.bits}", f"output_dir={output_dir}"]
+        # from inside shared/, the configs' ../shared/... is shared/ itself
+        result = subprocess.run(command, cwd=args.shared if args.shared.is_dir() else ROOT,
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+        metrics = json.loads((output_dir / "summary.json").read_text())["metrics"]
+        curve = sweep.curve(case.name, "sum")
+        best = best_lr(curve)
+        text = case.config != "tiny_qalora"  # text: perplexity; the tiny task: loss
+        default = metrics["QA-LoRA"]["perplexity" if text else "loss"]
+        reference = math.exp(curve[best]) if text else curve[best]
+        rows.append({
+            "case": case.name,
+            "command": "tune run qalora_finetune --config " + f"{case.config} model.bits={case.bits}",
+            "metric": "validation perplexity" if text else "validation loss",
+            "default_lr": _config_lr(case.config),
+            "default": default,
+            "merged_int4": metrics["QA-LoRA merged int4"]["perplexity" if text else "loss"],
+            "best_lr": best,
+            "best": reference,
+            "excess": default / reference - 1.0,
+        })
+        _log(f"defaults {case.name}: {default:.4g} vs best {reference:.4g} at lr {best:.3g}")
+    return rows
+
+
+def _config_lr(config: str) -> float:
+    from omegaconf import OmegaConf
+
+    from qalora_tune.recipe_utils import resolve_config
+
+    return float(OmegaConf.load(resolve_config(config)).optimizer.lr)
+
+
 def environment(argv: Sequence[str], args: argparse.Namespace) -> dict[str, Any]:
     import platform
 
@@ -794,6 +857,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "points": points,
         "analysis": analyse(sweep, cases, args.poolings),
         "input_scale": {case.name: pooled_input_scale(case, args) for case in cases},
+        "defaults": check_defaults(args, sweep) if args.check_defaults else [],
         **side,
         "cpu_seconds": sum(r["cpu_seconds"] for r in points),
         "wall_seconds": time.perf_counter() - start,

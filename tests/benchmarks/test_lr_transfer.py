@@ -166,3 +166,36 @@ def test_a_sum_point_is_the_recipe_run_with_the_same_overrides(quick, tmp_path):
     assert not done.value.code
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["metrics"]["QA-LoRA"]["loss"] == record["loss"]
+
+
+def test_check_defaults_runs_the_packaged_command_and_compares_with_the_sweep(tmp_path, monkeypatch):
+    import subprocess
+
+    name = "tinystories656K_qalora G32 b2"
+    args = lr_transfer.parse_args(["--cases", name, "--work-dir", str(tmp_path), "--seeds", "0", "1"])
+    sweep = lr_transfer.Sweep(args)
+    for lr, losses in ((0.01, (4.0, 4.2)), (0.03, (3.9, 3.9)), (0.1, (4.5, 4.4))):
+        for seed, loss in zip((0, 1), losses):
+            point = lr_transfer.Point(name, "sum", lr, seed)
+            sweep.results[point.key()] = {**lr_transfer.dataclasses.asdict(point), "loss": loss}
+    commands = []
+
+    def fake_run(command, cwd, capture_output, text):
+        commands.append((command, cwd))
+        output_dir = Path(next(c for c in command if c.startswith("output_dir=")).split("=", 1)[1])
+        output_dir.mkdir(parents=True)
+        metrics = {"QA-LoRA": {"perplexity": math.exp(3.9) * 1.02},
+                   "QA-LoRA merged int4": {"perplexity": math.exp(3.9) * 1.02}}
+        (output_dir / "summary.json").write_text(json.dumps({"metrics": metrics}))
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    (row,) = lr_transfer.check_defaults(args, sweep)
+    (command, cwd), = commands
+    assert command[1:] == ["run", "qalora_finetune", "--config", "tinystories656K_qalora",
+                           "model.bits=2", f"output_dir={tmp_path / 'defaults' / 'tinystories656K_qalora_b2'}"]
+    assert cwd == args.shared or not args.shared.is_dir()
+    assert row["best_lr"] == 0.03 and row["best"] == pytest.approx(math.exp(3.9))
+    assert row["excess"] == pytest.approx(0.02)
+    assert row["metric"] == "validation perplexity"
+    assert row["default_lr"] == lr_transfer._config_lr("tinystories656K_qalora")
