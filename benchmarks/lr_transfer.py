@@ -151,6 +151,7 @@ QUICK_DEFAULTS = {
     "max_lr_extensions": 0,
     "lora_plus_ratios": [4.0],
     "schedule_floors": [0.1],
+    "warmup_factors": [2.0],
     "lora_plus_cases": ["tiny w128 G64 b2 r8"],
     "schedule_cases": ["tiny w128 G64 b2 r8"],
     "steps": 3,
@@ -216,6 +217,12 @@ class Point:
     seed: int
     b_lr_ratio: float = 1.0
     min_lr_ratio: float | None = None  # None: the config's schedule (cosine to zero)
+    warmup_steps: int | None = None  # None: the config's warmup
+
+    @classmethod
+    def of(cls, record: dict[str, Any]) -> "Point":
+        """The point of a result record (fields added later take their defaults)."""
+        return cls(**{f.name: record.get(f.name, f.default) for f in dataclasses.fields(cls)})
 
     def key(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -276,6 +283,8 @@ def point_overrides(point: Point, args: argparse.Namespace, output_dir: Path) ->
     if point.min_lr_ratio is not None:
         overrides += ["lr_scheduler._component_=qalora_tune.recipe_utils.get_cosine_schedule_with_floor",
                       f"lr_scheduler.min_lr_ratio={point.min_lr_ratio!r}"]
+    if point.warmup_steps is not None:
+        overrides.append(f"lr_scheduler.num_warmup_steps={point.warmup_steps}")
     if args.steps is not None:
         overrides.append(f"max_steps_per_epoch={args.steps}")
     return [*overrides, *case.overrides]
@@ -403,7 +412,7 @@ class Sweep:
         if self.cache_path.is_file() and not args.fresh:
             for line in self.cache_path.read_text().splitlines():
                 record = json.loads(line)
-                self.results[Point(**{f.name: record[f.name] for f in dataclasses.fields(Point)}).key()] = record
+                self.results[Point.of(record).key()] = record
 
     def run(self, points: Sequence[Point]) -> None:
         todo = list(dict.fromkeys(p for p in points if p.key() not in self.results))
@@ -420,22 +429,23 @@ class Sweep:
                 self._record(record)
 
     def _record(self, record: dict[str, Any]) -> None:
-        point = Point(**{f.name: record[f.name] for f in dataclasses.fields(Point)})
+        point = Point.of(record)
         self.results[point.key()] = record
         with self.cache_path.open("a") as cache:
             cache.write(json.dumps(record) + "\n")
         _log(f"{point.case} {point.pooling} lr={point.lr:.3g} seed={point.seed} "
-             f"B/A={point.b_lr_ratio:g} floor={point.min_lr_ratio} -> loss {record['loss']} "
+             f"B/A={point.b_lr_ratio:g} floor={point.min_lr_ratio} warmup={point.warmup_steps} "
+             f"-> loss {record['loss']} "
              f"({record['cpu_seconds']:.0f} s cpu)")
 
     def curve(self, case: str, pooling: str, **variant: Any) -> dict[float, float]:
         """Mean validation loss over the seeds, per learning rate (inf if any diverged)."""
         losses: dict[float, list[float]] = {}
         for record in self.results.values():
-            point = Point(**{f.name: record[f.name] for f in dataclasses.fields(Point)})
+            point = Point.of(record)
             if (point.case, point.pooling) != (case, pooling) or point.seed not in self.args.seeds:
                 continue
-            if any(getattr(point, k) != v for k, v in {"b_lr_ratio": 1.0, "min_lr_ratio": None, **variant}.items()):
+            if any(getattr(point, k) != v for k, v in {"b_lr_ratio": 1.0, "min_lr_ratio": None, "warmup_steps": None, **variant}.items()):
                 continue
             loss = record["loss"]
             losses.setdefault(point.lr, []).append(math.inf if loss is None else loss)
@@ -669,8 +679,10 @@ def build_parser() -> argparse.ArgumentParser:
                         default=["tinystories656K_qalora G32 b2", "tiny w512 G64 b2 r8"])
     parser.add_argument("--schedule-floors", nargs="*", type=float, default=[0.1],
                         help="cosine floors (fraction of the peak) measured at --schedule-cases")
+    parser.add_argument("--warmup-factors", nargs="*", type=float, default=[3.0],
+                        help="warmups (times the case's own) measured at --schedule-cases")
     parser.add_argument("--schedule-cases", nargs="*",
-                        default=["tiny_qalora G32 b2", "stories260K_qalora G32 b2",
+                        default=["tiny_qalora G32 b2", "tiny_qalora G32 b4", "stories260K_qalora G32 b2",
                                  "tinystories656K_qalora G32 b2", "tiny w512 G64 b2 r8"])
     parser.add_argument("--check-defaults", action="store_true",
                         help="also run each packaged-config case's real tune run command with "
@@ -744,6 +756,10 @@ def run_sweep(args: argparse.Namespace, sweep: Sweep) -> dict[str, Any]:
                              [centre / ratio, centre, centre * ratio]))
     for name in (n for n in args.schedule_cases if n in args.cases):
         best = best_lr(sweep.curve(name, "sum"))
+        for factor in args.warmup_factors:
+            steps = round(factor * _config_warmup(case_by_name(name)))
+            variants.append(("schedule", name, f"warmup {steps} steps", {"warmup_steps": steps},
+                             [best / ratio, best, best * ratio]))
         for floor in args.schedule_floors:
             variants.append(("schedule", name, f"cosine to {floor:g} x peak", {"min_lr_ratio": floor},
                              [best / ratio, best, best * ratio]))
@@ -801,6 +817,17 @@ def check_defaults(args: argparse.Namespace, sweep: Sweep) -> list[dict[str, Any
         })
         _log(f"defaults {case.name}: {default:.4g} vs best {reference:.4g} at lr {best:.3g}")
     return rows
+
+
+def _config_warmup(case: Case) -> int:
+    """The warmup steps a case trains with (the tiny widths: ``TINY_PROTOCOL``)."""
+    from omegaconf import OmegaConf
+
+    from qalora_tune.recipe_utils import resolve_config
+
+    if case.width is not None:
+        return int(TINY_PROTOCOL["lr_scheduler.num_warmup_steps"])
+    return int(OmegaConf.load(resolve_config(case.config)).lr_scheduler.num_warmup_steps)
 
 
 def _config_lr(config: str) -> float:
