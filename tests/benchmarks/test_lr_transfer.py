@@ -114,7 +114,8 @@ def quick(tmp_path_factory):
 def test_quick_run_measures_both_parametrizations_and_the_side_studies(quick):
     report, outputs, _, _ = quick
     points = report["points"]
-    assert {(p["pooling"], p["lr"]) for p in points if p["b_lr_ratio"] == 1.0 and p["min_lr_ratio"] is None} == {
+    assert {(p["pooling"], p["lr"]) for p in points if p["b_lr_ratio"] == 1.0 and p["min_lr_ratio"] is None
+            and p["warmup_steps"] is None} == {
         ("mean", 0.1), ("sum", 0.03)}
     assert all(p["loss"] is not None and math.isfinite(p["loss"]) and p["cpu_seconds"] > 0 for p in points)
     found = report["analysis"]["cases"][QUICK_CASE]
@@ -157,7 +158,8 @@ def test_a_sum_point_is_the_recipe_run_with_the_same_overrides(quick, tmp_path):
     args = lr_transfer.parse_args(argv)
     point = lr_transfer.Point(QUICK_CASE, "sum", 0.03, 0)
     (record,) = [p for p in report["points"] if lr_transfer.Point(
-        **{k: p[k] for k in ("case", "pooling", "lr", "seed", "b_lr_ratio", "min_lr_ratio")}) == point]
+        **{k: p[k] for k in ("case", "pooling", "lr", "seed", "b_lr_ratio", "min_lr_ratio",
+                             "warmup_steps")}) == point]
     overrides = lr_transfer.point_overrides(point, args, tmp_path / "run")
     overrides = [o for o in overrides if not o.startswith(("model._component_", "model.pooling", "model.builder"))]
     case = lr_transfer.case_by_name(QUICK_CASE)
