@@ -9,8 +9,14 @@ from torchao.prototype.int4_opaque_tensor import Int4OpaqueTensor
 from torchao.quantization import Int4TilePackedTo4dTensor
 from torchao.quantization.quant_primitives import (
     MappingType,
+)
+from torchao.quantization.quant_primitives import (
     _choose_qparams_affine_tinygemm as choose_qparams_tinygemm,
+)
+from torchao.quantization.quant_primitives import (
     _choose_qparams_and_quantize_affine_hqq as choose_qparams_and_quantize_hqq,
+)
+from torchao.quantization.quant_primitives import (
     _quantize_affine_tinygemm as quantize_tinygemm,
 )
 from torchao.quantization.utils import (
@@ -66,11 +72,12 @@ from torchao.prototype.safetensors.safetensors_support import (  # noqa: E402
     flatten_tensor_state_dict,
     unflatten_tensor_state_dict,
 )
-from torchao.quantization import Int4Tensor, Int4WeightOnlyConfig  # noqa: E402
 
 # the dequantizing base for 8-bit codes and group sizes the int4 kernels lack, and its
 # transformers TorchAoConfig entry
-from torchao.quantization import (  # noqa: E402
+from torchao.quantization import (  # noqa: E402  # noqa: E402
+    Int4Tensor,
+    Int4WeightOnlyConfig,
     IntxUnpackedToInt8Tensor,
     IntxWeightOnlyConfig,
     PerGroup,
@@ -125,3 +132,4 @@ def inductor_compile(fn, example_inputs):
 
     graph = make_fx(fn)(*example_inputs)
     return compile_graph(graph, list(example_inputs))
+

@@ -37,20 +37,30 @@ from torch import nn
 from torch.optim import Optimizer
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
-from torchtune import config, modules, training, utils
+from torchtune import modules, training, utils
 from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
 import qalora_tune
 from qalora_tune._compat import get_component_from_path
-from qalora_tune.checkpointing import atomic_write_text, check_resume_matches
+from qalora_tune.checkpointing import (
+    RECIPE_STATE_NAME,
+    atomic_write_text,
+    check_resume_matches,
+    recover_interrupted_writes,
+)
+from qalora_tune.errors import UserError, UserValueError
 from qalora_tune.models import base_bits_per_weight, count_parameters
 from qalora_tune.modules import QALoRALinear
 from qalora_tune.recipe_utils import (
-    CALIBRATION_CONFIG_KEYS,
+    FINETUNE_KEYS,
+    FINETUNE_SETTINGS,
+    OutputDirLock,
+    Problems,
     TrainingError,
     all_reduce_gradients,
     all_reduce_sum,
+    barrier,
     broadcast_parameters,
     calibrate_base,
     calibration_settings,
@@ -58,17 +68,24 @@ from qalora_tune.recipe_utils import (
     check_cuda_only_options,
     check_device,
     check_output_dir,
+    check_run_dir,
+    check_settings,
     check_tokenizer_fits,
+    component_file_problems,
     destroy_distributed,
     evaluate_lm,
     gather_objects,
     init_distributed,
+    instantiate_section,
     is_rank_zero,
     load_full_precision,
     merge_with_report,
+    remove_previous_run,
     resolve_dtype,
+    resume_command,
     run_on_rank_zero,
     run_recipe,
+    set_interrupt_note,
     shard_indices,
     world_size_and_rank,
 )
@@ -78,44 +95,7 @@ _info = partial(utils.log_rank_zero, log)  # every rank runs the same steps: log
 
 IGNORE_INDEX = -100
 
-# every top-level key the recipe reads ("section.key": keys of a section that is not a
-# component); check_config refuses others (did-you-mean) before anything runs
-CONFIG_KEYS = (
-    "batch_size",
-    *CALIBRATION_CONFIG_KEYS,
-    "checkpointer",
-    "clip_grad_norm",
-    "compile",
-    "dataset",
-    "device",
-    "dtype",
-    "enable_activation_checkpointing",
-    "enable_activation_offloading",
-    "epochs",
-    "gradient_accumulation_steps",
-    "log_every_n_steps",
-    "log_peak_memory_stats",
-    "loss",
-    "lr_scheduler",
-    "max_steps_per_epoch",
-    "merge_probe_size",
-    "metric_logger",
-    "model",
-    "optimizer",
-    "output_dir",
-    "prepare_base",
-    "resume_from_checkpoint",
-    "save_every_n_steps",
-    "save_merged_int4",
-    "seed",
-    "shuffle",
-    "tokenizer",
-    "validation",
-    "validation.batch_size",
-    "validation.dataset",
-    "validation.full_precision_baseline",
-    "validation.max_batches",
-)
+CONFIG_KEYS = FINETUNE_KEYS  # every top-level key the recipe reads
 
 
 class QALoRAFinetuneRecipe(FTRecipeInterface):
@@ -136,12 +116,12 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
     """
 
     def __init__(self, cfg: DictConfig) -> None:
-        check_device(cfg.device)
+        self._preflight(cfg)
         self._device = utils.get_device(device=cfg.device)
         init_distributed(cfg.device)
         self._world_size, self._rank = world_size_and_rank()
         self._dtype = resolve_dtype(cfg.dtype, self._device, allowed=("fp32", "bf16"))
-        self._output_dir = check_output_dir(cfg.output_dir)
+        self._output_dir = Path(cfg.output_dir).expanduser()
         self._log_every_n_steps = cfg.get("log_every_n_steps", 1)
         self._log_peak_memory_stats = cfg.get("log_peak_memory_stats", False)
         self._gradient_accumulation_steps = cfg.get("gradient_accumulation_steps", 1)
@@ -150,24 +130,18 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         self._enable_activation_checkpointing = cfg.get("enable_activation_checkpointing", False)
         self._enable_activation_offloading = cfg.get("enable_activation_offloading", False)
         self._resume_from_checkpoint = cfg.get("resume_from_checkpoint", False)
+        self._overwrite = cfg.get("overwrite", False)
         self._save_merged_int4 = cfg.get("save_merged_int4", True)
         self._merge_probe_size = cfg.get("merge_probe_size", 8)
         self._save_every_n_steps = cfg.get("save_every_n_steps", None)
-        if self._save_every_n_steps is not None and (
-            not isinstance(self._save_every_n_steps, int) or self._save_every_n_steps < 1
-        ):
-            raise ValueError(
-                f"save_every_n_steps must be a positive integer or null, got "
-                f"{self._save_every_n_steps!r}"
-            )
         self._batch_size = cfg.batch_size
         self._shuffle = cfg.get("shuffle", True)
         self._calibration = calibration_settings(cfg, default_dataset=cfg.get("dataset"))
-        check_cuda_only_options(cfg, self._device)
-        if self._gradient_accumulation_steps < 1:
-            raise ValueError(
-                f"gradient_accumulation_steps must be >= 1, got {self._gradient_accumulation_steps}"
-            )
+        self._lock = OutputDirLock(self._output_dir, "qalora_finetune")
+        if is_rank_zero():  # one writer: rank 0 holds the output directory
+            self._lock.acquire()
+            for line in recover_interrupted_writes(self._output_dir):
+                log.info(f"output_dir: {line}")
         self.seed = training.set_seed(seed=cfg.seed)
         self.total_epochs = cfg.epochs
         self.max_steps_per_epoch = cfg.get("max_steps_per_epoch", None)
@@ -176,6 +150,74 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         self._steps_done_in_epoch = 0  # > 0 after resuming from a step checkpoint
         self._resumed_dataloader_state: Optional[Dict[str, Any]] = None
         self._metrics: Dict[str, Dict[str, float]] = {}
+        self._checkpointer = None
+        set_interrupt_note(self._interrupt_note)
+
+    @staticmethod
+    def _preflight(cfg: DictConfig) -> None:
+        """Every problem that can be found without loading weights, reported together:
+        settings of the wrong type or range, the device, dtype and CUDA-only options, the
+        output directory (writable, not another run's unless resuming or overwriting),
+        the base weights, the tokenizer and the data files."""
+        problems = Problems()
+        problems.extend(check_settings(cfg, FINETUNE_SETTINGS))
+        if problems.messages:  # the checks below read these settings
+            problems.raise_if_any()
+        for section in ("model", "tokenizer", "checkpointer", "dataset", "optimizer", "loss"):
+            if cfg.get(section) is None:
+                problems.add(
+                    f"the config has no {section} section; add one (qalora-tune cp tiny_qalora "
+                    "my.yaml gives a complete config to start from)"
+                )
+        if cfg.get("model") is not None:
+            problems.check(calibration_settings, cfg, cfg.get("dataset"))
+        problems.raise_if_any()
+        problems.check(check_device, cfg.device)
+        device = torch.device("cpu" if not str(cfg.device).startswith("cuda") else "cuda")
+        problems.check(resolve_dtype, cfg.dtype, torch.device("cpu"), ("fp32", "bf16"))
+        problems.check(check_cuda_only_options, cfg, device)
+        output_dir = problems.check(check_output_dir, cfg.output_dir)
+        if output_dir is not None:
+            problems.add(check_run_dir(
+                output_dir, cfg.get("resume_from_checkpoint", False), cfg.get("overwrite", False)
+            ))
+        if cfg.get("resume_from_checkpoint", False) and cfg.get("overwrite", False):
+            problems.add(
+                "resume_from_checkpoint=True and overwrite=True contradict each other; set one "
+                "of them to False"
+            )
+        if cfg.get("prepare_base") is None:  # a prepared base does not exist yet
+            checkpointer = problems.check(
+                instantiate_section, cfg.checkpointer, "checkpointer", output_dir=str(cfg.output_dir)
+            )
+            if checkpointer is not None:
+                problems.check(checkpointer.check_base_available)
+            problems.extend(component_file_problems(cfg.get("tokenizer"), "tokenizer"))
+        datasets = cfg.get("dataset")
+        entries = list(datasets) if OmegaConf.is_list(datasets) else [datasets]
+        for index, entry in enumerate(entries):
+            setting = "dataset" if len(entries) == 1 else f"dataset[{index}]"
+            problems.extend(component_file_problems(entry, setting))
+        validation = cfg.get("validation")
+        if validation is not None:
+            problems.extend(component_file_problems(validation.get("dataset"), "validation.dataset"))
+        problems.raise_if_any()
+
+    def _interrupt_note(self) -> str:
+        """What Ctrl-C reports: where training stopped, the last checkpoint, how to resume."""
+        latest = self._checkpointer.latest_checkpoint_dir() if self._checkpointer else None
+        where = (
+            f"at global step {self.global_step} (epoch {self.epochs_run + 1} of "
+            f"{self.total_epochs})"
+            if self.global_step
+            else "before the first optimizer step"
+        )
+        if latest is None:
+            return f"stopped {where}; no checkpoint was written; run the same command to start again"
+        return (
+            f"stopped {where}; the last checkpoint is {latest}; resume with: "
+            f"{resume_command()}"
+        )
 
     # ------------------------------------------------------------------ setup
 
@@ -184,15 +226,13 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         if cfg.get("prepare_base") is not None:
             # the RNG streams stay as seeded whether the base is made now or reused
             with torch.random.fork_rng(devices=[]):
-                run_on_rank_zero(lambda: config.instantiate(cfg.prepare_base))
+                run_on_rank_zero(lambda: instantiate_section(cfg.prepare_base, "prepare_base"))
                 if not is_rank_zero():
-                    config.instantiate(cfg.prepare_base)  # reuses (checks) rank 0's base
+                    instantiate_section(cfg.prepare_base, "prepare_base")  # reuses (checks) rank 0's base
         self._checkpointer = self._setup_checkpointer(cfg.checkpointer)
-        self._metric_logger = self._setup_metric_logger(cfg.metric_logger)
-        if self._metric_logger is not None:
-            self._metric_logger.log_config(cfg)
+        self._checkpointer.run_config = OmegaConf.to_yaml(cfg, resolve=True)
         self._model_cfg = cfg.model
-        self._tokenizer = config.instantiate(cfg.tokenizer)
+        self._tokenizer = instantiate_section(cfg.tokenizer, "tokenizer")
         self._model = self._setup_model(cfg.model)
         check_tokenizer_fits(self._tokenizer, self._model)
         self._loss_fn = self._setup_loss(cfg.loss)
@@ -208,14 +248,20 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             self._restore(self._checkpointer.load_resume_state())
         # identical adapters on every rank (each initialised its own from seed + rank)
         broadcast_parameters(self._adapter_params.values())
+        # last, so that a failed setup leaves the output directory as it was
+        self._metric_logger = self._setup_metric_logger(cfg.metric_logger)
+        if self._metric_logger is not None:
+            self._metric_logger.log_config(cfg)
+            _info(f"Config saved in {self._output_dir}; each checkpoint keeps its own config.yaml")
 
     def _setup_metric_logger(self, cfg_metric_logger: DictConfig) -> Optional[Any]:
         """The metric logger, on rank 0 only (the logged values are global)."""
-        return config.instantiate(cfg_metric_logger) if is_rank_zero() else None
+        return instantiate_section(cfg_metric_logger, "metric_logger") if is_rank_zero() else None
 
     def _setup_checkpointer(self, cfg_checkpointer: DictConfig) -> Any:
-        checkpointer = config.instantiate(
+        checkpointer = instantiate_section(
             cfg_checkpointer,
+            "checkpointer",
             output_dir=str(self._output_dir),
             resume_from_checkpoint=self._resume_from_checkpoint,
         )
@@ -226,7 +272,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
     def _setup_model(self, cfg_model: DictConfig) -> nn.Module:
         start = time.perf_counter()
         with training.set_default_dtype(self._dtype), self._device:
-            model = config.instantiate(cfg_model)
+            model = instantiate_section(cfg_model, "model")
         if self._calibration is not None:
             self._hf_config = calibrate_base(
                 model, cfg_model._component_, self._checkpointer, self._calibration,
@@ -236,7 +282,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             self._hf_config = self._checkpointer.load_base(model)
         adapters = {n: m for n, m in model.named_modules() if isinstance(m, QALoRALinear)}
         if not adapters:
-            raise ValueError(
+            raise UserValueError(
                 "the model has no QA-LoRA adapters; set model.lora_attn_modules, "
                 "model.apply_lora_to_mlp or model.apply_lora_to_output"
             )
@@ -265,7 +311,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         return model
 
     def _setup_loss(self, cfg_loss: DictConfig) -> nn.Module:
-        loss_fn = config.instantiate(cfg_loss)
+        loss_fn = instantiate_section(cfg_loss, "loss")
         if self._compile:
             loss_fn = training.compile_loss(loss_fn)
         if hasattr(loss_fn, "num_output_chunks"):
@@ -273,13 +319,16 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         return loss_fn
 
     def _setup_optimizer(self, cfg_optimizer: DictConfig) -> Optimizer:
-        return config.instantiate(cfg_optimizer, list(self._adapter_params.values()))
+        return instantiate_section(cfg_optimizer, "optimizer", list(self._adapter_params.values()))
 
-    def _build_dataset(self, cfg_dataset: Any) -> torch.utils.data.Dataset:
+    def _build_dataset(self, cfg_dataset: Any, setting: str = "dataset") -> torch.utils.data.Dataset:
         if isinstance(cfg_dataset, (list, tuple)) or OmegaConf.is_list(cfg_dataset):
-            parts = [config.instantiate(c, self._tokenizer) for c in cfg_dataset]
+            parts = [
+                instantiate_section(c, f"{setting}[{i}]", self._tokenizer)
+                for i, c in enumerate(cfg_dataset)
+            ]
             return torch.utils.data.ConcatDataset(parts)
-        return config.instantiate(cfg_dataset, self._tokenizer)
+        return instantiate_section(cfg_dataset, setting, self._tokenizer)
 
     def _loader(self, dataset, batch_size: int, sampler, drop_last: bool) -> StatefulDataLoader:
         collate = get_component_from_path("torchtune.data.padded_collate_sft")
@@ -298,7 +347,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         """This rank's loader: every ``world_size``-th example of each epoch's order."""
         dataset = self._build_dataset(cfg_dataset)
         if len(dataset) < batch_size * self._world_size:
-            raise ValueError(
+            raise UserValueError(
                 f"the dataset has {len(dataset)} examples, fewer than batch_size={batch_size} "
                 f"x {self._world_size} processes; lower batch_size"
             )
@@ -312,7 +361,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         if self.max_steps_per_epoch is not None:
             steps = min(steps, self.max_steps_per_epoch)
         if steps < 1:
-            raise ValueError(
+            raise UserValueError(
                 "an epoch has no optimizer step: lower gradient_accumulation_steps or "
                 "batch_size, or use more data"
             )
@@ -321,8 +370,9 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
     def _setup_lr_scheduler(self, cfg_lr_scheduler: Optional[DictConfig]) -> Optional[Any]:
         if cfg_lr_scheduler is None:
             return None
-        return config.instantiate(
+        return instantiate_section(
             cfg_lr_scheduler,
+            "lr_scheduler",
             self._optimizer,
             num_training_steps=self.total_epochs * self._steps_per_epoch,
         )
@@ -333,7 +383,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         across ranks so that the summed metrics equal a single process's."""
         if cfg_validation is None:
             return None, None
-        dataset = self._build_dataset(cfg_validation.dataset)
+        dataset = self._build_dataset(cfg_validation.dataset, "validation.dataset")
         batch_size = cfg_validation.get("batch_size", 8)
         max_batches = cfg_validation.get("max_batches")
         count = len(dataset) if max_batches is None else min(len(dataset), max_batches * batch_size)
@@ -404,6 +454,11 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
     def train(self) -> None:
         """Run the remaining epochs, saving adapter and recipe state after each (and every
         ``save_every_n_steps`` optimizer steps, when set)."""
+        if self._overwrite and is_rank_zero():
+            removed = remove_previous_run(self._output_dir)
+            if removed:
+                _info(f"overwrite=True: removed the previous run's {', '.join(removed)}")
+        barrier()
         if self._compile:
             _info("torch.compile is on: the first steps compile the model (slow)")
         self._model.train()
@@ -624,14 +679,39 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
 
     def _restore(self, saved: Dict[str, Any]) -> None:
         check_resume_matches(saved["adapter_config"], self._adapter_metadata, saved["path"])
+        try:
+            self._restore_state(saved)
+        except (KeyError, TypeError, IndexError, ValueError, RuntimeError) as error:
+            if isinstance(error, UserError):
+                raise
+            raise UserValueError(
+                f"{saved['path'] / RECIPE_STATE_NAME} does not hold the recipe state this run "
+                f"needs ({type(error).__name__}: {' '.join(str(error).split())[:160]}); delete "
+                f"{saved['path']} to resume from the checkpoint before it, or set "
+                "resume_from_checkpoint=False"
+            ) from None
+
+    def _restore_state(self, saved: Dict[str, Any]) -> None:
         state = saved["recipe_state"]
         progress = state["progress"]
         missing = set(self._adapter_params) - set(saved["adapter"])
         if missing:
-            raise ValueError(
+            raise UserValueError(
                 f"the checkpoint in {saved['path']} lacks adapter weights {sorted(missing)[:3]}; "
                 "resume with the config it was trained with"
             )
+        for name, param in self._adapter_params.items():
+            stored = saved["adapter"][name]
+            if tuple(stored.shape) != tuple(param.shape) or not bool(torch.isfinite(stored).all()):
+                problem = (
+                    f"shape {tuple(stored.shape)} where the model has {tuple(param.shape)}"
+                    if tuple(stored.shape) != tuple(param.shape)
+                    else "NaN or infinite values"
+                )
+                raise UserValueError(
+                    f"the checkpoint in {saved['path']} has {name} with {problem}; resume with "
+                    "the config it was trained with, or delete it to resume from the one before"
+                )
         mid_epoch = progress["steps_done_in_epoch"] > 0
         if mid_epoch:
             self._check_data_order(saved["path"], state["data_order"])
@@ -677,7 +757,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
                 setting = (
                     f"--nproc_per_node {value}" if key == "world_size" else f"{key}={value}"
                 )
-                raise ValueError(
+                raise UserValueError(
                     f"{path} was saved in the middle of an epoch with {key}={value}, and this "
                     f"run has {key}={current[key]}; resume with {setting} to continue its data "
                     "order exactly"
@@ -736,11 +816,9 @@ def _version(package: str) -> str:
     return version(package)
 
 
-@config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point: ``tune run qalora_finetune --config NAME_OR_PATH [key=value ...]``."""
     check_config(cfg, CONFIG_KEYS, "qalora_finetune")
-    config.log_config(recipe_name="QALoRAFinetuneRecipe", cfg=cfg)
     recipe = QALoRAFinetuneRecipe(cfg=cfg)
     recipe.setup(cfg=cfg)
     recipe.evaluate_baselines()
@@ -751,7 +829,7 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """Resolve a packaged config name, then run the recipe."""
+    """Parse the command line (a packaged config name or a path), then run the recipe."""
     run_recipe("qalora_finetune", recipe_main, argv)
 
 

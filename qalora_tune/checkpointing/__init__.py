@@ -3,6 +3,7 @@
 from qalora_tune.checkpointing._adapter import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
+    check_adapter_before_use,
     check_adapter_matches,
     check_resume_matches,
     load_adapter_into,
@@ -13,19 +14,15 @@ from qalora_tune.checkpointing._atomic import (
     CheckpointWriteError,
     atomic_directory,
     atomic_write_text,
+    recover_interrupted_writes,
 )
 from qalora_tune.checkpointing._checkpointer import (
+    OUTPUT_MARKER_NAME,
     PROGRESS_NAME,
     RECIPE_STATE_NAME,
+    RUN_CONFIG_NAME,
     QALoRACheckpointer,
-)
-from qalora_tune.checkpointing._hf_keys import HFKeyMap
-from qalora_tune.checkpointing._merged_int4 import (
-    MERGE_REPORT_NAME,
-    MERGED_DIR_NAME,
-    clean_module_name,
-    load_merged,
-    write_merged_int4,
+    load_recipe_state,
 )
 from qalora_tune.checkpointing._formats import (
     CHECKPOINT_FORMATS,
@@ -33,11 +30,19 @@ from qalora_tune.checkpointing._formats import (
     load_checkpoint_weights,
     read_checkpoint_config,
 )
+from qalora_tune.checkpointing._hf_keys import HFKeyMap
 from qalora_tune.checkpointing._hf_weights import (
     HF_MODEL_TYPES,
     iter_hf_tensors,
     load_hf_weights,
     read_hf_config,
+)
+from qalora_tune.checkpointing._merged_int4 import (
+    MERGE_REPORT_NAME,
+    MERGED_DIR_NAME,
+    clean_module_name,
+    load_merged,
+    write_merged_int4,
 )
 
 __all__ = [
@@ -49,11 +54,14 @@ __all__ = [
     "HF_MODEL_TYPES",
     "MERGED_DIR_NAME",
     "MERGE_REPORT_NAME",
+    "OUTPUT_MARKER_NAME",
+    "RUN_CONFIG_NAME",
     "QALoRACheckpointer",
     "PROGRESS_NAME",
     "RECIPE_STATE_NAME",
     "atomic_directory",
     "atomic_write_text",
+    "check_adapter_before_use",
     "check_adapter_matches",
     "check_resume_matches",
     "load_adapter_into",
@@ -63,6 +71,8 @@ __all__ = [
     "load_checkpoint_weights",
     "load_hf_weights",
     "load_merged",
+    "load_recipe_state",
+    "recover_interrupted_writes",
     "read_adapter",
     "read_checkpoint_config",
     "read_hf_config",

@@ -14,20 +14,24 @@ reading the adapter back is exact (a row permutation at most).
 """
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from qalora_tune._files import read_json
 from qalora_tune.checkpointing._hf_keys import HFKeyMap
+from qalora_tune.errors import UserFileNotFoundError, UserValueError
 from qalora_tune.modules import QALoRALinear
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
     "PEFT_PREFIX",
+    "check_adapter_before_use",
     "check_adapter_matches",
     "check_resume_matches",
     "load_adapter_into",
@@ -58,7 +62,7 @@ def write_adapter(
             under ``"qalora_tune"``; needs ``rank``, ``group_size`` and ``lora_dropout``.
     """
     if not layers:
-        raise ValueError("there are no adapted layers to write")
+        raise UserValueError("there are no adapted layers to write")
     tensors: Dict[str, torch.Tensor] = {}
     module_alpha: Dict[str, float] = {}
     for name, layer in layers.items():
@@ -117,32 +121,120 @@ def read_adapter(directory: Path, key_map: HFKeyMap) -> Tuple[Dict[str, torch.Te
     directory = Path(directory)
     for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME):
         if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory / name} not found; point to an adapter/ directory")
-    config = json.loads((directory / ADAPTER_CONFIG_NAME).read_text())
-    if "qalora_tune" not in config:
-        raise ValueError(
+            raise UserFileNotFoundError(f"{directory / name} not found; point to an adapter/ directory")
+    config = read_json(
+        directory / ADAPTER_CONFIG_NAME, "the adapter config",
+        "point to an adapter/ directory written by qalora-tune",
+    )
+    if not isinstance(config.get("qalora_tune"), dict):
+        raise UserValueError(
             f"{directory / ADAPTER_CONFIG_NAME} is not a qalora-tune adapter (no 'qalora_tune' "
             "entry); only adapters written by qalora-tune can be merged exactly"
         )
+    _check_description(config["qalora_tune"], directory / ADAPTER_CONFIG_NAME)
     try:
         peft_tensors = load_file(str(directory / ADAPTER_WEIGHTS_NAME))
     except Exception as error:  # safetensors raises its own error types for bad files
-        raise ValueError(f"{directory / ADAPTER_WEIGHTS_NAME} cannot be read: {error}") from None
+        reason = " ".join(str(error).split())
+        raise UserValueError(
+            f"{directory / ADAPTER_WEIGHTS_NAME} cannot be read ({reason}): the file is "
+            "truncated or corrupt; use the adapter/ directory of a finished save"
+        ) from None
     tensors: Dict[str, torch.Tensor] = {}
     for key, value in peft_tensors.items():
         parts = key[len(PEFT_PREFIX):].rsplit(".", 2)
         if not key.startswith(PEFT_PREFIX) or len(parts) != 3 or parts[1] not in _PEFT_SUFFIXES:
-            raise ValueError(f"unexpected adapter key {key!r} in {directory}")
+            raise UserValueError(f"unexpected adapter key {key!r} in {directory}")
         module, kind, _ = parts
         peft_b = peft_tensors.get(f"{PEFT_PREFIX}{module}.lora_B.weight")
         if peft_b is None or f"{PEFT_PREFIX}{module}.lora_A.weight" not in peft_tensors:
-            raise ValueError(f"{directory}: {module} lacks its lora_A or lora_B weight")
-        tune_key, rows = key_map.row_order(f"{module}.weight", peft_b.shape[0], to_hf=False)
-        tune_module = tune_key[: -len(".weight")]
-        tensors[f"{tune_module}.{_PEFT_SUFFIXES[kind]}.weight"] = (
-            value[rows] if kind == "lora_B" else value
-        )
+            raise UserValueError(f"{directory}: {module} lacks its lora_A or lora_B weight")
+        try:
+            tune_key, rows = key_map.row_order(f"{module}.weight", peft_b.shape[0], to_hf=False)
+            tune_module = tune_key[: -len(".weight")]
+            tensors[f"{tune_module}.{_PEFT_SUFFIXES[kind]}.weight"] = (
+                value[rows] if kind == "lora_B" else value
+            )
+        except Exception as error:  # torchtune's converters raise a bare Exception
+            raise UserValueError(
+                f"{directory / ADAPTER_WEIGHTS_NAME}: {key} of shape {tuple(value.shape)} does "
+                f"not fit the model's layer {module} ({type(error).__name__}); the adapter was "
+                "trained for another model: set model._component_ to the one it was trained with"
+            ) from None
     return tensors, config["qalora_tune"]
+
+
+# description entries every qalora-tune adapter has, and what each must be
+_DESCRIPTION_TYPES = (
+    ("rank", "a positive integer", lambda v: _positive_int(v)),
+    ("alpha", "a positive number", lambda v: _number(v) and v > 0),
+    ("group_size", "a positive integer", lambda v: _positive_int(v)),
+    ("bits", "an integer", lambda v: _positive_int(v)),
+    ("target_modules", "a list of module names", lambda v: isinstance(v, list) and all(isinstance(m, str) for m in v)),
+)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_description(description: Dict[str, Any], path: Path) -> None:
+    for key, kind, accepts in _DESCRIPTION_TYPES:
+        if key in description and not accepts(description[key]):
+            raise UserValueError(
+                f"{path} has qalora_tune.{key}={description[key]!r}, not {kind}; the file was "
+                "edited or is not qalora-tune's: use the adapter_config.json written with the "
+                "adapter"
+            )
+
+
+def check_adapter_before_use(
+    adapter: Mapping[str, torch.Tensor],
+    metadata: Dict[str, Any],
+    adapter_dir: Path,
+    base_fingerprint: Optional[str] = None,
+) -> None:
+    """Check a read adapter on its own, before any model is built or tensor used: the base
+    it was trained on, and its tensors against its own description.
+
+    Args:
+        adapter (Mapping[str, torch.Tensor]): from :func:`read_adapter`.
+        metadata (Dict[str, Any]): its ``"qalora_tune"`` description.
+        adapter_dir (Path): named in the messages.
+        base_fingerprint (str, optional): the fingerprint of the base at hand.
+
+    Raises:
+        UserValueError: for another base, tensors whose shapes disagree with the recorded
+            rank or with each other, non-float tensors, or NaN/Inf values.
+    """
+    if base_fingerprint is not None and metadata.get("base_fingerprint") != base_fingerprint:
+        check_adapter_matches(metadata, {"base_fingerprint": base_fingerprint}, adapter_dir)
+    rank = metadata.get("rank")
+    modules = sorted({key.rsplit(".", 2)[0] for key in adapter})
+    if not modules:
+        raise UserValueError(f"{adapter_dir / ADAPTER_WEIGHTS_NAME} holds no adapter weights")
+    for module in modules:
+        a, b = adapter[f"{module}.lora_a.weight"], adapter[f"{module}.lora_b.weight"]
+        where = f"{adapter_dir / ADAPTER_WEIGHTS_NAME}: {module}"
+        if not (a.is_floating_point() and b.is_floating_point()) or a.dim() != 2 or b.dim() != 2:
+            raise UserValueError(f"{where} has lora weights that are not 2D float tensors; the file is not a qalora-tune adapter")
+        if a.shape[0] != b.shape[1] or (rank is not None and a.shape[0] != rank):
+            raise UserValueError(
+                f"{where} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, which do not "
+                f"fit rank={rank} in {adapter_dir / ADAPTER_CONFIG_NAME}; the adapter files do "
+                "not belong together: use both files of one save"
+            )
+        for name, tensor in (("lora_A", a), ("lora_B", b)):
+            if not bool(torch.isfinite(tensor).all()):
+                raise UserValueError(
+                    f"{where} {name} holds NaN or infinite values; it cannot be merged or used: "
+                    "train again (lower optimizer.lr or set clip_grad_norm) or use an earlier "
+                    "checkpoint's adapter"
+                )
 
 
 # (description key, the setting that changes it) compared by check_adapter_matches
@@ -178,13 +270,13 @@ def check_adapter_matches(
     for key, setting in _MATCHED_SETTINGS:
         value = adapter.get(key, _SETTING_DEFAULTS.get(key))
         if key in expected and value != expected[key]:
-            raise ValueError(
+            raise UserValueError(
                 f"the adapter in {adapter_dir} has {key}={value!r} but the model "
                 f"has {key}={expected[key]!r}; set {setting} to match the adapter (a QA-LoRA "
                 "adapter merges exactly only into the base quantization it was trained on)"
             )
     if adapter.get("base_fingerprint") != expected.get("base_fingerprint"):
-        raise ValueError(
+        raise UserValueError(
             f"the adapter in {adapter_dir} was trained on another base checkpoint "
             f"({adapter.get('base_checkpoint_dir')}, fingerprint "
             f"{str(adapter.get('base_fingerprint'))[:12]}...) than checkpointer.checkpoint_dir "
@@ -220,7 +312,7 @@ def load_adapter_into(
     """
     first = next(iter(layers.values()), None)
     if first is None:
-        raise ValueError(
+        raise UserValueError(
             "the config's model has no QA-LoRA layers to load the adapter into; set "
             "model.lora_attn_modules / model.apply_lora_to_mlp as in training"
         )
@@ -235,9 +327,27 @@ def load_adapter_into(
         "base_fingerprint": base_fingerprint,
     }
     check_adapter_matches(metadata, expected, adapter_dir)
+    check_adapter_before_use(adapter, metadata, adapter_dir)
+    stored = {key.rsplit(".", 2)[0] for key in adapter}
+    if stored != set(layers):
+        extra, lacking = sorted(stored - set(layers))[:3], sorted(set(layers) - stored)[:3]
+        raise UserValueError(
+            f"the adapter in {adapter_dir} does not fit this model's layers (only in the "
+            f"adapter: {extra}; only in the model: {lacking}); it was trained for another "
+            "model: set model._component_ and the adapter targets to those it was trained with"
+        )
     for name, layer in layers.items():
         for part in ("lora_a", "lora_b"):
-            getattr(layer, part).weight.copy_(adapter[f"{name}.{part}.weight"])
+            value = adapter[f"{name}.{part}.weight"]
+            target = getattr(layer, part).weight
+            if tuple(value.shape) != tuple(target.shape):
+                raise UserValueError(
+                    f"the adapter in {adapter_dir} has {name}.{part} of shape "
+                    f"{tuple(value.shape)} where this model has {tuple(target.shape)}; it was "
+                    "trained for another model size or group size: set model._component_ and "
+                    "model.group_size to those it was trained with"
+                )
+            target.copy_(value)
 
 
 # (description key, the setting that changes it) that must not change across a resume
@@ -275,7 +385,7 @@ def check_resume_matches(saved: Dict[str, Any], current: Dict[str, Any], checkpo
     )
     for key, setting in _RESUMED_SETTINGS:
         if key in saved and key in current and saved[key] != current[key]:
-            raise ValueError(
+            raise UserValueError(
                 f"resume_from_checkpoint=True but {checkpoint} was trained with "
                 f"{_difference(key, saved[key], current[key])}; set {setting} back to "
                 f"resume it, {start_over}"
@@ -287,14 +397,14 @@ def check_resume_matches(saved: Dict[str, Any], current: Dict[str, Any], checkpo
             saved_value, current_value = saved_calibration.get(key), current_calibration.get(key)
             if saved_value != current_value:
                 setting = f"calibration.{key}"
-                raise ValueError(
+                raise UserValueError(
                     f"resume_from_checkpoint=True but {checkpoint} was trained on a base "
                     f"calibrated with {_difference(setting, saved_value, current_value)}; "
                     f"set {setting} back to resume it, {start_over}"
                 )
     saved_base, current_base = saved.get("base_fingerprint"), current.get("base_fingerprint")
     if saved_base is not None and current_base is not None and saved_base != current_base:
-        raise ValueError(
+        raise UserValueError(
             f"resume_from_checkpoint=True but {checkpoint} was trained on another base "
             f"checkpoint ({saved.get('base_checkpoint_dir')}, fingerprint {saved_base[:12]}...) "
             f"than checkpointer.checkpoint_dir ({current.get('base_checkpoint_dir')}, "

@@ -29,10 +29,12 @@ from qalora_tune._compat import (
     PerGroup,
     config_to_dict,
     flatten_tensor_state_dict,
-    get_component_from_path,
     unflatten_tensor_state_dict,
 )
+from qalora_tune._files import read_json
 from qalora_tune.checkpointing._hf_keys import HFKeyMap
+from qalora_tune.checkpointing._model_spec import build_from_spec, check_model_spec
+from qalora_tune.errors import UserFileNotFoundError, UserValueError
 from qalora_tune.modules import Int4Linear, QALoRALinear
 from qalora_tune.quantization import (
     GroupQuantizedWeight,
@@ -40,8 +42,8 @@ from qalora_tune.quantization import (
     from_torchao_base,
     is_intx_weight,
     plain_int4_bytes,
-    to_plain_int4,
     reorder_intx_rows,
+    to_plain_int4,
     to_torchao_base,
     uses_int4_kernel,
 )
@@ -61,6 +63,7 @@ MERGED_DIR_NAME = "merged_int4"
 MERGED_WEIGHTS_NAME = "model.safetensors"
 MERGED_SPEC_NAME = "qalora_tune.json"
 MERGE_REPORT_NAME = "merge_report.json"
+_STORED_DTYPES = ("float32", "bfloat16", "float16")
 _NESTED = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
 
@@ -105,7 +108,7 @@ def _merged_tensors(model: nn.Module) -> Iterator[Tuple[str, Union[torch.Tensor,
     for name, module in model.named_modules():
         if isinstance(module, Int4Linear):
             if isinstance(module, QALoRALinear) and not module.merged:
-                raise ValueError(f"{name}: merge() the adapters before writing the merged model")
+                raise UserValueError(f"{name}: merge() the adapters before writing the merged model")
             int4_modules[f"{clean_module_name(name)}.weight"] = module
     for key, value in model.state_dict().items():
         key = clean_module_name(key)
@@ -151,7 +154,7 @@ def write_merged_int4(
         else:
             tensors.update(key_map.to_hf({key: value.detach().cpu().contiguous()}))
     if group_size is None:
-        raise ValueError("the model has no int4 linear layers to write")
+        raise UserValueError("the model has no int4 linear layers to write")
     data, metadata = flatten_tensor_state_dict(tensors)
     metadata["format"] = "pt"
     path = directory / MERGED_WEIGHTS_NAME
@@ -181,7 +184,7 @@ def _portable_weight(module: Int4Linear, rows: torch.Tensor) -> Tuple[torch.Tens
         plain = to_plain_int4(_permute_rows(gq, rows), in_features=module.in_dim)
         return plain, plain_int4_bytes(plain)
     if module.padded_in_dim != module.in_dim:
-        raise ValueError(
+        raise UserValueError(
             f"a padded intx base ({module.in_dim} inputs in groups of {module.group_size}) "
             "has no transformers layout; set model.group_size to a divisor of every "
             "linear's in_dim instead of model.pad_in_dim=True"
@@ -193,22 +196,44 @@ def _portable_weight(module: Int4Linear, rows: torch.Tensor) -> Tuple[torch.Tens
 
 def _read_tensors(path: Path) -> Iterator[Tuple[str, torch.Tensor]]:
     """(Hugging Face key, tensor or Int4Tensor) from a torchao safetensors file, one at a time."""
-    with safe_open(str(path), framework="pt", device="cpu") as handle:
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except Exception as error:  # safetensors raises its own error types for bad files
+        raise UserValueError(
+            f"{path} cannot be read ({' '.join(str(error).split())}): the file is truncated "
+            "or corrupt; merge again (tune run qalora_merge ...)"
+        ) from None
+    with handle:
         metadata = handle.metadata() or {}
         if "tensor_names" not in metadata:
-            raise ValueError(f"{path} has no torchao metadata; it is not a merged int4 model")
-        for name in json.loads(metadata["tensor_names"]):
-            info = json.loads(metadata[name])
-            if info.get("_type") == "Tensor":
-                yield name, handle.get_tensor(name)
-                continue
-            module, param = name.rsplit(".", 1)
-            parts = {
-                f"{module}._{param}_{part}": handle.get_tensor(f"{module}._{param}_{part}")
-                for part in info["_tensor_data_names"]
-            }
-            one = {name: metadata[name], "tensor_names": json.dumps([name])}
-            yield name, unflatten_tensor_state_dict(parts, one)[0][name]
+            raise UserValueError(f"{path} has no torchao metadata; it is not a merged int4 model")
+        try:
+            names = json.loads(metadata["tensor_names"])
+        except json.JSONDecodeError:
+            raise UserValueError(f"{path} has corrupt torchao metadata (tensor_names)") from None
+        for name in names:
+            try:
+                yield name, _read_one(handle, metadata, name)
+            except UserValueError:
+                raise
+            except Exception as error:  # corrupt metadata or data: safetensors/torchao errors
+                raise UserValueError(
+                    f"{path}: {name} cannot be read ({type(error).__name__}: "
+                    f"{' '.join(str(error).split())[:200]}); the file is corrupt: merge again"
+                ) from None
+
+
+def _read_one(handle: Any, metadata: Dict[str, str], name: str) -> torch.Tensor:
+    info = json.loads(metadata[name])
+    if info.get("_type") == "Tensor":
+        return handle.get_tensor(name)
+    module, param = name.rsplit(".", 1)
+    parts = {
+        f"{module}._{param}_{part}": handle.get_tensor(f"{module}._{param}_{part}")
+        for part in info["_tensor_data_names"]
+    }
+    one = {name: metadata[name], "tensor_names": json.dumps([name])}
+    return unflatten_tensor_state_dict(parts, one)[0][name]
 
 
 def load_merged(
@@ -239,28 +264,27 @@ def load_merged(
     path = Path(path).expanduser()
     for name in ("config.json", MERGED_SPEC_NAME, MERGED_WEIGHTS_NAME):
         if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name} not found; point to a merged_int4/ directory")
-    hf_config = json.loads((path / "config.json").read_text())
-    spec = json.loads((path / MERGED_SPEC_NAME).read_text())
+            raise UserFileNotFoundError(f"{path / name} not found; point to a merged_int4/ directory")
+    fix = "point to a merged_int4/ directory written by qalora-tune"
+    hf_config = read_json(path / "config.json", "the merged model's config", fix)
+    spec = read_json(path / MERGED_SPEC_NAME, "the merged model's description", fix)
+    check_model_spec(spec.get("model"), path / MERGED_SPEC_NAME)  # before anything is built
     device = torch.device(device or "cpu")
-    dtype = dtype or getattr(torch, hf_config.get("torch_dtype", "bfloat16"))
-    try:
-        builder = get_component_from_path(spec["model"]["_component_"])
-    except Exception as error:  # torchtune raises InstantiationError
-        raise ValueError(
-            f"{path / MERGED_SPEC_NAME} names the model builder {spec['model']['_component_']!r}, "
-            f"which cannot be imported ({type(error).__name__}); install the package that "
-            "provides it"
-        ) from None
-    kwargs = {k: v for k, v in spec["model"].items() if k != "_component_"}
+    stored = hf_config.get("torch_dtype", "bfloat16")
+    if stored not in _STORED_DTYPES:
+        raise UserValueError(
+            f"{path / 'config.json'} has torch_dtype={stored!r}; a merged model is stored in "
+            f"{', '.join(_STORED_DTYPES)}"
+        )
+    dtype = dtype or getattr(torch, stored)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with device:
-            model = builder(**kwargs)
+            model = build_from_spec(spec["model"], path / MERGED_SPEC_NAME)
     finally:
         torch.set_default_dtype(previous)
-    key_map = HFKeyMap(spec["model_type"], hf_config)
+    key_map = HFKeyMap(str(spec.get("model_type")), hf_config)
     expected = set(model.state_dict())
     loaded = set()
     for hf_key, value in _read_tensors(path / MERGED_WEIGHTS_NAME):
@@ -278,12 +302,18 @@ def load_merged(
             continue
         for key, tensor in key_map.to_tune({hf_key: value}).items():
             if key not in expected:
-                raise ValueError(f"{path}: {hf_key} ({key}) is not a weight of the model it describes")
+                raise UserValueError(f"{path}: {hf_key} ({key}) is not a weight of the model it describes")
+            wanted = tuple(model.state_dict()[key].shape)
+            if tuple(tensor.shape) != wanted:
+                raise UserValueError(
+                    f"{path}: {hf_key} has shape {tuple(tensor.shape)} where the model it "
+                    f"describes has {wanted}; the files do not belong together"
+                )
             model.load_state_dict({key: tensor}, strict=False)
             loaded.add(key)
     missing = expected - loaded
     if missing:
-        raise ValueError(f"{path} lacks weights the model needs, e.g. {sorted(missing)[:3]}")
+        raise UserValueError(f"{path} lacks weights the model needs, e.g. {sorted(missing)[:3]}")
     return model.eval()
 
 
@@ -293,5 +323,5 @@ def _int4_module(model: nn.Module, key: str) -> Int4Linear:
     except AttributeError:
         module = None
     if not isinstance(module, Int4Linear):
-        raise ValueError(f"{key} is int4 in the file but not an int4 linear of the model")
+        raise UserValueError(f"{key} is int4 in the file but not an int4 linear of the model")
     return module

@@ -6,6 +6,7 @@ from typing import Callable, Dict, List
 import torch
 from torch import nn
 
+from qalora_tune.errors import UserValueError
 from qalora_tune.models._knobs import check_group_size_fits, check_model_knobs
 from qalora_tune.modules import Int4Linear, QALoRALinear
 
@@ -94,7 +95,7 @@ def qalora_transformer(
     )
     unknown = sorted(set(lora_attn_modules) - set(ATTENTION_PROJECTIONS))
     if unknown:
-        raise ValueError(
+        raise UserValueError(
             f"unknown lora_attn_modules {unknown}; set model.lora_attn_modules to a list from "
             f"{list(ATTENTION_PROJECTIONS)}"
         )
@@ -104,7 +105,7 @@ def qalora_transformer(
         model = base_decoder()
     check_group_size_fits(model, group_size, pad_in_dim)
     if apply_lora_to_output and not isinstance(getattr(model, "output", None), nn.Linear):
-        raise ValueError(
+        raise UserValueError(
             "model.apply_lora_to_output=True, but this model's output projection is tied to "
             "its token embeddings (not a linear layer); set model.apply_lora_to_output=False"
         )
@@ -158,7 +159,7 @@ def _replace_linears(
                 else:
                     replacement = Int4Linear(**common)
             except ValueError as error:
-                raise ValueError(f"{path}: {error}") from None
+                raise UserValueError(f"{path}: {error}") from None
             setattr(parent, name, replacement)
 
 

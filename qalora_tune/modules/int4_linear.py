@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qalora_tune.errors import UserTypeError, UserValueError
 from qalora_tune.ops import int4_dq_linear, int4_linear, intx_linear
 from qalora_tune.quantization import (
     INT4_KERNEL_GROUP_SIZES,
@@ -184,7 +185,7 @@ class Int4Linear(nn.Module):
                 or its subclass is not the one ``bits`` and ``group_size`` select.
         """
         if not is_quantized_base(weight):
-            raise TypeError(
+            raise UserTypeError(
                 "the QA-LoRA base must be a torchao Int4OpaqueTensor, "
                 "Int4TilePackedTo4dTensor or IntxUnpackedToInt8Tensor (asymmetric, float "
                 f"zero points), got {type(weight).__name__}"
@@ -208,7 +209,7 @@ class Int4Linear(nn.Module):
         # are the adapter's pooling groups: contiguous runs of group_size inputs of one row.
         block_size = tuple(weight.block_size)
         if block_size != (1, self.group_size):
-            raise ValueError(
+            raise UserValueError(
                 f"the base is quantized with block_size={block_size}, but QA-LoRA needs "
                 f"contiguous input groups (1, {self.group_size}) matching group_size; "
                 "set group_size to the base's group size"
@@ -219,28 +220,28 @@ class Int4Linear(nn.Module):
                 if uses_int4_kernel(self.bits, self.group_size)
                 else "an IntxUnpackedToInt8Tensor"
             )
-            raise ValueError(
+            raise UserValueError(
                 f"a {self.bits}-bit base with group_size={self.group_size} is stored as "
                 f"{expected}, got {type(weight).__name__}; set model.bits and "
                 "model.group_size to those the weights were quantized with"
             )
         if is_intx_weight(weight) and intx_bits(weight) != self.bits:
-            raise ValueError(
+            raise UserValueError(
                 f"the base has {intx_bits(weight)}-bit codes but the layer is built for "
                 f"bits={self.bits}; set model.bits={intx_bits(weight)}"
             )
         if is_intx_weight(weight) and not weight.zero_point.is_floating_point():
-            raise ValueError(
+            raise UserValueError(
                 "the intx base has integer zero points, which cannot take a QA-LoRA merge; "
                 "quantize it with float zero points"
             )
         if getattr(weight, "act_pre_scale", None) is not None:
-            raise ValueError(
+            raise UserValueError(
                 "the base scales its input (act_pre_scale), so its groups no longer see the "
                 "input the adapter pools; quantize the base without activation pre-scaling"
             )
         if tuple(weight.shape) != (self.out_dim, self.padded_in_dim):
-            raise ValueError(
+            raise UserValueError(
                 f"expected a base of shape ({self.out_dim}, {self.padded_in_dim}), "
                 f"got {tuple(weight.shape)}"
             )
@@ -270,14 +271,14 @@ class Int4Linear(nn.Module):
         Scales and zeros keep the current base's dtype and device.
         """
         if getattr(self, "merged", False):
-            raise ValueError("unmerge() the adapter before replacing the base weight")
+            raise UserValueError("unmerge() the adapter before replacing the base weight")
         if tuple(weight.shape) != (self.out_dim, self.in_dim):
-            raise ValueError(
+            raise UserValueError(
                 f"expected a base weight of shape ({self.out_dim}, {self.in_dim}), "
                 f"got {tuple(weight.shape)}"
             )
         if self.weight.device.type == "meta":
-            raise ValueError(
+            raise UserValueError(
                 "cannot load weights into a layer on the meta device; build the model on "
                 "cpu or cuda"
             )
@@ -363,16 +364,16 @@ def _validate_base_hparams(
     in_dim: int, out_dim: int, group_size: int, pad_in_dim: bool, bits: int
 ) -> None:
     if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits={bits} is not supported; use one of {SUPPORTED_BITS}")
+        raise UserValueError(f"bits={bits} is not supported; use one of {SUPPORTED_BITS}")
     if in_dim <= 0 or out_dim <= 0:
-        raise ValueError(f"in_dim and out_dim must be positive, got {in_dim} and {out_dim}")
+        raise UserValueError(f"in_dim and out_dim must be positive, got {in_dim} and {out_dim}")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
-        raise ValueError(
+        raise UserValueError(
             f"group_size={group_size!r} must be a positive integer (the int4 kernels have "
             f"{INT4_KERNEL_GROUP_SIZES}; others run on the dequantizing intx path)"
         )
     if in_dim % group_size and not pad_in_dim:
-        raise ValueError(
+        raise UserValueError(
             f"group_size={group_size} does not divide in_dim={in_dim}; choose a group_size "
             f"that divides {in_dim}, or set pad_in_dim=True to pad the input with zeros "
             "(the merge stays exact)"

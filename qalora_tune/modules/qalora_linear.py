@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from qalora_tune._compat import AdapterModule
+from qalora_tune.errors import UserValueError
 from qalora_tune.modules.int4_linear import Int4Linear
 from qalora_tune.ops import pooled_lora
 from qalora_tune.quantization import shift_zero_points_, stored_zero_points
@@ -173,7 +174,7 @@ class QALoRALinear(Int4Linear, AdapterModule):
             torch.Tensor: output of shape ``(..., out_dim)`` in ``x.dtype``.
         """
         if self.merged and self.disabled:
-            raise ValueError(
+            raise UserValueError(
                 "the adapter is merged into the base; unmerge() before disabling it"
             )
         x = self.pad_input(x)
@@ -212,9 +213,16 @@ class QALoRALinear(Int4Linear, AdapterModule):
         holds the adapter, so export it without ``lora_*`` (or load it with ``B = 0``).
         """
         if self.merged:
-            raise ValueError("the adapter is already merged")
+            raise UserValueError("the adapter is already merged")
+        delta = self.zero_point_delta()
+        if not bool(torch.isfinite(delta).all()):
+            raise UserValueError(
+                "the adapter holds NaN or infinite values and cannot be merged into the int4 "
+                "zero points; train again (lower optimizer.lr or set clip_grad_norm) or use an "
+                "earlier checkpoint's adapter"
+            )
         self._premerge_zeros = stored_zero_points(self.weight).clone()
-        shift_zero_points_(self.weight, self.zero_point_delta())
+        shift_zero_points_(self.weight, delta)
         self.merged = True
 
     @torch.no_grad()
@@ -225,7 +233,7 @@ class QALoRALinear(Int4Linear, AdapterModule):
         has none saved, and gets ``z - delta`` rounded once to the storage dtype.
         """
         if not self.merged:
-            raise ValueError("the adapter is not merged")
+            raise UserValueError("the adapter is not merged")
         if self._premerge_zeros is not None:
             stored_zero_points(self.weight).copy_(self._premerge_zeros)
         else:
@@ -239,8 +247,8 @@ class QALoRALinear(Int4Linear, AdapterModule):
 
 def _validate_adapter_hparams(rank: int, alpha: float, dropout: float) -> None:
     if rank <= 0:
-        raise ValueError(f"rank must be a positive integer, got rank={rank}")
+        raise UserValueError(f"rank must be a positive integer, got rank={rank}")
     if not alpha > 0:
-        raise ValueError(f"alpha must be positive, got alpha={alpha}")
+        raise UserValueError(f"alpha must be positive, got alpha={alpha}")
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got dropout={dropout}")
+        raise UserValueError(f"dropout must be in [0, 1), got dropout={dropout}")

@@ -17,9 +17,15 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-from qalora_tune.ops._cpu_int4_chunked import chunked_int4_grad_input, chunked_int4_linear
+from qalora_tune.ops._cpu_int4_chunked import (
+    chunked_int4_grad_input,
+    chunked_int4_linear,
+)
 from qalora_tune.ops._cpu_int4_fused import use_compiled
-from qalora_tune.quantization.int4_weight import dequantize_packed, tinygemm_padded_in_features
+from qalora_tune.quantization.int4_weight import (
+    dequantize_packed,
+    tinygemm_padded_in_features,
+)
 
 __all__ = ["int4_linear", "int4_linear_grad_input", "int4_matmul"]
 

@@ -1,20 +1,15 @@
 """Group-wise quantization of the frozen base and its torchao int4 storage."""
 
-from qalora_tune.quantization.group_quant import (
-    CALIBRATED_QUANTIZERS,
-    GroupQuantizedWeight,
-    QUANTIZERS,
-    SUPPORTED_BITS,
-    get_quantizer,
-    quantize_hqq,
-    quantize_rtn,
-    validate_group_size,
-)
-from qalora_tune.quantization.gptq import HessianAccumulator, quantize_gptq
-from qalora_tune.quantization.gptq_calibration import (
-    calibrate_gptq,
-    load_quantized_base,
-    sample_calibration_sequences,
+from qalora_tune.quantization.base_weight import (
+    check_double_quant,
+    dequantize_base,
+    empty_base,
+    from_torchao_base,
+    is_quantized_base,
+    shift_zero_points_,
+    stored_zero_points,
+    to_torchao_base,
+    uses_int4_kernel,
 )
 from qalora_tune.quantization.double_quant import (
     DoubleQuantInt4Tensor,
@@ -22,6 +17,22 @@ from qalora_tune.quantization.double_quant import (
     double_quantize_scales,
     is_double_quant,
     quantize_scales,
+)
+from qalora_tune.quantization.gptq import HessianAccumulator, quantize_gptq
+from qalora_tune.quantization.gptq_calibration import (
+    calibrate_gptq,
+    load_quantized_base,
+    sample_calibration_sequences,
+)
+from qalora_tune.quantization.group_quant import (
+    CALIBRATED_QUANTIZERS,
+    QUANTIZERS,
+    SUPPORTED_BITS,
+    GroupQuantizedWeight,
+    get_quantizer,
+    quantize_hqq,
+    quantize_rtn,
+    validate_group_size,
 )
 from qalora_tune.quantization.int4_weight import (
     INT4_KERNEL_GROUP_SIZES,
@@ -44,23 +55,15 @@ from qalora_tune.quantization.intx_weight import (
     reorder_intx_rows,
     to_torchao_intx,
 )
-from qalora_tune.quantization.base_weight import (
-    check_double_quant,
-    dequantize_base,
-    empty_base,
-    from_torchao_base,
-    is_quantized_base,
-    shift_zero_points_,
-    stored_zero_points,
-    to_torchao_base,
-    uses_int4_kernel,
-)
-from qalora_tune.quantization.tinygemm_layout import pack_tinygemm_int4, unpack_tinygemm_int4
 from qalora_tune.quantization.plain_int4 import (
     from_plain_int4,
     is_plain_int4,
     plain_int4_bytes,
     to_plain_int4,
+)
+from qalora_tune.quantization.tinygemm_layout import (
+    pack_tinygemm_int4,
+    unpack_tinygemm_int4,
 )
 
 __all__ = [

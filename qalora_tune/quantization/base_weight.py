@@ -14,6 +14,7 @@ from typing import Optional, Union
 
 import torch
 
+from qalora_tune.errors import UserValueError
 from qalora_tune.quantization.group_quant import GroupQuantizedWeight
 from qalora_tune.quantization.int4_weight import (
     INT4_KERNEL_GROUP_SIZES,
@@ -89,7 +90,7 @@ def check_double_quant(double_quant: bool, bits: int, group_size: int) -> None:
         ValueError: naming ``model.double_quant_scales`` and what would allow it.
     """
     if double_quant and not uses_int4_kernel(bits, group_size):
-        raise ValueError(
+        raise UserValueError(
             f"model.double_quant_scales=True stores the scales of an int4 kernel base in 8 "
             f"bits, but bits={bits} with group_size={group_size} is stored as an intx base; "
             f"set model.double_quant_scales=False, or use bits <= 4 with a group_size from "

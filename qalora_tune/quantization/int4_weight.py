@@ -24,6 +24,7 @@ from qalora_tune._compat import (
     pack_tinygemm_scales_and_zeros,
     unpack_tinygemm_scales_and_zeros,
 )
+from qalora_tune.errors import UserTypeError, UserValueError
 from qalora_tune.quantization.cpu_int4_layout import (
     PACK_ROW_MULTIPLE,
     pack_cpu_int4,
@@ -120,7 +121,7 @@ def to_torchao_int4(
     device = torch.device(device) if device is not None else gq.qdata.device
     gq = gq.as_int4()
     if gq.group_size not in INT4_KERNEL_GROUP_SIZES:
-        raise ValueError(
+        raise UserValueError(
             f"group_size={gq.group_size} has no int4 kernel; "
             f"use one of {INT4_KERNEL_GROUP_SIZES}"
         )
@@ -139,16 +140,16 @@ def to_torchao_int4(
     if device.type == "cuda":
         dtype = dtype or torch.bfloat16
         if dtype != torch.bfloat16:
-            raise ValueError(
+            raise UserValueError(
                 f"the CUDA int4 kernel (tinygemm) computes in bfloat16, got dtype={dtype}; "
                 "train with dtype=bf16 on CUDA"
             )
         if torch.cuda.get_device_capability(device)[0] < 8:
-            raise ValueError(
+            raise UserValueError(
                 "the CUDA int4 kernel (tinygemm) needs compute capability 8.0 or newer"
             )
         return tinygemm_int4(gq, device, dtype)
-    raise ValueError(
+    raise UserValueError(
         f"no int4 kernel for device {device}; use a CPU or a CUDA (sm80+) device"
     )
 
@@ -277,7 +278,7 @@ def from_torchao_int4(weight: Int4Weight) -> GroupQuantizedWeight:
         ``(out_dim, in_dim // group_size)`` in the weight's dtype.
     """
     if not is_int4_weight(weight):
-        raise TypeError(
+        raise UserTypeError(
             f"expected Int4OpaqueTensor or Int4TilePackedTo4dTensor, got {type(weight).__name__}"
         )
     weight = with_dense_scales(weight)
@@ -350,7 +351,7 @@ def _int4_to_copy(func, types, args, kwargs):
             else weight.act_pre_scale.to(device),
         )
     if weight.act_pre_scale is not None:
-        raise ValueError("moving an int4 weight with act_pre_scale is not supported")
+        raise UserValueError("moving an int4 weight with act_pre_scale is not supported")
     return to_torchao_int4(from_torchao_int4(weight), device=device, dtype=dtype)
 
 

@@ -19,6 +19,7 @@ from typing import Optional, Union
 import torch
 
 from qalora_tune._compat import IntxUnpackedToInt8Tensor
+from qalora_tune.errors import UserValueError
 from qalora_tune.quantization.group_quant import GroupQuantizedWeight
 
 __all__ = [
@@ -93,7 +94,7 @@ def to_torchao_intx(
     dtype = dtype or torch.get_default_dtype()
     scale = gq.scale.double()
     if bool((scale == 0).any()):
-        raise ValueError(
+        raise UserValueError(
             "a quantization group has scale 0, which the intx layout cannot hold; "
             "quantize with a minimum scale (the rtn, hqq and gptq quantizers do)"
         )

@@ -23,8 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from qalora_tune._compat import Int4Tensor, override_torchao_linear
+from qalora_tune.errors import UserTypeError, UserValueError
 from qalora_tune.quantization.group_quant import GroupQuantizedWeight
-from qalora_tune.quantization.int4_weight import INT4_KERNEL_GROUP_SIZES, to_torchao_int4
+from qalora_tune.quantization.int4_weight import (
+    INT4_KERNEL_GROUP_SIZES,
+    to_torchao_int4,
+)
 
 __all__ = [
     "from_plain_int4",
@@ -69,7 +73,7 @@ def to_plain_int4(
     n, k_pad = gq.shape
     k = k_pad if in_features is None else in_features
     if k % 2 or not 0 < k <= k_pad:
-        raise ValueError(
+        raise UserValueError(
             f"in_features={k} must be even and at most the {k_pad} quantized columns"
         )
     dtype = dtype or gq.scale.dtype
@@ -105,10 +109,10 @@ def from_plain_int4(weight: Int4Tensor, padded_in_features: Optional[int] = None
             small.
     """
     if not is_plain_int4(weight) or weight.qdata.dim() != 2:
-        raise TypeError(f"expected a 2D torchao Int4Tensor, got {type(weight).__name__}")
+        raise UserTypeError(f"expected a 2D torchao Int4Tensor, got {type(weight).__name__}")
     block_size = list(weight.block_size)
     if len(block_size) != 2 or block_size[0] != 1:
-        raise ValueError(
+        raise UserValueError(
             f"expected contiguous input groups block_size=[1, G], got {block_size}"
         )
     group_size = block_size[1]
@@ -116,7 +120,7 @@ def from_plain_int4(weight: Int4Tensor, padded_in_features: Optional[int] = None
     groups = -(-k // group_size)
     k_pad = padded_in_features or groups * group_size
     if k_pad < k or k_pad % group_size:
-        raise ValueError(
+        raise UserValueError(
             f"padded_in_features={k_pad} must be a multiple of {group_size} and at least {k}"
         )
     raw = weight.qdata.view(torch.uint8).to(torch.int16)

@@ -8,6 +8,7 @@ from qalora_tune.recipe_utils._calibration import (
 )
 from qalora_tune.recipe_utils._configs import (
     packaged_config_names,
+    parse_recipe_config,
     resolve_config,
     resolve_config_argv,
 )
@@ -24,24 +25,65 @@ from qalora_tune.recipe_utils._distributed import (
     shard_indices,
     world_size_and_rank,
 )
-from qalora_tune.recipe_utils._entry import run_recipe
+from qalora_tune.recipe_utils._entry import (
+    resume_command,
+    run_recipe,
+    set_interrupt_note,
+)
 from qalora_tune.recipe_utils._errors import TrainingError
+from qalora_tune.recipe_utils._evaluation import (
+    evaluate_lm,
+    full_logits,
+    next_token_loss,
+)
+from qalora_tune.recipe_utils._full_precision import load_full_precision
+from qalora_tune.recipe_utils._instantiate import instantiate_section
+from qalora_tune.recipe_utils._merge_report import merge_with_report
+from qalora_tune.recipe_utils._output_dir import (
+    LOCK_NAME,
+    OutputDirLock,
+    check_merge_target,
+    check_run_dir,
+    previous_run_outputs,
+    remove_previous_run,
+)
 from qalora_tune.recipe_utils._preflight import (
+    Problems,
     check_cuda_only_options,
     check_device,
     check_output_dir,
     check_tokenizer_fits,
+    component_file_problems,
     resolve_dtype,
     tokenizer_vocab_size,
 )
-from qalora_tune.recipe_utils._evaluation import evaluate_lm, full_logits, next_token_loss
-from qalora_tune.recipe_utils._full_precision import load_full_precision
-from qalora_tune.recipe_utils._merge_report import merge_with_report
-from qalora_tune.recipe_utils._validation import check_config
+from qalora_tune.recipe_utils._recipe_settings import (
+    EVAL_KEYS,
+    EVAL_SETTINGS,
+    FINETUNE_KEYS,
+    FINETUNE_SETTINGS,
+    GENERATE_KEYS,
+    GENERATE_SETTINGS,
+    MERGE_KEYS,
+    MERGE_SETTINGS,
+)
+from qalora_tune.recipe_utils._settings import check_settings, join_problems
+from qalora_tune.recipe_utils._validation import check_config, config_problems
 
 __all__ = [
     "CALIBRATION_CONFIG_KEYS",
     "CALIBRATION_DEFAULTS",
+    "EVAL_KEYS",
+    "EVAL_SETTINGS",
+    "FINETUNE_KEYS",
+    "FINETUNE_SETTINGS",
+    "GENERATE_KEYS",
+    "GENERATE_SETTINGS",
+    "LOCK_NAME",
+    "MERGE_KEYS",
+    "MERGE_SETTINGS",
+    "OutputDirLock",
+    "Problems",
     "TrainingError",
     "all_reduce_gradients",
     "all_reduce_sum",
@@ -50,6 +92,11 @@ __all__ = [
     "calibrate_base",
     "calibration_settings",
     "check_config",
+    "check_merge_target",
+    "check_run_dir",
+    "check_settings",
+    "component_file_problems",
+    "config_problems",
     "check_cuda_only_options",
     "check_device",
     "check_output_dir",
@@ -59,16 +106,23 @@ __all__ = [
     "full_logits",
     "gather_objects",
     "init_distributed",
+    "instantiate_section",
     "is_rank_zero",
+    "join_problems",
     "load_full_precision",
     "merge_with_report",
     "next_token_loss",
     "packaged_config_names",
+    "parse_recipe_config",
+    "previous_run_outputs",
+    "remove_previous_run",
+    "resume_command",
     "resolve_config",
     "resolve_config_argv",
     "resolve_dtype",
     "run_on_rank_zero",
     "run_recipe",
+    "set_interrupt_note",
     "shard_indices",
     "tokenizer_vocab_size",
     "world_size_and_rank",

@@ -21,7 +21,11 @@ from torchtune.data import padded_collate_sft
 
 from qalora_tune.tiny.base import load_tiny_base, prepare_tiny_base
 from qalora_tune.tiny.dataset import TinyTaskDataset
-from qalora_tune.tiny.metrics import answer_metrics, shifted_loss_and_correct, to_qalora_
+from qalora_tune.tiny.metrics import (
+    answer_metrics,
+    shifted_loss_and_correct,
+    to_qalora_,
+)
 from qalora_tune.tiny.tokenizer import TinyTokenizer
 
 __all__ = ["recover", "main"]

@@ -21,6 +21,7 @@ from qalora_tune.checkpointing import (
     load_hf_weights,
     read_hf_config,
 )
+from qalora_tune.errors import UserValueError
 from qalora_tune.tiny.dataset import TinyTaskDataset
 from qalora_tune.tiny.hf_checkpoint import (
     CONFIG_FILENAME,
@@ -129,12 +130,12 @@ def prepare_tiny_base(
     if os.path.exists(checkpoint_dir) and (
         not os.path.isdir(checkpoint_dir) or os.listdir(checkpoint_dir)
     ):
-        raise ValueError(
+        raise UserValueError(
             f"{checkpoint_dir!r} exists but is not a finished tiny base (no "
             f"{COMPLETE_MARKER}); remove it or choose another checkpoint_dir"
         )
     if num_validation <= 0:
-        raise ValueError(f"num_validation must be positive, got {num_validation}")
+        raise UserValueError(f"num_validation must be positive, got {num_validation}")
 
     start = time.perf_counter()
     if log is not None:
@@ -203,7 +204,7 @@ def load_tiny_base(checkpoint_dir: str) -> torch.nn.Module:
         ValueError: if ``checkpoint_dir`` is not a finished tiny base.
     """
     if not is_complete_tiny_base(checkpoint_dir):
-        raise ValueError(f"{checkpoint_dir!r} is not a finished tiny base")
+        raise UserValueError(f"{checkpoint_dir!r} is not a finished tiny base")
     model = build_tiny_base()
     directory = Path(checkpoint_dir)
     load_hf_weights(

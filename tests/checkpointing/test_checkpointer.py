@@ -320,7 +320,7 @@ def test_load_hf_weights_rejects_extra_weights(tmp_path):
     paths, sd, config = _tiny_paths(tmp_path)
     sd["model.layers.2.mlp.down_proj.weight"] = torch.zeros(32, 64)  # a third layer
     _rewrite(tmp_path, sd)
-    with pytest.raises(ValueError, match="does not have.*layers.2.mlp.w2.weight"):
+    with pytest.raises(ValueError, match="does not have.*layers.2.mlp.down_proj.weight"):
         load_hf_weights(tied_llama(**TINY), paths, "LLAMA2", config)
 
 

@@ -535,8 +535,16 @@ def test_a_group_size_that_fits_no_linear_lists_the_ones_that_do():
 def _builders():
     from qalora_tune import models
 
+    sizes = dict(  # qalora_llama2 takes every size; the others fix them
+        vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
+        intermediate_dim=128, max_seq_len=32,
+    )
     return [
-        pytest.param(getattr(models, name), id=name)
+        pytest.param(
+            partial(models.qalora_llama2, **sizes) if name == "qalora_llama2"
+            else getattr(models, name),
+            id=name,
+        )
         for name in models.__all__
         if name.startswith("qalora_") and name != "qalora_transformer"
     ]

@@ -216,7 +216,8 @@ def test_generate_recipe_missing_model_is_a_one_line_error(tmp_path):
     )
     assert result.returncode == 1
     line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("qalora_generate: error: merged_dir=") and "qalora_finetune" in line
+    assert line.startswith("qalora_generate: error: ") and "qalora_finetune" in line
+    assert f"merged_dir={tmp_path}/epoch_0/merged_int4 does not exist" in line
 
 
 @requires_shared
