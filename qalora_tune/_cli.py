@@ -2,7 +2,7 @@
 
     qalora-tune configs                      # names accepted by --config
     qalora-tune cp llama2_7B_qalora my.yaml  # a copy to edit, then --config my.yaml
-    qalora-tune export-gguf MERGED_DIR OUT.gguf [--dense-type f16|f32] [--force]
+    qalora-tune export-gguf MERGED_DIR OUT.gguf [--dense-type f16|f32] [--linear-type q4_1|f32] [--force]
 """
 
 import argparse
@@ -61,6 +61,10 @@ def _add_export_gguf_parser(commands) -> None:
         help="embeddings and a dense output projection (default f32; norms are always f32)",
     )
     export.add_argument(
+        "--linear-type", choices=("q4_1", "f32"), default="q4_1",
+        help="quantized linears: Q4_1 where exact (default), or all dequantized to F32",
+    )
+    export.add_argument(
         "--space-prefix", choices=("auto", "yes", "no"), default="auto",
         help="whether llama.cpp prepends '\u2581' to text (default: as the tokenizer file "
         "says; 'no' for models trained without it, e.g. TinyStories-656K)",
@@ -76,7 +80,7 @@ def _export_gguf(args) -> int:
     try:
         report = export_gguf(
             args.merged_dir, args.out, dense_type=args.dense_type,
-            add_space_prefix=space_prefix, overwrite=args.force,
+            linear_type=args.linear_type, add_space_prefix=space_prefix, overwrite=args.force,
         )
     except (ValueError, TypeError, OSError, ImportError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -92,7 +96,7 @@ def _export_gguf(args) -> int:
         f"(fp16 rounding bound {report['q4_1_relative_bound']:.3g})"
     )
     for name, entry in report["tensors"].items():
-        if "reason" in entry:
+        if "reason" in entry and report["linear_type"] == "q4_1":
             print(f"  {name}: F32 ({entry['reason']})")
     return 0
 

@@ -7,10 +7,11 @@ from qalora_tune.export._merged_reader import (
     read_merged_config,
 )
 from qalora_tune.export._q4_1 import Q4_1Error, pack_q4_1, q4_1_refusal
-from qalora_tune.export.gguf import DENSE_TYPES, export_gguf
+from qalora_tune.export.gguf import DENSE_TYPES, LINEAR_TYPES, export_gguf
 
 __all__ = [
     "DENSE_TYPES",
+    "LINEAR_TYPES",
     "MergedLinearWeight",
     "Q4_1Error",
     "export_gguf",

@@ -129,7 +129,10 @@ def _tiny_vocab(path: Path) -> GGUFVocab:
         eos_id=tokenizer.eos_id,
         pad_id=tokenizer.pad_id,
         add_space_prefix=False,
-        notes=["characters outside the tokenizer's alphabet have no token in llama.cpp either"],
+        notes=[
+            "llama.cpp aborts (std::out_of_range) on text with a character outside the "
+            "alphabet, as TinyTokenizer refuses it; drive it with token ids"
+        ],
     )
 
 
@@ -211,7 +214,10 @@ def _bpe_vocab(path: Path) -> GGUFVocab:
     ids = _special_ids(path.parent, config, vocab)
     notes = []
     if not model.get("byte_fallback") or not any(t == TOKEN_TYPES["byte"] for t in types):
-        notes.append("no <0xXX> byte tokens: characters outside the vocabulary fail in llama.cpp")
+        notes.append(
+            "no <0xXX> byte tokens: llama.cpp aborts (std::out_of_range) on text with a "
+            "character outside the vocabulary, where Hugging Face gives <unk>; drive it with token ids"
+        )
     if len(merges) and any(scores[i] == lowest for i in range(size)):
         notes.append("tokens no merge produces are merged last by llama.cpp (never by BPE)")
     return GGUFVocab(

@@ -28,10 +28,13 @@ from qalora_tune.export._q4_1 import Q4_1Error, pack_q4_1, q4_1_refusal
 from qalora_tune.export._vocab import GGUFVocab, read_vocab
 from qalora_tune.quantization import GroupQuantizedWeight
 
-__all__ = ["DENSE_TYPES", "export_gguf"]
+__all__ = ["DENSE_TYPES", "LINEAR_TYPES", "export_gguf"]
 
 DENSE_TYPES = ("f32", "f16")
 """Storage choices for embeddings and a dense output projection."""
+LINEAR_TYPES = ("q4_1", "f32")
+"""Storage choices for quantized linears: Q4_1 where exact, or every one dequantized to F32
+(an fp32 reference of the same model in llama.cpp, or input for ``llama-quantize``)."""
 
 _EMBEDDING = "token_embd.weight"
 _OUTPUT = "output.weight"
@@ -53,6 +56,7 @@ def export_gguf(
     out_path: Union[str, Path],
     *,
     dense_type: str = "f32",
+    linear_type: str = "q4_1",
     add_space_prefix: Optional[bool] = None,
     name: Optional[str] = None,
     overwrite: bool = False,
@@ -68,6 +72,8 @@ def export_gguf(
         out_path (str or Path): the ``.gguf`` file to write.
         dense_type (str): ``"f32"`` or ``"f16"`` for embeddings and a dense output
             projection (norms stay F32, quantized linears ``Q4_1`` or F32).
+        linear_type (str): ``"q4_1"`` (quantized linears as ``Q4_1`` where exact, else
+            F32) or ``"f32"`` (every quantized linear dequantized to F32).
         add_space_prefix (bool, optional): whether llama.cpp prepends ``"▁"`` to text it
             tokenizes; defaults to what the tokenizer file says. TinyStories-656K was
             trained without it: pass False for it.
@@ -89,6 +95,8 @@ def export_gguf(
     gguf = _gguf()
     if dense_type not in DENSE_TYPES:
         raise ValueError(f"dense_type={dense_type!r} is not supported; use one of {DENSE_TYPES}")
+    if linear_type not in LINEAR_TYPES:
+        raise ValueError(f"linear_type={linear_type!r} is not supported; use one of {LINEAR_TYPES}")
     merged_dir = Path(merged_dir).expanduser()
     out_path = Path(out_path).expanduser()
     if out_path.exists() and not overwrite:
@@ -103,7 +111,7 @@ def export_gguf(
     writer = gguf.GGUFWriter(path=None, arch="llama", use_temp_file=True)
     staging = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
     try:
-        tensors = _add_tensors(writer, gguf, merged_dir, hparams, dense_type)
+        tensors = _add_tensors(writer, gguf, merged_dir, hparams, dense_type, linear_type)
         _add_metadata(writer, gguf, hparams, vocab, name or merged_dir.resolve().name, tensors)
         writer.write_header_to_file(path=staging)
         writer.write_kv_data_to_file()
@@ -117,10 +125,12 @@ def export_gguf(
         writer.close()
         staging.unlink(missing_ok=True)
         raise
-    return _report(merged_dir, out_path, hparams, vocab, tensors, dense_type)
+    return _report(merged_dir, out_path, hparams, vocab, tensors, dense_type, linear_type)
 
 
-def _add_tensors(writer, gguf, merged_dir: Path, hp: LlamaHParams, dense_type: str) -> Dict[str, Dict[str, Any]]:
+def _add_tensors(
+    writer, gguf, merged_dir: Path, hp: LlamaHParams, dense_type: str, linear_type: str
+) -> Dict[str, Dict[str, Any]]:
     """Convert and add every tensor; returns the per-tensor report entries."""
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hp.n_layers)
     tensors: Dict[str, Dict[str, Any]] = {}
@@ -138,7 +148,7 @@ def _add_tensors(writer, gguf, merged_dir: Path, hp: LlamaHParams, dense_type: s
         elif name in tensors:
             raise ValueError(f"{merged_dir}: two tensors map to {name}; the weights are inconsistent")
         value = _to_llama_rows(name, value, hp)
-        tensors[name] = _add_one(writer, gguf, name, key, value, dense_type)
+        tensors[name] = _add_one(writer, gguf, name, key, value, dense_type, linear_type)
     if _EMBEDDING not in tensors:
         raise ValueError(f"{merged_dir} has no token embedding (model.embed_tokens.weight or a tied lm_head.weight)")
     if not hp.tied_embeddings and _OUTPUT not in tensors:
@@ -173,12 +183,12 @@ def _to_llama_rows(name: str, value, hp: LlamaHParams):
     return value[rows]
 
 
-def _add_one(writer, gguf, name: str, key: str, value, dense_type: str) -> Dict[str, Any]:
+def _add_one(writer, gguf, name: str, key: str, value, dense_type: str, linear_type: str) -> Dict[str, Any]:
     entry: Dict[str, Any] = {"source": key, "shape": list(value.shape)}
     if isinstance(value, MergedLinearWeight):
         gq = value.quantized
         entry.update(stored_as=value.stored_as, bits=gq.bits, group_size=gq.group_size)
-        reason = q4_1_refusal(value)
+        reason = q4_1_refusal(value) if linear_type == "q4_1" else "linear_type='f32' was asked for"
         if reason is None:
             blocks, error = pack_q4_1(value)
             writer.add_tensor(name, blocks, raw_dtype=gguf.GGMLQuantizationType.Q4_1)
@@ -259,7 +269,8 @@ def _add_metadata(writer, gguf, hp: LlamaHParams, vocab: GGUFVocab, name: str, t
 
 
 def _report(
-    merged_dir: Path, out_path: Path, hp: LlamaHParams, vocab: GGUFVocab, tensors, dense_type: str
+    merged_dir: Path, out_path: Path, hp: LlamaHParams, vocab: GGUFVocab, tensors, dense_type: str,
+    linear_type: str,
 ) -> Dict[str, Any]:
     counts: Dict[str, int] = {}
     parameters: Dict[str, int] = {}
@@ -275,6 +286,7 @@ def _report(
         "gguf": str(out_path),
         "architecture": "llama",
         "dense_type": dense_type,
+        "linear_type": linear_type,
         "hparams": hparams,
         "tensors": tensors,
         "tensor_counts": counts,
