@@ -151,6 +151,12 @@ def _add_tensors(
         tensors[name] = _add_one(writer, gguf, name, key, value, dense_type, linear_type)
     if _EMBEDDING not in tensors:
         raise ValueError(f"{merged_dir} has no token embedding (model.embed_tokens.weight or a tied lm_head.weight)")
+    rows = tensors[_EMBEDDING]["shape"][0]
+    if rows != hp.n_vocab:
+        raise ValueError(
+            f"{merged_dir}: the token embedding has {rows} rows but config.json's vocab_size is "
+            f"{hp.n_vocab}; set vocab_size to {rows}"
+        )
     if not hp.tied_embeddings and _OUTPUT not in tensors:
         raise ValueError(
             f"{merged_dir}: config.json says tie_word_embeddings is false but lm_head.weight "
@@ -194,7 +200,7 @@ def _add_one(writer, gguf, name: str, key: str, value, dense_type: str, linear_t
             writer.add_tensor(name, blocks, raw_dtype=gguf.GGMLQuantizationType.Q4_1)
             entry.update(type="Q4_1", **_error_entry(error))
             return entry
-        exact = value.quantized.dequantize(torch.float64)[:, : value.in_features]
+        exact = value.dequantize(torch.float64)
         dense, error = _dense(exact, torch.float32)
         writer.add_tensor(name, dense)
         entry.update(type="F32", reason=f"not Q4_1: {reason}; dequantized", **error)

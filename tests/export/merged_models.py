@@ -31,9 +31,9 @@ def merged_tiny_model(bits: int, group_size: int, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def write_merged_tiny(directory: Path, bits: int = 4, group_size: int = 32, seed: int = 0) -> nn.Module:
-    """Write ``merged_tiny_model`` as a ``merged_int4/`` directory with its tokenizer."""
-    model = merged_tiny_model(bits, group_size, seed)
+def write_merged(model: nn.Module, directory: Path, bits: int, group_size: int) -> dict:
+    """Write a merged tiny llama as a ``merged_int4/`` directory (weights and configs);
+    returns ``write_merged_int4``'s sizes."""
     config = hf_llama_config(TINY_LLAMA_SIZES)
     spec = {
         "model": {
@@ -43,6 +43,12 @@ def write_merged_tiny(directory: Path, bits: int = 4, group_size: int = 32, seed
         "model_type": "LLAMA2",
     }
     directory.mkdir(parents=True, exist_ok=True)
-    write_merged_int4(model, directory, HFKeyMap("LLAMA2", config), config, spec)
+    return write_merged_int4(model, directory, HFKeyMap("LLAMA2", config), config, spec)
+
+
+def write_merged_tiny(directory: Path, bits: int = 4, group_size: int = 32, seed: int = 0) -> nn.Module:
+    """Write ``merged_tiny_model`` as a ``merged_int4/`` directory with its tokenizer."""
+    model = merged_tiny_model(bits, group_size, seed)
+    write_merged(model, directory, bits, group_size)
     TinyTokenizer().save(str(directory))
     return model

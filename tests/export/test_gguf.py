@@ -118,6 +118,21 @@ def test_every_tensor_reads_back_as_the_merged_weight(tmp_path, bits, group_size
     assert report["bits_per_weight"] == pytest.approx(8 * report["file_bytes"] / report["parameters"])
 
 
+def test_linear_type_f32_dequantizes_every_linear(tmp_path):
+    merged = tmp_path / "merged_int4"
+    write_merged_tiny(merged)
+    report = export_gguf(merged, tmp_path / "model.gguf", linear_type="f32")
+    tensors, fields = _read_back(tmp_path / "model.gguf")
+    assert report["tensor_counts"] == {"F32": 21} and fields["general.file_type"] == gguf.LlamaFileType.ALL_F32
+    for key, value in iter_merged_weights(merged):
+        if isinstance(value, MergedLinearWeight):
+            exact = value.dequantize(torch.float64)
+            values = _hf_rows(NAMES[key], tensors[NAMES[key]][1])
+            assert ((values - exact).abs() <= 2.0**-24 * exact.abs()).all(), key
+    with pytest.raises(ValueError, match="linear_type='q8_0'"):
+        export_gguf(merged, tmp_path / "other.gguf", linear_type="q8_0")
+
+
 def test_metadata_and_tokenizer_of_the_tiny_model(tmp_path):
     merged = tmp_path / "merged_int4"
     write_merged_tiny(merged)
