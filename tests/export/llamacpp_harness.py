@@ -27,7 +27,7 @@ gguf = pytest.importorskip("gguf", reason="needs the gguf package (pip install '
 
 try:
     import llama_cpp
-except ImportError:  # the whole module is skipped by the tests that need it
+except (ImportError, OSError, RuntimeError):  # no llama-cpp-python, or its library fails to load
     llama_cpp = None
 
 requires_llama_cpp = pytest.mark.skipif(
