@@ -10,8 +10,6 @@ from torch import nn
 
 import qalora_tune
 from qalora_tune._compat import IntxUnpackedToInt8Tensor
-from qalora_tune.checkpointing import write_merged_int4
-from qalora_tune.checkpointing._hf_keys import HFKeyMap
 from qalora_tune.models import qalora_tiny_llama
 from qalora_tune.modules import Int4Linear, QALoRALinear
 from qalora_tune.ops.intx_linear import dequantize_intx
@@ -28,7 +26,7 @@ from qalora_tune.quantization import (
     to_torchao_intx,
 )
 from qalora_tune.tiny import TINY_LLAMA_SIZES
-from qalora_tune.tiny.hf_checkpoint import hf_llama_config
+from tests.export.merged_models import write_merged
 from tests.reference import UNIT_ROUNDOFF, assert_within
 
 U32 = UNIT_ROUNDOFF[torch.float32]
@@ -176,17 +174,7 @@ def _merged_tiny(bits, group_size, pad_in_dim=False, tokens=None):
     return model, base_logits
 
 
-def _write(model, directory, bits, group_size):
-    config = hf_llama_config(TINY_LLAMA_SIZES)
-    spec = {
-        "model": {
-            "_component_": "qalora_tune.models.qalora_tiny_llama",
-            "lora_attn_modules": [], "group_size": group_size, "bits": bits,
-        },
-        "model_type": "LLAMA2",
-    }
-    directory.mkdir(parents=True, exist_ok=True)
-    return write_merged_int4(model, directory, HFKeyMap("LLAMA2", config), config, spec)
+_write = write_merged  # the tiny llama's merged_int4/ writer, shared with the export tests
 
 
 @pytest.fixture(scope="module", params=[(8, 8), (4, 8)], ids=["bits8_g8", "bits4_g8"])
