@@ -35,17 +35,14 @@ from qalora_tune._files import read_json
 from qalora_tune.checkpointing._hf_keys import HFKeyMap
 from qalora_tune.checkpointing._model_spec import build_from_spec, check_model_spec
 from qalora_tune.errors import UserFileNotFoundError, UserValueError
-from qalora_tune.modules import Int4Linear, QALoRALinear
-from qalora_tune.quantization import (
-    GroupQuantizedWeight,
+from qalora_tune.modules import QALoRALinear, QuantizedLinear
+from qalora_tune.quantization import GroupQuantizedWeight, to_base
+from qalora_tune.quantization.base_weight import from_torchao_base, uses_int4_kernel
+from qalora_tune.quantization.intx_weight import as_stock_intx, is_intx_weight, reorder_intx_rows
+from qalora_tune.quantization.plain_int4 import (
     from_plain_int4,
-    from_torchao_base,
-    is_intx_weight,
     plain_int4_bytes,
-    reorder_intx_rows,
     to_plain_int4,
-    to_torchao_base,
-    uses_int4_kernel,
 )
 
 __all__ = [
@@ -102,11 +99,11 @@ def _permute_rows(gq: GroupQuantizedWeight, rows: torch.Tensor) -> GroupQuantize
     )
 
 
-def _merged_tensors(model: nn.Module) -> Iterator[Tuple[str, Union[torch.Tensor, Int4Linear]]]:
-    """torchtune key -> dense tensor, or the Int4Linear owning that int4 weight."""
+def _merged_tensors(model: nn.Module) -> Iterator[Tuple[str, Union[torch.Tensor, QuantizedLinear]]]:
+    """torchtune key -> dense tensor, or the QuantizedLinear owning that int4 weight."""
     int4_modules = {}
     for name, module in model.named_modules():
-        if isinstance(module, Int4Linear):
+        if isinstance(module, QuantizedLinear):
             if isinstance(module, QALoRALinear) and not module.merged:
                 raise UserValueError(f"{name}: merge() the adapters before writing the merged model")
             int4_modules[f"{clean_module_name(name)}.weight"] = module
@@ -144,7 +141,7 @@ def write_merged_int4(
     tensors: Dict[str, torch.Tensor] = {}
     quantized_params, quantized_bytes, group_size, bits, dtype = 0, 0, None, 4, None
     for key, value in _merged_tensors(model):
-        if isinstance(value, Int4Linear):
+        if isinstance(value, QuantizedLinear):
             hf_key, rows = key_map.row_order(key, value.out_dim, to_hf=True)
             portable, nbytes = _portable_weight(value, rows)
             tensors[hf_key] = portable
@@ -172,7 +169,7 @@ def write_merged_int4(
     }
 
 
-def _portable_weight(module: Int4Linear, rows: torch.Tensor) -> Tuple[torch.Tensor, int]:
+def _portable_weight(module: QuantizedLinear, rows: torch.Tensor) -> Tuple[torch.Tensor, int]:
     """The layer's weight as written, rows in Hugging Face order, and its bytes: a plain
     ``Int4Tensor`` for int4 bases, an ``IntxUnpackedToInt8Tensor`` (zero points copied
     bit for bit) for intx ones."""
@@ -189,7 +186,7 @@ def _portable_weight(module: Int4Linear, rows: torch.Tensor) -> Tuple[torch.Tens
             "has no transformers layout; set model.group_size to a divisor of every "
             "linear's in_dim instead of model.pad_in_dim=True"
         )
-    intx = reorder_intx_rows(module.weight, rows, device="cpu")
+    intx = as_stock_intx(reorder_intx_rows(module.weight, rows, device="cpu"))
     nbytes = sum(t.numel() * t.element_size() for t in (intx.qdata, intx.scale, intx.zero_point))
     return intx, nbytes
 
@@ -295,7 +292,7 @@ def load_merged(
                 packed = reorder_intx_rows(value, rows, device=device, dtype=dtype)
             else:
                 gq = _permute_rows(from_plain_int4(value, module.padded_in_dim), rows)
-                packed = to_torchao_base(gq, device=device, dtype=dtype)
+                packed = to_base(gq, device=device, dtype=dtype)
             module._check_base(packed)
             module.weight = nn.Parameter(packed, requires_grad=False)
             loaded.add(key)
@@ -317,11 +314,11 @@ def load_merged(
     return model.eval()
 
 
-def _int4_module(model: nn.Module, key: str) -> Int4Linear:
+def _int4_module(model: nn.Module, key: str) -> QuantizedLinear:
     try:
         module = model.get_submodule(key.rsplit(".", 1)[0])
     except AttributeError:
         module = None
-    if not isinstance(module, Int4Linear):
+    if not isinstance(module, QuantizedLinear):
         raise UserValueError(f"{key} is int4 in the file but not an int4 linear of the model")
     return module

@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.checkpointing.streaming_spy import liveness_spy
 from qalora_tune._compat import tune_to_hf
 from qalora_tune.checkpointing import (
     ADAPTER_CONFIG_NAME,
@@ -23,6 +22,7 @@ from qalora_tune.checkpointing import (
     read_hf_config,
 )
 from qalora_tune.models import qalora_stories260k, qalora_tinystories656k, tied_llama
+from tests.checkpointing.streaming_spy import liveness_spy
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
 SHARED_MODELS = SHARED / "models"

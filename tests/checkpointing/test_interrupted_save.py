@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-
 import torch
 
 from qalora_tune.checkpointing import QALoRACheckpointer, load_merged, read_adapter

@@ -14,7 +14,11 @@ import pytest
 import torch
 
 import qalora_tune
-from qalora_tune.checkpointing import QALoRACheckpointer, clean_module_name, read_adapter
+from qalora_tune.checkpointing import (
+    QALoRACheckpointer,
+    clean_module_name,
+    read_adapter,
+)
 from qalora_tune.data import text_file_dataset, text_tokenizer
 from qalora_tune.models import qalora_tinystories656k
 from qalora_tune.modules import QALoRALinear
