@@ -4,6 +4,7 @@ Importing the package registers the ``qalora_tune::*`` custom ops and the ``F.li
 its base tensor classes (:mod:`qalora_tune.ops`). Architecture: ``docs/design.md`` §1.
 """
 
+from qalora_tune._version import __version__
 from qalora_tune.checkpointing import load_merged
 from qalora_tune.errors import UserError
 from qalora_tune.modules import Int4Linear, QALoRAConfig, QALoRALinear, QuantizedLinear
@@ -19,9 +20,8 @@ from qalora_tune.quantization import (
     to_base,
 )
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "CpuInt4Tensor",
     "DoubleQuantInt4Tensor",
     "GroupQuantizedWeight",

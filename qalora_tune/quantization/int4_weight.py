@@ -22,6 +22,7 @@ from qalora_tune._compat import (
     Int4OpaqueTensor,
     Int4TilePackedTo4dTensor,
     pack_tinygemm_scales_and_zeros,
+    tinygemm_int4pack,
     unpack_tinygemm_scales_and_zeros,
 )
 from qalora_tune.errors import UserTypeError, UserValueError
@@ -254,7 +255,7 @@ def tinygemm_int4(
     q = q.to(device)
     if q.is_cuda:
         pairs = (q[:, ::2] << 4 | q[:, 1::2]).contiguous()
-        qdata = torch.ops.aten._convert_weight_to_int4pack(pairs, _CUDA_INNER_K_TILES)
+        qdata = tinygemm_int4pack(pairs, _CUDA_INNER_K_TILES)
     else:
         qdata = pack_tinygemm_int4(q, _CUDA_INNER_K_TILES)
     return TileInt4Tensor(

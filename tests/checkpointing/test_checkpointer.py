@@ -15,6 +15,7 @@ from qalora_tune.checkpointing import (
     ADAPTER_WEIGHTS_NAME,
     PROGRESS_NAME,
     RECIPE_STATE_NAME,
+    AdapterConfig,
     QALoRACheckpointer,
     atomic_directory,
     find_checkpoint_files,
@@ -152,7 +153,7 @@ def test_save_then_resume_round_trips_the_latest_epoch(tmp_path):
     assert resumed["adapter"].keys() == state.keys()
     for key, value in state.items():  # bit for bit, q_proj's B rows permuted and back
         assert torch.equal(resumed["adapter"][key], value), key
-    assert resumed["adapter_config"] == metadata
+    assert resumed["adapter_config"] == AdapterConfig.from_dict(metadata)
     assert resumed["recipe_state"]["epoch"] == 1 and resumed["recipe_state"]["steps"] == 20
     assert torch.equal(resumed["recipe_state"]["opt"]["lr"], recipe["opt"]["lr"])
     # epoch 0 is still on disk, unchanged
