@@ -242,7 +242,7 @@ def tiny_base_dir(work_dir: Path, width: int) -> Path:
 def point_overrides(point: Point, args: argparse.Namespace, output_dir: Path) -> list[str]:
     """The ``key=value`` overrides of the case's packaged config that make ``point``."""
     case = case_by_name(point.case)
-    builder = "qalora_tune.models.qalora_tiny_llama"
+    builder = "qalora_tune.tiny.qalora_tiny_llama"
     overrides = [
         f"output_dir={output_dir}",
         f"metric_logger.log_dir={output_dir}/logs",

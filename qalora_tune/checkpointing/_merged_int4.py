@@ -23,28 +23,24 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qalora_tune._compat import (
-    Int4WeightOnlyConfig,
-    IntxWeightOnlyConfig,
-    MappingType,
-    PerGroup,
-    config_to_dict,
+    WRAPPER_NAME_SEGMENTS,
     flatten_tensor_state_dict,
-    get_component_from_path,
-    unflatten_tensor_state_dict,
+    read_torchao_safetensors_tensor,
 )
+from qalora_tune._files import read_json
 from qalora_tune.checkpointing._hf_keys import HFKeyMap
-from qalora_tune.modules import Int4Linear, QALoRALinear
-from qalora_tune.quantization import (
-    GroupQuantizedWeight,
-    from_plain_int4,
-    from_torchao_base,
-    is_intx_weight,
-    plain_int4_bytes,
-    to_plain_int4,
-    reorder_intx_rows,
-    to_torchao_base,
-    uses_int4_kernel,
+from qalora_tune.checkpointing._merged_formats import (
+    base_from_file,
+    is_file_base,
+    portable_weight,
+    quantization_config,
+    written_bits,
 )
+from qalora_tune.checkpointing._model_spec import build_from_spec, check_model_spec
+from qalora_tune.errors import UserFileNotFoundError, UserValueError
+from qalora_tune.modules import QALoRALinear, QuantizedLinear
+from qalora_tune.quantization import GroupQuantizedWeight
+from qalora_tune.quantization.intx_weight import is_intx_weight
 
 __all__ = [
     "MERGED_DIR_NAME",
@@ -53,7 +49,6 @@ __all__ = [
     "MERGED_WEIGHTS_NAME",
     "MERGE_REPORT_NAME",
     "load_merged",
-    "torchao_quantization_config",
     "write_merged_int4",
 ]
 
@@ -61,7 +56,8 @@ MERGED_DIR_NAME = "merged_int4"
 MERGED_WEIGHTS_NAME = "model.safetensors"
 MERGED_SPEC_NAME = "qalora_tune.json"
 MERGE_REPORT_NAME = "merge_report.json"
-_NESTED = ("_checkpoint_wrapped_module.", "_orig_mod.")
+_STORED_DTYPES = ("float32", "bfloat16", "float16")
+_NESTED = WRAPPER_NAME_SEGMENTS
 
 
 def clean_module_name(name: str) -> str:
@@ -71,27 +67,6 @@ def clean_module_name(name: str) -> str:
     return name
 
 
-def torchao_quantization_config(group_size: int, bits: int = 4) -> Dict[str, Any]:
-    """``config.json``'s ``quantization_config``: transformers' ``TorchAoConfig.to_dict()``
-    for ``Int4WeightOnlyConfig(group_size)`` in torchao's plain int4 packing, or, for a
-    base off the int4 kernels, ``IntxWeightOnlyConfig`` (asymmetric, per group)."""
-    if uses_int4_kernel(bits, group_size):
-        config = Int4WeightOnlyConfig(group_size=group_size)
-    else:
-        config = IntxWeightOnlyConfig(
-            weight_dtype=getattr(torch, f"int{bits}"),
-            granularity=PerGroup(group_size),
-            mapping_type=MappingType.ASYMMETRIC,
-        )
-    return {
-        "quant_method": "torchao",
-        "quant_type": {"default": config_to_dict(config)},
-        "modules_to_not_convert": None,
-        "include_input_output_embeddings": False,
-        "untie_embedding_weights": False,
-    }
-
-
 def _permute_rows(gq: GroupQuantizedWeight, rows: torch.Tensor) -> GroupQuantizedWeight:
     return GroupQuantizedWeight(
         qdata=gq.qdata[rows], scale=gq.scale[rows], zero=gq.zero[rows],
@@ -99,13 +74,13 @@ def _permute_rows(gq: GroupQuantizedWeight, rows: torch.Tensor) -> GroupQuantize
     )
 
 
-def _merged_tensors(model: nn.Module) -> Iterator[Tuple[str, Union[torch.Tensor, Int4Linear]]]:
-    """torchtune key -> dense tensor, or the Int4Linear owning that int4 weight."""
+def _merged_tensors(model: nn.Module) -> Iterator[Tuple[str, Union[torch.Tensor, QuantizedLinear]]]:
+    """torchtune key -> dense tensor, or the QuantizedLinear owning that int4 weight."""
     int4_modules = {}
     for name, module in model.named_modules():
-        if isinstance(module, Int4Linear):
+        if isinstance(module, QuantizedLinear):
             if isinstance(module, QALoRALinear) and not module.merged:
-                raise ValueError(f"{name}: merge() the adapters before writing the merged model")
+                raise UserValueError(f"{name}: merge() the adapters before writing the merged model")
             int4_modules[f"{clean_module_name(name)}.weight"] = module
     for key, value in model.state_dict().items():
         key = clean_module_name(key)
@@ -120,6 +95,7 @@ def write_merged_int4(
     key_map: HFKeyMap,
     hf_config: Dict[str, Any],
     spec: Dict[str, Any],
+    merged_format: str = "int4_plain",
 ) -> Dict[str, Any]:
     """Write a merged model's ``model.safetensors``, ``config.json`` and ``qalora_tune.json``.
 
@@ -130,6 +106,8 @@ def write_merged_int4(
         hf_config (Dict[str, Any]): the base's ``config.json``.
         spec (Dict[str, Any]): ``model`` (builder ``_component_`` and arguments that build
             the same model without adapters) and ``model_type``.
+        merged_format (str): the file format of the quantized linears, resolved by
+            :func:`~qalora_tune.checkpointing._merged_formats.choose_merged_format`.
 
     Returns:
         Dict[str, Any]: sizes: quantized parameters, their bytes and bits per parameter,
@@ -138,29 +116,32 @@ def write_merged_int4(
     Raises:
         ValueError: if an adapter is not merged.
     """
+    if any(is_intx_weight(m.weight) for m in model.modules() if isinstance(m, QuantizedLinear)):
+        merged_format = "intx"  # the only file layout of an intx base
     tensors: Dict[str, torch.Tensor] = {}
     quantized_params, quantized_bytes, group_size, bits, dtype = 0, 0, None, 4, None
     for key, value in _merged_tensors(model):
-        if isinstance(value, Int4Linear):
+        if isinstance(value, QuantizedLinear):
             hf_key, rows = key_map.row_order(key, value.out_dim, to_hf=True)
-            portable, nbytes = _portable_weight(value, rows)
+            portable, nbytes = portable_weight(value, rows, merged_format)
             tensors[hf_key] = portable
             quantized_params += value.out_dim * value.in_dim
             quantized_bytes += nbytes
-            group_size, bits, dtype = value.group_size, value.bits, portable.dtype
+            group_size, bits = value.group_size, written_bits(value, merged_format)
+            dtype = value.weight.dtype
         else:
             tensors.update(key_map.to_hf({key: value.detach().cpu().contiguous()}))
     if group_size is None:
-        raise ValueError("the model has no int4 linear layers to write")
+        raise UserValueError("the model has no int4 linear layers to write")
     data, metadata = flatten_tensor_state_dict(tensors)
     metadata["format"] = "pt"
     path = directory / MERGED_WEIGHTS_NAME
     save_file(data, str(path), metadata=metadata)
     config = dict(hf_config)
-    config["quantization_config"] = torchao_quantization_config(group_size, bits)
+    config["quantization_config"] = quantization_config(merged_format, group_size, bits)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(config, indent=2))
-    (directory / MERGED_SPEC_NAME).write_text(json.dumps(spec, indent=2))
+    (directory / MERGED_SPEC_NAME).write_text(json.dumps(dict(spec, format=merged_format), indent=2))
     return {
         "quantized_parameters": quantized_params,
         "quantized_bytes": quantized_bytes,
@@ -169,46 +150,33 @@ def write_merged_int4(
     }
 
 
-def _portable_weight(module: Int4Linear, rows: torch.Tensor) -> Tuple[torch.Tensor, int]:
-    """The layer's weight as written, rows in Hugging Face order, and its bytes: a plain
-    ``Int4Tensor`` for int4 bases, an ``IntxUnpackedToInt8Tensor`` (zero points copied
-    bit for bit) for intx ones."""
-    if not is_intx_weight(module.weight):
-        gq = from_torchao_base(module.weight)
-        gq = GroupQuantizedWeight(
-            gq.qdata.cpu(), gq.scale.cpu(), gq.zero.cpu(), gq.group_size, gq.bits
-        )
-        plain = to_plain_int4(_permute_rows(gq, rows), in_features=module.in_dim)
-        return plain, plain_int4_bytes(plain)
-    if module.padded_in_dim != module.in_dim:
-        raise ValueError(
-            f"a padded intx base ({module.in_dim} inputs in groups of {module.group_size}) "
-            "has no transformers layout; set model.group_size to a divisor of every "
-            "linear's in_dim instead of model.pad_in_dim=True"
-        )
-    intx = reorder_intx_rows(module.weight, rows, device="cpu")
-    nbytes = sum(t.numel() * t.element_size() for t in (intx.qdata, intx.scale, intx.zero_point))
-    return intx, nbytes
-
-
 def _read_tensors(path: Path) -> Iterator[Tuple[str, torch.Tensor]]:
     """(Hugging Face key, tensor or Int4Tensor) from a torchao safetensors file, one at a time."""
-    with safe_open(str(path), framework="pt", device="cpu") as handle:
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except Exception as error:  # safetensors raises its own error types for bad files
+        raise UserValueError(
+            f"{path} cannot be read ({' '.join(str(error).split())}): the file is truncated "
+            "or corrupt; merge again (tune run qalora_merge ...)"
+        ) from None
+    with handle:
         metadata = handle.metadata() or {}
         if "tensor_names" not in metadata:
-            raise ValueError(f"{path} has no torchao metadata; it is not a merged int4 model")
-        for name in json.loads(metadata["tensor_names"]):
-            info = json.loads(metadata[name])
-            if info.get("_type") == "Tensor":
-                yield name, handle.get_tensor(name)
-                continue
-            module, param = name.rsplit(".", 1)
-            parts = {
-                f"{module}._{param}_{part}": handle.get_tensor(f"{module}._{param}_{part}")
-                for part in info["_tensor_data_names"]
-            }
-            one = {name: metadata[name], "tensor_names": json.dumps([name])}
-            yield name, unflatten_tensor_state_dict(parts, one)[0][name]
+            raise UserValueError(f"{path} has no torchao metadata; it is not a merged int4 model")
+        try:
+            names = json.loads(metadata["tensor_names"])
+        except json.JSONDecodeError:
+            raise UserValueError(f"{path} has corrupt torchao metadata (tensor_names)") from None
+        for name in names:
+            try:
+                yield name, read_torchao_safetensors_tensor(handle, metadata, name)
+            except UserValueError:
+                raise
+            except Exception as error:  # corrupt metadata or data: safetensors/torchao errors
+                raise UserValueError(
+                    f"{path}: {name} cannot be read ({type(error).__name__}: "
+                    f"{' '.join(str(error).split())[:200]}); the file is corrupt: merge again"
+                ) from None
 
 
 def load_merged(
@@ -239,59 +207,62 @@ def load_merged(
     path = Path(path).expanduser()
     for name in ("config.json", MERGED_SPEC_NAME, MERGED_WEIGHTS_NAME):
         if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name} not found; point to a merged_int4/ directory")
-    hf_config = json.loads((path / "config.json").read_text())
-    spec = json.loads((path / MERGED_SPEC_NAME).read_text())
+            raise UserFileNotFoundError(f"{path / name} not found; point to a merged_int4/ directory")
+    fix = "point to a merged_int4/ directory written by qalora-tune"
+    hf_config = read_json(path / "config.json", "the merged model's config", fix)
+    spec = read_json(path / MERGED_SPEC_NAME, "the merged model's description", fix)
+    check_model_spec(spec.get("model"), path / MERGED_SPEC_NAME)  # before anything is built
     device = torch.device(device or "cpu")
-    dtype = dtype or getattr(torch, hf_config.get("torch_dtype", "bfloat16"))
-    try:
-        builder = get_component_from_path(spec["model"]["_component_"])
-    except Exception as error:  # torchtune raises InstantiationError
-        raise ValueError(
-            f"{path / MERGED_SPEC_NAME} names the model builder {spec['model']['_component_']!r}, "
-            f"which cannot be imported ({type(error).__name__}); install the package that "
-            "provides it"
-        ) from None
-    kwargs = {k: v for k, v in spec["model"].items() if k != "_component_"}
+    stored = hf_config.get("torch_dtype", "bfloat16")
+    if stored not in _STORED_DTYPES:
+        raise UserValueError(
+            f"{path / 'config.json'} has torch_dtype={stored!r}; a merged model is stored in "
+            f"{', '.join(_STORED_DTYPES)}"
+        )
+    dtype = dtype or getattr(torch, stored)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with device:
-            model = builder(**kwargs)
+            model = build_from_spec(spec["model"], path / MERGED_SPEC_NAME)
     finally:
         torch.set_default_dtype(previous)
-    key_map = HFKeyMap(spec["model_type"], hf_config)
+    key_map = HFKeyMap(str(spec.get("model_type")), hf_config)
     expected = set(model.state_dict())
     loaded = set()
     for hf_key, value in _read_tensors(path / MERGED_WEIGHTS_NAME):
-        if value.__class__.__name__ in ("Int4Tensor", "IntxUnpackedToInt8Tensor"):
+        if is_file_base(value):
             key, rows = key_map.row_order(hf_key, value.shape[0], to_hf=False)
-            module = _int4_module(model, key)
-            if is_intx_weight(value):
-                packed = reorder_intx_rows(value, rows, device=device, dtype=dtype)
-            else:
-                gq = _permute_rows(from_plain_int4(value, module.padded_in_dim), rows)
-                packed = to_torchao_base(gq, device=device, dtype=dtype)
-            module._check_base(packed)
-            module.weight = nn.Parameter(packed, requires_grad=False)
+            module = _quantized_module(model, key)
+            base = base_from_file(value, rows, module, device, dtype)
+            try:  # the layer's load hook checks the base (groups, bits, shape)
+                model.load_state_dict({key: base}, strict=False)
+            except UserValueError as error:
+                raise UserValueError(f"{path}: {hf_key}: {error}") from None
             loaded.add(key)
             continue
         for key, tensor in key_map.to_tune({hf_key: value}).items():
             if key not in expected:
-                raise ValueError(f"{path}: {hf_key} ({key}) is not a weight of the model it describes")
+                raise UserValueError(f"{path}: {hf_key} ({key}) is not a weight of the model it describes")
+            wanted = tuple(model.state_dict()[key].shape)
+            if tuple(tensor.shape) != wanted:
+                raise UserValueError(
+                    f"{path}: {hf_key} has shape {tuple(tensor.shape)} where the model it "
+                    f"describes has {wanted}; the files do not belong together"
+                )
             model.load_state_dict({key: tensor}, strict=False)
             loaded.add(key)
     missing = expected - loaded
     if missing:
-        raise ValueError(f"{path} lacks weights the model needs, e.g. {sorted(missing)[:3]}")
+        raise UserValueError(f"{path} lacks weights the model needs, e.g. {sorted(missing)[:3]}")
     return model.eval()
 
 
-def _int4_module(model: nn.Module, key: str) -> Int4Linear:
+def _quantized_module(model: nn.Module, key: str) -> QuantizedLinear:
     try:
         module = model.get_submodule(key.rsplit(".", 1)[0])
     except AttributeError:
         module = None
-    if not isinstance(module, Int4Linear):
-        raise ValueError(f"{key} is int4 in the file but not an int4 linear of the model")
+    if not isinstance(module, QuantizedLinear):
+        raise UserValueError(f"{key} is int4 in the file but not an int4 linear of the model")
     return module

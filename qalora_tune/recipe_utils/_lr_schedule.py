@@ -5,6 +5,8 @@ import math
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from qalora_tune.errors import UserValueError
+
 __all__ = ["get_cosine_schedule_with_floor"]
 
 
@@ -37,15 +39,15 @@ def get_cosine_schedule_with_floor(
         LambdaLR: the schedule (its state dict resumes it).
 
     Raises:
-        ValueError: if ``min_lr_ratio`` is outside [0, 1] or a step count is negative.
+        UserValueError: if ``min_lr_ratio`` is outside [0, 1] or a step count is negative.
     """
     if not 0.0 <= min_lr_ratio <= 1.0:
-        raise ValueError(
+        raise UserValueError(
             f"lr_scheduler.min_lr_ratio={min_lr_ratio!r} must be in [0, 1] (a fraction of "
             "optimizer.lr); set it to e.g. 0.1"
         )
     if num_warmup_steps < 0 or num_training_steps < 0:
-        raise ValueError(
+        raise UserValueError(
             f"lr_scheduler.num_warmup_steps={num_warmup_steps} and num_training_steps="
             f"{num_training_steps} must not be negative"
         )

@@ -21,6 +21,7 @@ from qalora_tune.checkpointing import (
     load_hf_weights,
     read_hf_config,
 )
+from qalora_tune.errors import UserValueError
 from qalora_tune.tiny.dataset import TinyTaskDataset
 from qalora_tune.tiny.hf_checkpoint import (
     CONFIG_FILENAME,
@@ -28,59 +29,17 @@ from qalora_tune.tiny.hf_checkpoint import (
     save_hf_checkpoint,
 )
 from qalora_tune.tiny.metrics import answer_metrics, to_qalora_
+from qalora_tune.tiny.model import TINY_LLAMA_SIZES, build_tiny_base, tiny_llama_sizes
 from qalora_tune.tiny.pretrain import pretrain
 from qalora_tune.tiny.tokenizer import TOKENIZER_FILENAME, TinyTokenizer
 
 __all__ = [
     "COMPLETE_MARKER",
     "METRICS_FILENAME",
-    "TINY_LLAMA_SIZES",
-    "build_tiny_base",
     "is_complete_tiny_base",
     "load_tiny_base",
     "prepare_tiny_base",
-    "tiny_llama_sizes",
 ]
-
-TINY_LLAMA_SIZES: Dict[str, Any] = {
-    "vocab_size": TinyTokenizer().vocab_size,  # 57: <pad>, <bos>, <eos> + 54 characters
-    "num_layers": 2,
-    "num_heads": 4,
-    "num_kv_heads": 4,
-    "embed_dim": 128,
-    "max_seq_len": 64,
-    "intermediate_dim": 256,
-}
-"""Exact ``torchtune.models.llama2.llama2`` keyword arguments of the tiny base.
-
-Every linear has ``in_dim`` 128 or 256: 4 or 8 quantization groups of 32.
-"""
-
-HEAD_DIM = 32
-"""Width of an attention head of the tiny bases, whatever their width."""
-
-
-def tiny_llama_sizes(embed_dim: int = 128) -> Dict[str, Any]:
-    """The tiny base's sizes at another width: :data:`TINY_LLAMA_SIZES` with ``embed_dim``
-    changed, one head per 32 features and a feed-forward width of ``2 * embed_dim``
-    (``tiny_llama_sizes(128) == TINY_LLAMA_SIZES``). Wider tiny bases are what
-    ``benchmarks/lr_transfer.py`` measures learning-rate transfer across width on.
-
-    Raises:
-        ValueError: if ``embed_dim`` is not a positive multiple of 32.
-    """
-    if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim <= 0 or (
-        embed_dim % HEAD_DIM
-    ):
-        raise ValueError(f"embed_dim must be a positive multiple of {HEAD_DIM}, got {embed_dim!r}")
-    heads = embed_dim // HEAD_DIM
-    return {
-        **TINY_LLAMA_SIZES,
-        "embed_dim": embed_dim,
-        "num_heads": heads,
-        "num_kv_heads": heads,
-        "intermediate_dim": 2 * embed_dim,
-    }
 
 METRICS_FILENAME = "base_metrics.json"
 COMPLETE_MARKER = "TINY_BASE_COMPLETE"
@@ -95,11 +54,6 @@ DEFAULT_LR = 5e-3
 # is (on a loaded CI machine it stopped early and the base reached 30% accuracy)
 DEFAULT_MAX_SECONDS = None
 DEFAULT_NUM_VALIDATION = 1000
-
-
-def build_tiny_base(embed_dim: int = 128) -> torch.nn.Module:
-    """A freshly initialised ``llama2(**tiny_llama_sizes(embed_dim))`` (fp32)."""
-    return llama2(**tiny_llama_sizes(embed_dim))
 
 
 def is_complete_tiny_base(checkpoint_dir: str) -> bool:
@@ -156,7 +110,7 @@ def prepare_tiny_base(
     if is_complete_tiny_base(checkpoint_dir):
         found = _stored_sizes(checkpoint_dir)
         if found != sizes:
-            raise ValueError(
+            raise UserValueError(
                 f"{checkpoint_dir!r} holds a tiny base of width {found.get('embed_dim')}, not "
                 f"{embed_dim}; choose another checkpoint_dir for a base of width {embed_dim}"
             )
@@ -166,12 +120,12 @@ def prepare_tiny_base(
     if os.path.exists(checkpoint_dir) and (
         not os.path.isdir(checkpoint_dir) or os.listdir(checkpoint_dir)
     ):
-        raise ValueError(
+        raise UserValueError(
             f"{checkpoint_dir!r} exists but is not a finished tiny base (no "
             f"{COMPLETE_MARKER}); remove it or choose another checkpoint_dir"
         )
     if num_validation <= 0:
-        raise ValueError(f"num_validation must be positive, got {num_validation}")
+        raise UserValueError(f"num_validation must be positive, got {num_validation}")
 
     start = time.perf_counter()
     if log is not None:
@@ -246,7 +200,7 @@ def load_tiny_base(checkpoint_dir: str) -> torch.nn.Module:
         ValueError: if ``checkpoint_dir`` is not a finished tiny base.
     """
     if not is_complete_tiny_base(checkpoint_dir):
-        raise ValueError(f"{checkpoint_dir!r} is not a finished tiny base")
+        raise UserValueError(f"{checkpoint_dir!r} is not a finished tiny base")
     model = llama2(**_stored_sizes(checkpoint_dir))
     directory = Path(checkpoint_dir)
     load_hf_weights(

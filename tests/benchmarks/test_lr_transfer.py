@@ -63,12 +63,12 @@ def _knobs():
 
 
 def test_adapted_model_with_sum_pooling_is_the_builders_model():
-    from qalora_tune.models import qalora_tiny_llama
+    from qalora_tune.tiny import qalora_tiny_llama
 
     torch.manual_seed(3)
     expected = qalora_tiny_llama(**_knobs())
     torch.manual_seed(3)
-    got = lr_transfer.adapted_model("qalora_tune.models.qalora_tiny_llama", "sum", **_knobs())
+    got = lr_transfer.adapted_model("qalora_tune.tiny.qalora_tiny_llama", "sum", **_knobs())
     adapters = [(n, p) for n, p in expected.named_parameters() if p.requires_grad]
     assert [n for n, _ in adapters] == [n for n, p in got.named_parameters() if p.requires_grad]
     for (name, a), b in zip(adapters, (p for p in got.parameters() if p.requires_grad)):
@@ -163,11 +163,9 @@ def test_a_sum_point_is_the_recipe_run_with_the_same_overrides(quick, tmp_path):
     overrides = lr_transfer.point_overrides(point, args, tmp_path / "run")
     overrides = [o for o in overrides if not o.startswith(("model._component_", "model.pooling", "model.builder"))]
     case = lr_transfer.case_by_name(QUICK_CASE)
-    overrides += ["model._component_=qalora_tune.models.qalora_tiny_llama"] if case.width == 128 else []
+    overrides += ["model._component_=qalora_tune.tiny.qalora_tiny_llama"] if case.width == 128 else []
     overrides = [o for o in overrides if not o.startswith("model.embed_dim")]
-    with pytest.raises(SystemExit) as done:  # torchtune's config.parse exits with the status
-        qalora_finetune.main(["qalora_finetune", "--config", "tiny_qalora", *overrides])
-    assert not done.value.code
+    qalora_finetune.main(["qalora_finetune", "--config", "tiny_qalora", *overrides])  # exits 1 on error
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["metrics"]["QA-LoRA"]["loss"] == record["loss"]
 

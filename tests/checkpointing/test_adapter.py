@@ -24,6 +24,7 @@ from qalora_tune._compat import tune_to_hf
 from qalora_tune.checkpointing import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
+    AdapterConfig,
     HFKeyMap,
     adopt_pooling,
     check_adapter_matches,
@@ -34,7 +35,7 @@ from qalora_tune.checkpointing import (
 )
 from qalora_tune.models import qalora_transformer
 from qalora_tune.modules import QALoRALinear
-from qalora_tune.quantization import zero_points
+from qalora_tune.quantization.int4_weight import zero_points
 
 HEADS, KV_HEADS, DIM, HIDDEN, GROUP, RANK, ALPHA = 4, 2, 64, 128, 32, 4, 8.0
 HF_CONFIG = dict(num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, hidden_size=DIM)
@@ -173,7 +174,9 @@ def test_adapter_config_is_a_peft_qalora_config(layers, pooling, adapter_dir):
     assert config["r"] == RANK
     assert config["lora_dropout"] == 0.0
     assert config["target_modules"] == sorted(m.rsplit(".", 1)[-1] for m in HF_MODULES.values())
-    assert config["qalora_tune"] == dict(METADATA, pooling=pooling)
+    written = config["qalora_tune"]
+    assert {k: written[k] for k in METADATA} == dict(METADATA, pooling=pooling)
+    assert AdapterConfig.from_dict(written) == AdapterConfig.from_dict(dict(METADATA, pooling=pooling))
     for tune_name, layer in layers.items():
         leaf = HF_MODULES[tune_name.split(".", 2)[2]].rsplit(".", 1)[-1]
         effective = config["alpha_pattern"].get(leaf, config["lora_alpha"])
@@ -253,7 +256,7 @@ def test_read_adapter_returns_the_trained_tensors_bit_for_bit(layers, pooling, k
     for key, value in expected.items():
         assert tensors[key].dtype == value.dtype
         assert torch.equal(tensors[key], value), key
-    assert metadata == dict(METADATA, pooling=pooling)
+    assert metadata == AdapterConfig.from_dict(dict(METADATA, pooling=pooling))
 
 
 # ---------------------------------------------------------------------- old adapters
@@ -271,6 +274,10 @@ def test_a_mean_pooled_adapter_loads_with_its_function_and_merge_bit_for_bit(
     if written_pooling is not None:
         metadata["pooling"] = written_pooling
     write_adapter(tmp_path, old, key_map, metadata)
+    if written_pooling is None:  # as earlier versions wrote it: no pooling entry at all
+        config = json.loads((tmp_path / ADAPTER_CONFIG_NAME).read_text())
+        del config["qalora_tune"]["pooling"], config["qalora_tune"]["pooling_note"]
+        (tmp_path / ADAPTER_CONFIG_NAME).write_text(json.dumps(config))
     tensors, read_metadata = read_adapter(tmp_path, key_map)
     new = _adapted_layers("sum", seed=1, adapter_seed=2)
     assert all(layer.pooling == "sum" for layer in new.values())
@@ -307,9 +314,30 @@ def test_sum_and_mean_adapters_of_the_same_function_merge_alike():
 
 def test_an_unknown_pooling_is_refused(tmp_path):
     layers = _adapted_layers("sum")
-    with pytest.raises(ValueError, match="pooling='max'.*does not know"):
-        adopt_pooling(layers.values(), dict(METADATA, pooling="max"), tmp_path)
+    with pytest.raises(ValueError, match="qalora_tune.pooling='max', not one of sum, mean"):
+        AdapterConfig.from_dict(dict(METADATA, pooling="max"), tmp_path / "adapter_config.json")
+    with pytest.raises(ValueError, match="qalora_tune.pooling='max'"):
+        adopt_pooling(layers.values(), dict(METADATA, pooling="max"))
     assert all(layer.pooling == "sum" for layer in layers.values())
+
+
+def test_the_written_pooling_is_the_layers_whatever_the_description_says(tmp_path, key_map):
+    write_adapter(tmp_path, _adapted_layers("sum"), key_map, dict(METADATA, pooling="mean"))
+    _, metadata = read_adapter(tmp_path, key_map)
+    assert metadata.pooling == "sum"
+
+
+def test_an_adapter_config_that_lies_about_its_types_is_refused(tmp_path):
+    for key, value in (("rank", "8"), ("alpha", -1), ("target_modules", "q_proj"), ("pad_in_dim", 1)):
+        with pytest.raises(ValueError, match=f"qalora_tune.{key}="):
+            AdapterConfig.from_dict(dict(METADATA, **{key: value}), tmp_path / "adapter_config.json")
+    with pytest.raises(ValueError, match="has no qalora_tune.rank"):
+        AdapterConfig.from_dict({k: v for k, v in METADATA.items() if k != "rank"})
+
+
+def test_an_adapter_of_a_moved_builder_reads_as_the_new_path():
+    old = AdapterConfig.from_dict(dict(METADATA, model={"_component_": "qalora_tune.models.qalora_tiny_llama"}))
+    assert old.model_builder == "qalora_tune.tiny.qalora_tiny_llama"
 
 
 def test_read_adapter_missing_files(tmp_path, key_map):
@@ -397,7 +425,7 @@ def test_another_base_checkpoint_is_refused(tmp_path):
 
 # ---------------------------------------------------------------------- check_resume_matches
 
-SAVED = dict(METADATA, model_builder="qalora_tune.models.qalora_tiny_llama")
+SAVED = dict(METADATA, model={"_component_": "qalora_tune.tiny.qalora_tiny_llama"})
 
 
 def test_resuming_the_same_configuration_passes(tmp_path):
@@ -413,7 +441,7 @@ def test_resuming_the_same_configuration_passes(tmp_path):
         ("alpha", 16.0, "model.lora_alpha"),
         ("quantizer", "hqq", "model.quantizer"),
         ("pad_in_dim", True, "model.pad_in_dim"),
-        ("model_builder", "qalora_tune.models.qalora_llama2_7b", "model._component_"),
+        ("model", {"_component_": "qalora_tune.models.qalora_llama2_7b"}, "model._component_"),
     ],
 )
 def test_each_resume_mismatch_names_both_values_and_the_setting(tmp_path, key, other, setting):
@@ -421,7 +449,11 @@ def test_each_resume_mismatch_names_both_values_and_the_setting(tmp_path, key, o
         check_resume_matches(dict(SAVED), dict(SAVED, **{key: other}), tmp_path / "epoch_0")
     message = str(error.value)
     assert message.startswith(f"resume_from_checkpoint=True but {tmp_path / 'epoch_0'}")
-    assert f"{key}={SAVED[key]!r}" in message and f"{key}={other!r}" in message
+    if key == "model":  # compared by the builder's path
+        key, other = "model_builder", other["_component_"]
+        assert f"{key}={SAVED['model']['_component_']!r}" in message and f"{key}={other!r}" in message
+    else:
+        assert f"{key}={SAVED[key]!r}" in message and f"{key}={other!r}" in message
     assert f"set {setting} back" in message and "resume_from_checkpoint=False" in message
 
 
