@@ -72,7 +72,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _report import command_line, cpu_model_name, write_outputs
+from _report import (
+    add_output_arguments,
+    command_line,
+    cpu_model_name,
+    parse_with_quick,
+    write_outputs,
+)
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1545,19 +1551,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a few steps of everything, 4-bit G32, one seed (for the test)",
     )
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--markdown", type=Path, default=None)
-    parser.add_argument("--plot", type=Path, default=None)
+    add_output_arguments(parser)
     return parser
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line; ``--quick`` changes the defaults, explicit options win."""
     parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if parser.parse_known_args(argv)[0].quick:
-        parser.set_defaults(**QUICK_DEFAULTS)
-    args = parser.parse_args(argv)
+    args = parse_with_quick(parser, QUICK_DEFAULTS, argv)
     if args.steps < 0 or args.batch_size < 1 or args.seq_len < 2:
         parser.error("--steps must be >= 0, --batch-size >= 1 and --seq-len >= 2")
     if any(b not in (2, 3, 4, 8) for b in args.bits):

@@ -62,7 +62,13 @@ from typing import Any
 
 import torch
 
-from _report import command_line, cpu_model_name, write_outputs
+from _report import (
+    add_output_arguments,
+    command_line,
+    cpu_model_name,
+    parse_with_quick,
+    write_outputs,
+)
 from accuracy import best_lr, grid_ratio, is_bracketed, lr_extensions, use_pooling
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -694,19 +700,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=1, help="processes running points")
     parser.add_argument("--quick", action="store_true", help="two points of one case (the test)")
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--markdown", type=Path, default=None)
-    parser.add_argument("--plot", type=Path, default=None)
+    add_output_arguments(parser)
     return parser
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line; ``--quick`` changes the defaults, explicit options win."""
     parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if parser.parse_known_args(argv)[0].quick:
-        parser.set_defaults(**QUICK_DEFAULTS)
-    args = parser.parse_args(argv)
+    args = parse_with_quick(parser, QUICK_DEFAULTS, argv)
     known = {c.name for c in CASES}
     for name in [*args.cases, *args.lora_plus_cases, *args.schedule_cases]:
         if name not in known:
@@ -776,29 +777,55 @@ def run_sweep(args: argparse.Namespace, sweep: Sweep) -> dict[str, Any]:
     return side
 
 
-def check_defaults(args: argparse.Namespace, sweep: Sweep) -> list[dict[str, Any]]:
+def run_defaults(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Run ``tune run qalora_finetune --config X model.bits=B output_dir=...`` (the packaged
-    defaults, nothing else changed) for every packaged-config case, and compare its
-    validation score with the best of that case's sweep (sum pooling, mean over seeds):
-    perplexity for text, loss for the tiny task."""
+    defaults, nothing else changed) for every packaged-config case of ``--cases``, ``--jobs``
+    at a time; their summary metrics by case name. A finished run whose command and config
+    file are unchanged (``defaults.json`` beside its summary) is read, not run again."""
+    import hashlib
     import shutil
     import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qalora_tune.recipe_utils import resolve_config
 
     tune = str(Path(sys.executable).with_name("tune"))
-    rows = []
-    for case in (case_by_name(n) for n in args.cases):
-        if "config" not in case.axes:
-            continue
+    cases = [case for case in (case_by_name(n) for n in args.cases) if "config" in case.axes]
+
+    def run(case: Case) -> dict[str, Any]:
         output_dir = args.work_dir / "defaults" / f"{case.config}_b{case.bits}"
-        shutil.rmtree(output_dir, ignore_errors=True)
         command = [tune, "run", "qalora_finetune", "--config", case.config,
                    f"model.bits={case.bits}", f"output_dir={output_dir}"]
+        stamp = {"command": command[1:],
+                 "config_sha256": hashlib.sha256(Path(resolve_config(case.config)).read_bytes()).hexdigest()}
+        stamp_path, summary_path = output_dir / "defaults.json", output_dir / "summary.json"
+        if stamp_path.is_file() and summary_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
+            return json.loads(summary_path.read_text())["metrics"]
+        shutil.rmtree(output_dir, ignore_errors=True)
+        sweep_base = args.work_dir / "bases" / "tiny_qalora"
+        if case.config == "tiny_qalora" and (sweep_base / "TINY_BASE_COMPLETE").is_file():
+            # the config's prepare_base (${output_dir}/base, seed 0) makes this same base; the
+            # recipe reuses a finished one, as on a second run, and the sweep trained on it
+            shutil.copytree(sweep_base, output_dir / "base")
         # from inside shared/, the configs' ../shared/... is shared/ itself
         result = subprocess.run(command, cwd=args.shared if args.shared.is_dir() else ROOT,
                                 capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-        metrics = json.loads((output_dir / "summary.json").read_text())["metrics"]
+        stamp_path.write_text(json.dumps(stamp))
+        _log(f"defaults {case.name}: ran {' '.join(command[1:])}")
+        return json.loads(summary_path.read_text())["metrics"]
+
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        return dict(zip((c.name for c in cases), pool.map(run, cases)))
+
+
+def check_defaults(args: argparse.Namespace, sweep: Sweep) -> list[dict[str, Any]]:
+    """The packaged defaults (:func:`run_defaults`) against the best of each case's sweep
+    (sum pooling, mean over seeds): perplexity for text, loss for the tiny task."""
+    rows = []
+    for name, metrics in run_defaults(args).items():
+        case = case_by_name(name)
         curve = sweep.curve(case.name, "sum")
         best = best_lr(curve)
         text = case.config != "tiny_qalora"  # text: perplexity; the tiny task: loss
