@@ -141,7 +141,8 @@ def write_merged_int4(
     path = directory / MERGED_WEIGHTS_NAME
     save_file(data, str(path), metadata=metadata)
     config = dict(hf_config)
-    config["quantization_config"] = quantization_config(merged_format, group_size, bits)
+    padded = any(m.padded_in_dim != m.in_dim for m in layers)
+    config["quantization_config"] = quantization_config(merged_format, group_size, bits, padded)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     (directory / MERGED_SPEC_NAME).write_text(json.dumps(dict(spec, format=merged_format), indent=2))
