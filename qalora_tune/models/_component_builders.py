@@ -1,13 +1,15 @@
 """Component builder: turn a torchtune decoder into a QA-LoRA decoder with an int4 base."""
 
 import warnings
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
+from torchtune.modules import TiedLinear
 
-from qalora_tune.models._knobs import check_group_size_fits, check_model_knobs
-from qalora_tune.modules import Int4Linear, QALoRALinear
+from qalora_tune.models._knobs import check_group_size_fits, check_model_knobs, check_num_layers
+from qalora_tune.modules import FoldedTiedLinear, Int4Linear, QALoRALinear
+from qalora_tune.quantization import zero_base
 
 __all__ = [
     "ATTENTION_PROJECTIONS",
@@ -36,16 +38,19 @@ def qalora_transformer(
     pad_in_dim: bool = False,
     bits: int = 4,
     double_quant_scales: bool = False,
+    num_layers: Optional[int] = None,
 ) -> nn.Module:
     """Build a torchtune decoder whose linears are int4, with QA-LoRA adapters on some.
 
     ``base_decoder`` (any torchtune model builder, e.g. ``torchtune.models.llama2.llama2_7b``)
     is built on the ``meta`` device, so its full-precision weights are never allocated.
-    Every ``nn.Linear`` is then replaced on the current default device (the recipe sets
-    it) by a :class:`QALoRALinear` when it is a target, else by a frozen
-    :class:`Int4Linear`. The remaining parameters (embeddings, norms) and buffers (RoPE
-    caches) are created on the device in the default dtype and initialised. Weights
-    loaded afterwards through ``load_state_dict`` are quantized one layer at a time.
+    Every ``nn.Linear`` is then replaced by a :class:`QALoRALinear` when it is a target,
+    else by a frozen :class:`Int4Linear`, created on the current default device (the
+    recipe sets it) with an all-zero int4 base: the model is built to be loaded, so no
+    placeholder is drawn or quantized. The adapters are initialised (``A`` random, ``B``
+    zero); the remaining parameters (embeddings, norms) and buffers (RoPE caches) are
+    created on the device in the default dtype and initialised. Weights loaded afterwards
+    through ``load_state_dict`` are quantized one layer at a time.
 
     Args:
         base_decoder (Callable[[], nn.Module]): builds the full-precision decoder.
@@ -73,6 +78,9 @@ def qalora_transformer(
             with a float32 grid per row (double quantization): ``(b_s - 8) / group_size``
             fewer bits per weight for ``b_s``-bit scales (16 in bf16), zero points kept in
             full precision so the merge stays exact. Int4 kernel bases only.
+        num_layers (int, optional): keep only the first ``num_layers`` decoder layers (the
+            real widths at a smaller depth, e.g. to check a config's shapes quickly); the
+            checkpoint must then hold that many layers. Default: all of them.
 
     Returns:
         nn.Module: the decoder, on the default device, with only adapters trainable.
@@ -102,7 +110,12 @@ def qalora_transformer(
     dtype = torch.get_default_dtype()
     with torch.device("meta"):
         model = base_decoder()
+    if num_layers is not None:
+        check_num_layers(num_layers, len(model.layers))
+        model.layers = nn.ModuleList(list(model.layers)[:num_layers])
     check_group_size_fits(model, group_size, pad_in_dim)
+    if isinstance(model.output, TiedLinear) and not isinstance(model.output, FoldedTiedLinear):
+        model.output = FoldedTiedLinear(model.output.tied_module)  # see its docstring
     if apply_lora_to_output and not isinstance(getattr(model, "output", None), nn.Linear):
         raise ValueError(
             "model.apply_lora_to_output=True, but this model's output projection is tied to "
@@ -119,10 +132,10 @@ def qalora_transformer(
         bits=bits,
         double_quant_scales=double_quant_scales,
     )
-    _replace_linears(model, targets, adapter, base, device, dtype)
+    _replace_linears(model, targets, adapter, base, dtype)
     if double_quant_scales:
         _warn_where_eight_bit_scales_cost_bits(model, dtype)
-    _materialize(model, device)
+    _materialize(model, device, dtype)
     model.requires_grad_(False)
     for module in model.modules():
         if isinstance(module, QALoRALinear):
@@ -136,9 +149,9 @@ def _replace_linears(
     targets: set,
     adapter: Dict,
     base: Dict,
-    device: torch.device,
     dtype: torch.dtype,
 ) -> None:
+    """Replace every ``nn.Linear`` by an int4 layer on ``meta`` (see :func:`_materialize`)."""
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear):
@@ -149,7 +162,7 @@ def _replace_linears(
                 out_dim=child.out_features,
                 use_bias=child.bias is not None,
                 dtype=dtype,
-                device=device,
+                device="meta",
                 **base,
             )
             try:
@@ -180,20 +193,29 @@ def _warn_where_eight_bit_scales_cost_bits(model: nn.Module, dtype: torch.dtype)
 
 
 @torch.no_grad()
-def _materialize(model: nn.Module, device: torch.device) -> None:
-    """Create the meta parameters and buffers left after the linears on ``device``."""
+def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Create what is still on ``meta`` on ``device``: int4 layers with an all-zero base
+    and initialised adapters, then embeddings, norms and RoPE caches."""
     for module in model.modules():
         if isinstance(module, Int4Linear):
+            _materialize_int4(module, device, dtype)
             continue
         tensors = list(module.named_parameters(recurse=False)) + list(
             module.named_buffers(recurse=False)
         )
+        if hasattr(module, "rope_init"):
+            # a RoPE cache that waited for real memory: torchtune's Llama3ScaledRoPE on meta
+            # registers no buffer at all (it returns before scaling), so it is built here
+            # even when nothing of it is on meta
+            if tensors:
+                module.to_empty(device=device, recurse=False)
+            with torch.device(device):
+                module.rope_init()
+            continue
         if not any(t.is_meta for _, t in tensors):
             continue
         module.to_empty(device=device, recurse=False)
-        if hasattr(module, "rope_init"):
-            module.rope_init()
-        elif hasattr(module, "reset_parameters"):
+        if hasattr(module, "reset_parameters"):
             module.reset_parameters()
         else:
             for name, param in module.named_parameters(recurse=False):
@@ -202,6 +224,24 @@ def _materialize(model: nn.Module, device: torch.device) -> None:
                     param.fill_(1.0)
                 else:
                     param.normal_(0.0, 0.02)
+
+
+def _materialize_int4(module: Int4Linear, device: torch.device, dtype: torch.dtype) -> None:
+    if not module.weight.is_meta:
+        return
+    base = zero_base(
+        module.out_dim, module.padded_in_dim, module.group_size, module.bits, device, dtype,
+        module.double_quant_scales,
+    )
+    module.weight = nn.Parameter(base, requires_grad=False)
+    if module.bias is not None:
+        module.bias = nn.Parameter(
+            torch.zeros(module.out_dim, device=device, dtype=dtype), requires_grad=False
+        )
+    if isinstance(module, QALoRALinear):
+        module.lora_a.to_empty(device=device)
+        module.lora_b.to_empty(device=device)
+        module.initialize_parameters()
 
 
 def count_parameters(model: nn.Module) -> Dict[str, int]:

@@ -22,6 +22,7 @@ __all__ = [
     "QALORA_BITS",
     "check_group_size_fits",
     "check_model_knobs",
+    "check_num_layers",
 ]
 
 QALORA_BITS = (2, 3, 4, 8)
@@ -135,3 +136,16 @@ def _not_int(value: object) -> bool:
 
 def _join(values: Iterable[int]) -> str:
     return ", ".join(map(str, values))
+
+
+def check_num_layers(num_layers: int, available: int) -> None:
+    """Refuse a ``model.num_layers`` that is not between 1 and the model's layer count.
+
+    Raises:
+        ValueError: naming ``model.num_layers`` and the range it takes.
+    """
+    if _not_int(num_layers) or not 1 <= num_layers <= available:
+        raise ValueError(
+            f"model.num_layers={num_layers!r} must be an integer from 1 to {available} "
+            "(this model's layers), or null for all of them"
+        )

@@ -54,6 +54,7 @@ from qalora_tune.quantization.base_weight import (
     stored_zero_points,
     to_torchao_base,
     uses_int4_kernel,
+    zero_base,
 )
 from qalora_tune.quantization.tinygemm_layout import pack_tinygemm_int4, unpack_tinygemm_int4
 from qalora_tune.quantization.plain_int4 import (
@@ -110,6 +111,7 @@ __all__ = [
     "to_torchao_int4",
     "to_torchao_intx",
     "uses_int4_kernel",
+    "zero_base",
     "validate_group_size",
     "with_dense_scales",
     "unpack_tinygemm_int4",

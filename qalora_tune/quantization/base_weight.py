@@ -42,6 +42,7 @@ __all__ = [
     "stored_zero_points",
     "to_torchao_base",
     "uses_int4_kernel",
+    "zero_base",
 ]
 
 
@@ -159,3 +160,53 @@ def shift_zero_points_(weight: torch.Tensor, delta: torch.Tensor) -> None:
         stored.copy_(stored.double() - delta / weight.scale.double())
     else:
         stored.copy_(stored.double() + delta)
+
+
+_INT4_MIDPOINT_BYTE = 0x88  # two int4 codes equal to 8, whatever the packing's row order
+
+
+@torch.no_grad()
+def zero_base(
+    out_dim: int,
+    in_dim: int,
+    group_size: int,
+    bits: int,
+    device: Union[str, torch.device],
+    dtype: Optional[torch.dtype] = None,
+    double_quant: bool = False,
+) -> torch.Tensor:
+    """A base whose weights are all zero (every code at the grid's midpoint, scales and
+    zero points 0), made without quantizing anything: the placeholder of a layer whose
+    weight is loaded next. On CPU it is filled in place (a byte of two midpoint codes is
+    the same in every packing), elsewhere packed from zero codes.
+
+    Args:
+        out_dim (int): ``N``.
+        in_dim (int): ``K``, a multiple of ``group_size``.
+        group_size (int): quantization group size.
+        bits (int): code width.
+        device (str or torch.device): where to build it.
+        dtype (torch.dtype, optional): dtype of scales, zeros and compute.
+        double_quant (bool): 8-bit scales (int4 kernel bases only).
+    """
+    device = torch.device(device)
+    if device.type not in ("cpu", "meta") and uses_int4_kernel(bits, group_size):
+        gq = GroupQuantizedWeight(
+            qdata=torch.full((out_dim, in_dim), 2 ** (bits - 1), dtype=torch.uint8),
+            scale=torch.zeros(out_dim, in_dim // group_size),
+            zero=torch.zeros(out_dim, in_dim // group_size),
+            group_size=group_size,
+            bits=bits,
+        )
+        return to_torchao_base(gq, device=device, dtype=dtype, double_quant=double_quant)
+    weight = empty_base(out_dim, in_dim, group_size, bits, device, dtype, double_quant)
+    if device.type == "meta":
+        return weight
+    names, _ = weight.__tensor_flatten__()
+    for name in names:
+        inner = getattr(weight, name)
+        if name == "qdata" and not is_intx_weight(weight):
+            inner.fill_(_INT4_MIDPOINT_BYTE)
+        else:
+            inner.zero_()
+    return weight

@@ -136,3 +136,20 @@ def test_run_recipe_keeps_the_traceback_of_a_bug():
 
     with pytest.raises(RuntimeError, match="a bug"):
         run_recipe("qalora_finetune", main, ["tune"])
+
+
+class _Llama3Like:
+    """torchtune's Llama 3 tokenizer: 128000 text tokens, specials up to "<|image|>" at
+    128256, one past the text models' table."""
+
+    vocab_size = 128257
+    special_tokens = {"<|begin_of_text|>": 128000, "<|eot_id|>": 128009, "<|image|>": 128256}
+
+
+def test_a_multimodal_placeholder_past_the_table_does_not_count():
+    model = nn.Module()
+    model.tok_embeddings = nn.Embedding(128256, 1, device="meta")
+    check_tokenizer_fits(_Llama3Like(), model)
+    model.tok_embeddings = nn.Embedding(128009, 1, device="meta")
+    with pytest.raises(ValueError, match="has 128256 token ids but the model's embedding table has 128009"):
+        check_tokenizer_fits(_Llama3Like(), model)
