@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 import qalora_tune
 from qalora_tune._compat import get_component_from_path
+from qalora_tune._memory import memory_stats
 from qalora_tune.checkpointing import atomic_write_text, check_resume_matches
 from qalora_tune.models import base_bits_per_weight, count_parameters
 from qalora_tune.modules import QALoRALinear
@@ -70,6 +71,7 @@ from qalora_tune.recipe_utils import (
     run_on_rank_zero,
     run_recipe,
     shard_indices,
+    summarize_report,
     world_size_and_rank,
 )
 
@@ -260,8 +262,8 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             f"parameters, dtype {self._dtype}, device {self._device}; the base stores "
             f"{base_bits_per_weight(model):.3f} bits per linear weight"
         )
-        if self._device.type == "cuda":
-            training.log_memory_stats(training.get_memory_stats(device=self._device))
+        if self._log_peak_memory_stats:
+            _info(_format_memory(memory_stats(self._device)))
         return model
 
     def _setup_loss(self, cfg_loss: DictConfig) -> nn.Module:
@@ -493,8 +495,8 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         }
         if grad_norm is not None:
             values["grad_norm"] = float(grad_norm)
-        if self._device.type == "cuda" and self._log_peak_memory_stats:
-            values.update(training.get_memory_stats(device=self._device))
+        if self._log_peak_memory_stats:  # CUDA's allocator peaks, and the process's RSS
+            values.update(memory_stats(self._device))
         if self._metric_logger is not None:
             self._metric_logger.log_dict(values, step=self.global_step)
 
@@ -514,6 +516,8 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             "bits": first.bits,
             "double_quant_scales": first.double_quant_scales,
         }
+        if cfg.get("num_layers") is not None:
+            base_builder["num_layers"] = int(cfg.num_layers)
         return {
             "format": "qalora_tune",
             "rank": first.rank,
@@ -617,10 +621,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         finally:
             for layer in layers.values():
                 layer.unmerge()  # restores the zeros bit for bit
-        _info(
-            f"Saved {path} in {time.perf_counter() - start:.1f}s; merged int4 vs unmerged "
-            f"logits: max relative error {report['max_relative_logit_error']:.2e}"
-        )
+        _info(f"Saved {path} in {time.perf_counter() - start:.1f}s; {summarize_report(report)}")
 
     def _restore(self, saved: Dict[str, Any]) -> None:
         check_resume_matches(saved["adapter_config"], self._adapter_metadata, saved["path"])
@@ -706,11 +707,12 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             merged = latest / "merged_int4"
             if merged.is_dir():
                 report = json.loads((merged / "merge_report.json").read_text())
+                size = report["size"]
                 lines.append(
-                    f"    merged int4: {merged} ({report['size']['bits_per_quantized_parameter']:.2f}"
-                    f" bits per quantized weight; merged vs unmerged logits: max relative "
-                    f"error {report['max_relative_logit_error']:.2e})"
+                    f"    merged int4: {merged} ({size['bits_per_quantized_parameter']:.2f}"
+                    f" bits per quantized weight, {size.get('shards', 1)} file(s))"
                 )
+                lines.append(f"      {summarize_report(report)}")
         atomic_write_text(
             self._output_dir / "summary.json",
             json.dumps({"metrics": self._metrics, "outputs": str(latest)}, indent=2),
@@ -721,6 +723,16 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         if self._metric_logger is not None:
             self._metric_logger.close()
         destroy_distributed()
+
+
+def _format_memory(stats: Dict[str, float]) -> str:
+    text = f"Memory: RSS {stats['rss_gib']:.2f} GiB (peak {stats['peak_rss_gib']:.2f} GiB)"
+    if "peak_memory_alloc" in stats:
+        text += (
+            f"; CUDA peak allocated {stats['peak_memory_alloc']:.2f} GiB, reserved "
+            f"{stats['peak_memory_reserved']:.2f} GiB"
+        )
+    return text
 
 
 def _format_metrics(metrics: Dict[str, float]) -> str:

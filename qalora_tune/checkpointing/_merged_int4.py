@@ -3,62 +3,67 @@
 ``merged_int4/`` is a Hugging Face model directory:
 
 - ``config.json``: the base's config with a ``quantization_config`` that transformers'
-  ``TorchAoConfig`` reads (``Int4WeightOnlyConfig``, plain int4 packing);
-- ``model.safetensors``: every quantized linear as a torchao ``Int4Tensor`` (codes, scales
-  and the merged zero points), flattened by ``torchao.prototype.safetensors`` the way
-  transformers saves and loads torchao models; embeddings and norms as plain tensors.
-  A base the int4 kernels cannot hold (8-bit codes, other group sizes) is written as
-  torchao ``IntxUnpackedToInt8Tensor`` instead, with an ``IntxWeightOnlyConfig``;
+  ``TorchAoConfig`` reads (see :mod:`~qalora_tune.checkpointing._merged_format` for the
+  storage format: torchao ``Int4Tensor`` linears, or ``IntxUnpackedToInt8Tensor`` for bases
+  the int4 kernels cannot hold);
+- the weights, flattened by ``torchao.prototype.safetensors`` the way transformers saves
+  torchao models, in shards of at most ``max_shard_size`` bytes named as Hugging Face names
+  them: ``model.safetensors`` alone, or ``model-0000k-of-0000n.safetensors`` with
+  ``model.safetensors.index.json``; every shard carries the whole model's torchao metadata,
+  as transformers writes it;
 - ``qalora_tune.json``: how to rebuild the torchtune model (:func:`load_merged`);
 - tokenizer files and ``merge_report.json`` (written by the caller).
+
+The writer consumes ``(hf_key, tensor)`` pairs produced one at a time
+(:func:`merged_state_dict`), flattens each torchao tensor on its own and streams it to its
+shard, so exporting holds one tensor beyond the model.
 """
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, Optional, Tuple, Union
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from qalora_tune._compat import (
-    Int4WeightOnlyConfig,
-    IntxWeightOnlyConfig,
-    MappingType,
-    PerGroup,
-    config_to_dict,
     flatten_tensor_state_dict,
     get_component_from_path,
     unflatten_tensor_state_dict,
 )
+from qalora_tune._progress import progress_bar
 from qalora_tune.checkpointing._hf_keys import HFKeyMap
-from qalora_tune.modules import Int4Linear, QALoRALinear
-from qalora_tune.quantization import (
-    GroupQuantizedWeight,
-    from_plain_int4,
-    from_torchao_base,
-    is_intx_weight,
-    plain_int4_bytes,
-    to_plain_int4,
-    reorder_intx_rows,
-    to_torchao_base,
-    uses_int4_kernel,
+from qalora_tune.checkpointing._merged_format import (
+    is_portable_weight,
+    kernel_weight,
+    portable_nbytes,
+    portable_weight,
+    storage_format,
+    torchao_quantization_config,
 )
+from qalora_tune.checkpointing._safetensors_io import (
+    DEFAULT_MAX_SHARD_SIZE,
+    SafetensorsReader,
+    ShardedSafetensorsWriter,
+    safetensors_files,
+)
+from qalora_tune.modules import Int4Linear, QALoRALinear
 
 __all__ = [
     "MERGED_DIR_NAME",
-    "clean_module_name",
     "MERGED_SPEC_NAME",
     "MERGED_WEIGHTS_NAME",
     "MERGE_REPORT_NAME",
+    "clean_module_name",
     "load_merged",
+    "merged_state_dict",
     "torchao_quantization_config",
     "write_merged_int4",
+    "write_merged_tensors",
 ]
 
 MERGED_DIR_NAME = "merged_int4"
-MERGED_WEIGHTS_NAME = "model.safetensors"
+MERGED_WEIGHTS_NAME = "model.safetensors"  # the name when the model fits one shard
 MERGED_SPEC_NAME = "qalora_tune.json"
 MERGE_REPORT_NAME = "merge_report.json"
 _NESTED = ("_checkpoint_wrapped_module.", "_orig_mod.")
@@ -71,36 +76,17 @@ def clean_module_name(name: str) -> str:
     return name
 
 
-def torchao_quantization_config(group_size: int, bits: int = 4) -> Dict[str, Any]:
-    """``config.json``'s ``quantization_config``: transformers' ``TorchAoConfig.to_dict()``
-    for ``Int4WeightOnlyConfig(group_size)`` in torchao's plain int4 packing, or, for a
-    base off the int4 kernels, ``IntxWeightOnlyConfig`` (asymmetric, per group)."""
-    if uses_int4_kernel(bits, group_size):
-        config = Int4WeightOnlyConfig(group_size=group_size)
-    else:
-        config = IntxWeightOnlyConfig(
-            weight_dtype=getattr(torch, f"int{bits}"),
-            granularity=PerGroup(group_size),
-            mapping_type=MappingType.ASYMMETRIC,
-        )
-    return {
-        "quant_method": "torchao",
-        "quant_type": {"default": config_to_dict(config)},
-        "modules_to_not_convert": None,
-        "include_input_output_embeddings": False,
-        "untie_embedding_weights": False,
-    }
+def merged_state_dict(model: nn.Module, key_map: HFKeyMap) -> Iterator[Tuple[str, torch.Tensor]]:
+    """The merged model's tensors under Hugging Face names, made one at a time.
 
+    Each int4 layer's weight is converted to the written format
+    (:func:`~qalora_tune.checkpointing._merged_format.portable_weight`, rows in Hugging
+    Face order) only when it is asked for; other tensors (embeddings, norms, biases) pass
+    through the key map unchanged. Adapter weights are left out.
 
-def _permute_rows(gq: GroupQuantizedWeight, rows: torch.Tensor) -> GroupQuantizedWeight:
-    return GroupQuantizedWeight(
-        qdata=gq.qdata[rows], scale=gq.scale[rows], zero=gq.zero[rows],
-        group_size=gq.group_size, bits=gq.bits,
-    )
-
-
-def _merged_tensors(model: nn.Module) -> Iterator[Tuple[str, Union[torch.Tensor, Int4Linear]]]:
-    """torchtune key -> dense tensor, or the Int4Linear owning that int4 weight."""
+    Raises:
+        ValueError: if an adapter is not merged.
+    """
     int4_modules = {}
     for name, module in model.named_modules():
         if isinstance(module, Int4Linear):
@@ -111,7 +97,83 @@ def _merged_tensors(model: nn.Module) -> Iterator[Tuple[str, Union[torch.Tensor,
         key = clean_module_name(key)
         if ".lora_" in key:
             continue
-        yield key, int4_modules.get(key, value)
+        module = int4_modules.get(key)
+        if module is not None:
+            hf_key, rows = key_map.row_order(key, module.out_dim, to_hf=True)
+            yield hf_key, portable_weight(module, rows)
+        else:
+            yield from key_map.to_hf({key: value.detach().cpu().contiguous()}).items()
+
+
+def write_merged_tensors(
+    tensors: Iterable[Tuple[str, torch.Tensor]],
+    directory: Path,
+    hf_config: Dict[str, Any],
+    spec: Dict[str, Any],
+    max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
+    total: Optional[int] = None,
+) -> Dict[str, Any]:
+    """Write merged weights, consumed one at a time, with ``config.json`` and
+    ``qalora_tune.json``.
+
+    Args:
+        tensors (Iterable[Tuple[str, torch.Tensor]]): ``(Hugging Face key, tensor)``; a
+            merged linear's weight in the written format (``Int4Tensor`` or
+            ``IntxUnpackedToInt8Tensor``), anything else dense.
+        directory (Path): an existing (staging) directory.
+        hf_config (Dict[str, Any]): the base's ``config.json``.
+        spec (Dict[str, Any]): ``model`` (builder ``_component_`` and arguments that build
+            the same model without adapters) and ``model_type``.
+        max_shard_size (int or str): bytes per weight file at most, e.g. ``"5GB"``.
+        total (int, optional): the number of tensors, for the progress bar.
+
+    Returns:
+        Dict[str, Any]: sizes: quantized parameters, their bytes and bits per parameter,
+        the bytes of all files and the number of shards.
+
+    Raises:
+        ValueError: if no weight is a merged linear, or two need different
+            ``quantization_config``s.
+    """
+    writer = ShardedSafetensorsWriter(directory, max_shard_size, metadata={"format": "pt"})
+    names, fmt, dtype = [], None, None
+    quantized_params = quantized_bytes = 0
+    with progress_bar(total, "writing merged int4", unit="tensor") as bar:
+        for hf_key, value in tensors:
+            if is_portable_weight(value):
+                if fmt is None:
+                    fmt = storage_format(value)
+                elif storage_format(value) != fmt:
+                    raise ValueError(
+                        f"{hf_key} is stored with another group size or bit width than the "
+                        "first linear; one merged file holds one quantization_config"
+                    )
+                quantized_params += value.shape[0] * value.shape[1]
+                quantized_bytes += portable_nbytes(value)
+                dtype = value.dtype
+            data, metadata = flatten_tensor_state_dict({hf_key: value})
+            metadata.pop("tensor_names")
+            writer.add(data, metadata)
+            names.append(hf_key)
+            del value, data  # nothing of this tensor stays while the next one is made
+            bar.update()
+        if fmt is None:
+            raise ValueError("the model has no int4 linear layers to write")
+        bar.set_description("writing merged int4: shard headers")
+        paths = writer.close(metadata={"tensor_names": json.dumps(names)})
+    config = dict(hf_config)
+    config["quantization_config"] = torchao_quantization_config(*fmt)
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    (directory / MERGED_SPEC_NAME).write_text(json.dumps(spec, indent=2))
+    file_bytes = sum(p.stat().st_size for p in paths)
+    return {
+        "quantized_parameters": quantized_params,
+        "quantized_bytes": quantized_bytes,
+        "bits_per_quantized_parameter": 8 * quantized_bytes / quantized_params,
+        "file_bytes": file_bytes,
+        "shards": len(paths),
+    }
 
 
 def write_merged_int4(
@@ -120,8 +182,10 @@ def write_merged_int4(
     key_map: HFKeyMap,
     hf_config: Dict[str, Any],
     spec: Dict[str, Any],
+    max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
 ) -> Dict[str, Any]:
-    """Write a merged model's ``model.safetensors``, ``config.json`` and ``qalora_tune.json``.
+    """Write a merged model's weights, ``config.json`` and ``qalora_tune.json``: the
+    tensors of :func:`merged_state_dict` through :func:`write_merged_tensors`.
 
     Args:
         model (nn.Module): a QA-LoRA model whose adapters are merged.
@@ -130,85 +194,41 @@ def write_merged_int4(
         hf_config (Dict[str, Any]): the base's ``config.json``.
         spec (Dict[str, Any]): ``model`` (builder ``_component_`` and arguments that build
             the same model without adapters) and ``model_type``.
+        max_shard_size (int or str): bytes per weight file at most.
 
     Returns:
-        Dict[str, Any]: sizes: quantized parameters, their bytes and bits per parameter,
-        and the file size.
+        Dict[str, Any]: sizes (see :func:`write_merged_tensors`).
 
     Raises:
         ValueError: if an adapter is not merged.
     """
-    tensors: Dict[str, torch.Tensor] = {}
-    quantized_params, quantized_bytes, group_size, bits, dtype = 0, 0, None, 4, None
-    for key, value in _merged_tensors(model):
-        if isinstance(value, Int4Linear):
-            hf_key, rows = key_map.row_order(key, value.out_dim, to_hf=True)
-            portable, nbytes = _portable_weight(value, rows)
-            tensors[hf_key] = portable
-            quantized_params += value.out_dim * value.in_dim
-            quantized_bytes += nbytes
-            group_size, bits, dtype = value.group_size, value.bits, portable.dtype
-        else:
-            tensors.update(key_map.to_hf({key: value.detach().cpu().contiguous()}))
-    if group_size is None:
-        raise ValueError("the model has no int4 linear layers to write")
-    data, metadata = flatten_tensor_state_dict(tensors)
-    metadata["format"] = "pt"
-    path = directory / MERGED_WEIGHTS_NAME
-    save_file(data, str(path), metadata=metadata)
-    config = dict(hf_config)
-    config["quantization_config"] = torchao_quantization_config(group_size, bits)
-    config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
-    (directory / MERGED_SPEC_NAME).write_text(json.dumps(spec, indent=2))
-    return {
-        "quantized_parameters": quantized_params,
-        "quantized_bytes": quantized_bytes,
-        "bits_per_quantized_parameter": 8 * quantized_bytes / quantized_params,
-        "file_bytes": path.stat().st_size,
-    }
-
-
-def _portable_weight(module: Int4Linear, rows: torch.Tensor) -> Tuple[torch.Tensor, int]:
-    """The layer's weight as written, rows in Hugging Face order, and its bytes: a plain
-    ``Int4Tensor`` for int4 bases, an ``IntxUnpackedToInt8Tensor`` (zero points copied
-    bit for bit) for intx ones."""
-    if not is_intx_weight(module.weight):
-        gq = from_torchao_base(module.weight)
-        gq = GroupQuantizedWeight(
-            gq.qdata.cpu(), gq.scale.cpu(), gq.zero.cpu(), gq.group_size, gq.bits
-        )
-        plain = to_plain_int4(_permute_rows(gq, rows), in_features=module.in_dim)
-        return plain, plain_int4_bytes(plain)
-    if module.padded_in_dim != module.in_dim:
-        raise ValueError(
-            f"a padded intx base ({module.in_dim} inputs in groups of {module.group_size}) "
-            "has no transformers layout; set model.group_size to a divisor of every "
-            "linear's in_dim instead of model.pad_in_dim=True"
-        )
-    intx = reorder_intx_rows(module.weight, rows, device="cpu")
-    nbytes = sum(t.numel() * t.element_size() for t in (intx.qdata, intx.scale, intx.zero_point))
-    return intx, nbytes
+    total = sum(1 for key in model.state_dict() if ".lora_" not in key)
+    return write_merged_tensors(
+        merged_state_dict(model, key_map), directory, hf_config, spec, max_shard_size, total
+    )
 
 
 def _read_tensors(path: Path) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(Hugging Face key, tensor or Int4Tensor) from a torchao safetensors file, one at a time."""
-    with safe_open(str(path), framework="pt", device="cpu") as handle:
-        metadata = handle.metadata() or {}
+    """(Hugging Face key, tensor or torchao tensor) of one torchao safetensors file, each
+    read when asked for (no memory map: only the tensors in use are resident)."""
+    with SafetensorsReader(path) as reader:
+        metadata = reader.metadata()
         if "tensor_names" not in metadata:
             raise ValueError(f"{path} has no torchao metadata; it is not a merged int4 model")
+        present = set(reader.keys())
         for name in json.loads(metadata["tensor_names"]):
             info = json.loads(metadata[name])
             if info.get("_type") == "Tensor":
-                yield name, handle.get_tensor(name)
+                if name in present:  # every shard names the whole model's tensors
+                    yield name, reader.get_tensor(name)
                 continue
             module, param = name.rsplit(".", 1)
-            parts = {
-                f"{module}._{param}_{part}": handle.get_tensor(f"{module}._{param}_{part}")
-                for part in info["_tensor_data_names"]
-            }
+            parts = [f"{module}._{param}_{part}" for part in info["_tensor_data_names"]]
+            if parts[0] not in present:
+                continue
+            data = {part: reader.get_tensor(part) for part in parts if part in present}
             one = {name: metadata[name], "tensor_names": json.dumps([name])}
-            yield name, unflatten_tensor_state_dict(parts, one)[0][name]
+            yield name, unflatten_tensor_state_dict(data, one)[0][name]
 
 
 def load_merged(
@@ -221,7 +241,9 @@ def load_merged(
     On CPU the linears are ``Int4OpaqueTensor`` (CPU int4 kernel; fp32 dequantizes per
     call), on CUDA sm80+ ``Int4TilePackedTo4dTensor`` (tinygemm, bf16): the same codes,
     scales and merged zeros as written, so logits equal those of the merged model at the
-    end of training when ``dtype`` is the one it was written in.
+    end of training when ``dtype`` is the one it was written in. The weights are read one
+    tensor at a time (from one file or from the shards its index names), each converted to
+    the kernel layout before the next is read.
 
     Args:
         path (str or Path): the ``merged_int4/`` directory.
@@ -237,9 +259,13 @@ def load_merged(
         ValueError: if the files do not match the model they describe.
     """
     path = Path(path).expanduser()
-    for name in ("config.json", MERGED_SPEC_NAME, MERGED_WEIGHTS_NAME):
+    for name in ("config.json", MERGED_SPEC_NAME):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name} not found; point to a merged_int4/ directory")
+    try:
+        files = safetensors_files(path)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{error}; point to a merged_int4/ directory") from None
     hf_config = json.loads((path / "config.json").read_text())
     spec = json.loads((path / MERGED_SPEC_NAME).read_text())
     device = torch.device(device or "cpu")
@@ -263,28 +289,43 @@ def load_merged(
     key_map = HFKeyMap(spec["model_type"], hf_config)
     expected = set(model.state_dict())
     loaded = set()
-    for hf_key, value in _read_tensors(path / MERGED_WEIGHTS_NAME):
-        if value.__class__.__name__ in ("Int4Tensor", "IntxUnpackedToInt8Tensor"):
-            key, rows = key_map.row_order(hf_key, value.shape[0], to_hf=False)
-            module = _int4_module(model, key)
-            if is_intx_weight(value):
-                packed = reorder_intx_rows(value, rows, device=device, dtype=dtype)
-            else:
-                gq = _permute_rows(from_plain_int4(value, module.padded_in_dim), rows)
-                packed = to_torchao_base(gq, device=device, dtype=dtype)
-            module._check_base(packed)
-            module.weight = nn.Parameter(packed, requires_grad=False)
-            loaded.add(key)
-            continue
-        for key, tensor in key_map.to_tune({hf_key: value}).items():
-            if key not in expected:
-                raise ValueError(f"{path}: {hf_key} ({key}) is not a weight of the model it describes")
-            model.load_state_dict({key: tensor}, strict=False)
-            loaded.add(key)
+    total = _count_tensors(path, files)
+    with progress_bar(total, f"loading {path.name}", unit="tensor") as bar:
+        for file in files:
+            for hf_key, value in _read_tensors(file):
+                loaded |= _load_one(model, key_map, hf_key, value, expected, path, device, dtype)
+                bar.update()
     missing = expected - loaded
     if missing:
         raise ValueError(f"{path} lacks weights the model needs, e.g. {sorted(missing)[:3]}")
     return model.eval()
+
+
+def _count_tensors(path: Path, files) -> Optional[int]:
+    """The number of logical tensors the files hold (None if the metadata says nothing)."""
+    try:
+        with SafetensorsReader(files[-1]) as reader:
+            return len(json.loads(reader.metadata()["tensor_names"]))
+    except (KeyError, ValueError):
+        return None
+
+
+def _load_one(model, key_map, hf_key, value, expected, path, device, dtype) -> set:
+    """Load one read tensor into ``model``; returns the torchtune keys it filled."""
+    if is_portable_weight(value):
+        key, rows = key_map.row_order(hf_key, value.shape[0], to_hf=False)
+        module = _int4_module(model, key)
+        packed = kernel_weight(value, module, rows, device, dtype)
+        module._check_base(packed)
+        module.weight = nn.Parameter(packed, requires_grad=False)
+        return {key}
+    filled = set()
+    for key, tensor in key_map.to_tune({hf_key: value}).items():
+        if key not in expected:
+            raise ValueError(f"{path}: {hf_key} ({key}) is not a weight of the model it describes")
+        model.load_state_dict({key: tensor}, strict=False)
+        filled.add(key)
+    return filled
 
 
 def _int4_module(model: nn.Module, key: str) -> Int4Linear:
@@ -295,3 +336,4 @@ def _int4_module(model: nn.Module, key: str) -> Int4Linear:
     if not isinstance(module, Int4Linear):
         raise ValueError(f"{key} is int4 in the file but not an int4 linear of the model")
     return module
+

@@ -316,19 +316,26 @@ class ShardedSafetensorsWriter:
         self._shards.append(shard)
         return shard
 
-    def close(self, progress: Optional[Callable[[int], None]] = None) -> List[Path]:
+    def close(
+        self,
+        progress: Optional[Callable[[int], None]] = None,
+        metadata: Optional[Mapping[str, str]] = None,
+    ) -> List[Path]:
         """Write the headers, name the shard files (and write the index when there are
         several).
 
         Args:
             progress (Callable[[int], None], optional): called with the bytes of each
                 shard finished.
+            metadata (Mapping[str, str], optional): last ``__metadata__`` entries (e.g. a
+                list of every tensor), written in every shard.
 
         Returns:
             List[Path]: the shard files, in order.
         """
         if self._closed:
             raise ValueError("the writer is already closed")
+        self._metadata.update(metadata or {})
         if not self._shards:  # nothing added: one empty file
             self._open_shard()
         self._file.close()

@@ -20,6 +20,7 @@ from qalora_tune.quantization import (
     is_intx_weight,
     is_quantized_base,
     quantize_rtn,
+    quantize_rtn_to_cpu_int4,
     to_torchao_base,
     uses_int4_kernel,
     with_dense_scales,
@@ -282,13 +283,25 @@ class Int4Linear(nn.Module):
                 "cpu or cuda"
             )
         target = self.weight.device
-        quantized = self._quantize(self._pad_columns(weight.to(target)), self.group_size, self.bits)
-        packed = to_torchao_base(
-            quantized,
-            device=target,
-            dtype=self.weight.dtype,
-            double_quant=self.double_quant_scales,
-        )
+        if (
+            self.quantizer == "rtn" and target.type == "cpu" and not self.double_quant_scales
+            and uses_int4_kernel(self.bits, self.group_size)
+        ):
+            # the same bits as the general path below, a block of rows at a time
+            packed = quantize_rtn_to_cpu_int4(
+                weight.to(target), self.group_size, self.bits, self.weight.dtype,
+                self.padded_in_dim,
+            )
+        else:
+            quantized = self._quantize(
+                self._pad_columns(weight.to(target)), self.group_size, self.bits
+            )
+            packed = to_torchao_base(
+                quantized,
+                device=target,
+                dtype=self.weight.dtype,
+                double_quant=self.double_quant_scales,
+            )
         self.weight = nn.Parameter(packed, requires_grad=False)
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:

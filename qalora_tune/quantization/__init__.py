@@ -57,6 +57,10 @@ from qalora_tune.quantization.base_weight import (
     zero_base,
 )
 from qalora_tune.quantization.tinygemm_layout import pack_tinygemm_int4, unpack_tinygemm_int4
+from qalora_tune.quantization.cpu_int4_blocks import (
+    plain_int4_to_cpu_int4,
+    quantize_rtn_to_cpu_int4,
+)
 from qalora_tune.quantization.plain_int4 import (
     from_plain_int4,
     is_plain_int4,
@@ -110,6 +114,8 @@ __all__ = [
     "pack_tinygemm_int4",
     "to_torchao_int4",
     "to_torchao_intx",
+    "plain_int4_to_cpu_int4",
+    "quantize_rtn_to_cpu_int4",
     "uses_int4_kernel",
     "zero_base",
     "validate_group_size",

@@ -36,7 +36,11 @@ from qalora_tune.recipe_utils._preflight import (
 )
 from qalora_tune.recipe_utils._evaluation import evaluate_lm, full_logits, next_token_loss
 from qalora_tune.recipe_utils._full_precision import load_full_precision
-from qalora_tune.recipe_utils._merge_report import merge_with_report
+from qalora_tune.recipe_utils._merge_report import (
+    merge_weight_error,
+    merge_with_report,
+    summarize_report,
+)
 from qalora_tune.recipe_utils._validation import check_config
 
 __all__ = [
@@ -61,6 +65,7 @@ __all__ = [
     "init_distributed",
     "is_rank_zero",
     "load_full_precision",
+    "merge_weight_error",
     "merge_with_report",
     "next_token_loss",
     "packaged_config_names",
@@ -70,6 +75,7 @@ __all__ = [
     "run_on_rank_zero",
     "run_recipe",
     "shard_indices",
+    "summarize_report",
     "tokenizer_vocab_size",
     "world_size_and_rank",
 ]

@@ -74,11 +74,11 @@ def resolve_dtype(
 
 
 def check_cuda_only_options(cfg: Union[DictConfig, Mapping[str, Any]], device: torch.device) -> None:
-    """Refuse options that need CUDA when running elsewhere; warn about ignored ones.
+    """Refuse options that need CUDA when running elsewhere.
 
     ``enable_activation_offloading`` (CUDA streams and pinned memory) is an error off
-    CUDA; ``log_peak_memory_stats`` (CUDA's allocator statistics) is ignored with a
-    warning.
+    CUDA. (``log_peak_memory_stats`` works everywhere: off CUDA it logs the process's
+    resident memory, now and at its peak.)
 
     Raises:
         ValueError: naming the option to turn off.
@@ -89,11 +89,6 @@ def check_cuda_only_options(cfg: Union[DictConfig, Mapping[str, Any]], device: t
         raise ValueError(
             f"enable_activation_offloading=True needs a CUDA device (device={device.type}); "
             "set enable_activation_offloading=False"
-        )
-    if cfg.get("log_peak_memory_stats", False):
-        log.warning(
-            f"log_peak_memory_stats=True is ignored on {device.type}: peak memory is "
-            "measured by CUDA's allocator"
         )
 
 

@@ -46,7 +46,7 @@ def test_unsupported_dtypes_name_dtype(dtype, reason):
     assert message.endswith("set dtype to one of fp32, bf16")
 
 
-def test_offloading_off_cuda_is_an_error_and_peak_memory_a_warning(caplog):
+def test_offloading_off_cuda_is_an_error_and_peak_memory_is_measured_everywhere(caplog):
     with pytest.raises(ValueError, match="enable_activation_offloading=True needs a CUDA device"):
         check_cuda_only_options({"enable_activation_offloading": True}, CPU)
     logger = logging.getLogger("torchtune")
@@ -55,8 +55,19 @@ def test_offloading_off_cuda_is_an_error_and_peak_memory_a_warning(caplog):
         check_cuda_only_options({"log_peak_memory_stats": True}, CPU)
     finally:
         logger.removeHandler(caplog.handler)
-    assert "log_peak_memory_stats=True is ignored on cpu" in caplog.text
+    assert "log_peak_memory_stats" not in caplog.text  # no longer ignored on CPU
     check_cuda_only_options({"enable_activation_offloading": True}, torch.device("cuda"))
+
+
+def test_cpu_memory_stats_are_the_process_rss_and_follow_an_allocation():
+    from qalora_tune._memory import memory_stats, peak_rss_bytes
+
+    before = memory_stats(CPU)
+    assert set(before) == {"rss_gib", "peak_rss_gib"}
+    assert 0 < before["rss_gib"] <= before["peak_rss_gib"]
+    block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, touched
+    assert peak_rss_bytes() >= before["rss_gib"] * 2**30 + block.numel() * 0.9
+    del block
 
 
 def test_output_dir_is_created_and_probed(tmp_path):

@@ -1,0 +1,94 @@
+"""The process's memory: resident size now and at its peak, and giving pages back.
+
+Peak memory on a CPU is the process's peak resident set (``VmHWM``), which counts the
+pages of memory-mapped files it has touched as well as its own allocations: that is what
+an out-of-memory killer sees and what the real-size benchmark bounds.
+"""
+
+import ctypes
+import ctypes.util
+import mmap
+import resource
+import sys
+from typing import Dict
+
+import torch
+
+__all__ = ["memory_stats", "page_out", "peak_rss_bytes", "rss_bytes"]
+
+# madvise(2): reclaim a range now. Anonymous pages go to swap (or stay, without swap),
+# clean file-backed pages are dropped and read again from the file if touched: no data is
+# ever lost, so it is safe on any mapping. Linux 5.4+; elsewhere page_out does nothing.
+_MADV_PAGEOUT = 21
+_LIBC = None
+
+
+def rss_bytes() -> int:
+    """The process's resident memory now (``VmRSS``; 0 where ``/proc`` is absent)."""
+    return _proc_status_bytes("VmRSS")
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory so far (``VmHWM``, else ``ru_maxrss``)."""
+    peak = _proc_status_bytes("VmHWM")
+    if peak:
+        return peak
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes on macOS, KiB on Linux
+
+
+def _proc_status_bytes(field: str) -> int:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def memory_stats(device: torch.device) -> Dict[str, float]:
+    """Memory figures for a step's log, in GiB: the process's resident memory now and at
+    its peak (every device: the host holds the data, and on CPU the model), and on CUDA
+    the allocator's active, allocated and reserved peaks (torchtune's names)."""
+    stats = {
+        "rss_gib": rss_bytes() / 2**30,
+        "peak_rss_gib": peak_rss_bytes() / 2**30,
+    }
+    if device.type == "cuda":
+        stats.update(
+            peak_memory_active=torch.cuda.memory_stats(device).get("active_bytes.all.peak", 0) / 2**30,
+            peak_memory_alloc=torch.cuda.max_memory_allocated(device) / 2**30,
+            peak_memory_reserved=torch.cuda.max_memory_reserved(device) / 2**30,
+        )
+    return stats
+
+
+def page_out(tensor: torch.Tensor) -> bool:
+    """Ask the kernel to reclaim the whole pages of ``tensor``'s memory now (``madvise``
+    ``MADV_PAGEOUT``).
+
+    For a tensor read from a memory-mapped file (transformers loads safetensors that way)
+    this gives back the file pages it touched, which otherwise stay in the process's RSS
+    for as long as the mapping lives; the data stay valid and are read again if used. On
+    anonymous memory without swap it changes nothing.
+
+    Returns:
+        bool: whether the kernel accepted the advice.
+    """
+    global _LIBC
+    if not sys.platform.startswith("linux") or tensor.device.type != "cpu":
+        return False
+    if not tensor.is_contiguous():
+        return False
+    size = tensor.numel() * tensor.element_size()  # its own bytes, not its storage's
+    begin = tensor.data_ptr()
+    page = mmap.PAGESIZE
+    start, stop = -(-begin // page) * page, (begin + size) // page * page
+    if stop <= start:
+        return False
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _LIBC.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), _MADV_PAGEOUT) == 0
