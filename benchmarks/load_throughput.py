@@ -62,12 +62,13 @@ def _checkpoint_bytes(directory: Path) -> int:
 def measure(checkpoint_dir: Path, threads: int, pythonpath: str = "") -> dict:
     """One run in a fresh process; returns its timings, throughput and peak RSS."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), QALORA_TUNE_PROGRESS="0")
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath
+    root = pythonpath or str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root
     args = {"checkpoint_dir": str(checkpoint_dir), "threads": threads, "output_dir": "/tmp"}
+    # `python -c` puts the working directory first on sys.path: run in the checkout measured
     result = subprocess.run(
         [sys.executable, "-c", _CHILD, json.dumps(args)], env=env, capture_output=True,
-        text=True, check=False,
+        text=True, check=False, cwd=root,
     )
     if result.returncode:
         raise RuntimeError(result.stderr[-3000:])

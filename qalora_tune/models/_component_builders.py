@@ -48,9 +48,9 @@ def qalora_transformer(
     else by a frozen :class:`Int4Linear`, created on the current default device (the
     recipe sets it) with an all-zero int4 base: the model is built to be loaded, so no
     placeholder is drawn or quantized. The adapters are initialised (``A`` random, ``B``
-    zero); the remaining parameters (embeddings, norms) and buffers (RoPE caches) are
-    created on the device in the default dtype and initialised. Weights loaded afterwards
-    through ``load_state_dict`` are quantized one layer at a time.
+    zero); the remaining parameters and buffers are created on the device in the default
+    dtype: embeddings zero (placeholders too), norms and RoPE caches initialised. Weights
+    loaded afterwards through ``load_state_dict`` are quantized one layer at a time.
 
     Args:
         base_decoder (Callable[[], nn.Module]): builds the full-precision decoder.
@@ -215,7 +215,11 @@ def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> 
         if not any(t.is_meta for _, t in tensors):
             continue
         module.to_empty(device=device, recurse=False)
-        if hasattr(module, "reset_parameters"):
+        if isinstance(module, nn.Embedding):
+            # a placeholder like the linears' (drawing 131M-525M normal values for a table
+            # the checkpoint overwrites took seconds)
+            module.weight.zero_()
+        elif hasattr(module, "reset_parameters"):
             module.reset_parameters()
         else:
             for name, param in module.named_parameters(recurse=False):

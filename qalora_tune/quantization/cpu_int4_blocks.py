@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from qalora_tune._compat import Int4OpaqueTensor, Int4Tensor, pack_tinygemm_scales_and_zeros
-from qalora_tune.quantization.cpu_int4_layout import PACK_ROW_MULTIPLE
+from qalora_tune.quantization.cpu_int4_layout import PACK_ROW_MULTIPLE, pack_cpu_int4
 
 __all__ = ["BLOCK_BYTES", "plain_int4_to_cpu_int4", "quantize_rtn_to_cpu_int4"]
 
@@ -41,7 +41,7 @@ def _rows_per_block(columns: int) -> int:
 
 
 def _pack_block(codes: torch.Tensor) -> torch.Tensor:
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    return pack_cpu_int4(codes)
 
 
 @torch.no_grad()
@@ -78,11 +78,13 @@ def quantize_rtn_to_cpu_int4(
     scale = torch.zeros(n_pad, groups, dtype=torch.float32)
     zero = torch.zeros(n_pad, groups, dtype=torch.float32)
     step = _rows_per_block(k_pad)
+    buffer = torch.empty(min(step, n_pad), k_pad, dtype=torch.float32)  # reused by every block
     for start in range(0, n_pad, step):
         stop = min(start + step, n_pad)
         real = max(0, min(stop, n) - start)
-        block = torch.zeros(stop - start, k_pad, dtype=torch.float32)
+        block = buffer[: stop - start]
         block[:real, :k] = weight[start:start + real]
+        block[:real, k:] = 0.0  # padded columns quantize as zeros
         x = block[:real].view(real, groups, group_size)
         low, high = x.amin(dim=-1), x.amax(dim=-1)
         s = ((high - low) / float(qmax)).clamp_(min=_EPS)
