@@ -14,6 +14,7 @@ from typing import Any, Dict, Tuple
 import torch
 
 from qalora_tune._compat import (
+    Int4OpaqueTensor,
     Int4WeightOnlyConfig,
     IntxWeightOnlyConfig,
     MappingType,
@@ -23,6 +24,7 @@ from qalora_tune._compat import (
 from qalora_tune.modules import Int4Linear
 from qalora_tune.quantization import (
     GroupQuantizedWeight,
+    cpu_int4_to_plain_int4,
     from_plain_int4,
     from_torchao_base,
     is_intx_weight,
@@ -33,6 +35,7 @@ from qalora_tune.quantization import (
     to_plain_int4,
     to_torchao_base,
     uses_int4_kernel,
+    with_dense_scales,
 )
 
 __all__ = [
@@ -103,7 +106,10 @@ def portable_weight(module: Int4Linear, rows: torch.Tensor) -> torch.Tensor:
         ValueError: for a padded intx base, which has no transformers layout.
     """
     if not is_intx_weight(module.weight):
-        gq = from_torchao_base(module.weight)
+        weight = with_dense_scales(module.weight)
+        if isinstance(weight, Int4OpaqueTensor):  # the same bits, a block of rows at a time
+            return cpu_int4_to_plain_int4(weight, rows.cpu(), in_features=module.in_dim)
+        gq = from_torchao_base(weight)
         gq = GroupQuantizedWeight(
             gq.qdata.cpu(), gq.scale.cpu(), gq.zero.cpu(), gq.group_size, gq.bits
         )

@@ -47,6 +47,7 @@ from qalora_tune.checkpointing._safetensors_io import (
     ShardedSafetensorsWriter,
     safetensors_files,
 )
+from qalora_tune.models import materialize
 from qalora_tune.modules import Int4Linear, QALoRALinear
 
 __all__ = [
@@ -282,7 +283,7 @@ def load_merged(
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with device:
+        with torch.device("meta"):  # every weight comes from the files: no placeholders
             model = builder(**kwargs)
     finally:
         torch.set_default_dtype(previous)
@@ -298,6 +299,7 @@ def load_merged(
     missing = expected - loaded
     if missing:
         raise ValueError(f"{path} lacks weights the model needs, e.g. {sorted(missing)[:3]}")
+    materialize(model, device, dtype)  # what no file holds: the RoPE caches
     return model.eval()
 
 
@@ -323,7 +325,9 @@ def _load_one(model, key_map, hf_key, value, expected, path, device, dtype) -> s
     for key, tensor in key_map.to_tune({hf_key: value}).items():
         if key not in expected:
             raise ValueError(f"{path}: {hf_key} ({key}) is not a weight of the model it describes")
-        model.load_state_dict({key: tensor}, strict=False)
+        if tensor.is_floating_point():
+            tensor = tensor.to(device, dtype)
+        model.load_state_dict({key: tensor.to(device)}, strict=False, assign=True)
         filled.add(key)
     return filled
 

@@ -5,6 +5,7 @@ from qalora_tune.models._component_builders import (
     MLP_PROJECTIONS,
     base_bits_per_weight,
     count_parameters,
+    materialize,
     qalora_transformer,
     tensor_nbytes,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "MLP_PROJECTIONS",
     "base_bits_per_weight",
     "count_parameters",
+    "materialize",
     "qalora_llama2_13b",
     "qalora_llama2_70b",
     "qalora_llama2_7b",

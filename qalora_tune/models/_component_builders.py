@@ -16,6 +16,7 @@ __all__ = [
     "MLP_PROJECTIONS",
     "base_bits_per_weight",
     "count_parameters",
+    "materialize",
     "qalora_transformer",
     "tensor_nbytes",
 ]
@@ -135,7 +136,7 @@ def qalora_transformer(
     _replace_linears(model, targets, adapter, base, dtype)
     if double_quant_scales:
         _warn_where_eight_bit_scales_cost_bits(model, dtype)
-    _materialize(model, device, dtype)
+    materialize(model, device, dtype)
     model.requires_grad_(False)
     for module in model.modules():
         if isinstance(module, QALoRALinear):
@@ -193,9 +194,17 @@ def _warn_where_eight_bit_scales_cost_bits(model: nn.Module, dtype: torch.dtype)
 
 
 @torch.no_grad()
-def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Create what is still on ``meta`` on ``device``: int4 layers with an all-zero base
-    and initialised adapters, then embeddings, norms and RoPE caches."""
+def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Create on ``device`` what is still on ``meta`` in a model of these builders: int4
+    layers get an all-zero base and initialised adapters, embeddings zeros, norms ones,
+    RoPE caches are built. A loader that assigned its tensors to a model built on ``meta``
+    calls it for what no file holds (the RoPE caches).
+
+    Args:
+        model (nn.Module): the model.
+        device (torch.device): where to create the tensors.
+        dtype (torch.dtype): dtype of the int4 bases' scales and of new parameters.
+    """
     for module in model.modules():
         if isinstance(module, Int4Linear):
             _materialize_int4(module, device, dtype)
@@ -206,7 +215,9 @@ def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> 
         if hasattr(module, "rope_init"):
             # a RoPE cache that waited for real memory: torchtune's Llama3ScaledRoPE on meta
             # registers no buffer at all (it returns before scaling), so it is built here
-            # even when nothing of it is on meta
+            # when it has no cache yet, or a cache on meta
+            if getattr(module, "is_cache_built", True) and not any(t.is_meta for _, t in tensors):
+                continue
             if tensors:
                 module.to_empty(device=device, recurse=False)
             with torch.device(device):

@@ -58,6 +58,7 @@ from qalora_tune.quantization.base_weight import (
 )
 from qalora_tune.quantization.tinygemm_layout import pack_tinygemm_int4, unpack_tinygemm_int4
 from qalora_tune.quantization.cpu_int4_blocks import (
+    cpu_int4_to_plain_int4,
     plain_int4_to_cpu_int4,
     quantize_rtn_to_cpu_int4,
 )
@@ -114,6 +115,7 @@ __all__ = [
     "pack_tinygemm_int4",
     "to_torchao_int4",
     "to_torchao_intx",
+    "cpu_int4_to_plain_int4",
     "plain_int4_to_cpu_int4",
     "quantize_rtn_to_cpu_int4",
     "uses_int4_kernel",

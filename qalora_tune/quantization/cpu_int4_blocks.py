@@ -13,17 +13,33 @@ of 64 and concatenating them gives the bytes of packing the whole weight: the re
 bit-identical to the general path (tested), only faster and with bounded memory.
 
 The same holds for repacking a stored plain-layout ``Int4Tensor`` (a merged model being
-loaded) for the kernel: :func:`plain_int4_to_cpu_int4`.
+loaded) for the kernel, :func:`plain_int4_to_cpu_int4`, and for the way back when a merged
+model is exported, :func:`cpu_int4_to_plain_int4`.
 """
 
 from typing import Optional
 
 import torch
 
-from qalora_tune._compat import Int4OpaqueTensor, Int4Tensor, pack_tinygemm_scales_and_zeros
-from qalora_tune.quantization.cpu_int4_layout import PACK_ROW_MULTIPLE, pack_cpu_int4
+from qalora_tune._compat import (
+    Int4OpaqueTensor,
+    Int4Tensor,
+    pack_tinygemm_scales_and_zeros,
+    unpack_tinygemm_scales_and_zeros,
+)
+from qalora_tune.quantization.cpu_int4_layout import (
+    PACK_ROW_MULTIPLE,
+    cpu_int4_layout,
+    pack_cpu_int4,
+    unpack_cpu_int4,
+)
 
-__all__ = ["BLOCK_BYTES", "plain_int4_to_cpu_int4", "quantize_rtn_to_cpu_int4"]
+__all__ = [
+    "BLOCK_BYTES",
+    "cpu_int4_to_plain_int4",
+    "plain_int4_to_cpu_int4",
+    "quantize_rtn_to_cpu_int4",
+]
 
 BLOCK_BYTES = 16 << 20
 """float32 bytes of one block of rows (the working set of a step)."""
@@ -156,4 +172,67 @@ def plain_int4_to_cpu_int4(
         scale_and_zero=pack_tinygemm_scales_and_zeros(scale, zero, dtype),
         block_size=[1, group_size],
         shape=torch.Size([n, k_pad]),
+    )
+
+
+@torch.no_grad()
+def cpu_int4_to_plain_int4(
+    weight: Int4OpaqueTensor,
+    rows: Optional[torch.Tensor] = None,
+    in_features: Optional[int] = None,
+) -> Int4Tensor:
+    """A CPU int4 kernel weight as a plain-layout ``Int4Tensor``, a block of rows at a
+    time: ``to_plain_int4(from_torchao_int4(weight)[rows], in_features)`` without
+    whole-weight temporaries (only the packed blocks the rows come from are unpacked).
+
+    Args:
+        weight (Int4OpaqueTensor): with dense scales, on the CPU.
+        rows (torch.Tensor, optional): take the rows in this order (a permutation).
+        in_features (int, optional): keep only the first ``in_features`` columns (even).
+
+    Returns:
+        Int4Tensor: ``(out_dim, in_features)``, scales and zeros in the weight's dtype.
+    """
+    n, k_pad = weight.shape
+    k = in_features or k_pad
+    group_size = int(weight.block_size[-1])
+    groups = -(-k // group_size)
+    n_pad = weight.qdata.shape[0]
+    order = rows if rows is not None else torch.arange(n)
+    scale, zero = unpack_tinygemm_scales_and_zeros(weight.scale_and_zero)
+    scale = scale.squeeze(-1)[order, :groups].t().contiguous()
+    zero = zero.squeeze(-1)[order, :groups].t().contiguous()
+    block_n = cpu_int4_layout().block_n
+    flat = weight.qdata.reshape(-1)
+    qdata = torch.empty(n, k // 2, dtype=torch.uint8)
+    step = _rows_per_block(k_pad)
+    for start in range(0, n, step):
+        wanted = order[start:start + step]
+        codes = torch.empty(wanted.numel(), k, dtype=torch.uint8)
+        # unpack only the packed blocks these rows sit in, a run of neighbours at a time
+        # (the packed rows of a run start at a block boundary, as the packing needs)
+        blocks = torch.unique(wanted // block_n).tolist()
+        runs, run = [], [blocks[0]]
+        for block in blocks[1:]:
+            if block == run[-1] + 1:
+                run.append(block)
+            else:
+                runs.append(run)
+                run = [block]
+        runs.append(run)
+        for run in runs:
+            first = run[0] * block_n
+            last = min(n_pad, (run[-1] + 1) * block_n)
+            packed = flat[first * k_pad // 2:last * k_pad // 2].view(last - first, -1)
+            unpacked = unpack_cpu_int4(packed, last - first, k_pad)
+            inside = (wanted >= first) & (wanted < last)
+            codes[inside] = unpacked[wanted[inside] - first, :k]
+        codes ^= _MID  # stored as the signed nibble q - 8
+        qdata[start:start + wanted.numel()] = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return Int4Tensor(
+        qdata=qdata.view(torch.int8),
+        scale=scale,
+        zero_point=zero,
+        block_size=[1, group_size],
+        shape=torch.Size([n, k]),
     )

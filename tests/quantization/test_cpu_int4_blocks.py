@@ -67,3 +67,27 @@ def test_blockwise_repacking_of_a_plain_int4_tensor_equals_unpack_then_pack(
     assert built.shape == expected.shape
     assert torch.equal(built.qdata, expected.qdata)
     assert torch.equal(built.scale_and_zero, expected.scale_and_zero)
+
+
+@pytest.mark.parametrize("rows, columns, group_size, bits, dtype, padded", CASES)
+@pytest.mark.parametrize("order", ["identity", "heads", "random"])
+def test_blockwise_export_to_plain_int4_equals_unpack_then_repack(
+    rows, columns, group_size, bits, dtype, padded, order
+):
+    packed = quantize_rtn_to_cpu_int4(_weight(rows, columns, dtype, seed=rows + 2), group_size,
+                                      bits, dtype, padded)
+    generator = torch.Generator().manual_seed(3)
+    if order == "identity":
+        index = torch.arange(rows)
+    elif order == "random":
+        index = torch.randperm(rows, generator=generator)
+    else:  # what the RoPE layouts do: rows swapped inside heads of 8
+        index = torch.arange(rows).view(-1, 1)
+        index = torch.cat([torch.arange(h, min(h + 8, rows)).flip(0) for h in range(0, rows, 8)])
+    gq = from_torchao_int4(packed)
+    gq = GroupQuantizedWeight(gq.qdata[index], gq.scale[index], gq.zero[index], gq.group_size, gq.bits)
+    expected = to_plain_int4(gq, in_features=columns)
+    built = blocks.cpu_int4_to_plain_int4(packed, index, in_features=columns)
+    assert built.shape == expected.shape and list(built.block_size) == list(expected.block_size)
+    for name in ("qdata", "scale", "zero_point"):
+        assert torch.equal(getattr(built, name), getattr(expected, name)), name
