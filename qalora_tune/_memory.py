@@ -14,7 +14,7 @@ from typing import Dict
 
 import torch
 
-__all__ = ["memory_stats", "page_out", "peak_rss_bytes", "rss_bytes"]
+__all__ = ["memory_stats", "page_out", "peak_rss_bytes", "reset_peak_rss", "rss_bytes"]
 
 # madvise(2): reclaim a range now. Anonymous pages go to swap (or stay, without swap),
 # clean file-backed pages are dropped and read again from the file if touched: no data is
@@ -35,6 +35,22 @@ def peak_rss_bytes() -> int:
         return peak
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes on macOS, KiB on Linux
+
+
+def reset_peak_rss() -> bool:
+    """Start :func:`peak_rss_bytes` again from the current RSS (Linux: ``5`` written to
+    ``/proc/self/clear_refs``), so that a phase's own peak can be read at its end.
+
+    Returns:
+        bool: whether the peak could be reset (False elsewhere: the peak stays the
+        process's since it started).
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def _proc_status_bytes(field: str) -> int:

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 import qalora_tune
 from qalora_tune._compat import get_component_from_path
-from qalora_tune._memory import memory_stats
+from qalora_tune._memory import memory_stats, peak_rss_bytes, reset_peak_rss
 from qalora_tune.checkpointing import atomic_write_text, check_resume_matches
 from qalora_tune.models import base_bits_per_weight, count_parameters
 from qalora_tune.modules import QALoRALinear
@@ -410,6 +410,8 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             _info("torch.compile is on: the first steps compile the model (slow)")
         self._model.train()
         for epoch in range(self.epochs_run, self.total_epochs):
+            if self._log_peak_memory_stats:
+                reset_peak_rss()  # the steps log the peak of training, not of loading
             self._dataloader.sampler.set_epoch(epoch)
             if self._resumed_dataloader_state is not None:  # mid-epoch: skip what was seen
                 self._dataloader.load_state_dict(self._resumed_dataloader_state)
@@ -597,6 +599,8 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         """Write ``epoch_{epoch}/``: the adapter, the merged int4 model (unless
         ``save_merged_int4=False``) and the recipe state."""
         start = time.perf_counter()
+        if self._log_peak_memory_stats:
+            reset_peak_rss()  # the save's own peak, logged below
         recipe_state = self._recipe_state(epoch, 0)
         layers = self._adapter_modules
         if not self._save_merged_int4:
@@ -621,7 +625,10 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         finally:
             for layer in layers.values():
                 layer.unmerge()  # restores the zeros bit for bit
-        _info(f"Saved {path} in {time.perf_counter() - start:.1f}s; {summarize_report(report)}")
+        saved = f"Saved {path} in {time.perf_counter() - start:.1f}s"
+        if self._log_peak_memory_stats:
+            saved += f" (peak RSS of the merge and export {peak_rss_bytes() / 2**30:.2f} GiB)"
+        _info(f"{saved}; {summarize_report(report)}")
 
     def _restore(self, saved: Dict[str, Any]) -> None:
         check_resume_matches(saved["adapter_config"], self._adapter_metadata, saved["path"])

@@ -57,6 +57,7 @@ __all__ = [
     "MERGE_REPORT_NAME",
     "clean_module_name",
     "load_merged",
+    "flatten_one",
     "merged_state_dict",
     "torchao_quantization_config",
     "write_merged_int4",
@@ -152,7 +153,7 @@ def write_merged_tensors(
                 quantized_params += value.shape[0] * value.shape[1]
                 quantized_bytes += portable_nbytes(value)
                 dtype = value.dtype
-            data, metadata = flatten_tensor_state_dict({hf_key: value})
+            data, metadata = flatten_one(hf_key, value)
             metadata.pop("tensor_names")
             writer.add(data, metadata)
             names.append(hf_key)
@@ -175,6 +176,32 @@ def write_merged_tensors(
         "file_bytes": file_bytes,
         "shards": len(paths),
     }
+
+
+def flatten_one(key: str, value: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """``torchao.prototype.safetensors``' flattening of one tensor, without its copy.
+
+    torchao's ``flatten_tensor_state_dict`` clones a subclass's inner tensors, which for a
+    large layer doubles what the export holds. Its metadata depends only on the subclass's
+    non-tensor attributes, so the same function is run on a shell of the tensor whose inner
+    tensors are on ``meta`` (cloned for free), and the names it returns are mapped to the
+    real inner tensors: the same entries and metadata as torchao's, without the copy.
+
+    Returns:
+        Tuple[Dict[str, torch.Tensor], Dict[str, str]]: safetensors entries and metadata.
+    """
+    if type(value) is torch.Tensor:
+        return flatten_tensor_state_dict({key: value})
+    names, context = value.__tensor_flatten__()
+    inner = {name: getattr(value, name) for name in names}
+    shell = type(value).__tensor_unflatten__(
+        {name: torch.empty_like(t, device="meta") for name, t in inner.items()},
+        context, value.shape, value.stride(),
+    )
+    entries, metadata = flatten_tensor_state_dict({key: shell})
+    module, param = key.rsplit(".", 1)
+    prefix = f"{module}._{param}_"
+    return {name: inner[name[len(prefix):]].detach() for name in entries}, metadata
 
 
 def write_merged_int4(

@@ -202,13 +202,33 @@ def _load_one(model: nn.Module, key: str, value: torch.Tensor, raw_key: Optional
             f"{expected} (a checkpoint of another model or size); check that the model "
             "builder (model._component_) matches the checkpoint in checkpointer.checkpoint_dir"
         )
+    owner, _, name = key.rpartition(".")
+    module = _submodule(model, owner)
+    current = getattr(module, name, None) if module is not None else None
     try:
-        model.load_state_dict({key: value}, strict=False)
+        if (
+            isinstance(current, torch.Tensor) and not isinstance(module, Int4Linear)
+            and type(current.data) is torch.Tensor and not current.is_meta
+        ):
+            # take the tensor read as the parameter itself (in the parameter's dtype and
+            # device): copying it into the placeholder would hold both, e.g. 2 x 1 GB for
+            # a 128k-vocabulary embedding table
+            value = value.detach().to(device=current.device, dtype=current.dtype).contiguous()
+            model.load_state_dict({key: value}, strict=False, assign=True)
+        else:
+            model.load_state_dict({key: value}, strict=False)
     except ValueError as error:  # an int4 layer refusing the weight
         raise ValueError(
             f"{key}: {error}; check that the model builder (model._component_) matches the "
             "checkpoint in checkpointer.checkpoint_dir"
         ) from None
+
+
+def _submodule(model: nn.Module, path: str) -> Optional[nn.Module]:
+    try:
+        return model.get_submodule(path) if path else model
+    except AttributeError:
+        return None
 
 
 def _expected_shape(model: nn.Module, key: str) -> Optional[Tuple[int, ...]]:

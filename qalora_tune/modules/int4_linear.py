@@ -282,25 +282,28 @@ class Int4Linear(nn.Module):
                 "cannot load weights into a layer on the meta device; build the model on "
                 "cpu or cuda"
             )
-        target = self.weight.device
+        target, dtype = self.weight.device, self.weight.dtype
         if (
             self.quantizer == "rtn" and target.type == "cpu" and not self.double_quant_scales
             and uses_int4_kernel(self.bits, self.group_size)
         ):
-            # the same bits as the general path below, a block of rows at a time
+            # the current base (a placeholder, typically) goes first, as nothing below can
+            # fail (a 128k-vocabulary output layer's base is 0.3 GB); then the same bits as
+            # the general path, a block of rows at a time
+            self.weight = nn.Parameter(
+                empty_base(self.out_dim, self.padded_in_dim, self.group_size, self.bits, "meta",
+                           dtype),
+                requires_grad=False,
+            )
             packed = quantize_rtn_to_cpu_int4(
-                weight.to(target), self.group_size, self.bits, self.weight.dtype,
-                self.padded_in_dim,
+                weight.to(target), self.group_size, self.bits, dtype, self.padded_in_dim
             )
         else:
             quantized = self._quantize(
                 self._pad_columns(weight.to(target)), self.group_size, self.bits
             )
             packed = to_torchao_base(
-                quantized,
-                device=target,
-                dtype=self.weight.dtype,
-                double_quant=self.double_quant_scales,
+                quantized, device=target, dtype=dtype, double_quant=self.double_quant_scales
             )
         self.weight = nn.Parameter(packed, requires_grad=False)
 

@@ -129,3 +129,22 @@ def test_the_writer_takes_one_tensor_at_a_time(merged_model, tmp_path):
     # int4 weights are made on demand: only the model's own dense tensors may live on
     made = {k for k, _ in refs if "proj" in k}
     assert made and all(not (set(alive) & made) for alive in alive_when_made)
+
+
+def test_flatten_one_equals_torchaos_flatten_without_the_copy(merged_model):
+    from qalora_tune._compat import flatten_tensor_state_dict
+    from qalora_tune.checkpointing._merged_int4 import flatten_one
+    from qalora_tune.quantization import to_torchao_intx, quantize_rtn
+
+    config = hf_llama_config(TINY_LLAMA_SIZES)
+    key, portable = next((k, v) for k, v in merged_state_dict(merged_model, HFKeyMap("LLAMA2", config))
+                         if "q_proj" in k)
+    intx = to_torchao_intx(quantize_rtn(torch.randn(8, 32), 8, bits=8), dtype=torch.float32)
+    for name, value in ((key, portable), ("model.x.weight", intx), ("model.norm.weight", torch.ones(3))):
+        ours, our_metadata = flatten_one(name, value)
+        theirs, their_metadata = flatten_tensor_state_dict({name: value})
+        assert our_metadata == their_metadata and set(ours) == set(theirs)
+        for entry, tensor in theirs.items():
+            assert torch.equal(ours[entry], tensor) and ours[entry].dtype == tensor.dtype
+        if type(value) is not torch.Tensor:  # the entries are the tensor's own, not copies
+            assert ours[f"{name.rsplit('.', 1)[0]}._weight_qdata"].data_ptr() == value.qdata.data_ptr()
