@@ -14,7 +14,14 @@ from typing import Dict
 
 import torch
 
-__all__ = ["memory_stats", "page_out", "peak_rss_bytes", "reset_peak_rss", "rss_bytes"]
+__all__ = [
+    "lazy_zeros",
+    "memory_stats",
+    "page_out",
+    "peak_rss_bytes",
+    "reset_peak_rss",
+    "rss_bytes",
+]
 
 # madvise(2): reclaim a range now. Anonymous pages go to swap (or stay, without swap),
 # clean file-backed pages are dropped and read again from the file if touched: no data is
@@ -79,6 +86,28 @@ def memory_stats(device: torch.device) -> Dict[str, float]:
             peak_memory_reserved=torch.cuda.max_memory_reserved(device) / 2**30,
         )
     return stats
+
+
+def lazy_zeros(shape, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """A zero tensor whose memory is only allocated where it is written.
+
+    On the CPU it lives in an anonymous memory map: its pages read as zeros and become
+    resident when first written, so a placeholder that a loaded tensor replaces costs no
+    memory (a 152064 x 3584 bf16 embedding is 1.09 GB otherwise). Elsewhere it is
+    ``torch.zeros``.
+
+    Args:
+        shape: the tensor's shape.
+        dtype (torch.dtype): its dtype.
+        device: defaults to the current default device.
+    """
+    device = torch.device(device) if device is not None else torch.get_default_device()
+    shape = torch.Size(shape)
+    nbytes = shape.numel() * dtype.itemsize
+    if device.type != "cpu" or nbytes < mmap.PAGESIZE:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    buffer = mmap.mmap(-1, nbytes)  # the tensor keeps the map alive
+    return torch.frombuffer(buffer, dtype=dtype).view(shape)
 
 
 def page_out(tensor: torch.Tensor) -> bool:

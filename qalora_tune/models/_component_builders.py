@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torchtune.modules import TiedLinear
 
+from qalora_tune._memory import lazy_zeros
 from qalora_tune.models._knobs import check_group_size_fits, check_model_knobs, check_num_layers
 from qalora_tune.modules import FoldedTiedLinear, Int4Linear, QALoRALinear
 from qalora_tune.quantization import zero_base
@@ -227,9 +228,13 @@ def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> N
             continue
         module.to_empty(device=device, recurse=False)
         if isinstance(module, nn.Embedding):
-            # a placeholder like the linears' (drawing 131M-525M normal values for a table
-            # the checkpoint overwrites took seconds)
-            module.weight.zero_()
+            # a placeholder like the linears': zeros that take memory only when written
+            # (drawing 131M-545M normal values for a table the checkpoint replaces took
+            # seconds, and held a second copy of it while it loaded)
+            module.weight = nn.Parameter(
+                lazy_zeros(module.weight.shape, module.weight.dtype, device),
+                requires_grad=module.weight.requires_grad,
+            )
         elif hasattr(module, "reset_parameters"):
             module.reset_parameters()
         else:

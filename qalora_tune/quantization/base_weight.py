@@ -162,9 +162,6 @@ def shift_zero_points_(weight: torch.Tensor, delta: torch.Tensor) -> None:
         stored.copy_(stored.double() + delta)
 
 
-_INT4_MIDPOINT_BYTE = 0x88  # two int4 codes equal to 8, whatever the packing's row order
-
-
 @torch.no_grad()
 def zero_base(
     out_dim: int,
@@ -175,10 +172,11 @@ def zero_base(
     dtype: Optional[torch.dtype] = None,
     double_quant: bool = False,
 ) -> torch.Tensor:
-    """A base whose weights are all zero (every code at the grid's midpoint, scales and
-    zero points 0), made without quantizing anything: the placeholder of a layer whose
-    weight is loaded next. On CPU it is filled in place (a byte of two midpoint codes is
-    the same in every packing), elsewhere packed from zero codes.
+    """A base whose weights are all zero (codes, scales and zero points all 0: with a zero
+    scale any code dequantizes to the zero point), made without quantizing anything: the
+    placeholder of a layer whose weight is loaded next. On the CPU its inner tensors are
+    lazily allocated zeros (:func:`~qalora_tune._memory.lazy_zeros`), which cost no
+    memory until written; elsewhere it is packed from zero codes.
 
     Args:
         out_dim (int): ``N``.
@@ -189,10 +187,12 @@ def zero_base(
         dtype (torch.dtype, optional): dtype of scales, zeros and compute.
         double_quant (bool): 8-bit scales (int4 kernel bases only).
     """
+    from qalora_tune._memory import lazy_zeros  # the quantization package is imported first
+
     device = torch.device(device)
     if device.type not in ("cpu", "meta") and uses_int4_kernel(bits, group_size):
         gq = GroupQuantizedWeight(
-            qdata=torch.full((out_dim, in_dim), 2 ** (bits - 1), dtype=torch.uint8),
+            qdata=torch.zeros((out_dim, in_dim), dtype=torch.uint8),
             scale=torch.zeros(out_dim, in_dim // group_size),
             zero=torch.zeros(out_dim, in_dim // group_size),
             group_size=group_size,
@@ -202,11 +202,7 @@ def zero_base(
     weight = empty_base(out_dim, in_dim, group_size, bits, device, dtype, double_quant)
     if device.type == "meta":
         return weight
-    names, _ = weight.__tensor_flatten__()
-    for name in names:
-        inner = getattr(weight, name)
-        if name == "qdata" and not is_intx_weight(weight):
-            inner.fill_(_INT4_MIDPOINT_BYTE)
-        else:
-            inner.zero_()
-    return weight
+    names, context = weight.__tensor_flatten__()
+    zeros = {name: lazy_zeros(getattr(weight, name).shape, getattr(weight, name).dtype, device)
+             for name in names}
+    return type(weight).__tensor_unflatten__(zeros, context, weight.shape, weight.stride())
