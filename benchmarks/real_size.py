@@ -132,7 +132,8 @@ def run_phase(name: str, command: Sequence[str], log_path: Path, env: Optional[D
     output = log_path.read_text(errors="replace")
     if child.returncode:
         raise RuntimeError(f"phase {name} failed ({child.returncode}): {' '.join(command)}\n{output[-4000:]}")
-    return {"wall_s": wall, "peak_rss_bytes": usage.ru_maxrss * 1024, "output": output}
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "peak_rss_bytes": usage.ru_maxrss * 1024, "output": output}
 
 
 def _child_env(threads: int) -> Dict[str, str]:
@@ -235,6 +236,11 @@ def run(shape: str, workdir: Path, layers: Optional[int] = None, phases: Sequenc
         command = [tune_command(), "run", "qalora_finetune", "--config", config, *overrides]
         phase = run_phase("finetune", command, workdir / "finetune.log", env, ROOT, timeout)
         phase.update(parse_finetune_log(phase["output"], run_dir / "logs"))
+        # the recipe restarts the kernel's peak at each stage (log_peak_memory_stats):
+        # the process's peak is the largest of the stages'
+        phase["peak_rss_bytes"] = max(phase[k] for k in (
+            "peak_rss_bytes", "load_peak_rss_bytes", "train_peak_rss_bytes", "save_peak_rss_bytes")
+            if k in phase)
         results["phases"]["finetune"] = _strip(phase)
     if "merge" in phases:
         shutil.rmtree(offline, ignore_errors=True)
@@ -337,6 +343,77 @@ def _bound(name: str, value: float, limit: float, rule: str) -> Dict[str, Any]:
             "holds": bool(value <= limit)}
 
 
+def model_bytes(config: Dict[str, Any], group_size: int = 64, rank: int = 16) -> Dict[str, int]:
+    """What a shape's QA-LoRA model holds, from its sizes (the packaged configs' settings:
+    int4 linears at group size 64 with bf16 scales and zero points, bf16 embeddings and
+    norms, rank-16 adapters on every projection): the bytes of the model (as merged),
+    of its checkpoint in bf16, of its largest bf16 tensor and of its adapters."""
+    linear, dense, largest, adapters = 0, 0, 0, 0
+    for name, shape in _real_shapes.hf_tensor_shapes(config):
+        count = 1
+        for size in shape:
+            count *= size
+        largest = max(largest, 2 * count)
+        if len(shape) == 2 and "embed_tokens" not in name:
+            linear += count
+            if "lm_head" not in name:  # no adapter on the output projection
+                adapters += rank * (shape[1] // group_size + shape[0])  # A (r, K/G), B (N, r)
+        else:
+            dense += count
+    return {
+        "model": int(linear * (0.5 + 4 / group_size) + 2 * dense),
+        "checkpoint": 2 * (linear + dense),
+        "largest_tensor": largest,
+        "adapters": 2 * adapters,
+    }
+
+
+def memory_model(reports: List[Dict[str, Any]]) -> List[str]:
+    """Peak RSS per phase at full depth, predicted as the full model's bytes plus what each
+    phase took above the model's bytes in the measured runs (the overhead does not grow
+    with depth: one layer in flight, buffers, the imports)."""
+    lines = []
+    for report in reports:
+        shape = report["settings"]["shape"]
+        measured_model = report.get("merged_file_bytes")
+        if not measured_model:
+            continue
+        measured = model_bytes(_real_shapes.hf_config(shape, report["settings"]["layers"]))
+        full = model_bytes(_real_shapes.hf_config(shape))
+        finetune = report["phases"].get("finetune", {})
+        rows = [
+            ("load + quantize", finetune.get("load_peak_rss_bytes"),
+             full["largest_tensor"] - measured["largest_tensor"]),
+            ("training", finetune.get("train_peak_rss_bytes"), 4 * (full["adapters"] - measured["adapters"])),
+            ("merge + export", finetune.get("save_peak_rss_bytes"), 0),
+        ]
+        for loader in ("load_merged", "transformers"):
+            phase = report["phases"].get(loader)
+            rows.append((loader, phase and phase["peak_rss_bytes"], 0))
+        lines += [
+            f"### {shape} at its full depth ({_real_shapes.SHAPES[shape]['config']['num_hidden_layers']} layers), "
+            f"derived from the {report['settings']['layers'] or 'full'}-layer run",
+            "",
+            f"Model (int4 linears, bf16 embeddings) {full['model'] / GB:.2f} GB (formula; "
+            f"{measured['model'] / GB:.3f} GB for the measured depth, whose merged files took "
+            f"{measured_model / GB:.3f} GB); checkpoint {full['checkpoint'] / GB:.2f} GB in bf16.",
+            "",
+            "| phase | measured peak | above the model | predicted at full depth |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, peak, extra in rows:
+            if not peak:
+                continue
+            above = peak - measured_model
+            lines.append(f"| {name} | {peak / GB:.2f} GB | {above / GB:.2f} GB | "
+                         f"{(full['model'] + above + extra) / GB:.2f} GB |")
+        if finetune.get("load_gb_per_s"):
+            lines += ["", f"Load + quantize at the measured {finetune['load_gb_per_s']:.3f} GB/s: "
+                      f"about {full['checkpoint'] / GB / finetune['load_gb_per_s'] / 60:.0f} min for the full checkpoint."]
+        lines.append("")
+    return lines
+
+
 def markdown(reports: List[Dict[str, Any]], command: str) -> str:
     lines = [
         "# Real sizes on a CPU: time and peak memory per phase",
@@ -359,8 +436,8 @@ def markdown(reports: List[Dict[str, Any]], command: str) -> str:
             f"file(s); {settings['steps']} steps of {settings['seq_len']} tokens, "
             f"{settings['threads']} threads.",
             "",
-            "| phase | wall time | peak RSS | notes |",
-            "|---|---:|---:|---|",
+            "| phase | wall time | CPU time | peak RSS | notes |",
+            "|---|---:|---:|---:|---|",
         ]
         for name, phase in report["phases"].items():
             note = ""
@@ -373,7 +450,8 @@ def markdown(reports: List[Dict[str, Any]], command: str) -> str:
                 note = (f"load {phase['load_s']:.1f} s, 4 tokens {phase['generate_s']:.1f} s; RSS after "
                         f"imports {phase['rss_after_import_bytes'] / GB:.2f} GB, after load "
                         f"{phase['rss_after_load_bytes'] / GB:.2f} GB")
-            lines.append(f"| {name} | {phase['wall_s']:.0f} s | {phase['peak_rss_bytes'] / GB:.2f} GB | {note} |")
+            lines.append(f"| {name} | {phase['wall_s']:.0f} s | {phase.get('cpu_s', 0):.0f} s | "
+                         f"{phase['peak_rss_bytes'] / GB:.2f} GB | {note} |")
         lines += ["", "| memory bound | measured | limit | rule | holds |", "|---|---:|---:|---|---|"]
         for bound in report["bounds"]:
             lines.append(f"| {bound['bound']} | {bound['measured_bytes'] / GB:.2f} GB | "
@@ -387,6 +465,9 @@ def markdown(reports: List[Dict[str, Any]], command: str) -> str:
                       f"{weight['unit_roundoff']:.1e}); merged vs unmerged logits (kernel rounding) "
                       f"{merge['max_relative_logit_error']:.2e}."]
         lines.append("")
+    model = memory_model(reports)
+    if model:
+        lines += ["## Memory model", "", *model]
     return "\n".join(lines)
 
 
