@@ -212,32 +212,6 @@ def make_shape(name: str, num_layers: Optional[int] = None) -> Shape:
     raise ValueError(f"unknown shape {name!r}")
 
 
-def qalora_llama2_layers(
-    lora_attn_modules: List[str],
-    apply_lora_to_mlp: bool = False,
-    apply_lora_to_output: bool = False,
-    *,
-    shape: Dict[str, Any],
-    **qalora_kwargs: Any,
-) -> nn.Module:
-    """QA-LoRA model builder for a random-weight :class:`Shape` (what ``load_merged`` imports).
-
-    Args:
-        lora_attn_modules (List[str]): attention projections with an adapter.
-        apply_lora_to_mlp (bool): adapters on the MLP.
-        apply_lora_to_output (bool): an adapter on the output projection.
-        shape (Dict[str, Any]): :class:`Shape` fields.
-        **qalora_kwargs: the other arguments of :func:`qalora_transformer`.
-
-    Returns:
-        TransformerDecoder: with int4 linears.
-    """
-    base = Shape(**shape).base_decoder()
-    return qalora_transformer(
-        base, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, **qalora_kwargs
-    )
-
-
 # ---------------------------------------------------------------------------- weights
 
 
@@ -371,8 +345,9 @@ def export_merged(model: nn.Module, shape: Shape, directory: Path) -> Path:
         spec_model = {"_component_": shape.builder, **builder_args}
     else:
         spec_model = {
-            "_component_": f"{__name__}.{qalora_llama2_layers.__name__}",
-            "shape": asdict(shape),
+            "_component_": "qalora_tune.models.qalora_llama2",
+            **shape.decoder_kwargs(),
+            "tie_word_embeddings": shape.tied,
             **builder_args,
         }
     spec = {"model": spec_model, "model_type": "LLAMA2"}

@@ -32,7 +32,6 @@ import contextlib
 import difflib
 import importlib.util
 import json
-import sys
 import time
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
@@ -40,32 +39,38 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
-import torchtune
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
-from torchtune import config, training, utils
+from torchtune import training, utils
 
 import qalora_tune
-from qalora_tune._compat import get_component_from_path
+from qalora_tune._compat import get_component_from_path, torchtune_eleuther_wrapper
 from qalora_tune.checkpointing import (
     atomic_write_text,
+    check_adapter_before_use,
     clean_module_name,
     load_adapter_into,
     load_merged,
     read_adapter,
 )
+from qalora_tune.errors import UserFileNotFoundError, UserValueError
 from qalora_tune.modules import QALoRALinear
 from qalora_tune.quantization import CALIBRATED_QUANTIZERS
 from qalora_tune.recipe_utils import (
-    CALIBRATION_CONFIG_KEYS,
+    EVAL_KEYS,
+    EVAL_SETTINGS,
+    Problems,
     calibrate_base,
     calibration_settings,
     check_config,
     check_device,
     check_output_dir,
+    check_settings,
     check_tokenizer_fits,
+    component_file_problems,
     evaluate_lm,
+    instantiate_section,
     load_full_precision,
     resolve_dtype,
     run_recipe,
@@ -78,30 +83,7 @@ KINDS = ("full", "quantized_base", "adapter", "merged")
 RESULTS_NAME = "eval_results.json"
 LM_EVAL_MIN_VERSION = "0.4.5"  # what torchtune 0.6.1's eleuther_eval recipe requires
 
-# every top-level key this recipe reads ("section.key": keys of a non-component section)
-CONFIG_KEYS = (
-    "batch_size",
-    "checkpoint",
-    "checkpoint.adapter_dir",
-    "checkpoint.kind",
-    "checkpoint.merged_dir",
-    *CALIBRATION_CONFIG_KEYS,
-    "checkpointer",
-    "datasets",
-    "device",
-    "dtype",
-    "lm_eval",
-    "lm_eval.batch_size",
-    "lm_eval.enable_kv_cache",
-    "lm_eval.include_path",
-    "lm_eval.limit",
-    "lm_eval.max_seq_length",
-    "lm_eval.tasks",
-    "max_batches",
-    "model",
-    "output_dir",
-    "tokenizer",
-)
+CONFIG_KEYS = EVAL_KEYS  # every top-level key this recipe reads
 
 
 class QALoRAEvalRecipe:
@@ -118,24 +100,37 @@ class QALoRAEvalRecipe:
     """
 
     def __init__(self, cfg: DictConfig) -> None:
-        check_device(cfg.device)
+        problems = Problems()
+        problems.extend(check_settings(cfg, EVAL_SETTINGS))
+        problems.raise_if_any()
+        problems.check(check_device, cfg.device)
+        problems.check(resolve_dtype, cfg.get("dtype"), torch.device("cpu"), ("fp32", "bf16"))
+        checkpoint = problems.check(_check_checkpoint, cfg)
+        self._lm_eval_cfg = problems.check(_check_lm_eval, cfg.get("lm_eval"))
+        problems.check(check_output_dir, cfg.output_dir)
+        problems.extend(component_file_problems(cfg.get("tokenizer"), "tokenizer"))
+        for name, entry in problems.check(_named_entries, cfg.get("datasets")) or []:
+            problems.extend(component_file_problems(entry, f"datasets.{name}"))
+        if checkpoint is not None and checkpoint[0] in ("full", "quantized_base", "adapter"):
+            checkpointer = problems.check(
+                instantiate_section, cfg.checkpointer, "checkpointer", output_dir=str(cfg.output_dir)
+            )
+            if checkpointer is not None:
+                problems.check(checkpointer.check_base_available)
+        problems.raise_if_any()
         self._device = utils.get_device(device=cfg.device)
         self._dtype = resolve_dtype(cfg.get("dtype"), self._device, allowed=("fp32", "bf16"))
-        self._kind, self._checkpoint_path = _check_checkpoint(cfg)
-        self._batch_size = _positive_int(cfg.get("batch_size", 8), "batch_size")
-        max_batches = cfg.get("max_batches")
-        self._max_batches = (
-            None if max_batches is None else _positive_int(max_batches, "max_batches")
-        )
-        self._lm_eval_cfg = _check_lm_eval(cfg.get("lm_eval"))
-        self._output_dir = check_output_dir(cfg.output_dir)
+        self._kind, self._checkpoint_path = checkpoint
+        self._batch_size = cfg.get("batch_size", 8)
+        self._max_batches = cfg.get("max_batches")
+        self._output_dir = Path(cfg.output_dir).expanduser()
 
     # ------------------------------------------------------------------ setup
 
     def setup(self, cfg: DictConfig) -> None:
         """Load the tokenizer, the datasets and the model."""
         start = time.perf_counter()
-        self._tokenizer = config.instantiate(cfg.tokenizer)
+        self._tokenizer = instantiate_section(cfg.tokenizer, "tokenizer")
         self._datasets = self._setup_datasets(cfg.get("datasets"))  # before the slow part
         if self._kind == "merged":
             self._model = self._setup_merged(self._checkpoint_path)
@@ -158,7 +153,9 @@ class QALoRAEvalRecipe:
 
     def _setup_checkpointer(self, cfg_checkpointer: DictConfig) -> Any:
         # the checkpointer only reads the base here; its output_dir receives nothing
-        checkpointer = config.instantiate(cfg_checkpointer, output_dir=str(self._output_dir))
+        checkpointer = instantiate_section(
+            cfg_checkpointer, "checkpointer", output_dir=str(self._output_dir)
+        )
         checkpointer.check_base_available()
         return checkpointer
 
@@ -179,19 +176,22 @@ class QALoRAEvalRecipe:
         adapter, metadata = None, None
         if self._kind == "adapter":
             adapter, metadata = read_adapter(self._checkpoint_path, checkpointer.key_map)
-        recorded = metadata.get("calibration") if metadata is not None else None
+            check_adapter_before_use(
+                adapter, metadata, self._checkpoint_path, checkpointer.base_fingerprint()
+            )
+        recorded = metadata.calibration if metadata is not None else None
         if recorded is not None and cfg_model.get("quantizer") in CALIBRATED_QUANTIZERS:
             settings = recorded
         else:
             settings = calibration_settings(cfg)
         with training.set_default_dtype(self._dtype), self._device:
-            model = config.instantiate(cfg_model)
+            model = instantiate_section(cfg_model, "model")
         if settings is None:
             checkpointer.load_base(model)
         else:
             calibrate_base(
                 model, cfg_model._component_, checkpointer, settings,
-                lambda cfg_dataset: config.instantiate(cfg_dataset, self._tokenizer),
+                lambda cfg_dataset: instantiate_section(cfg_dataset, "calibration.dataset", self._tokenizer),
                 self._device, self._dtype,
             )
         layers = {
@@ -220,7 +220,7 @@ class QALoRAEvalRecipe:
         )
         loaders = {}
         for name, entry in entries:
-            dataset = config.instantiate(entry, self._tokenizer)
+            dataset = instantiate_section(entry, f"datasets.{name}", self._tokenizer)
             loaders[name] = DataLoader(
                 dataset, batch_size=self._batch_size, shuffle=False, collate_fn=collate
             )
@@ -269,7 +269,7 @@ class QALoRAEvalRecipe:
 
         tasks = list(cfg_lm_eval.tasks)
         with _offline_hint("build torchtune's lm-eval wrapper"):
-            wrapper = _torchtune_eval_wrapper()(
+            wrapper = torchtune_eleuther_wrapper()(
                 self._model,
                 _HarnessTokenizer(self._tokenizer),
                 device=self._device,
@@ -322,7 +322,7 @@ def _check_checkpoint(cfg: DictConfig) -> Tuple[str, Optional[Path]]:
     if kind not in KINDS:
         close = difflib.get_close_matches(str(kind), KINDS, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
-        raise ValueError(
+        raise UserValueError(
             f"checkpoint.kind={kind!r} is not one of {', '.join(KINDS)}{hint}; set "
             "checkpoint.kind to the checkpoint to evaluate"
         )
@@ -331,7 +331,7 @@ def _check_checkpoint(cfg: DictConfig) -> Tuple[str, Optional[Path]]:
         return kind, _existing_dir(merged_dir, "checkpoint.merged_dir", "merged_int4")
     missing = [name for name in ("model", "checkpointer") if cfg.get(name) is None]
     if missing:
-        raise ValueError(
+        raise UserValueError(
             f"checkpoint.kind={kind} needs the {' and '.join(missing)} section(s) of the "
             "training config (the base checkpoint and how it is quantized)"
         )
@@ -342,20 +342,14 @@ def _check_checkpoint(cfg: DictConfig) -> Tuple[str, Optional[Path]]:
 
 def _existing_dir(value: Optional[str], setting: str, produced: str) -> Path:
     if not value:
-        raise ValueError(f"set {setting} to the {produced}/ directory of a training run")
+        raise UserValueError(f"set {setting} to the {produced}/ directory of a training run")
     path = Path(str(value)).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"{setting}={path} does not exist; train first (tune run qalora_finetune ...) or "
             f"set {setting} to an epoch_{{k}}/{produced} directory"
         )
     return path
-
-
-def _positive_int(value: Any, setting: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{setting} must be a positive integer, got {value!r}")
-    return value
 
 
 def _named_entries(cfg_datasets: Any) -> List[Tuple[str, DictConfig]]:
@@ -363,7 +357,7 @@ def _named_entries(cfg_datasets: Any) -> List[Tuple[str, DictConfig]]:
     file (or builder) and split: ``tinyshakespeare_train:validation``; a mapping's keys
     are the names."""
     if cfg_datasets is None or len(cfg_datasets) == 0:
-        raise ValueError("datasets is empty; list at least one dataset _component_ to evaluate on")
+        raise UserValueError("datasets is empty; list at least one dataset _component_ to evaluate on")
     if OmegaConf.is_dict(cfg_datasets) and "_component_" not in cfg_datasets:
         return [(str(name), entry) for name, entry in cfg_datasets.items()]
     entries = list(cfg_datasets) if OmegaConf.is_list(cfg_datasets) else [cfg_datasets]
@@ -396,7 +390,7 @@ def _check_lm_eval(cfg_lm_eval: Optional[DictConfig]) -> Optional[DictConfig]:
         "and HF_HUB_OFFLINE=1 set; or set lm_eval=null"
     )
     if importlib.util.find_spec("lm_eval") is None:
-        raise ValueError(
+        raise UserValueError(
             f"lm_eval.tasks={tasks} needs EleutherAI's lm-evaluation-harness, which is not "
             f"installed: {advice}"
         )
@@ -407,7 +401,7 @@ def _check_lm_eval(cfg_lm_eval: Optional[DictConfig]) -> Optional[DictConfig]:
     except PackageNotFoundError:
         installed = "0"
     if Version(installed) < Version(LM_EVAL_MIN_VERSION):
-        raise ValueError(f"lm_eval {installed} is installed, too old for lm_eval.tasks: {advice}")
+        raise UserValueError(f"lm_eval {installed} is installed, too old for lm_eval.tasks: {advice}")
     return cfg_lm_eval
 
 
@@ -435,36 +429,6 @@ class _HarnessTokenizer:
         return list(getattr(self._tokenizer, "stop_tokens", None) or [self._tokenizer.eos_id])
 
 
-def _torchtune_eval_wrapper() -> type:
-    """torchtune 0.6.1's lm-eval model wrapper for text decoders, ``_LLMEvalWrapper``.
-
-    It is private to torchtune's ``eleuther_eval`` recipe, a file beside the installed
-    package that is not importable as a module (``recipes/__init__.py`` refuses): load
-    it from where ``tune run eleuther_eval`` finds it. It imports lm_eval at the top, so
-    call this only once lm_eval is known to be installed.
-    """
-    name = "_qalora_eval_torchtune_eleuther_eval"
-    if name not in sys.modules:
-        path = Path(torchtune.__file__).parent.parent / "recipes" / "eleuther_eval.py"
-        if not path.is_file():
-            raise ValueError(
-                f"torchtune's eleuther_eval recipe is not at {path}; reinstall torchtune==0.6.1 "
-                "or set lm_eval=null"
-            )
-        # the file annotates with PIL.Image after a bare `import PIL`
-        import PIL.Image  # noqa: F401
-
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
-    return sys.modules[name]._LLMEvalWrapper
-
-
 @contextlib.contextmanager
 def _offline_hint(action: str) -> Iterator[None]:
     """Turn a download that failed (no network, or offline mode and nothing cached) into
@@ -472,7 +436,7 @@ def _offline_hint(action: str) -> Iterator[None]:
     try:
         yield
     except OSError as error:  # ConnectionError, HF's offline errors, missing cache files
-        raise ValueError(
+        raise UserValueError(
             f"lm_eval could not {action} ({type(error).__name__}: {error}); without network, "
             "download the task datasets (and gpt2, which torchtune's wrapper loads) into the "
             "Hugging Face cache first and set HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1, or set "
@@ -480,7 +444,6 @@ def _offline_hint(action: str) -> Iterator[None]:
         ) from None
 
 
-@config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point: ``tune run qalora_eval --config NAME_OR_PATH [key=value ...]``."""
     check_config(cfg, CONFIG_KEYS, "qalora_eval")
@@ -491,7 +454,7 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """Resolve a packaged config name, then run the recipe."""
+    """Parse the command line (a packaged config name or a path), then run the recipe."""
     run_recipe("qalora_eval", recipe_main, argv)
 
 

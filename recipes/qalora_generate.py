@@ -15,31 +15,26 @@ from typing import List, Optional
 
 import torch
 from omegaconf import DictConfig, ListConfig
-from torchtune import config, generation, utils
+from torchtune import generation, utils
 
 from qalora_tune.checkpointing import load_merged
 from qalora_tune.recipe_utils import (
+    GENERATE_KEYS,
+    GENERATE_SETTINGS,
+    Problems,
     check_config,
     check_device,
+    check_settings,
     check_tokenizer_fits,
+    component_file_problems,
+    instantiate_section,
     resolve_dtype,
     run_recipe,
 )
 
 log = utils.get_logger("INFO")
 
-# every top-level key this recipe reads
-CONFIG_KEYS = (
-    "device",
-    "dtype",
-    "max_new_tokens",
-    "merged_dir",
-    "prompt",
-    "seed",
-    "temperature",
-    "tokenizer",
-    "top_k",
-)
+CONFIG_KEYS = GENERATE_KEYS  # every top-level key this recipe reads
 
 
 class QALoRAGenerateRecipe:
@@ -57,13 +52,20 @@ class QALoRAGenerateRecipe:
     """
 
     def __init__(self, cfg: DictConfig) -> None:
-        check_device(cfg.device)
+        problems = Problems()
+        problems.extend(check_settings(cfg, GENERATE_SETTINGS))
+        problems.raise_if_any()
+        problems.check(check_device, cfg.device)
+        if cfg.get("dtype"):
+            problems.check(resolve_dtype, cfg.dtype, torch.device("cpu"))
         self._merged_dir = Path(cfg.merged_dir).expanduser()
         if not self._merged_dir.is_dir():
-            raise FileNotFoundError(
+            problems.add(
                 f"merged_dir={self._merged_dir} does not exist; train first (tune run "
                 "qalora_finetune ...) or set merged_dir to a merged_int4/ directory"
             )
+        problems.extend(component_file_problems(cfg.get("tokenizer"), "tokenizer"))
+        problems.raise_if_any()
         self._device = utils.get_device(device=cfg.device)
         self._dtype = resolve_dtype(cfg.dtype, self._device) if cfg.get("dtype") else None
         self._rng = torch.Generator(self._device).manual_seed(cfg.get("seed") or 0)
@@ -72,7 +74,7 @@ class QALoRAGenerateRecipe:
         """Load the merged model and the tokenizer."""
         start = time.perf_counter()
         self._model = load_merged(self._merged_dir, device=self._device, dtype=self._dtype)
-        self._tokenizer = config.instantiate(cfg.tokenizer)
+        self._tokenizer = instantiate_section(cfg.tokenizer, "tokenizer")
         check_tokenizer_fits(self._tokenizer, self._model)
         log.info(f"Loaded {self._merged_dir} in {time.perf_counter() - start:.1f}s")
 
@@ -112,7 +114,6 @@ class QALoRAGenerateRecipe:
         return completions
 
 
-@config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point: ``tune run qalora_generate --config NAME_OR_PATH [key=value ...]``."""
     check_config(cfg, CONFIG_KEYS, "qalora_generate")
@@ -122,7 +123,7 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """Resolve a packaged config name, then run the recipe."""
+    """Parse the command line (a packaged config name or a path), then run the recipe."""
     run_recipe("qalora_generate", recipe_main, argv)
 
 

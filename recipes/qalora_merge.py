@@ -16,6 +16,7 @@ checkpoint do not match is refused with a message naming the mismatch. A GPTQ ba
 
 import json
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -23,24 +24,35 @@ from typing import Dict, List, Optional
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from torchtune import config, training, utils
+from torchtune import training, utils
 
-from qalora_finetune import CONFIG_KEYS as FINETUNE_CONFIG_KEYS
 from qalora_tune._compat import get_component_from_path
 from qalora_tune.checkpointing import (
     atomic_directory,
+    check_adapter_before_use,
     clean_module_name,
     load_adapter_into,
     read_adapter,
+    recover_interrupted_writes,
 )
+from qalora_tune.errors import UserValueError
+from qalora_tune.export import gguf_finisher
 from qalora_tune.modules import QALoRALinear
 from qalora_tune.quantization import CALIBRATED_QUANTIZERS
 from qalora_tune.recipe_utils import (
+    MERGE_KEYS,
+    MERGE_SETTINGS,
+    OutputDirLock,
+    Problems,
     check_config,
     check_device,
+    check_merge_target,
     check_output_dir,
+    check_settings,
+    instantiate_section,
     merge_weight_error,
     merge_with_report,
+    model_spec_without_adapters,
     resolve_dtype,
     run_recipe,
     summarize_report,
@@ -50,8 +62,7 @@ log = utils.get_logger("INFO")
 
 IGNORE_INDEX = -100
 
-# a training config (every key the fine-tuning recipe reads) plus the adapter to merge
-CONFIG_KEYS = tuple(FINETUNE_CONFIG_KEYS) + ("adapter_dir", "merged_dir")
+CONFIG_KEYS = MERGE_KEYS  # a training config plus the adapter to merge
 
 
 class QALoRAMergeRecipe:
@@ -68,35 +79,62 @@ class QALoRAMergeRecipe:
     """
 
     def __init__(self, cfg: DictConfig) -> None:
-        if not cfg.get("adapter_dir"):
-            raise ValueError(
-                "set adapter_dir=... to the adapter/ directory of a training run, e.g. "
-                "adapter_dir=/tmp/qalora-tune/tiny_qalora/epoch_0/adapter"
-            )
-        check_device(cfg.device)
+        problems = Problems()
+        problems.extend(check_settings(cfg, MERGE_SETTINGS))
+        problems.raise_if_any()
         self._adapter_dir = Path(cfg.adapter_dir).expanduser()
         default_merged = self._adapter_dir.parent / "merged_int4"
         self._merged_dir = Path(cfg.get("merged_dir") or default_merged).expanduser()
+        problems.check(check_device, cfg.device)
+        problems.check(resolve_dtype, cfg.dtype, torch.device("cpu"))
+        if not self._adapter_dir.is_dir():
+            problems.add(
+                f"adapter_dir={self._adapter_dir} does not exist; set it to the adapter/ "
+                "directory of a training run, e.g. /tmp/qalora-tune/tiny_qalora/epoch_0/adapter"
+            )
+        problems.add(check_merge_target(self._merged_dir, {
+            "adapter_dir": self._adapter_dir,
+            "checkpointer.checkpoint_dir": cfg.checkpointer.checkpoint_dir,
+        }))
+        problems.check(check_output_dir, self._merged_dir.parent, "merged_dir")
+        problems.raise_if_any()
         self._device = utils.get_device(device=cfg.device)
         self._dtype = resolve_dtype(cfg.dtype, self._device)
         self._probe_size = cfg.get("merge_probe_size", 8)
+        self._merged_format = cfg.get("merged_format", "auto")
+        self._finish_merged = gguf_finisher(self._merged_format, cfg.get("tokenizer"))
+        # one merge into merged_dir at a time; the lock lives beside it
+        self._lock = OutputDirLock(
+            self._merged_dir.parent, "qalora_merge", "merged_dir",
+            lock_name=f".{self._merged_dir.name}.lock",
+        ).acquire()
+        for line in recover_interrupted_writes(self._merged_dir.parent):
+            if self._merged_dir.name in line:
+                log.info(f"merged_dir: {line}")
 
     def setup(self, cfg: DictConfig) -> None:
-        """Prepare the base (if the config does), build the model and load the adapter."""
+        """Prepare the base (if the config does), check the adapter against it, build the
+        model and load the adapter."""
         if cfg.get("prepare_base") is not None:
-            config.instantiate(cfg.prepare_base)
-        self._checkpointer = config.instantiate(cfg.checkpointer, output_dir=cfg.output_dir)
+            instantiate_section(cfg.prepare_base, "prepare_base")
+        self._checkpointer = instantiate_section(
+            cfg.checkpointer, "checkpointer", output_dir=cfg.output_dir
+        )
         self._checkpointer.check_base_available()
         adapter, self._metadata = read_adapter(self._adapter_dir, self._checkpointer.key_map)
-        _refuse_calibrated_base(self._metadata.get("quantizer"), cfg.model.get("quantizer"))
-        check_output_dir(self._merged_dir.parent, "merged_dir")  # before the slow part
+        _refuse_calibrated_base(self._metadata.quantizer, cfg.model.get("quantizer"))
+        # the adapter's own tensors and recorded base, before the slow part
+        check_adapter_before_use(
+            adapter, self._metadata, self._adapter_dir, self._checkpointer.base_fingerprint()
+        )
+        self._model_spec = model_spec_without_adapters(cfg.model)
         self._model = self._setup_model(cfg.model)
         self._check_and_load(adapter)
         self._probe = self._setup_probe(cfg) if self._probe_size > 0 else None
 
     def _setup_model(self, cfg_model: DictConfig) -> nn.Module:
         with training.set_default_dtype(self._dtype), self._device:
-            model = config.instantiate(cfg_model)
+            model = instantiate_section(cfg_model, "model")
         self._checkpointer.load_base(model)
         self._pad_in_dim = bool(cfg_model.get("pad_in_dim", False))
         self._layers = {
@@ -118,8 +156,8 @@ class QALoRAMergeRecipe:
         cfg_dataset = cfg.validation.dataset if cfg.get("validation") else cfg.get("dataset")
         if cfg_dataset is None:
             return None
-        tokenizer = config.instantiate(cfg.tokenizer)
-        dataset = config.instantiate(cfg_dataset, tokenizer)
+        tokenizer = instantiate_section(cfg.tokenizer, "tokenizer")
+        dataset = instantiate_section(cfg_dataset, "dataset", tokenizer)
         collate = partial(
             get_component_from_path("torchtune.data.padded_collate_sft"),
             padding_idx=tokenizer.pad_id,
@@ -140,8 +178,13 @@ class QALoRAMergeRecipe:
                 "note": "merge_probe_size=0: no probe batch, logit deviation not measured",
             }
         report["adapter_dir"] = str(self._adapter_dir)
+        metadata = replace(self._metadata, model=self._model_spec)  # the model as configured here
         with atomic_directory(self._merged_dir, setting="merged_dir") as staging:
-            report = self._checkpointer.write_merged(staging, self._model, self._metadata, report)
+            report = self._checkpointer.write_merged(
+                staging, self._model, metadata, report, self._merged_format
+            )
+            if self._finish_merged is not None:
+                self._finish_merged(staging)
         size = report["size"]
         log.info(
             f"Merged {len(self._layers)} adapters into {self._merged_dir} in "
@@ -161,7 +204,7 @@ def _refuse_calibrated_base(*quantizers: Optional[str]) -> None:
     """
     for quantizer in quantizers:
         if quantizer in CALIBRATED_QUANTIZERS:
-            raise ValueError(
+            raise UserValueError(
                 f"qalora_merge does not rebuild a model.quantizer={quantizer} base (its "
                 "calibration is not reproduced bit for bit here); use the merged_int4/ that "
                 "the training run wrote beside the adapter (save_merged_int4=True, the "
@@ -169,7 +212,6 @@ def _refuse_calibrated_base(*quantizers: Optional[str]) -> None:
             )
 
 
-@config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point: ``tune run qalora_merge --config NAME_OR_PATH adapter_dir=... [key=value ...]``."""
     check_config(cfg, CONFIG_KEYS, "qalora_merge")
@@ -179,7 +221,7 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """Resolve a packaged config name, then run the recipe."""
+    """Parse the command line (a packaged config name or a path), then run the recipe."""
     run_recipe("qalora_merge", recipe_main, argv)
 
 

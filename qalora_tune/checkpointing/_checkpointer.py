@@ -3,24 +3,27 @@ resumable state."""
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import nn
-from torchtune.utils import get_logger, log_rank_zero
+from torchtune import utils
 
 from qalora_tune._memory import peak_rss_bytes
 
+from qalora_tune._files import is_regular_file_inside, read_json
 from qalora_tune.checkpointing._adapter import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     read_adapter,
     write_adapter,
 )
+from qalora_tune.checkpointing._adapter_config import AdapterConfig, as_adapter_config
 from qalora_tune.checkpointing._atomic import atomic_directory
 from qalora_tune.checkpointing._formats import (
     check_checkpoint_format,
@@ -30,17 +33,23 @@ from qalora_tune.checkpointing._formats import (
 )
 from qalora_tune.checkpointing._hf_keys import HFKeyMap
 from qalora_tune.checkpointing._hf_weights import read_hf_config
+from qalora_tune.checkpointing._merged_formats import RUNS_ON, choose_merged_format
 from qalora_tune.checkpointing._merged_int4 import (
     MERGE_REPORT_NAME,
     MERGED_DIR_NAME,
     write_merged_int4,
 )
 from qalora_tune.checkpointing._safetensors_io import parse_size
+from qalora_tune.errors import UserFileNotFoundError, UserValueError
+
+log = utils.get_logger("INFO")
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
+    "OUTPUT_MARKER_NAME",
     "PROGRESS_NAME",
+    "RUN_CONFIG_NAME",
     "QALoRACheckpointer",
     "RECIPE_STATE_NAME",
 ]
@@ -55,10 +64,13 @@ TOKENIZER_FILES = (
 )
 RECIPE_STATE_NAME = "recipe_state.pt"
 PROGRESS_NAME = "progress.json"
+RUN_CONFIG_NAME = "config.yaml"
+OUTPUT_MARKER_NAME = ".qalora-tune-output"
+"""Marks a directory qalora-tune wrote (a merged model), so it may be replaced later."""
 _EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _FORMAT_NAMES = {"hf": "Hugging Face", "meta": "Meta", "torchtune": "torchtune"}
-_log = get_logger("INFO")
+
 
 
 class QALoRACheckpointer:
@@ -129,6 +141,8 @@ class QALoRACheckpointer:
         self.checkpoint_files = list(checkpoint_files) if checkpoint_files else None
         self.hf_repo_id = hf_repo_id
         self.resume_from_checkpoint = resume_from_checkpoint
+        self.run_config: Optional[str] = None
+        """The run's resolved config as YAML, written as ``config.yaml`` in every checkpoint."""
 
     # ------------------------------------------------------------------ base weights
 
@@ -167,7 +181,7 @@ class QALoRACheckpointer:
                 else "; set checkpointer.checkpoint_dir to a directory holding a "
                 f"{_FORMAT_NAMES[self.checkpoint_format]} checkpoint"
             )
-            raise FileNotFoundError(f"base model weights missing ({error}){hint}") from None
+            raise UserFileNotFoundError(f"base model weights missing ({error}){hint}") from None
 
     def load_base(self, model: nn.Module) -> Dict[str, Any]:
         """Stream the base checkpoint into ``model`` (quantizing its int4 layers).
@@ -190,8 +204,8 @@ class QALoRACheckpointer:
         seconds = time.perf_counter() - start
         size = sum(p.stat().st_size for p in paths)
         self.last_load = {"bytes": size, "seconds": seconds, "files": len(paths)}
-        log_rank_zero(
-            _log,
+        utils.log_rank_zero(
+            log,
             f"Read and quantized {size / 1e9:.2f} GB from {len(paths)} file(s) in "
             f"{seconds:.1f}s ({size / 1e9 / max(seconds, 1e-9):.3f} GB/s); peak RSS "
             f"{peak_rss_bytes() / 2**30:.2f} GiB",
@@ -209,7 +223,7 @@ class QALoRACheckpointer:
         try:
             return read_hf_config(self.checkpoint_dir)
         except FileNotFoundError:
-            raise FileNotFoundError(
+            raise UserFileNotFoundError(
                 f"{self.checkpoint_dir / 'config.json'} not found: the adapter and the merged "
                 "int4 model are written in Hugging Face layout, which needs the model's "
                 "Hugging Face config.json; copy it into checkpointer.checkpoint_dir"
@@ -285,10 +299,12 @@ class QALoRACheckpointer:
         self,
         epoch: int,
         adapters: Mapping[str, nn.Module],
-        adapter_metadata: Dict[str, Any],
+        adapter_metadata: AdapterConfig,
         recipe_state: Optional[Dict[str, Any]] = None,
         merged_model: Optional[nn.Module] = None,
         merge_report: Optional[Dict[str, Any]] = None,
+        merged_format: str = "auto",
+        finish_merged: Optional[Callable[[Path], None]] = None,
     ) -> Path:
         """Write ``epoch_{epoch}/`` atomically and return its path; step checkpoints up to
         this point are then removed.
@@ -307,9 +323,16 @@ class QALoRACheckpointer:
                 as ``merged_int4/``.
             merge_report (Dict[str, Any], optional): the measured merge deviation, written
                 with the file sizes to ``merged_int4/merge_report.json``.
+            merged_format (str): see :meth:`write_merged`.
+            finish_merged (Callable[[Path], None], optional): called with the staging
+                ``merged_int4/`` once it is written (e.g. a GGUF export into it), inside
+                the atomic write.
         """
         final = self.epoch_dir(epoch)
-        self._write(final, adapters, adapter_metadata, recipe_state, merged_model, merge_report)
+        self._write(
+            final, adapters, adapter_metadata, recipe_state, merged_model, merge_report,
+            merged_format, finish_merged,
+        )
         self._remove_step_dirs(keep=None)
         return final
 
@@ -317,7 +340,7 @@ class QALoRACheckpointer:
         self,
         global_step: int,
         adapters: Mapping[str, nn.Module],
-        adapter_metadata: Dict[str, Any],
+        adapter_metadata: AdapterConfig,
         recipe_state: Dict[str, Any],
     ) -> Path:
         """Write the mid-epoch checkpoint ``step_{global_step}/`` (adapter and recipe
@@ -331,10 +354,12 @@ class QALoRACheckpointer:
         self,
         final: Path,
         adapters: Mapping[str, nn.Module],
-        adapter_metadata: Dict[str, Any],
+        adapter_metadata: AdapterConfig,
         recipe_state: Optional[Dict[str, Any]],
         merged_model: Optional[nn.Module] = None,
         merge_report: Optional[Dict[str, Any]] = None,
+        merged_format: str = "auto",
+        finish_merged: Optional[Callable[[Path], None]] = None,
     ) -> None:
         with atomic_directory(final) as staging:
             adapter_dir = staging / "adapter"
@@ -343,12 +368,18 @@ class QALoRACheckpointer:
             if merged_model is not None:
                 merged_dir = staging / MERGED_DIR_NAME
                 merged_dir.mkdir()
-                self.write_merged(merged_dir, merged_model, adapter_metadata, merge_report)
+                self.write_merged(
+                    merged_dir, merged_model, adapter_metadata, merge_report, merged_format
+                )
+                if finish_merged is not None:
+                    finish_merged(merged_dir)
             if recipe_state is not None:
                 torch.save(recipe_state, staging / RECIPE_STATE_NAME)
                 progress = recipe_state.get("progress")
                 if progress is not None:
                     (staging / PROGRESS_NAME).write_text(json.dumps(progress, indent=2))
+            if self.run_config is not None:
+                (staging / RUN_CONFIG_NAME).write_text(self.run_config)
 
     def _remove_step_dirs(self, keep: Optional[Path]) -> None:
         for path in self._saved_dirs(_STEP_DIR):
@@ -359,29 +390,49 @@ class QALoRACheckpointer:
         self,
         directory: Path,
         merged_model: nn.Module,
-        adapter_metadata: Dict[str, Any],
+        adapter_metadata: AdapterConfig,
         merge_report: Optional[Dict[str, Any]] = None,
+        merged_format: str = "auto",
     ) -> Dict[str, Any]:
         """Write a merged model into the existing ``directory`` (see ``save_checkpoint``).
 
+        Args:
+            directory (Path): an existing (staging) directory.
+            merged_model (nn.Module): the model with its adapters merged.
+            adapter_metadata (AdapterConfig): the adapter's description (its ``model``
+                entry is written to ``qalora_tune.json``).
+            merge_report (Dict[str, Any], optional): the measured merge deviation.
+            merged_format (str): ``auto``, ``intx``, ``int4_tile_packed``, ``int4_plain`` or
+                ``gguf`` (``auto``'s format; the GGUF file is the caller's), see
+                :mod:`qalora_tune.checkpointing._merged_formats`.
+
         Returns:
-            Dict[str, Any]: the merge report with the measured sizes added.
+            Dict[str, Any]: the merge report with the measured sizes and format added.
         """
         # merged_int4/ holds dense scales (8-bit ones decoded): it loads as a plain int4 base
-        model_spec = dict(adapter_metadata["model"])
+        adapter_metadata = as_adapter_config(adapter_metadata)
+        model_spec = dict(adapter_metadata.model)
         if "double_quant_scales" in model_spec:
             model_spec["double_quant_scales"] = False
         spec = {
             "model": model_spec,
             "model_type": self.model_type,
-            "adapter": {k: adapter_metadata.get(k) for k in ("rank", "alpha", "group_size", "bits")},
+            "adapter": {
+                k: getattr(adapter_metadata, k) for k in ("rank", "alpha", "group_size", "bits")
+            },
         }
+        device = next(merged_model.parameters()).device
+        chosen = choose_merged_format(merged_format, merged_model, device)
         sizes = write_merged_int4(
-            merged_model, directory, self.key_map, self.hf_config, spec, self.max_shard_size
+            merged_model, directory, self.key_map, self.hf_config, spec, chosen,
+            self.max_shard_size,
         )
         self.copy_tokenizer_files(directory)
-        report = dict(merge_report or {}, size=sizes)
+        report = dict(merge_report or {}, size=sizes, format=chosen, runs_on=RUNS_ON[chosen])
         (directory / MERGE_REPORT_NAME).write_text(json.dumps(report, indent=2))
+        (directory / OUTPUT_MARKER_NAME).write_text(
+            json.dumps({"written_by": "qalora_tune", "kind": "merged_int4"}) + "\n"
+        )
         return report
 
     def load_resume_state(self) -> Dict[str, Any]:
@@ -394,7 +445,7 @@ class QALoRACheckpointer:
         """
         latest = self.latest_checkpoint_dir()
         if latest is None:
-            raise FileNotFoundError(
+            raise UserFileNotFoundError(
                 f"resume_from_checkpoint=True but {self.output_dir} has no saved epoch_* or "
                 f"step_* checkpoint with {RECIPE_STATE_NAME}; set resume_from_checkpoint=False "
                 "to start fresh, or output_dir to the interrupted run's directory"
@@ -404,20 +455,76 @@ class QALoRACheckpointer:
             "path": latest,
             "adapter": adapter,
             "adapter_config": metadata,
-            "recipe_state": torch.load(latest / RECIPE_STATE_NAME, weights_only=False),
+            "recipe_state": load_recipe_state(latest / RECIPE_STATE_NAME),
         }
 
-    def copy_tokenizer_files(self, destination: Path) -> None:
-        """Copy the base's tokenizer files (if any) into ``destination``."""
+    def copy_tokenizer_files(self, destination: Path) -> List[str]:
+        """Copy the base's tokenizer files (if any) into ``destination``.
+
+        Only regular files inside ``checkpoint_dir`` are copied (see
+        :func:`~qalora_tune._files.is_regular_file_inside`): a link to a file elsewhere is
+        skipped with a warning, never followed out of the base directory.
+
+        Returns:
+            List[str]: the names skipped.
+        """
+        skipped = []
         for name in TOKENIZER_FILES:
             source = self.checkpoint_dir / name
-            if source.is_file():
-                shutil.copy2(source, destination / name)
+            if not (source.exists() or source.is_symlink()):
+                continue
+            if not is_regular_file_inside(source, self.checkpoint_dir):
+                skipped.append(name)
+                log.warning(
+                    f"not copying {source}: it is not a regular file inside "
+                    f"checkpointer.checkpoint_dir (a link to {os.path.realpath(source)}); copy "
+                    "the file itself into the base directory to ship it with the outputs"
+                )
+                continue
+            shutil.copyfile(source, destination / name)
+        return skipped
 
 
 def _global_step(checkpoint: Path) -> int:
     """The global step recorded in ``checkpoint/progress.json`` (-1 when absent)."""
-    path = checkpoint / PROGRESS_NAME
+    progress = read_json(
+        checkpoint / PROGRESS_NAME, "the checkpoint's progress file", required=False,
+        fix=f"delete {checkpoint} to resume from the checkpoint before it",
+    )
+    step = (progress or {}).get("global_step", -1)
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise UserValueError(
+            f"{checkpoint / PROGRESS_NAME} has global_step={step!r}, not an integer; delete "
+            f"{checkpoint} to resume from the checkpoint before it"
+        )
+    return step
+
+
+def load_recipe_state(path: Path) -> Dict[str, Any]:
+    """A saved recipe state, read with ``torch.load(weights_only=True)``: tensors, numbers,
+    strings and containers only, so the file cannot run code.
+
+    Raises:
+        UserFileNotFoundError: if it is missing.
+        UserValueError: if it is truncated, corrupt, or holds anything but plain data.
+    """
     if not path.is_file():
-        return -1
-    return int(json.loads(path.read_text()).get("global_step", -1))
+        raise UserFileNotFoundError(
+            f"{path} not found; the checkpoint is incomplete: delete {path.parent} to resume "
+            "from the one before it, or set resume_from_checkpoint=False"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError (refused object), RuntimeError (truncated)
+        reason = " ".join(str(error).split())[:200]
+        raise UserValueError(
+            f"{path} cannot be read as a recipe state ({type(error).__name__}: {reason}); it "
+            f"is truncated, corrupt or not written by qalora_finetune: delete {path.parent} to "
+            "resume from the checkpoint before it, or set resume_from_checkpoint=False"
+        ) from None
+    if not isinstance(state, dict):
+        raise UserValueError(
+            f"{path} holds a {type(state).__name__}, not a recipe state; delete "
+            f"{path.parent} or set resume_from_checkpoint=False"
+        )
+    return state

@@ -5,19 +5,20 @@ how its keys map to torchtune's. The tensors themselves are streamed one at a ti
 :func:`~qalora_tune.checkpointing._streaming.load_tensor_stream` in every format.
 """
 
-import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from torch import nn
 
 from qalora_tune._compat import meta_to_tune
+from qalora_tune._files import read_json
 from qalora_tune.checkpointing._hf_weights import load_hf_weights, read_hf_config
 from qalora_tune.checkpointing._streaming import (
     TIED_KEYS,
     iter_checkpoint_tensors,
     load_tensor_stream,
 )
+from qalora_tune.errors import UserFileNotFoundError, UserValueError
 
 __all__ = [
     "CHECKPOINT_FORMATS",
@@ -42,7 +43,7 @@ _CONFIG_NAMES = {"meta": "params.json", "torchtune": "config.json"}
 def check_checkpoint_format(checkpoint_format: str) -> None:
     """Raise a ValueError naming the allowed values if ``checkpoint_format`` is unknown."""
     if checkpoint_format not in CHECKPOINT_FORMATS:
-        raise ValueError(
+        raise UserValueError(
             f"checkpointer.checkpoint_format={checkpoint_format!r} is not supported; "
             f"use one of {CHECKPOINT_FORMATS}"
         )
@@ -76,11 +77,11 @@ def find_checkpoint_files(
         paths = [checkpoint_dir / name for name in checkpoint_files]
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
-            raise FileNotFoundError(f"checkpoint files not found: {', '.join(missing)}")
+            raise UserFileNotFoundError(f"checkpoint files not found: {', '.join(missing)}")
     else:
         paths = _default_files(checkpoint_dir, checkpoint_format)
     if checkpoint_format == "meta" and len(paths) > 1:
-        raise ValueError(
+        raise UserValueError(
             f"checkpoint_format='meta' reads one consolidated file, got {[p.name for p in paths]}: "
             "model-parallel shards hold slices of the same tensors; use the Hugging Face "
             "checkpoint (checkpoint_format='hf') or name one file in checkpointer.checkpoint_files"
@@ -95,7 +96,7 @@ def _default_files(checkpoint_dir: Path, checkpoint_format: str) -> List[Path]:
         if paths:
             return paths
     _raise_if_another_format(checkpoint_dir, checkpoint_format)
-    raise FileNotFoundError(f"no {' or '.join(patterns)} weights in {checkpoint_dir}")
+    raise UserFileNotFoundError(f"no {' or '.join(patterns)} weights in {checkpoint_dir}")
 
 
 def _is_weight_file(path: Path) -> bool:
@@ -109,7 +110,7 @@ def _raise_if_another_format(checkpoint_dir: Path, checkpoint_format: str) -> No
         return any(_is_weight_file(p) for pattern in patterns for p in directory.glob(pattern))
 
     if checkpoint_format == "meta" and has(checkpoint_dir / "original", "*.pth"):
-        raise ValueError(
+        raise UserValueError(
             f"no *.pth weights in {checkpoint_dir}, but {checkpoint_dir / 'original'} has Meta "
             f"weights: set checkpointer.checkpoint_dir={str(checkpoint_dir / 'original')!r}"
         )
@@ -122,7 +123,7 @@ def _raise_if_another_format(checkpoint_dir: Path, checkpoint_format: str) -> No
     found = next((f for f, seen in signatures.items() if seen and f != checkpoint_format), None)
     if found is None:
         return
-    raise ValueError(
+    raise UserValueError(
         f"{checkpoint_dir} holds no {' or '.join(_DEFAULT_PATTERNS[checkpoint_format])} "
         f"weights for checkpoint_format={checkpoint_format!r} but looks like a {found!r} "
         f"checkpoint: set checkpointer.checkpoint_format={found!r}"
@@ -142,7 +143,7 @@ def read_checkpoint_config(checkpoint_dir: Path, checkpoint_format: str) -> Dict
     if checkpoint_format == "hf":
         return read_hf_config(checkpoint_dir)
     path = checkpoint_dir / _CONFIG_NAMES[checkpoint_format]
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path, "the checkpoint's config", "use the file that came with the weights") if path.is_file() else {}
 
 
 def load_checkpoint_weights(

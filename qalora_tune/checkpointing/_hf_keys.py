@@ -12,7 +12,13 @@ from typing import Callable, Dict, Tuple
 
 import torch
 
-from qalora_tune._compat import hf_to_tune, qwen2_hf_to_tune, qwen2_tune_to_hf, tune_to_hf
+from qalora_tune._compat import (
+    hf_to_tune,
+    qwen2_hf_to_tune,
+    qwen2_tune_to_hf,
+    tune_to_hf,
+)
+from qalora_tune.errors import UserValueError
 
 __all__ = ["HF_MODEL_TYPES", "HFKeyMap", "check_model_type"]
 
@@ -45,6 +51,13 @@ class HFKeyMap:
 
     def __init__(self, model_type: str, hf_config: Dict):
         check_model_type(model_type, hf_config)
+        for key in ("num_attention_heads", "hidden_size"):
+            value = hf_config.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise UserValueError(
+                    f"the checkpoint's config.json has {key}={value!r}, not a positive integer; "
+                    "use the config.json that came with the weights"
+                )
         heads = hf_config["num_attention_heads"]
         self.dim = hf_config["hidden_size"]
         kwargs = dict(
@@ -111,14 +124,14 @@ def check_model_type(model_type: str, hf_config: Dict) -> None:
         ValueError: naming ``checkpointer.model_type`` and the values that fit.
     """
     if model_type not in HF_MODEL_TYPES:
-        raise ValueError(
+        raise UserValueError(
             f"checkpointer.model_type={model_type!r} is not supported; use one of "
             f"{HF_MODEL_TYPES}"
         )
     hf_type = hf_config.get("model_type")
     fitting = [t for t, hf in _HF_CONFIG_MODEL_TYPES.items() if hf == hf_type]
     if fitting and model_type not in fitting:
-        raise ValueError(
+        raise UserValueError(
             f"checkpointer.model_type={model_type!r} does not match the checkpoint, whose "
             f"config.json has model_type {hf_type!r}; set checkpointer.model_type to "
             f"{' or '.join(fitting)}"

@@ -1,13 +1,17 @@
 """Stream a Hugging Face checkpoint into a torchtune model one tensor at a time."""
 
-import json
 from pathlib import Path
 from typing import Dict, List
 
 from torch import nn
 
+from qalora_tune._files import read_json
 from qalora_tune.checkpointing._hf_keys import HF_MODEL_TYPES, HFKeyMap
-from qalora_tune.checkpointing._streaming import iter_checkpoint_tensors, load_tensor_stream
+from qalora_tune.checkpointing._streaming import (
+    iter_checkpoint_tensors,
+    load_tensor_stream,
+)
+from qalora_tune.errors import UserFileNotFoundError
 
 __all__ = [
     "HF_MODEL_TYPES",
@@ -45,7 +49,7 @@ def load_hf_weights(
 
 def read_hf_config(checkpoint_dir: Path) -> Dict:
     """The checkpoint's ``config.json``."""
-    path = checkpoint_dir / "config.json"
+    path = Path(checkpoint_dir) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (a Hugging Face checkpoint has one)")
-    return json.loads(path.read_text())
+        raise UserFileNotFoundError(f"{path} not found (a Hugging Face checkpoint has one)")
+    return read_json(path, "the checkpoint's config", "use the config.json that came with the weights")

@@ -1,16 +1,16 @@
-"""The merged int4 model: written in transformers' TorchAoConfig layout, loaded back anywhere.
+"""The merged model: written in transformers' TorchAoConfig layout, loaded back anywhere.
 
 ``merged_int4/`` is a Hugging Face model directory:
 
 - ``config.json``: the base's config with a ``quantization_config`` that transformers'
-  ``TorchAoConfig`` reads (see :mod:`~qalora_tune.checkpointing._merged_format` for the
-  storage format: torchao ``Int4Tensor`` linears, or ``IntxUnpackedToInt8Tensor`` for bases
-  the int4 kernels cannot hold);
-- the weights, flattened by ``torchao.prototype.safetensors`` the way transformers saves
-  torchao models, in shards of at most ``max_shard_size`` bytes named as Hugging Face names
-  them: ``model.safetensors`` alone, or ``model-0000k-of-0000n.safetensors`` with
-  ``model.safetensors.index.json``; every shard carries the whole model's torchao metadata,
-  as transformers writes it;
+  ``TorchAoConfig`` reads for the file's format (see
+  :mod:`~qalora_tune.checkpointing._merged_formats`, the one place that chooses it);
+- the weights, every quantized linear as the format's torchao tensor (codes, scales and
+  the merged zero points), flattened by ``torchao.prototype.safetensors`` the way
+  transformers saves torchao models, embeddings and norms as plain tensors; in shards of
+  at most ``max_shard_size`` bytes named as Hugging Face names them: ``model.safetensors``
+  alone, or ``model-0000k-of-0000n.safetensors`` with ``model.safetensors.index.json``.
+  Every shard carries the whole model's torchao metadata, as transformers writes it;
 - ``qalora_tune.json``: how to rebuild the torchtune model (:func:`load_merged`);
 - tokenizer files and ``merge_report.json`` (written by the caller).
 
@@ -21,34 +21,40 @@ shard, so exporting holds one tensor beyond the model.
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from qalora_tune._compat import (
+    WRAPPER_NAME_SEGMENTS,
     flatten_tensor_state_dict,
-    get_component_from_path,
-    unflatten_tensor_state_dict,
+    read_torchao_safetensors_tensor,
 )
+from qalora_tune._files import read_json
 from qalora_tune._progress import progress_bar
+from qalora_tune.checkpointing._atomic import atomic_write_text
 from qalora_tune.checkpointing._hf_keys import HFKeyMap
-from qalora_tune.checkpointing._merged_format import (
-    is_portable_weight,
-    kernel_weight,
-    portable_nbytes,
+from qalora_tune.checkpointing._merged_formats import (
+    base_from_file,
+    check_format_holds,
+    file_weight_nbytes,
+    is_file_base,
     portable_weight,
-    storage_format,
-    torchao_quantization_config,
+    quantization_config,
+    written_bits,
 )
+from qalora_tune.checkpointing._model_spec import build_from_spec, check_model_spec
 from qalora_tune.checkpointing._safetensors_io import (
     DEFAULT_MAX_SHARD_SIZE,
     SafetensorsReader,
     ShardedSafetensorsWriter,
     safetensors_files,
 )
+from qalora_tune.errors import UserFileNotFoundError, UserValueError
 from qalora_tune.models import materialize
-from qalora_tune.modules import Int4Linear, QALoRALinear
+from qalora_tune.modules import QALoRALinear, QuantizedLinear
+from qalora_tune.quantization.intx_weight import is_intx_weight
 
 __all__ = [
     "MERGED_DIR_NAME",
@@ -56,10 +62,9 @@ __all__ = [
     "MERGED_WEIGHTS_NAME",
     "MERGE_REPORT_NAME",
     "clean_module_name",
-    "load_merged",
     "flatten_one",
+    "load_merged",
     "merged_state_dict",
-    "torchao_quantization_config",
     "write_merged_int4",
     "write_merged_tensors",
 ]
@@ -68,7 +73,8 @@ MERGED_DIR_NAME = "merged_int4"
 MERGED_WEIGHTS_NAME = "model.safetensors"  # the name when the model fits one shard
 MERGED_SPEC_NAME = "qalora_tune.json"
 MERGE_REPORT_NAME = "merge_report.json"
-_NESTED = ("_checkpoint_wrapped_module.", "_orig_mod.")
+_STORED_DTYPES = ("float32", "bfloat16", "float16")
+_NESTED = WRAPPER_NAME_SEGMENTS
 
 
 def clean_module_name(name: str) -> str:
@@ -78,31 +84,54 @@ def clean_module_name(name: str) -> str:
     return name
 
 
-def merged_state_dict(model: nn.Module, key_map: HFKeyMap) -> Iterator[Tuple[str, torch.Tensor]]:
+def _quantized_modules(model: nn.Module) -> Dict[str, QuantizedLinear]:
+    """torchtune weight key -> the QuantizedLinear owning it (every adapter merged)."""
+    modules = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            if isinstance(module, QALoRALinear) and not module.merged:
+                raise UserValueError(f"{name}: merge() the adapters before writing the merged model")
+            modules[f"{clean_module_name(name)}.weight"] = module
+    return modules
+
+
+def resolve_file_format(model: nn.Module, merged_format: str) -> str:
+    """``merged_format`` for ``model``'s linears: an intx base has only the intx layout.
+
+    Raises:
+        UserValueError: if the format cannot hold the bases (see ``check_format_holds``).
+    """
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    if not layers:
+        raise UserValueError("the model has no quantized linear layers to write")
+    if any(is_intx_weight(m.weight) for m in layers):
+        merged_format = "intx"
+    check_format_holds(merged_format, layers)
+    return merged_format
+
+
+def merged_state_dict(
+    model: nn.Module, key_map: HFKeyMap, merged_format: str
+) -> Iterator[Tuple[str, torch.Tensor]]:
     """The merged model's tensors under Hugging Face names, made one at a time.
 
-    Each int4 layer's weight is converted to the written format
-    (:func:`~qalora_tune.checkpointing._merged_format.portable_weight`, rows in Hugging
+    Each quantized layer's weight is converted to ``merged_format``'s torchao class
+    (:func:`~qalora_tune.checkpointing._merged_formats.portable_weight`, rows in Hugging
     Face order) only when it is asked for; other tensors (embeddings, norms, biases) pass
     through the key map unchanged. Adapter weights are left out.
 
     Raises:
-        ValueError: if an adapter is not merged.
+        UserValueError: if an adapter is not merged.
     """
-    int4_modules = {}
-    for name, module in model.named_modules():
-        if isinstance(module, Int4Linear):
-            if isinstance(module, QALoRALinear) and not module.merged:
-                raise ValueError(f"{name}: merge() the adapters before writing the merged model")
-            int4_modules[f"{clean_module_name(name)}.weight"] = module
+    quantized = _quantized_modules(model)
     for key, value in model.state_dict().items():
         key = clean_module_name(key)
         if ".lora_" in key:
             continue
-        module = int4_modules.get(key)
+        module = quantized.get(key)
         if module is not None:
             hf_key, rows = key_map.row_order(key, module.out_dim, to_hf=True)
-            yield hf_key, portable_weight(module, rows)
+            yield hf_key, portable_weight(module, rows, merged_format)[0]
         else:
             yield from key_map.to_hf({key: value.detach().cpu().contiguous()}).items()
 
@@ -112,6 +141,7 @@ def write_merged_tensors(
     directory: Path,
     hf_config: Dict[str, Any],
     spec: Dict[str, Any],
+    quantization: Dict[str, Any],
     max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
     total: Optional[int] = None,
 ) -> Dict[str, Any]:
@@ -120,12 +150,12 @@ def write_merged_tensors(
 
     Args:
         tensors (Iterable[Tuple[str, torch.Tensor]]): ``(Hugging Face key, tensor)``; a
-            merged linear's weight in the written format (``Int4Tensor`` or
-            ``IntxUnpackedToInt8Tensor``), anything else dense.
+            merged linear's weight as its file format's torchao tensor, anything else dense.
         directory (Path): an existing (staging) directory.
         hf_config (Dict[str, Any]): the base's ``config.json``.
-        spec (Dict[str, Any]): ``model`` (builder ``_component_`` and arguments that build
-            the same model without adapters) and ``model_type``.
+        spec (Dict[str, Any]): what ``qalora_tune.json`` holds (``model``, ``model_type``,
+            ``format``).
+        quantization (Dict[str, Any]): ``config.json``'s ``quantization_config``.
         max_shard_size (int or str): bytes per weight file at most, e.g. ``"5GB"``.
         total (int, optional): the number of tensors, for the progress bar.
 
@@ -134,24 +164,17 @@ def write_merged_tensors(
         the bytes of all files and the number of shards.
 
     Raises:
-        ValueError: if no weight is a merged linear, or two need different
-            ``quantization_config``s.
+        UserValueError: if no weight is a quantized linear.
     """
     writer = ShardedSafetensorsWriter(directory, max_shard_size, metadata={"format": "pt"})
-    names, fmt, dtype = [], None, None
+    names: List[str] = []
+    dtype = None
     quantized_params = quantized_bytes = 0
-    with progress_bar(total, "writing merged int4", unit="tensor") as bar:
+    with progress_bar(total, "writing the merged model", unit="tensor") as bar:
         for hf_key, value in tensors:
-            if is_portable_weight(value):
-                if fmt is None:
-                    fmt = storage_format(value)
-                elif storage_format(value) != fmt:
-                    raise ValueError(
-                        f"{hf_key} is stored with another group size or bit width than the "
-                        "first linear; one merged file holds one quantization_config"
-                    )
+            if is_file_base(value):
                 quantized_params += value.shape[0] * value.shape[1]
-                quantized_bytes += portable_nbytes(value)
+                quantized_bytes += file_weight_nbytes(value)
                 dtype = value.dtype
             data, metadata = flatten_one(hf_key, value)
             metadata.pop("tensor_names")
@@ -159,21 +182,20 @@ def write_merged_tensors(
             names.append(hf_key)
             del value, data  # nothing of this tensor stays while the next one is made
             bar.update()
-        if fmt is None:
-            raise ValueError("the model has no int4 linear layers to write")
-        bar.set_description("writing merged int4: shard headers")
+        if dtype is None:
+            raise UserValueError("the model has no quantized linear layers to write")
+        bar.set_description("writing the merged model: shard headers")
         paths = writer.close(metadata={"tensor_names": json.dumps(names)})
     config = dict(hf_config)
-    config["quantization_config"] = torchao_quantization_config(*fmt)
+    config["quantization_config"] = quantization
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
-    (directory / MERGED_SPEC_NAME).write_text(json.dumps(spec, indent=2))
-    file_bytes = sum(p.stat().st_size for p in paths)
+    atomic_write_text(directory / "config.json", json.dumps(config, indent=2))
+    atomic_write_text(directory / MERGED_SPEC_NAME, json.dumps(spec, indent=2))
     return {
         "quantized_parameters": quantized_params,
         "quantized_bytes": quantized_bytes,
         "bits_per_quantized_parameter": 8 * quantized_bytes / quantized_params,
-        "file_bytes": file_bytes,
+        "file_bytes": sum(p.stat().st_size for p in paths),
         "shards": len(paths),
     }
 
@@ -210,10 +232,11 @@ def write_merged_int4(
     key_map: HFKeyMap,
     hf_config: Dict[str, Any],
     spec: Dict[str, Any],
+    merged_format: str = "int4_plain",
     max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
 ) -> Dict[str, Any]:
     """Write a merged model's weights, ``config.json`` and ``qalora_tune.json``: the
-    tensors of :func:`merged_state_dict` through :func:`write_merged_tensors`.
+    tensors of :func:`merged_state_dict` streamed through :func:`write_merged_tensors`.
 
     Args:
         model (nn.Module): a QA-LoRA model whose adapters are merged.
@@ -222,41 +245,66 @@ def write_merged_int4(
         hf_config (Dict[str, Any]): the base's ``config.json``.
         spec (Dict[str, Any]): ``model`` (builder ``_component_`` and arguments that build
             the same model without adapters) and ``model_type``.
+        merged_format (str): the file format of the quantized linears, resolved by
+            :func:`~qalora_tune.checkpointing._merged_formats.choose_merged_format`.
         max_shard_size (int or str): bytes per weight file at most.
 
     Returns:
         Dict[str, Any]: sizes (see :func:`write_merged_tensors`).
 
     Raises:
-        ValueError: if an adapter is not merged.
+        UserValueError: if an adapter is not merged, or the format cannot hold the bases.
     """
+    merged_format = resolve_file_format(model, merged_format)
+    layers = list(_quantized_modules(model).values())
+    quantization = quantization_config(
+        merged_format, layers[0].group_size, written_bits(layers[0], merged_format)
+    )
     total = sum(1 for key in model.state_dict() if ".lora_" not in key)
     return write_merged_tensors(
-        merged_state_dict(model, key_map), directory, hf_config, spec, max_shard_size, total
+        merged_state_dict(model, key_map, merged_format), directory, hf_config,
+        dict(spec, format=merged_format), quantization, max_shard_size, total,
     )
 
 
 def _read_tensors(path: Path) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(Hugging Face key, tensor or torchao tensor) of one torchao safetensors file, each
-    read when asked for (no memory map: only the tensors in use are resident)."""
-    with SafetensorsReader(path) as reader:
+    """(Hugging Face key, tensor or torchao tensor) of one torchao safetensors file (one
+    shard), each read when asked for (``pread``, no memory map: only the tensors in use are
+    resident)."""
+    try:
+        reader = SafetensorsReader(path)
+    except Exception as error:  # a short or garbled header
+        raise UserValueError(
+            f"{path} cannot be read ({' '.join(str(error).split())}): the file is truncated "
+            "or corrupt; merge again (tune run qalora_merge ...)"
+        ) from None
+    with reader:
         metadata = reader.metadata()
         if "tensor_names" not in metadata:
-            raise ValueError(f"{path} has no torchao metadata; it is not a merged int4 model")
+            raise UserValueError(f"{path} has no torchao metadata; it is not a merged model")
+        try:
+            names = json.loads(metadata["tensor_names"])
+        except json.JSONDecodeError:
+            raise UserValueError(f"{path} has corrupt torchao metadata (tensor_names)") from None
         present = set(reader.keys())
-        for name in json.loads(metadata["tensor_names"]):
-            info = json.loads(metadata[name])
-            if info.get("_type") == "Tensor":
-                if name in present:  # every shard names the whole model's tensors
-                    yield name, reader.get_tensor(name)
-                continue
-            module, param = name.rsplit(".", 1)
-            parts = [f"{module}._{param}_{part}" for part in info["_tensor_data_names"]]
-            if parts[0] not in present:
-                continue
-            data = {part: reader.get_tensor(part) for part in parts if part in present}
-            one = {name: metadata[name], "tensor_names": json.dumps([name])}
-            yield name, unflatten_tensor_state_dict(data, one)[0][name]
+        for name in names:
+            try:
+                info = json.loads(metadata[name])
+                if info.get("_type") == "Tensor":
+                    first = name
+                else:
+                    module, param = name.rsplit(".", 1)
+                    first = f"{module}._{param}_{info['_tensor_data_names'][0]}"
+                if first not in present:  # every shard names the whole model's tensors
+                    continue
+                yield name, read_torchao_safetensors_tensor(reader, metadata, name)
+            except UserValueError:
+                raise
+            except Exception as error:  # corrupt metadata or data: safetensors/torchao errors
+                raise UserValueError(
+                    f"{path}: {name} cannot be read ({type(error).__name__}: "
+                    f"{' '.join(str(error).split())[:200]}); the file is corrupt: merge again"
+                ) from None
 
 
 def load_merged(
@@ -264,14 +312,14 @@ def load_merged(
     device: Union[str, torch.device, None] = None,
     dtype: Optional[torch.dtype] = None,
 ) -> nn.Module:
-    """A torchtune model from a ``merged_int4/`` directory, its linears torchao int4.
+    """A torchtune model from a ``merged_int4/`` directory, its linears quantized.
 
-    On CPU the linears are ``Int4OpaqueTensor`` (CPU int4 kernel; fp32 dequantizes per
-    call), on CUDA sm80+ ``Int4TilePackedTo4dTensor`` (tinygemm, bf16): the same codes,
-    scales and merged zeros as written, so logits equal those of the merged model at the
-    end of training when ``dtype`` is the one it was written in. The weights are read one
-    tensor at a time (from one file or from the shards its index names), each converted to
-    the kernel layout before the next is read.
+    On CPU the int4 linears use the CPU int4 kernel (fp32 dequantizes per call), on CUDA
+    sm80+ tinygemm (bf16); intx bases stay intx: the same codes, scales and merged zeros as
+    written, so logits equal those of the merged model at the end of training when
+    ``dtype`` is the one it was written in. The model is built on ``meta`` and the weights
+    are read one tensor at a time (from one file or from the shards its index names), each
+    converted to the device's layout and assigned before the next is read.
 
     Args:
         path (str or Path): the ``merged_int4/`` directory.
@@ -289,69 +337,75 @@ def load_merged(
     path = Path(path).expanduser()
     for name in ("config.json", MERGED_SPEC_NAME):
         if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name} not found; point to a merged_int4/ directory")
+            raise UserFileNotFoundError(f"{path / name} not found; point to a merged_int4/ directory")
     try:
         files = safetensors_files(path)
     except FileNotFoundError as error:
-        raise FileNotFoundError(f"{error}; point to a merged_int4/ directory") from None
-    hf_config = json.loads((path / "config.json").read_text())
-    spec = json.loads((path / MERGED_SPEC_NAME).read_text())
+        raise UserFileNotFoundError(f"{error}; point to a merged_int4/ directory") from None
+    fix = "point to a merged_int4/ directory written by qalora-tune"
+    hf_config = read_json(path / "config.json", "the merged model's config", fix)
+    spec = read_json(path / MERGED_SPEC_NAME, "the merged model's description", fix)
+    check_model_spec(spec.get("model"), path / MERGED_SPEC_NAME)  # before anything is built
     device = torch.device(device or "cpu")
-    dtype = dtype or getattr(torch, hf_config.get("torch_dtype", "bfloat16"))
-    try:
-        builder = get_component_from_path(spec["model"]["_component_"])
-    except Exception as error:  # torchtune raises InstantiationError
-        raise ValueError(
-            f"{path / MERGED_SPEC_NAME} names the model builder {spec['model']['_component_']!r}, "
-            f"which cannot be imported ({type(error).__name__}); install the package that "
-            "provides it"
-        ) from None
-    kwargs = {k: v for k, v in spec["model"].items() if k != "_component_"}
+    stored = hf_config.get("torch_dtype", "bfloat16")
+    if stored not in _STORED_DTYPES:
+        raise UserValueError(
+            f"{path / 'config.json'} has torch_dtype={stored!r}; a merged model is stored in "
+            f"{', '.join(_STORED_DTYPES)}"
+        )
+    dtype = dtype or getattr(torch, stored)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):  # every weight comes from the files: no placeholders
-            model = builder(**kwargs)
+            model = build_from_spec(spec["model"], path / MERGED_SPEC_NAME)
     finally:
         torch.set_default_dtype(previous)
-    key_map = HFKeyMap(spec["model_type"], hf_config)
-    expected = set(model.state_dict())
+    key_map = HFKeyMap(str(spec.get("model_type")), hf_config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     loaded = set()
-    total = _count_tensors(path, files)
-    with progress_bar(total, f"loading {path.name}", unit="tensor") as bar:
+    with progress_bar(_count_tensors(files), f"loading {path.name}", unit="tensor") as bar:
         for file in files:
             for hf_key, value in _read_tensors(file):
                 loaded |= _load_one(model, key_map, hf_key, value, expected, path, device, dtype)
                 bar.update()
-    missing = expected - loaded
+    missing = set(expected) - loaded
     if missing:
-        raise ValueError(f"{path} lacks weights the model needs, e.g. {sorted(missing)[:3]}")
+        raise UserValueError(f"{path} lacks weights the model needs, e.g. {sorted(missing)[:3]}")
     materialize(model, device, dtype)  # what no file holds: the RoPE caches
     return model.eval()
 
 
-def _count_tensors(path: Path, files) -> Optional[int]:
+def _count_tensors(files: List[Path]) -> Optional[int]:
     """The number of logical tensors the files hold (None if the metadata says nothing)."""
     try:
         with SafetensorsReader(files[-1]) as reader:
             return len(json.loads(reader.metadata()["tensor_names"]))
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, OSError):
         return None
 
 
 def _load_one(model, key_map, hf_key, value, expected, path, device, dtype) -> set:
-    """Load one read tensor into ``model``; returns the torchtune keys it filled."""
-    if is_portable_weight(value):
+    """Assign one read tensor to ``model`` (built on ``meta``); the torchtune keys filled."""
+    if is_file_base(value):
         key, rows = key_map.row_order(hf_key, value.shape[0], to_hf=False)
-        module = _int4_module(model, key)
-        packed = kernel_weight(value, module, rows, device, dtype)
-        module._check_base(packed)
-        module.weight = nn.Parameter(packed, requires_grad=False)
+        module = _quantized_module(model, key)
+        try:
+            base = base_from_file(value, rows, module, device, dtype)
+            module._check_base(base)  # groups, bits, shape
+        except UserValueError as error:
+            raise UserValueError(f"{path}: {hf_key}: {error}") from None
+        module.weight = nn.Parameter(module._in_storage(base), requires_grad=False)
         return {key}
     filled = set()
     for key, tensor in key_map.to_tune({hf_key: value}).items():
         if key not in expected:
-            raise ValueError(f"{path}: {hf_key} ({key}) is not a weight of the model it describes")
+            raise UserValueError(f"{path}: {hf_key} ({key}) is not a weight of the model it describes")
+        if tuple(tensor.shape) != expected[key]:
+            raise UserValueError(
+                f"{path}: {hf_key} has shape {tuple(tensor.shape)} where the model it "
+                f"describes has {expected[key]}; the files do not belong together"
+            )
         if tensor.is_floating_point():
             tensor = tensor.to(device, dtype)
         model.load_state_dict({key: tensor.to(device)}, strict=False, assign=True)
@@ -359,12 +413,11 @@ def _load_one(model, key_map, hf_key, value, expected, path, device, dtype) -> s
     return filled
 
 
-def _int4_module(model: nn.Module, key: str) -> Int4Linear:
+def _quantized_module(model: nn.Module, key: str) -> QuantizedLinear:
     try:
         module = model.get_submodule(key.rsplit(".", 1)[0])
     except AttributeError:
         module = None
-    if not isinstance(module, Int4Linear):
-        raise ValueError(f"{key} is int4 in the file but not an int4 linear of the model")
+    if not isinstance(module, QuantizedLinear):
+        raise UserValueError(f"{key} is int4 in the file but not an int4 linear of the model")
     return module
-

@@ -10,14 +10,17 @@ from torch import nn
 
 from qalora_tune._progress import progress_bar
 from qalora_tune.checkpointing._safetensors_io import SafetensorsReader
-
-from qalora_tune.modules import Int4Linear
+from qalora_tune.errors import UserValueError
+from qalora_tune.modules import QuantizedLinear
 from qalora_tune.quantization import is_quantized_base
 
 __all__ = ["TIED_KEYS", "guess_key_format", "iter_checkpoint_tensors", "load_tensor_stream"]
 
 # torchtune's keys of the two copies of a tied embedding
 TIED_KEYS = ("tok_embeddings.weight", "output.weight")
+
+# Hugging Face attention weights whose rows torchtune's converter regroups by head
+_PERMUTED_KEY = re.compile(r"\.self_attn\.(q_proj|k_proj)\.weight$")
 
 # a checkpoint key that only one layout uses, per checkpoint_format value
 _LAYOUT_KEYS = (
@@ -47,20 +50,21 @@ def iter_checkpoint_tensors(paths: List[Path]) -> Iterator[Tuple[str, torch.Tens
     """
     for path in paths:
         if path.suffix == ".safetensors":
-            yield from _iter_safetensors_ahead(path)
+            for key, tensor in _iter_safetensors_ahead(path):
+                yield key, _checked(tensor, key, path)
         else:
             state = _read(
                 path, lambda: torch.load(path, map_location="cpu", mmap=True, weights_only=True)
             )
             if not isinstance(state, dict):
-                raise ValueError(
+                raise UserValueError(
                     f"{path} holds a {type(state).__name__}, not a state dict; save the "
                     "weights with torch.save(model.state_dict(), path)"
                 )
             if isinstance(state.get("model"), dict):
                 state = state.pop("model")
             for key in list(state):
-                yield key, state.pop(key)
+                yield key, _checked(state.pop(key), key, path)
 
 
 def _iter_safetensors_ahead(path: Path) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -90,10 +94,32 @@ def _read(path: Path, read: Callable[[], Any]) -> Any:
         raise
     except Exception as error:
         reason = " ".join(str(error).split()) or type(error).__name__
-        raise ValueError(
+        raise UserValueError(
             f"{path} cannot be read ({reason}): the file is truncated or corrupt; download "
             "it again into checkpointer.checkpoint_dir"
         ) from None
+
+
+def _checked(tensor: Any, key: str, path: Path) -> Any:
+    """``tensor``, after refusing NaN or infinite values in a floating-point one: a damaged
+    base would quantize to NaN scales and surface much later as a NaN loss."""
+    if (
+        isinstance(tensor, torch.Tensor)
+        and type(tensor) is torch.Tensor
+        and tensor.is_floating_point()
+        and not bool(torch.isfinite(tensor).all())
+    ):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise UserValueError(
+            f"{path}: {key} holds {bad} NaN or infinite value(s); the base checkpoint is "
+            "damaged: download it again into checkpointer.checkpoint_dir"
+        )
+    if not isinstance(tensor, torch.Tensor):
+        raise UserValueError(
+            f"{path}: {key} is a {type(tensor).__name__}, not a tensor; the file is not a "
+            "checkpoint of model weights"
+        )
+    return tensor
 
 
 def guess_key_format(keys: Iterable[str]) -> Optional[str]:
@@ -148,6 +174,14 @@ def load_tensor_stream(
         try:
             converted = convert({raw_key: tensor})
         except Exception:  # torchtune raises a bare Exception for keys it cannot map
+            # a known Hugging Face key whose rows cannot be regrouped: a wrong shape
+            if checkpoint_format == "hf" and _PERMUTED_KEY.search(raw_key):
+                raise UserValueError(
+                    f"{raw_key}: checkpoint shape {tuple(tensor.shape)} does not fit the model's "
+                    "attention heads (a checkpoint of another model or size); check that the "
+                    "model builder (model._component_) matches the checkpoint in "
+                    "checkpointer.checkpoint_dir"
+                ) from None
             unexpected.append(raw_key)
             unexpected_raw.append(raw_key)
             continue
@@ -170,13 +204,13 @@ def load_tensor_stream(
             _load_one(model, key, tied_value)
             missing.discard(key)
     if unexpected:
-        raise ValueError(
-            f"the checkpoint holds weights this model does not have (e.g. {sorted(unexpected)[:3]}); "
+        raise UserValueError(
+            f"the checkpoint holds weights this model does not have (e.g. {sorted(set(unexpected_raw))[:3]}); "
             "check that model and checkpointer.model_type match the checkpoint"
             + _format_hint(unexpected_raw, checkpoint_format)
         )
     if missing:
-        raise ValueError(
+        raise UserValueError(
             f"the checkpoint lacks weights the model needs (e.g. {sorted(missing)[:3]}); "
             "check that model matches the checkpoint and that every checkpoint file is listed"
         )
@@ -197,7 +231,7 @@ def _load_one(model: nn.Module, key: str, value: torch.Tensor, raw_key: Optional
     expected = _expected_shape(model, key)
     if expected is not None and not is_quantized_base(value) and tuple(value.shape) != expected:
         name = key if raw_key in (None, key) else f"{raw_key} (torchtune {key})"
-        raise ValueError(
+        raise UserValueError(
             f"{name}: checkpoint shape {tuple(value.shape)} does not match the model's "
             f"{expected} (a checkpoint of another model or size); check that the model "
             "builder (model._component_) matches the checkpoint in checkpointer.checkpoint_dir"
@@ -207,7 +241,7 @@ def _load_one(model: nn.Module, key: str, value: torch.Tensor, raw_key: Optional
     current = getattr(module, name, None) if module is not None else None
     try:
         if (
-            isinstance(current, torch.Tensor) and not isinstance(module, Int4Linear)
+            isinstance(current, torch.Tensor) and not isinstance(module, QuantizedLinear)
             and type(current.data) is torch.Tensor and not current.is_meta
         ):
             # take the tensor read as the parameter itself (in the parameter's dtype and
@@ -218,7 +252,7 @@ def _load_one(model: nn.Module, key: str, value: torch.Tensor, raw_key: Optional
         else:
             model.load_state_dict({key: value}, strict=False)
     except ValueError as error:  # an int4 layer refusing the weight
-        raise ValueError(
+        raise UserValueError(
             f"{key}: {error}; check that the model builder (model._component_) matches the "
             "checkpoint in checkpointer.checkpoint_dir"
         ) from None
@@ -239,7 +273,7 @@ def _expected_shape(model: nn.Module, key: str) -> Optional[Tuple[int, ...]]:
         owner = model.get_submodule(module_path) if module_path else model
     except AttributeError:
         return None
-    if isinstance(owner, Int4Linear) and name == "weight":
+    if isinstance(owner, QuantizedLinear) and name == "weight":
         return (owner.out_dim, owner.in_dim)
     tensor = getattr(owner, name, None)
     return tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else None

@@ -14,6 +14,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from torch.utils.data import Dataset
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, AlpacaToMessages, Message
 
+from qalora_tune._files import read_text
+from qalora_tune.errors import UserFileNotFoundError, UserValueError
+
 __all__ = ["InstructJSONDataset", "instruct_json_dataset", "tokenize_messages"]
 
 
@@ -126,17 +129,17 @@ def instruct_json_dataset(
             with no record.
     """
     if split not in ("train", "validation"):
-        raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
+        raise UserValueError(f"split must be 'train' or 'validation', got {split!r}")
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise UserValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if max_seq_len is not None and max_seq_len < 2:
-        raise ValueError(f"max_seq_len must be at least 2 or null, got {max_seq_len}")
+        raise UserValueError(f"max_seq_len must be at least 2 or null, got {max_seq_len}")
     records = _read_records(Path(path).expanduser())
     _check_fields(records, column_map or {}, path)
     cut = int(round(len(records) * (1.0 - val_fraction)))
     part = records[:cut] if split == "train" else records[cut:]
     if not part:
-        raise ValueError(
+        raise UserValueError(
             f"the {split} split of {path} is empty ({len(records)} records, "
             f"val_fraction={val_fraction}); change val_fraction"
         )
@@ -145,19 +148,20 @@ def instruct_json_dataset(
 
 def _read_records(path: Path) -> List[Dict[str, Any]]:
     if not path.is_file():
-        raise FileNotFoundError(f"dataset file {path} not found; set the dataset's path")
-    text = path.read_text(encoding="utf-8")
+        raise UserFileNotFoundError(f"dataset file {path} not found; set the dataset's path")
+    text = read_text(path, "dataset.path", "point path to Alpaca-format records in UTF-8 JSON")
     try:
         if path.suffix == ".jsonl":
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
         else:
             records = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(
-            f"{path} is not valid JSON ({error}); point path to Alpaca-format records"
+        raise UserValueError(
+            f"dataset.path {path} is not valid JSON ({error.msg} at line {error.lineno}); point "
+            "path to Alpaca-format records"
         ) from None
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise ValueError(
+        raise UserValueError(
             f"{path} must hold a list of records (objects with instruction, input and "
             "output fields), or one record per line in a .jsonl file"
         )
@@ -169,7 +173,7 @@ def _check_fields(records: List[Dict[str, Any]], column_map: Dict[str, str], pat
         name = column_map.get(field, field)
         for index, record in enumerate(records):
             if name not in record:
-                raise ValueError(
+                raise UserValueError(
                     f"record {index} of {path} has no {name!r} field (it has "
                     f"{sorted(record)}); set column_map to name the {field} field"
                 )

@@ -6,7 +6,10 @@ from typing import Any, Dict, List
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["TextBlockDataset", "text_file_dataset"]
+from qalora_tune._files import read_text
+from qalora_tune.errors import UserFileNotFoundError, UserValueError
+
+__all__ = ["TextBlockDataset", "split_point", "text_file_dataset"]
 
 
 class TextBlockDataset(Dataset):
@@ -18,11 +21,11 @@ class TextBlockDataset(Dataset):
 
     def __init__(self, token_ids: List[int], block_size: int):
         if block_size < 2:
-            raise ValueError(f"block_size must be at least 2, got {block_size}")
+            raise UserValueError(f"block_size must be at least 2, got {block_size}")
         self._ids = torch.tensor(token_ids, dtype=torch.long)
         self._block_size = block_size
         if len(self) == 0:
-            raise ValueError(
+            raise UserValueError(
                 f"the text has {len(token_ids)} tokens, fewer than block_size={block_size}; "
                 "use a longer text or a smaller block_size"
             )
@@ -33,6 +36,23 @@ class TextBlockDataset(Dataset):
     def __getitem__(self, index: int) -> Dict[str, Any]:
         block = self._ids[index * self._block_size : (index + 1) * self._block_size].tolist()
         return {"tokens": block, "labels": list(block)}
+
+
+def split_point(text: str, fraction: float) -> int:
+    """Where to cut ``text`` so that about ``fraction`` of it comes first: at the line break
+    nearest before that point, else the nearest after it, else (a text without line
+    breaks near there) at the nearest space, else exactly there. Both parts are non-empty
+    whenever ``text`` has at least two characters."""
+    target = min(max(int(len(text) * fraction), 1), max(len(text) - 1, 1))
+    window = max(len(text) // 20, 1)  # look no further than 5% of the text either way
+    for separator in ("\n", " "):
+        before = text.rfind(separator, target - window, target)
+        if before >= 0 and before + 1 < len(text):
+            return before + 1
+        after = text.find(separator, target, target + window)
+        if 0 <= after and after + 1 < len(text):
+            return after + 1
+    return target
 
 
 def text_file_dataset(
@@ -61,14 +81,20 @@ def text_file_dataset(
         ValueError: for an unknown split or a fraction outside (0, 1).
     """
     if split not in ("train", "validation"):
-        raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
+        raise UserValueError(f"split must be 'train' or 'validation', got {split!r}")
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise UserValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"dataset file {path} not found; set dataset.path")
-    text = path.read_text(encoding="utf-8")
-    cut = text.rfind("\n", 0, int(len(text) * (1.0 - val_fraction))) + 1
+        raise UserFileNotFoundError(f"dataset file {path} not found; set dataset.path")
+    text = read_text(path, "dataset.path")
+    cut = split_point(text, 1.0 - val_fraction)
+    if cut <= 0 or cut >= len(text):
+        raise UserValueError(
+            f"dataset.path={path} is too short to split ({len(text)} characters) into a "
+            f"training part and a validation tail of val_fraction={val_fraction}; use a "
+            "longer text"
+        )
     part = text[:cut] if split == "train" else text[cut:]
     if max_chars:
         part = part[:max_chars]

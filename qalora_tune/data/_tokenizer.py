@@ -6,6 +6,9 @@ from typing import List, Optional
 
 from tokenizers import Tokenizer, normalizers
 
+from qalora_tune._files import read_json, read_text
+from qalora_tune.errors import UserFileNotFoundError, UserValueError
+
 __all__ = ["TextTokenizer", "text_tokenizer"]
 
 
@@ -72,13 +75,30 @@ def text_tokenizer(
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file {path} not found; set tokenizer.path")
+        raise UserFileNotFoundError(f"tokenizer file {path} not found; set tokenizer.path")
     generation = path.parent / "generation_config.json"
-    ids = json.loads(generation.read_text()) if generation.is_file() else {}
+    ids = read_json(generation, "the tokenizer's generation_config.json", required=False) or {}
+    bos_id, eos_id = ids.get("bos_token_id", 1), ids.get("eos_token_id", 2)
+    for name, value in (("bos_token_id", bos_id), ("eos_token_id", eos_id)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UserValueError(
+                f"{generation} has {name}={value!r}, not a token id; fix or remove the file"
+            )
+    try:
+        text = read_text(path, "tokenizer.path")
+        Tokenizer.from_str(text)
+    except UserValueError:
+        raise
+    except Exception as error:  # tokenizers raises a bare Exception for a bad file
+        raise UserValueError(
+            f"tokenizer.path {path} is not a Hugging Face tokenizer.json "
+            f"({' '.join(str(error).split())[:160]}); set tokenizer.path to the base model's "
+            "tokenizer.json"
+        ) from None
     return TextTokenizer(
         str(path),
-        bos_id=ids.get("bos_token_id", 1),
-        eos_id=ids.get("eos_token_id", 2),
+        bos_id=bos_id,
+        eos_id=eos_id,
         prepend_space=prepend_space,
         max_seq_len=max_seq_len,
     )

@@ -1,16 +1,17 @@
 """Component builder: turn a torchtune decoder into a QA-LoRA decoder with an int4 base."""
 
 import warnings
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
 from torchtune.modules import TiedLinear
 
 from qalora_tune._memory import lazy_zeros
-from qalora_tune.models._knobs import check_group_size_fits, check_model_knobs, check_num_layers
-from qalora_tune.modules import FoldedTiedLinear, Int4Linear, QALoRALinear
-from qalora_tune.quantization import zero_base
+from qalora_tune.errors import UserValueError
+from qalora_tune.models._knobs import check_group_size_fits, check_num_layers
+from qalora_tune.modules import FoldedTiedLinear, QALoRAConfig, QALoRALinear, QuantizedLinear
+from qalora_tune.quantization.base_weight import zero_base
 
 __all__ = [
     "ATTENTION_PROJECTIONS",
@@ -19,6 +20,7 @@ __all__ = [
     "count_parameters",
     "materialize",
     "qalora_transformer",
+    "swap_linears",
     "tensor_nbytes",
 ]
 
@@ -47,8 +49,8 @@ def qalora_transformer(
     ``base_decoder`` (any torchtune model builder, e.g. ``torchtune.models.llama2.llama2_7b``)
     is built on the ``meta`` device, so its full-precision weights are never allocated.
     Every ``nn.Linear`` is then replaced by a :class:`QALoRALinear` when it is a target,
-    else by a frozen :class:`Int4Linear`, created on the current default device (the
-    recipe sets it) with an all-zero int4 base: the model is built to be loaded, so no
+    else by a frozen :class:`QuantizedLinear`, created on the current default device (the
+    recipe sets it) with an all-zero base: the model is built to be loaded, so no
     placeholder is drawn or quantized. The adapters are initialised (``A`` random, ``B``
     zero); the remaining parameters and buffers are created on the device in the default
     dtype: embeddings zero (placeholders too), norms and RoPE caches initialised. Weights
@@ -75,7 +77,7 @@ def qalora_transformer(
             divide (the merge stays exact); off, such a linear is an error.
         bits (int): bit width of the base's quantization grid: QA-LoRA defines 2, 3, 4
             and 8; this version implements 2, 3 and 4 (stored and computed in the int4
-            layout, see :class:`Int4Linear`).
+            layout, see :class:`QuantizedLinear`).
         double_quant_scales (bool): store the int4 base's per-group scales as 8-bit codes
             with a float32 grid per row (double quantization): ``(b_s - 8) / group_size``
             fewer bits per weight for ``b_s``-bit scales (16 in bf16), zero points kept in
@@ -93,18 +95,19 @@ def qalora_transformer(
             outside ``[0, 1)``, or a group size that has no int4 kernel or does not fit a
             linear; each message names the ``model.*`` setting to change.
     """
-    check_model_knobs(
-        bits=bits,
+    config = QALoRAConfig.from_builder_args(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        bits=bits,
         group_size=group_size,
         quantizer=quantizer,
+        pad_in_dim=pad_in_dim,
         double_quant_scales=double_quant_scales,
     )
     unknown = sorted(set(lora_attn_modules) - set(ATTENTION_PROJECTIONS))
     if unknown:
-        raise ValueError(
+        raise UserValueError(
             f"unknown lora_attn_modules {unknown}; set model.lora_attn_modules to a list from "
             f"{list(ATTENTION_PROJECTIONS)}"
         )
@@ -119,22 +122,15 @@ def qalora_transformer(
     if isinstance(model.output, TiedLinear) and not isinstance(model.output, FoldedTiedLinear):
         model.output = FoldedTiedLinear(model.output.tied_module)  # see its docstring
     if apply_lora_to_output and not isinstance(getattr(model, "output", None), nn.Linear):
-        raise ValueError(
+        raise UserValueError(
             "model.apply_lora_to_output=True, but this model's output projection is tied to "
             "its token embeddings (not a linear layer); set model.apply_lora_to_output=False"
         )
     targets = set(lora_attn_modules) | (set(MLP_PROJECTIONS) if apply_lora_to_mlp else set())
     if apply_lora_to_output:
         targets.add("output")
-    adapter = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout)
-    base = dict(
-        group_size=group_size,
-        quantizer=quantizer,
-        pad_in_dim=pad_in_dim,
-        bits=bits,
-        double_quant_scales=double_quant_scales,
-    )
-    _replace_linears(model, targets, adapter, base, dtype)
+    # on meta first, then all-zero placeholders that cost no memory until loaded
+    swap_linears(model, targets, config, torch.device("meta"), dtype)
     if double_quant_scales:
         _warn_where_eight_bit_scales_cost_bits(model, dtype)
     materialize(model, device, dtype)
@@ -146,42 +142,61 @@ def qalora_transformer(
     return model
 
 
-def _replace_linears(
+def swap_linears(
     model: nn.Module,
-    targets: set,
-    adapter: Dict,
-    base: Dict,
-    dtype: torch.dtype,
-) -> None:
-    """Replace every ``nn.Linear`` by an int4 layer on ``meta`` (see :func:`_materialize`)."""
+    targets: Iterable[str],
+    config: QALoRAConfig,
+    device: Optional[torch.device] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> nn.Module:
+    """Replace every ``nn.Linear`` of ``model``: a :class:`QALoRALinear` where its name is
+    in ``targets``, else a frozen :class:`QuantizedLinear`, all built from ``config``.
+
+    A linear on the ``meta`` device is replaced by an empty layer on ``device`` (weights
+    arrive later through ``load_state_dict``, quantized one layer at a time); a linear with
+    weights is quantized from them (``from_linear``), keeping its device and dtype.
+
+    Args:
+        model (nn.Module): changed in place.
+        targets (Iterable[str]): child names that get an adapter (``q_proj``, ``w1``, ...).
+        config (QALoRAConfig): the base's quantization and the adapters.
+        device (torch.device, optional): for meta linears; defaults to the default device.
+        dtype (torch.dtype, optional): for meta linears; defaults to the default dtype.
+
+    Returns:
+        nn.Module: ``model``.
+
+    Raises:
+        UserValueError: naming the linear that cannot take ``config``.
+    """
+    targets = set(targets)
+    device = device or torch.get_default_device()
+    dtype = dtype or torch.get_default_dtype()
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear):
                 continue
             path = f"{parent_name}.{name}" if parent_name else name
-            common = dict(
-                in_dim=child.in_features,
-                out_dim=child.out_features,
-                use_bias=child.bias is not None,
-                dtype=dtype,
-                device="meta",
-                **base,
-            )
+            cls = QALoRALinear if name in targets else QuantizedLinear
             try:
-                if name in targets:
-                    replacement = QALoRALinear(**common, **adapter)
+                if child.weight.is_meta:
+                    replacement = cls(
+                        child.in_features, child.out_features, config,
+                        use_bias=child.bias is not None, dtype=dtype, device=device,
+                    )
                 else:
-                    replacement = Int4Linear(**common)
-            except ValueError as error:
-                raise ValueError(f"{path}: {error}") from None
+                    replacement = cls.from_linear(child, config=config)
+            except UserValueError as error:
+                raise UserValueError(f"{path}: {error}") from None
             setattr(parent, name, replacement)
+    return model
 
 
 def _warn_where_eight_bit_scales_cost_bits(model: nn.Module, dtype: torch.dtype) -> None:
     """8-bit scales save ``(b_s - 8)`` bits per group and spend 64 per row (a float32 grid):
     a loss for rows of at most ``64 / (b_s - 8)`` groups. Say so once per model."""
     limit = 64 / (torch.finfo(dtype).bits - 8)
-    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     losing = [m for m in layers if m.n_groups <= limit]
     if losing:
         warnings.warn(
@@ -207,7 +222,7 @@ def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> N
         dtype (torch.dtype): dtype of the int4 bases' scales and of new parameters.
     """
     for module in model.modules():
-        if isinstance(module, Int4Linear):
+        if isinstance(module, QuantizedLinear):
             _materialize_int4(module, device, dtype)
             continue
         tensors = list(module.named_parameters(recurse=False)) + list(
@@ -246,7 +261,7 @@ def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> N
                     param.normal_(0.0, 0.02)
 
 
-def _materialize_int4(module: Int4Linear, device: torch.device, dtype: torch.dtype) -> None:
+def _materialize_int4(module: QuantizedLinear, device: torch.device, dtype: torch.dtype) -> None:
     if not module.weight.is_meta:
         return
     base = zero_base(
@@ -279,7 +294,7 @@ def base_bits_per_weight(model: nn.Module) -> float:
     For example 4.5 for int4 codes with bf16 scales and zeros at group size 64, about
     4.39 with 8-bit scales (``double_quant_scales``) when ``in_dim`` is 4096.
     """
-    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     weights = sum(m.out_dim * m.in_dim for m in layers)
     return 8 * sum(tensor_nbytes(m.weight) for m in layers) / weights if weights else 0.0
 

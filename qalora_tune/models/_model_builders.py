@@ -12,20 +12,22 @@ from functools import partial
 from typing import Callable, List, Optional
 
 from torch import nn
-from torchtune.models.llama2 import llama2, llama2_13b, llama2_70b, llama2_7b
-from torchtune.models.llama3_1 import llama3_1_70b, llama3_1_8b
+from torchtune.models.llama2 import llama2, llama2_7b, llama2_13b, llama2_70b
+from torchtune.models.llama3_1 import llama3_1_8b, llama3_1_70b
 from torchtune.models.llama3_2 import llama3_2_1b, llama3_2_3b
 from torchtune.models.mistral import mistral_7b
 from torchtune.models.qwen2_5 import (
     qwen2_5_0_5b,
-    qwen2_5_14b_base,
     qwen2_5_1_5b_base,
     qwen2_5_7b_base,
+    qwen2_5_14b_base,
 )
 from qalora_tune.models._component_builders import qalora_transformer
 from qalora_tune.modules import FoldedTiedLinear
 
 __all__ = [
+    "MODEL_BUILDERS",
+    "qalora_llama2",
     "qalora_llama2_13b",
     "qalora_llama2_70b",
     "qalora_llama2_7b",
@@ -39,7 +41,6 @@ __all__ = [
     "qalora_qwen2_5_1_5b",
     "qalora_qwen2_5_7b",
     "qalora_stories260k",
-    "qalora_tiny_llama",
     "qalora_tinystories656k",
     "tied_llama",
 ]
@@ -141,10 +142,81 @@ def tied_llama(
     return model
 
 
-def _tiny_llama() -> nn.Module:
-    from qalora_tune.tiny import TINY_LLAMA_SIZES
+def qalora_llama2(
+    lora_attn_modules: List[str],
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    *,
+    vocab_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    embed_dim: int,
+    intermediate_dim: int,
+    max_seq_len: int,
+    norm_eps: float = 1e-5,
+    rope_base: float = 10_000.0,
+    tie_word_embeddings: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    group_size: int = 64,
+    quantizer: str = "rtn",
+    pad_in_dim: bool = False,
+    bits: int = 4,
+    double_quant_scales: bool = False,
+) -> nn.Module:
+    """A QA-LoRA llama2-architecture decoder of any size (torchtune's ``llama2`` with every
+    size argument), for models without a size-fixing builder of their own: benchmarks,
+    tests and llama2.c-style checkpoints.
 
-    return llama2(**TINY_LLAMA_SIZES)
+    Args:
+        lora_attn_modules (List[str]): attention projections with an adapter, from
+            ``q_proj``, ``k_proj``, ``v_proj``, ``output_proj``.
+        apply_lora_to_mlp (bool): adapters on the feed-forward projections.
+        apply_lora_to_output (bool): an adapter on the output projection (untied only).
+        vocab_size (int): token embeddings.
+        num_layers (int): transformer layers.
+        num_heads (int): query heads.
+        num_kv_heads (int): key/value heads.
+        embed_dim (int): model width.
+        intermediate_dim (int): feed-forward width.
+        max_seq_len (int): the longest sequence (RoPE cache).
+        norm_eps (float): RMSNorm epsilon.
+        rope_base (float): RoPE base frequency.
+        tie_word_embeddings (bool): tie the output projection to the token embeddings.
+        lora_rank (int): adapter rank.
+        lora_alpha (float): adapter scaling numerator.
+        lora_dropout (float): dropout on the adapters' input.
+        group_size (int): quantization group size shared by base and adapters.
+        quantizer (str): base quantizer, ``"rtn"``, ``"hqq"`` or ``"gptq"``.
+        pad_in_dim (bool): zero-pad linears whose ``in_dim`` ``group_size`` does not divide.
+        bits (int): bit width of the base, from 2, 3, 4, 8.
+        double_quant_scales (bool): store the int4 base's scales as 8-bit codes.
+
+    Returns:
+        TransformerDecoder: with an int4 base and pooled adapters.
+    """
+    sizes = dict(
+        vocab_size=vocab_size, num_layers=num_layers, num_heads=num_heads,
+        num_kv_heads=num_kv_heads, embed_dim=embed_dim, intermediate_dim=intermediate_dim,
+        max_seq_len=max_seq_len, norm_eps=norm_eps, rope_base=rope_base,
+    )
+    base = partial(tied_llama if tie_word_embeddings else llama2, **sizes)
+    return qalora_transformer(
+        base,
+        lora_attn_modules,
+        apply_lora_to_mlp,
+        apply_lora_to_output,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        group_size=group_size,
+        quantizer=quantizer,
+        pad_in_dim=pad_in_dim,
+        bits=bits,
+        double_quant_scales=double_quant_scales,
+    )
 
 
 qalora_llama2_7b = _model_builder("qalora_llama2_7b", llama2_7b, "Llama 2 7B")
@@ -175,6 +247,24 @@ qalora_tinystories656k = _model_builder(
     ),
     "TinyStories-656K",
 )
-qalora_tiny_llama = _model_builder(
-    "qalora_tiny_llama", _tiny_llama, "tiny llama (the embedded default's base)"
-)
+MODEL_BUILDERS = {
+    builder.__name__: builder
+    for builder in (
+        qalora_llama2,
+        qalora_llama2_7b,
+        qalora_llama2_13b,
+        qalora_llama2_70b,
+        qalora_llama3_1_8b,
+        qalora_llama3_1_70b,
+        qalora_llama3_2_1b,
+        qalora_llama3_2_3b,
+        qalora_qwen2_5_0_5b,
+        qalora_qwen2_5_1_5b,
+        qalora_qwen2_5_7b,
+        qalora_qwen2_5_14b,
+        qalora_mistral_7b,
+        qalora_stories260k,
+        qalora_tinystories656k,
+    )
+}
+"""The model builders of this package by name."""

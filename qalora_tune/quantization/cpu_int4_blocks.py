@@ -22,11 +22,11 @@ from typing import Optional
 import torch
 
 from qalora_tune._compat import (
-    Int4OpaqueTensor,
     Int4Tensor,
     pack_tinygemm_scales_and_zeros,
     unpack_tinygemm_scales_and_zeros,
 )
+from qalora_tune.quantization.int4_weight import CpuInt4Tensor
 from qalora_tune.quantization.cpu_int4_layout import (
     PACK_ROW_MULTIPLE,
     cpu_int4_layout,
@@ -67,7 +67,7 @@ def quantize_rtn_to_cpu_int4(
     bits: int = 4,
     dtype: Optional[torch.dtype] = None,
     padded_in_features: Optional[int] = None,
-) -> Int4OpaqueTensor:
+) -> CpuInt4Tensor:
     """``to_torchao_int4(quantize_rtn(weight_padded, group_size, bits), "cpu", dtype)``,
     a block of rows at a time.
 
@@ -80,7 +80,7 @@ def quantize_rtn_to_cpu_int4(
             (``pad_in_dim`` layers); a multiple of ``group_size``.
 
     Returns:
-        Int4OpaqueTensor: of shape ``(out_dim, padded_in_features or in_dim)``.
+        CpuInt4Tensor: of shape ``(out_dim, padded_in_features or in_dim)``.
     """
     dtype = dtype or torch.get_default_dtype()
     n, k = weight.shape
@@ -113,7 +113,7 @@ def quantize_rtn_to_cpu_int4(
         packed[start:stop] = _pack_block(block)
         scale[start:start + real] = s
         zero[start:start + real] = z
-    return Int4OpaqueTensor(
+    return CpuInt4Tensor(
         qdata=packed,
         scale_and_zero=pack_tinygemm_scales_and_zeros(scale.to(dtype), zero.to(dtype), dtype),
         block_size=[1, group_size],
@@ -127,7 +127,7 @@ def plain_int4_to_cpu_int4(
     dtype: torch.dtype,
     rows: Optional[torch.Tensor] = None,
     padded_in_features: Optional[int] = None,
-) -> Int4OpaqueTensor:
+) -> CpuInt4Tensor:
     """A plain-layout ``Int4Tensor`` repacked for the CPU kernel, a block of rows at a
     time: ``to_torchao_int4(from_plain_int4(weight, padded_in_features)[rows], "cpu",
     dtype)`` without the whole-weight temporaries.
@@ -141,7 +141,7 @@ def plain_int4_to_cpu_int4(
             this width (default: a whole number of groups).
 
     Returns:
-        Int4OpaqueTensor: of shape ``(out_dim, padded_in_features)``.
+        CpuInt4Tensor: of shape ``(out_dim, padded_in_features)``.
     """
     group_size = int(weight.block_size[-1])
     n, k = weight.shape
@@ -167,7 +167,7 @@ def plain_int4_to_cpu_int4(
             pairs[..., 0] = (block & 0xF) ^ _MID
             pairs[..., 1] = (block >> 4) ^ _MID
         packed[start:stop] = _pack_block(codes)
-    return Int4OpaqueTensor(
+    return CpuInt4Tensor(
         qdata=packed,
         scale_and_zero=pack_tinygemm_scales_and_zeros(scale, zero, dtype),
         block_size=[1, group_size],
@@ -177,7 +177,7 @@ def plain_int4_to_cpu_int4(
 
 @torch.no_grad()
 def cpu_int4_to_plain_int4(
-    weight: Int4OpaqueTensor,
+    weight: CpuInt4Tensor,
     rows: Optional[torch.Tensor] = None,
     in_features: Optional[int] = None,
 ) -> Int4Tensor:
@@ -186,7 +186,7 @@ def cpu_int4_to_plain_int4(
     whole-weight temporaries (only the packed blocks the rows come from are unpacked).
 
     Args:
-        weight (Int4OpaqueTensor): with dense scales, on the CPU.
+        weight (CpuInt4Tensor): with dense scales, on the CPU.
         rows (torch.Tensor, optional): take the rows in this order (a permutation).
         in_features (int, optional): keep only the first ``in_features`` columns (even).
 

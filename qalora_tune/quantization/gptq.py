@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from qalora_tune._compat import MappingType, choose_qparams_tinygemm
+from qalora_tune.errors import UserTypeError, UserValueError
 from qalora_tune.quantization.group_quant import (
     SUPPORTED_BITS,
     GroupQuantizedWeight,
@@ -48,7 +49,7 @@ class HessianAccumulator:
     def add(self, x: torch.Tensor) -> None:
         """Add inputs ``x`` of shape ``(..., in_dim)``: every row is one sample."""
         if x.shape[-1] != self.in_dim:
-            raise ValueError(f"expected inputs (..., {self.in_dim}), got {tuple(x.shape)}")
+            raise UserValueError(f"expected inputs (..., {self.in_dim}), got {tuple(x.shape)}")
         rows = x.reshape(-1, self.in_dim).to(self.device or x.device, torch.float64)
         if self._sum is None:
             self._sum = torch.zeros(self.in_dim, self.in_dim, dtype=torch.float64, device=rows.device)
@@ -62,7 +63,7 @@ class HessianAccumulator:
             ValueError: if no input was added.
         """
         if self._sum is None or self.count == 0:
-            raise ValueError("no calibration inputs were added; GPTQ needs some")
+            raise UserValueError("no calibration inputs were added; GPTQ needs some")
         return 2.0 * self._sum / self.count
 
 
@@ -115,16 +116,16 @@ def quantize_gptq(
         TypeError: if ``weight`` is not a 2D floating-point tensor.
     """
     if weight.ndim != 2 or not weight.is_floating_point():
-        raise TypeError(
+        raise UserTypeError(
             f"expected a 2D floating-point weight (out_dim, in_dim), got {tuple(weight.shape)} "
             f"of dtype {weight.dtype}"
         )
     n, k = weight.shape
     validate_group_size(k, group_size)
     if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits={bits} is not supported; use one of {SUPPORTED_BITS}")
+        raise UserValueError(f"bits={bits} is not supported; use one of {SUPPORTED_BITS}")
     if damp < 0:
-        raise ValueError(f"damp must be >= 0, got {damp}")
+        raise UserValueError(f"damp must be >= 0, got {damp}")
     w = weight.detach().to(torch.float64).clone()
     h = (
         torch.eye(k, dtype=torch.float64, device=w.device)
@@ -132,7 +133,7 @@ def quantize_gptq(
         else hessian.detach().to(w.device, torch.float64).clone()
     )
     if h.shape != (k, k):
-        raise ValueError(f"hessian must have shape ({k}, {k}), got {tuple(h.shape)}")
+        raise UserValueError(f"hessian must have shape ({k}, {k}), got {tuple(h.shape)}")
     # inputs that never fire: nothing to preserve, quantize those columns freely
     dead = torch.diag(h) == 0
     h.diagonal()[dead] = 1.0  # their rows and columns are zero: a unit diagonal inverts

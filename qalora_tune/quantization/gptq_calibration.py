@@ -14,7 +14,7 @@ compensate the error of earlier ones::
 
 Linears that share their input (``q_proj``/``k_proj``/``v_proj``, ``w1``/``w3``) share one
 Hessian. The result is a state dict whose linear weights are torchao int4 tensors (which
-:class:`~qalora_tune.modules.Int4Linear`'s load hook accepts unchanged) and whose other
+:class:`~qalora_tune.modules.QuantizedLinear`'s load hook accepts unchanged) and whose other
 entries (embeddings, norms) are the full-precision model's.
 
 Memory: the whole full-precision model is resident during calibration, plus the hidden
@@ -30,9 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from qalora_tune._progress import progress_bar
+from qalora_tune.errors import UserValueError
+from qalora_tune.quantization.base_weight import to_base
 from qalora_tune.quantization.gptq import HessianAccumulator, quantize_gptq
 from qalora_tune.quantization.group_quant import GroupQuantizedWeight
-from qalora_tune.quantization.base_weight import to_torchao_base
 
 __all__ = ["calibrate_gptq", "load_quantized_base", "sample_calibration_sequences"]
 
@@ -56,13 +57,13 @@ def sample_calibration_sequences(
             is empty.
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"calibration.num_samples must be a positive integer, got {num_samples!r}")
+        raise UserValueError(f"calibration.num_samples must be a positive integer, got {num_samples!r}")
     if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 1):
-        raise ValueError(
+        raise UserValueError(
             f"calibration.max_seq_len must be a positive integer or null, got {max_seq_len!r}"
         )
     if len(dataset) == 0:
-        raise ValueError("the calibration dataset is empty; set calibration.dataset to some text")
+        raise UserValueError("the calibration dataset is empty; set calibration.dataset to some text")
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     sequences = []
     for index in order[:num_samples].tolist():
@@ -76,9 +77,9 @@ def _batches(
 ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """Right-padded ``(tokens, mask)`` batches of shape ``(B, S)``; ``mask`` marks real tokens."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"calibration.batch_size must be a positive integer, got {batch_size!r}")
+        raise UserValueError(f"calibration.batch_size must be a positive integer, got {batch_size!r}")
     if not sequences or any(s.numel() == 0 for s in sequences):
-        raise ValueError("GPTQ needs calibration sequences, none of them empty")
+        raise UserValueError("GPTQ needs calibration sequences, none of them empty")
     batches = []
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]
@@ -211,7 +212,7 @@ def calibrate_gptq(
     """
     for part in ("tok_embeddings", "layers", "norm"):
         if not hasattr(model, part):
-            raise ValueError(
+            raise UserValueError(
                 f"GPTQ calibration expects a torchtune TransformerDecoder; the model has no "
                 f"{part!r}"
             )
@@ -223,7 +224,7 @@ def calibrate_gptq(
         covered.add("output")
     stray = sorted(set(_linears(model, "")) - covered)
     if stray:
-        raise ValueError(f"GPTQ calibration does not know where the inputs of {stray} come from")
+        raise UserValueError(f"GPTQ calibration does not know where the inputs of {stray} come from")
 
     model.eval()
     batches = _batches(sequences, batch_size, device)
@@ -265,7 +266,7 @@ def calibrate_gptq(
     for key, value in model.state_dict().items():
         owner = key.removesuffix(".weight")
         if key.endswith(".weight") and owner in quantized:
-            state[key] = to_torchao_base(quantized[owner], device=device, dtype=dtype)
+            state[key] = to_base(quantized[owner], device=device, dtype=dtype)
         else:
             state[key] = value
     return state
@@ -280,7 +281,7 @@ def load_quantized_base(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -
     result = model.load_state_dict(state_dict, strict=False)
     missing = [k for k in result.missing_keys if "lora_" not in k]
     if missing or result.unexpected_keys:
-        raise ValueError(
+        raise UserValueError(
             f"the calibrated base does not fit the model: missing {missing[:3]}, unexpected "
             f"{result.unexpected_keys[:3]}; build both from the same model builder"
         )

@@ -19,6 +19,7 @@ from qalora_tune._compat import (
     choose_qparams_tinygemm,
     quantize_tinygemm,
 )
+from qalora_tune.errors import UserTypeError, UserValueError
 
 __all__ = [
     "CALIBRATED_QUANTIZERS",
@@ -76,9 +77,9 @@ class GroupQuantizedWeight:
         if self.bits == 4:
             return self
         if self.bits > 4:
-            raise ValueError(
+            raise UserValueError(
                 f"{self.bits}-bit codes do not fit the int4 layout; store them with "
-                "to_torchao_intx (or to_torchao_base, which picks the layout)"
+                "to_torchao_intx (or to_base, which picks the layout)"
             )
         shift = 8 - self.mid
         return GroupQuantizedWeight(
@@ -100,7 +101,7 @@ class GroupQuantizedWeight:
 def validate_group_size(in_dim: int, group_size: int) -> None:
     """Raise ``ValueError`` unless ``group_size`` is a positive divisor of ``in_dim``."""
     if group_size <= 0 or in_dim % group_size != 0:
-        raise ValueError(
+        raise UserValueError(
             f"group_size={group_size} must be a positive divisor of in_dim={in_dim}; "
             f"choose a group_size that divides {in_dim}"
         )
@@ -108,13 +109,13 @@ def validate_group_size(in_dim: int, group_size: int) -> None:
 
 def _checked_float32(weight: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
     if weight.ndim != 2 or not weight.is_floating_point():
-        raise TypeError(
+        raise UserTypeError(
             f"expected a 2D floating-point weight (out_dim, in_dim), got {tuple(weight.shape)} "
             f"of dtype {weight.dtype}"
         )
     validate_group_size(weight.shape[1], group_size)
     if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits={bits} is not supported; use one of {SUPPORTED_BITS}")
+        raise UserValueError(f"bits={bits} is not supported; use one of {SUPPORTED_BITS}")
     return weight.detach().float()
 
 
@@ -205,7 +206,7 @@ section) and loaded as int4."""
 
 def _calibration_required(name: str) -> Quantizer:
     def quantize(weight: torch.Tensor, group_size: int, bits: int = 4) -> GroupQuantizedWeight:
-        raise ValueError(
+        raise UserValueError(
             f"model.quantizer={name} needs calibration data and cannot quantize a "
             "full-precision weight as it loads; quantize the model with "
             "qalora_tune.quantization.calibrate_gptq and load its int4 state dict (the "
@@ -225,7 +226,7 @@ def get_quantizer(name: str) -> Quantizer:
     try:
         return QUANTIZERS[name]
     except KeyError:
-        raise ValueError(
+        raise UserValueError(
             f"unknown base quantizer {name!r}; choose one of "
             f"{sorted(QUANTIZERS) + list(CALIBRATED_QUANTIZERS)}"
         ) from None

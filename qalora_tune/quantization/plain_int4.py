@@ -11,22 +11,19 @@ serializes, in its device-independent "plain" layout:
 
 So the conversion from the training layouts is a repacking of the same codes, scales and
 zeros: nothing is re-quantized. torchao 0.15 computes ``Int4Tensor`` only through
-fbgemm-gpu-genai CUDA kernels; importing ``qalora_tune`` registers a fallback used
-whenever that kernel cannot run (any CPU, CUDA without fbgemm, dtypes or widths it does not
-take): the weight is repacked once into the device's int4 kernel layout (cached on the
-tensor) and computed by ``qalora_tune::int4_linear``.
+fbgemm-gpu-genai CUDA kernels, and this package does not patch torchao's classes:
+:func:`~qalora_tune.load_merged` repacks the weight into the device's int4 kernel layout
+(``merged_format=int4_plain``; the other formats run in stock torchao, see
+:mod:`qalora_tune.checkpointing._merged_formats`).
 """
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from qalora_tune._compat import Int4Tensor, override_torchao_linear
-from qalora_tune._memory import page_out
-from qalora_tune.quantization.cpu_int4_blocks import plain_int4_to_cpu_int4
+from qalora_tune._compat import Int4Tensor
+from qalora_tune.errors import UserTypeError, UserValueError
 from qalora_tune.quantization.group_quant import GroupQuantizedWeight
-from qalora_tune.quantization.int4_weight import INT4_KERNEL_GROUP_SIZES, to_torchao_int4
 
 __all__ = [
     "from_plain_int4",
@@ -71,7 +68,7 @@ def to_plain_int4(
     n, k_pad = gq.shape
     k = k_pad if in_features is None else in_features
     if k % 2 or not 0 < k <= k_pad:
-        raise ValueError(
+        raise UserValueError(
             f"in_features={k} must be even and at most the {k_pad} quantized columns"
         )
     dtype = dtype or gq.scale.dtype
@@ -107,10 +104,10 @@ def from_plain_int4(weight: Int4Tensor, padded_in_features: Optional[int] = None
             small.
     """
     if not is_plain_int4(weight) or weight.qdata.dim() != 2:
-        raise TypeError(f"expected a 2D torchao Int4Tensor, got {type(weight).__name__}")
+        raise UserTypeError(f"expected a 2D torchao Int4Tensor, got {type(weight).__name__}")
     block_size = list(weight.block_size)
     if len(block_size) != 2 or block_size[0] != 1:
-        raise ValueError(
+        raise UserValueError(
             f"expected contiguous input groups block_size=[1, G], got {block_size}"
         )
     group_size = block_size[1]
@@ -118,7 +115,7 @@ def from_plain_int4(weight: Int4Tensor, padded_in_features: Optional[int] = None
     groups = -(-k // group_size)
     k_pad = padded_in_features or groups * group_size
     if k_pad < k or k_pad % group_size:
-        raise ValueError(
+        raise UserValueError(
             f"padded_in_features={k_pad} must be a multiple of {group_size} and at least {k}"
         )
     raw = weight.qdata.view(torch.uint8).to(torch.int16)
@@ -135,64 +132,3 @@ def from_plain_int4(weight: Int4Tensor, padded_in_features: Optional[int] = None
 def plain_int4_bytes(weight: Int4Tensor) -> int:
     """Bytes an ``Int4Tensor`` serializes to: codes plus scales and zeros."""
     return sum(t.numel() * t.element_size() for t in (weight.qdata, weight.scale, weight.zero_point))
-
-
-def _kernel_weight(weight: Int4Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The weight repacked for this device's int4 kernel, built once and cached on it.
-
-    Memory: transformers loads a safetensors file memory-mapped, so the plain codes read
-    for the repacking are file pages of the process, and with the cached copy the process
-    would hold every weight twice after its first forward (a 3.98 GB Llama-2-7B file
-    measured 8.95 GB of RSS). On the CPU the repacking runs a block of rows at a time and
-    the plain codes' pages are then handed back to the kernel (:func:`page_out`: clean
-    file pages are dropped and read again only if the plain tensor is used again, e.g. by
-    ``save_pretrained``), so resident memory stays about one int4 copy of the model.
-    """
-    cached = getattr(weight, _CACHE_ATTRIBUTE, None)
-    if cached is None or cached.dtype != dtype or cached.device != weight.qdata.device:
-        if weight.qdata.device.type == "cpu":
-            cached = plain_int4_to_cpu_int4(weight, dtype)
-            page_out(weight.qdata)
-        else:
-            cached = to_torchao_int4(from_plain_int4(weight), device=weight.qdata.device, dtype=dtype)
-        setattr(weight, _CACHE_ATTRIBUTE, cached)
-    return cached
-
-
-def _fbgemm_can_run(x: torch.Tensor, weight: Int4Tensor) -> bool:
-    return (
-        weight.qdata.is_cuda
-        and hasattr(torch.ops, "fbgemm")
-        and hasattr(torch.ops.fbgemm, "bf16i4bf16_rowwise")
-        and x.dtype == torch.bfloat16
-        and weight.dtype == torch.bfloat16
-        and weight.shape[-1] % weight.block_size[-1] == 0
-    )
-
-
-def _plain_int4_linear(original, func, types, args, kwargs):
-    x, weight = args[0], args[1]
-    bias = args[2] if len(args) > 2 else (kwargs or {}).get("bias")
-    if not isinstance(weight, Int4Tensor) or weight.qdata.dim() != 2 or _fbgemm_can_run(x, weight):
-        return original(func, types, args, kwargs)
-    if weight.act_pre_scale is not None:
-        x = x * weight.act_pre_scale
-    n, k = weight.shape
-    if weight.block_size[-1] not in INT4_KERNEL_GROUP_SIZES:
-        # no int4 kernel for this group size: dequantize for this call only
-        dense = from_plain_int4(weight).dequantize(torch.float32)[:, :k].to(x.dtype)
-        return F.linear(x, dense, bias)
-    # CUDA's kernel (tinygemm) is bf16 only; the CPU one takes fp32, bf16 and fp16
-    dtype = torch.bfloat16 if weight.qdata.is_cuda else x.dtype
-    packed = _kernel_weight(weight, dtype)
-    from qalora_tune.ops.int4_linear import int4_linear  # the ops import this package
-
-    k_pad = packed.shape[-1]
-    x_in = F.pad(x, (0, k_pad - k)) if k_pad != k else x
-    out = int4_linear(
-        x_in.to(dtype), packed.qdata, packed.scale_and_zero, weight.block_size[-1], n
-    ).to(x.dtype)
-    return out if bias is None else out + bias
-
-
-override_torchao_linear(Int4Tensor, _plain_int4_linear)

@@ -14,10 +14,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchtune import utils
 
-from qalora_tune.modules import Int4Linear
-from qalora_tune.quantization import (
-    CALIBRATED_QUANTIZERS,
-    calibrate_gptq,
+from qalora_tune.errors import UserValueError
+from qalora_tune.modules import QuantizedLinear
+from qalora_tune.quantization import CALIBRATED_QUANTIZERS, calibrate_gptq
+from qalora_tune.quantization.gptq_calibration import (
     load_quantized_base,
     sample_calibration_sequences,
 )
@@ -74,7 +74,7 @@ def calibration_settings(
         return None
     section = cfg.get("calibration")
     if section is None:
-        raise ValueError(
+        raise UserValueError(
             f"model.quantizer={quantizer} needs a calibration: section (calibration.dataset, "
             "calibration.num_samples, ...) to calibrate the base on; add one as in the "
             "tinystories656K_qalora config, or set model.quantizer=rtn or hqq"
@@ -82,7 +82,7 @@ def calibration_settings(
     settings = dict(CALIBRATION_DEFAULTS, **OmegaConf.to_container(section, resolve=True))
     if settings.get("dataset") is None:
         if default_dataset is None:
-            raise ValueError(
+            raise UserValueError(
                 f"model.quantizer={quantizer}: set calibration.dataset to the data the base "
                 "was calibrated on"
             )
@@ -93,9 +93,9 @@ def calibration_settings(
         )
     damp, block_size = settings["damp"], settings["block_size"]
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or damp < 0:
-        raise ValueError(f"calibration.damp must be a number >= 0, got {damp!r}; e.g. 0.01")
+        raise UserValueError(f"calibration.damp must be a number >= 0, got {damp!r}; e.g. 0.01")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"calibration.block_size must be a positive integer, got {block_size!r}")
+        raise UserValueError(f"calibration.block_size must be a positive integer, got {block_size!r}")
     return json.loads(json.dumps(settings, sort_keys=True))
 
 
@@ -133,7 +133,7 @@ def calibrate_base(
     full_precision, hf_config = load_full_precision(
         component, checkpointer, device, dtype, otherwise="set model.quantizer=rtn or hqq"
     )
-    base = next(m for m in model.modules() if isinstance(m, Int4Linear))
+    base = next(m for m in model.modules() if isinstance(m, QuantizedLinear))
     state = calibrate_gptq(
         full_precision,
         sequences,

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qalora_tune.errors import UserValueError
 from qalora_tune.recipe_utils._distributed import all_reduce_sum
 
 __all__ = ["evaluate_lm", "full_logits", "next_token_loss"]
@@ -86,7 +87,7 @@ def evaluate_lm(
         totals = torch.tensor([total_loss, correct, count, exact, sequences], dtype=torch.float64)
         total_loss, correct, count, exact, sequences = all_reduce_sum(totals.to(device)).tolist()
     if count == 0:
-        raise ValueError("the validation data has no labelled tokens to evaluate")
+        raise UserValueError("the validation data has no labelled tokens to evaluate")
     loss = total_loss / count
     return {
         "loss": loss,

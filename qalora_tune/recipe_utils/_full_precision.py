@@ -7,6 +7,7 @@ from torch import nn
 from torchtune import training
 
 from qalora_tune._compat import get_component_from_path
+from qalora_tune.errors import UserValueError
 
 __all__ = ["load_full_precision"]
 
@@ -37,7 +38,7 @@ def load_full_precision(
     """
     builder = get_component_from_path(component)
     if not hasattr(builder, "full_precision"):
-        raise ValueError(
+        raise UserValueError(
             f"model._component_={component} has no full-precision counterpart (a "
             f"`full_precision` attribute); use a qalora_tune.models builder, or {otherwise}"
         )

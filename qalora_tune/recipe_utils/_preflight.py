@@ -5,15 +5,20 @@ import errno
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, List, Mapping, Optional, Union
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 from torchtune import training, utils
 
+from qalora_tune.errors import UserError, UserPermissionError, UserValueError
+from qalora_tune.recipe_utils._settings import join_problems
+
 __all__ = [
+    "Problems",
     "check_cuda_only_options",
+    "component_file_problems",
     "check_device",
     "check_output_dir",
     "check_tokenizer_fits",
@@ -35,17 +40,91 @@ _DTYPE_REASONS = {
 }
 
 
-def check_device(device: str) -> None:
-    """Refuse ``device=cuda...`` on a machine without CUDA.
+def check_device(device: Any) -> None:
+    """Refuse a device that is not ``cpu``, ``cuda`` or ``cuda:N``, and CUDA on a machine
+    without it (or without GPU ``N``).
 
     Raises:
-        ValueError: naming ``device``.
+        UserValueError: naming ``device`` and what to set.
     """
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(
+    kind, _, index = str(device).partition(":") if isinstance(device, str) else ("", "", "")
+    if not ((kind == "cpu" and not index) or (kind == "cuda" and (not index or index.isdigit()))):
+        raise UserValueError(
+            f"device={device!r} is not a device these recipes run on; set device=cpu, "
+            "device=cuda or device=cuda:N"
+        )
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserValueError(
             f"device={device} but CUDA is not available; set device=cpu "
             "(with dtype=fp32 or bf16)"
         )
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise UserValueError(
+            f"device={device} but this machine has {torch.cuda.device_count()} GPU(s); set "
+            f"device=cuda:0 ... cuda:{torch.cuda.device_count() - 1}"
+        )
+
+
+class Problems:
+    """Collects the problems a preflight finds, to report them all in one error.
+
+    ``problems.check(function, *args)`` runs a check and records its
+    :class:`~qalora_tune.errors.UserError` instead of raising; :meth:`raise_if_any`
+    raises one :class:`~qalora_tune.errors.UserValueError` listing them all.
+    """
+
+    def __init__(self) -> None:
+        self.messages: List[str] = []
+
+    def add(self, message: Optional[str]) -> None:
+        if message:
+            self.messages.append(" ".join(str(message).split()))
+
+    def extend(self, messages: Iterable[str]) -> None:
+        for message in messages:
+            self.add(message)
+
+    def check(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``function(*args, **kwargs)``, or None after recording its user error."""
+        try:
+            return function(*args, **kwargs)
+        except UserError as error:
+            self.add(str(error))
+            return None
+
+    def raise_if_any(self) -> None:
+        if self.messages:
+            raise UserValueError(join_problems(self.messages))
+
+
+def component_file_problems(section: Any, setting: str) -> List[str]:
+    """Local files a config section names (``path``, ``data_files``) that do not exist.
+
+    Hub dataset names and URLs are not checked (they are not local files).
+    """
+    if not isinstance(section, Mapping):
+        return []
+    problems = []
+    for key in ("path", "data_files"):
+        value = section.get(key)
+        values = value if isinstance(value, (list, tuple)) or _is_list(value) else [value]
+        for item in values:
+            if not isinstance(item, str) or not item or "://" in item:
+                continue
+            if key == "data_files" and not item.startswith(("/", ".", "~")) and "/" not in item:
+                continue
+            path = Path(item).expanduser()
+            if not path.exists():
+                problems.append(f"{setting}.{key}={item} not found; set {setting}.{key} to an existing file")
+            elif path.is_dir() and key == "path" and section.get("_component_") != "qalora_tune.tiny.prepare_tiny_base":
+                problems.append(f"{setting}.{key}={item} is a directory; set {setting}.{key} to a file")
+    return problems
+
+
+def _is_list(value: Any) -> bool:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.is_list(value)
 
 
 def resolve_dtype(
@@ -64,13 +143,13 @@ def resolve_dtype(
     allowed = tuple(allowed)
     if dtype is not None and dtype not in allowed:
         reason = _DTYPE_REASONS.get(dtype, "")
-        raise ValueError(
+        raise UserValueError(
             f"dtype={dtype} is not supported here{reason}; set dtype to one of {', '.join(allowed)}"
         )
     try:
         return training.get_dtype(dtype, device=device)
     except RuntimeError as error:  # bf16 asked for on a GPU that lacks it
-        raise ValueError(f"dtype={dtype}: {error}; set dtype=fp32") from None
+        raise UserValueError(f"dtype={dtype}: {error}; set dtype=fp32") from None
 
 
 def check_cuda_only_options(cfg: Union[DictConfig, Mapping[str, Any]], device: torch.device) -> None:
@@ -86,14 +165,18 @@ def check_cuda_only_options(cfg: Union[DictConfig, Mapping[str, Any]], device: t
     if device.type == "cuda":
         return
     if cfg.get("enable_activation_offloading", False):
-        raise ValueError(
+        raise UserValueError(
             f"enable_activation_offloading=True needs a CUDA device (device={device.type}); "
             "set enable_activation_offloading=False"
         )
 
 
 def check_output_dir(output_dir: Union[str, Path], setting: str = "output_dir") -> Path:
-    """Create ``output_dir`` and prove it writable with a probe file, before any work.
+    """Prove that ``output_dir`` can be written, before any work, without creating it.
+
+    An existing directory gets a probe file (written and removed at once); a missing one
+    is checked through its nearest existing parent, which must be a writable directory.
+    Nothing is left behind: a run refused later has not created any directory.
 
     Args:
         output_dir (str or Path): the directory.
@@ -103,23 +186,28 @@ def check_output_dir(output_dir: Union[str, Path], setting: str = "output_dir") 
         Path: the directory, ``~`` expanded.
 
     Raises:
-        PermissionError: if it cannot be created or written.
-        ValueError: if it is not a directory (e.g. a file, or under one).
+        UserPermissionError: if it (or the parent it would be created in) is not writable.
+        UserValueError: if it, or a parent, is a file.
     """
     path = Path(output_dir).expanduser()
-    probe = path / f".qalora-write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    probe = existing / f".qalora-write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "Not a directory")
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
+        where = "" if existing == path else f" (in {existing})"
         message = (
-            f"{setting}={path} is not writable ({error.strerror or error}); set {setting} "
-            "to a directory you can write"
+            f"{setting}={path} is not writable{where} ({error.strerror or error}); set "
+            f"{setting} to a directory you can write"
         )
         if error.errno in _NOT_WRITABLE:
-            raise PermissionError(message) from None
-        raise ValueError(message) from None
+            raise UserPermissionError(message) from None
+        raise UserValueError(message) from None
     return path
 
 
@@ -182,7 +270,7 @@ def check_tokenizer_fits(tokenizer: Any, model: nn.Module, setting: str = "token
     size = text_vocab_size(tokenizer)
     if rows is None or size is None or size <= rows:
         return
-    raise ValueError(
+    raise UserValueError(
         f"the tokenizer ({setting}) has {size} token ids but the model's embedding table "
         f"has {rows} rows; set {setting} to the tokenizer of the base model in "
         "checkpointer.checkpoint_dir (or check model._component_)"

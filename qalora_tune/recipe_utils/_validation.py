@@ -8,22 +8,36 @@ misspelled ``_component_`` or argument. :func:`check_config` turns each into one
 import difflib
 import inspect
 import pkgutil
-import re
 from typing import Any, Dict, Iterable, List, Optional, Set
 
 from omegaconf import DictConfig, OmegaConf
 
 from qalora_tune._compat import get_component_from_path
+from qalora_tune.errors import UserValueError
+from qalora_tune.models import MOVED_BUILDERS
+from qalora_tune.recipe_utils._configs import config_variables, interpolated_names
+from qalora_tune.recipe_utils._settings import join_problems
 
-__all__ = ["check_config"]
+__all__ = ["check_config", "config_problems"]
 
 _COMPONENT = "_component_"
-# the first name of an interpolation: ``${output_dir}/logs`` -> output_dir
-_INTERPOLATION = re.compile(r"\$\{\s*([A-Za-z_][A-Za-z0-9_]*)")
 
 
 def check_config(cfg: DictConfig, known_keys: Iterable[str], recipe: str) -> None:
     """Refuse unknown top-level keys, components that do not import, unknown arguments.
+
+    See :func:`config_problems`; every problem found is reported in one error.
+
+    Raises:
+        UserValueError: naming each problem and, when one is close, what was meant.
+    """
+    problems = config_problems(cfg, known_keys, recipe)
+    if problems:
+        raise UserValueError(join_problems(problems))
+
+
+def config_problems(cfg: DictConfig, known_keys: Iterable[str], recipe: str) -> List[str]:
+    """Every unknown key, component that does not import, and unknown argument of ``cfg``.
 
     - A top-level key that is not in ``known_keys`` is an error, unless an interpolation
       elsewhere in the config uses it (``base: /models/x`` with ``${base}/tokenizer``).
@@ -39,57 +53,57 @@ def check_config(cfg: DictConfig, known_keys: Iterable[str], recipe: str) -> Non
         known_keys (Iterable[str]): the top-level keys the recipe reads.
         recipe (str): the recipe's name, for the messages.
 
-    Raises:
-        ValueError: for the first problem found, naming the key and, when one is close,
-            what was probably meant.
+    Returns:
+        List[str]: one message per problem, naming the key and, when one is close, what
+        was probably meant.
     """
     known = set(known_keys)
     tree = OmegaConf.to_container(cfg, resolve=False)
-    _check_keys(tree, _top_level(known) | _interpolated_names(tree), "", recipe)
+    problems: List[str] = []
+    allowed = _top_level(known) | interpolated_names(tree) | config_variables(cfg)
+    _check_keys(tree, allowed, "", recipe, problems)
     for section in sorted({key.split(".", 1)[0] for key in known if "." in key}):
         value = tree.get(section)
         if isinstance(value, dict) and _COMPONENT not in value:
             prefix = f"{section}."
             names = {key[len(prefix):] for key in known if key.startswith(prefix)}
-            _check_keys(value, names, prefix, recipe)
-    _check_components(tree, "")
+            _check_keys(value, names, prefix, recipe, problems)
+    _check_components(tree, "", problems)
+    return problems
 
 
 def _top_level(known: Set[str]) -> Set[str]:
     return {key.split(".", 1)[0] for key in known}
 
 
-def _interpolated_names(node: Any) -> Set[str]:
-    if isinstance(node, dict):
-        return set().union(*(_interpolated_names(v) for v in node.values()))
-    if isinstance(node, list):
-        return set().union(*(_interpolated_names(v) for v in node))
-    return set(_INTERPOLATION.findall(node)) if isinstance(node, str) else set()
-
-
-def _check_keys(tree: Dict[str, Any], known: Set[str], prefix: str, recipe: str) -> None:
+def _check_keys(
+    tree: Dict[str, Any], known: Set[str], prefix: str, recipe: str, problems: List[str]
+) -> None:
     for key in tree:
         if key in known:
             continue
         hint = _did_you_mean(str(key), known)
-        raise ValueError(
+        problems.append(
             f"unknown config key {prefix}{key}: {recipe} does not read it"
             + (f"; did you mean {prefix}{hint}?" if hint else f"; remove it (known keys: "
                f"{', '.join(sorted(known))})")
         )
 
 
-def _check_components(node: Any, path: str) -> None:
+def _check_components(node: Any, path: str, problems: List[str]) -> None:
     if isinstance(node, list):
         for index, item in enumerate(node):
-            _check_components(item, f"{path}[{index}]")
+            _check_components(item, f"{path}[{index}]", problems)
         return
     if not isinstance(node, dict):
         return
     if _COMPONENT in node:
-        _check_component(node, path)
+        try:
+            _check_component(node, path)
+        except UserValueError as error:
+            problems.append(str(error))
     for key, value in node.items():
-        _check_components(value, f"{path}.{key}" if path else str(key))
+        _check_components(value, f"{path}.{key}" if path else str(key), problems)
 
 
 def _check_component(node: Dict[str, Any], path: str) -> None:
@@ -102,16 +116,21 @@ def _check_component(node: Dict[str, Any], path: str) -> None:
             if path
             else ""
         )
-        raise ValueError(
+        raise UserValueError(
             f"{where} must be a dotted import path, got {dotted!r}; set it to one{removal}"
         )
     if "${" in dotted:
         return  # an interpolation: torchtune resolves and reports it
+    if dotted in MOVED_BUILDERS:
+        raise UserValueError(
+            f"{where}={dotted!r} has moved to {MOVED_BUILDERS[dotted]}; set "
+            f"{where}={MOVED_BUILDERS[dotted]}"
+        )
     try:
         component = get_component_from_path(dotted)
     except Exception:  # torchtune's InstantiationError, or any error importing the module
         hint = _closest_path(dotted)
-        raise ValueError(
+        raise UserValueError(
             f"{where}={dotted!r} cannot be imported"
             + (f"; did you mean {hint}?" if hint else "; check the spelling and that its package is installed")
         ) from None
@@ -124,7 +143,7 @@ def _check_component(node: Dict[str, Any], path: str) -> None:
             continue
         setting = f"{path}.{key}" if path else str(key)
         hint = _did_you_mean(str(key), accepted)
-        raise ValueError(
+        raise UserValueError(
             f"{setting} is not an argument of {name}"
             + (f"; did you mean {hint}?" if hint else f"; its arguments: {', '.join(sorted(accepted))}")
         )

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 import torch
-from torchtune.models.llama2 import llama2
 
 from qalora_tune.checkpointing import (
     atomic_directory,
@@ -21,6 +20,7 @@ from qalora_tune.checkpointing import (
     load_hf_weights,
     read_hf_config,
 )
+from qalora_tune.errors import UserValueError
 from qalora_tune.tiny.dataset import TinyTaskDataset
 from qalora_tune.tiny.hf_checkpoint import (
     CONFIG_FILENAME,
@@ -28,32 +28,17 @@ from qalora_tune.tiny.hf_checkpoint import (
     save_hf_checkpoint,
 )
 from qalora_tune.tiny.metrics import answer_metrics, to_qalora_
+from qalora_tune.tiny.model import TINY_LLAMA_SIZES, build_tiny_base
 from qalora_tune.tiny.pretrain import pretrain
 from qalora_tune.tiny.tokenizer import TOKENIZER_FILENAME, TinyTokenizer
 
 __all__ = [
     "COMPLETE_MARKER",
     "METRICS_FILENAME",
-    "TINY_LLAMA_SIZES",
-    "build_tiny_base",
     "is_complete_tiny_base",
     "load_tiny_base",
     "prepare_tiny_base",
 ]
-
-TINY_LLAMA_SIZES: Dict[str, Any] = {
-    "vocab_size": TinyTokenizer().vocab_size,  # 57: <pad>, <bos>, <eos> + 54 characters
-    "num_layers": 2,
-    "num_heads": 4,
-    "num_kv_heads": 4,
-    "embed_dim": 128,
-    "max_seq_len": 64,
-    "intermediate_dim": 256,
-}
-"""Exact ``torchtune.models.llama2.llama2`` keyword arguments of the tiny base.
-
-Every linear has ``in_dim`` 128 or 256: 4 or 8 quantization groups of 32.
-"""
 
 METRICS_FILENAME = "base_metrics.json"
 COMPLETE_MARKER = "TINY_BASE_COMPLETE"
@@ -68,11 +53,6 @@ DEFAULT_LR = 5e-3
 # is (on a loaded CI machine it stopped early and the base reached 30% accuracy)
 DEFAULT_MAX_SECONDS = None
 DEFAULT_NUM_VALIDATION = 1000
-
-
-def build_tiny_base() -> torch.nn.Module:
-    """A freshly initialised ``llama2(**TINY_LLAMA_SIZES)`` (fp32)."""
-    return llama2(**TINY_LLAMA_SIZES)
 
 
 def is_complete_tiny_base(checkpoint_dir: str) -> bool:
@@ -129,12 +109,12 @@ def prepare_tiny_base(
     if os.path.exists(checkpoint_dir) and (
         not os.path.isdir(checkpoint_dir) or os.listdir(checkpoint_dir)
     ):
-        raise ValueError(
+        raise UserValueError(
             f"{checkpoint_dir!r} exists but is not a finished tiny base (no "
             f"{COMPLETE_MARKER}); remove it or choose another checkpoint_dir"
         )
     if num_validation <= 0:
-        raise ValueError(f"num_validation must be positive, got {num_validation}")
+        raise UserValueError(f"num_validation must be positive, got {num_validation}")
 
     start = time.perf_counter()
     if log is not None:
@@ -203,7 +183,7 @@ def load_tiny_base(checkpoint_dir: str) -> torch.nn.Module:
         ValueError: if ``checkpoint_dir`` is not a finished tiny base.
     """
     if not is_complete_tiny_base(checkpoint_dir):
-        raise ValueError(f"{checkpoint_dir!r} is not a finished tiny base")
+        raise UserValueError(f"{checkpoint_dir!r} is not a finished tiny base")
     model = build_tiny_base()
     directory = Path(checkpoint_dir)
     load_hf_weights(

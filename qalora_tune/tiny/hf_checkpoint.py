@@ -6,6 +6,7 @@ from typing import Any, Dict, Mapping
 
 import torch
 from safetensors.torch import save_file
+
 from qalora_tune._compat import tune_to_hf
 
 __all__ = ["hf_llama_config", "save_hf_checkpoint"]

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torchtune.data import padded_collate_sft
 
+from qalora_tune.errors import UserValueError
 from qalora_tune.tiny.dataset import encode_example
 from qalora_tune.tiny.metrics import shifted_loss_and_correct
 from qalora_tune.tiny.task import generate_examples
@@ -51,7 +52,7 @@ def pretrain(
         ValueError: if ``steps`` or ``batch_size`` is not positive.
     """
     if steps <= 0 or batch_size <= 0:
-        raise ValueError(f"steps and batch_size must be positive, got {steps}, {batch_size}")
+        raise UserValueError(f"steps and batch_size must be positive, got {steps}, {batch_size}")
     start = time.perf_counter()
     examples = generate_examples("train", steps * batch_size, seed=seed)
     items = [encode_example(tokenizer, p, a) for p, a in examples]

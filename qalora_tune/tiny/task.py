@@ -21,6 +21,8 @@ import random
 import zlib
 from typing import Dict, List, Tuple
 
+from qalora_tune.errors import UserValueError
+
 __all__ = [
     "DEFAULT_NUM_EXAMPLES",
     "GLOSSARY_SEED",
@@ -66,7 +68,7 @@ def glossary(size: int = GLOSSARY_SIZE, seed: int = GLOSSARY_SEED) -> Dict[str, 
         ValueError: if ``size`` is not in ``[1, 26**3]``.
     """
     if not 1 <= size <= len(_LETTERS) ** 3:
-        raise ValueError(f"glossary size must be in [1, {len(_LETTERS) ** 3}], got {size}")
+        raise UserValueError(f"glossary size must be in [1, {len(_LETTERS) ** 3}], got {size}")
     rng = random.Random(seed)
     all_words = ["".join(w) for w in itertools.product(_LETTERS, repeat=3)]
     words = rng.sample(all_words, size)
@@ -111,9 +113,9 @@ def generate_examples(split: str, num_examples: int, seed: int = 0) -> List[Tupl
         ValueError: for an unknown split or a non-positive ``num_examples``.
     """
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
+        raise UserValueError(f"unknown split {split!r}; use one of {SPLITS}")
     if num_examples <= 0:
-        raise ValueError(f"num_examples must be positive, got {num_examples}")
+        raise UserValueError(f"num_examples must be positive, got {num_examples}")
     rng = random.Random(f"qalora_tune.tiny:{split}:{seed}")
     examples: List[Tuple[str, str]] = []
     while len(examples) < num_examples:

@@ -16,6 +16,9 @@ import json
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from qalora_tune._files import read_json
+from qalora_tune.errors import UserValueError
+
 __all__ = [
     "DEFAULT_ALPHABET",
     "TOKENIZER_FILENAME",
@@ -52,11 +55,11 @@ class TinyTokenizer:
 
     def __init__(self, alphabet: str = DEFAULT_ALPHABET, max_seq_len: Optional[int] = None):
         if not alphabet:
-            raise ValueError("the tokenizer alphabet must not be empty")
+            raise UserValueError("the tokenizer alphabet must not be empty")
         if len(set(alphabet)) != len(alphabet):
-            raise ValueError(f"the tokenizer alphabet repeats characters: {alphabet!r}")
+            raise UserValueError(f"the tokenizer alphabet repeats characters: {alphabet!r}")
         if max_seq_len is not None and max_seq_len <= 0:
-            raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
+            raise UserValueError(f"max_seq_len must be positive, got {max_seq_len}")
         self.alphabet = alphabet
         self.max_seq_len = max_seq_len
         self._char_to_id = {c: i + len(_SPECIAL_TOKENS) for i, c in enumerate(alphabet)}
@@ -86,7 +89,7 @@ class TinyTokenizer:
         try:
             ids = [self._char_to_id[c] for c in text]
         except KeyError as err:
-            raise ValueError(
+            raise UserValueError(
                 f"character {err.args[0]!r} is not in the tiny tokenizer's alphabet "
                 f"{self.alphabet!r}"
             ) from None
@@ -111,7 +114,7 @@ class TinyTokenizer:
         for i in ids:
             i = int(i)
             if not 0 <= i < self.vocab_size:
-                raise ValueError(f"token id {i} is outside [0, {self.vocab_size})")
+                raise UserValueError(f"token id {i} is outside [0, {self.vocab_size})")
             if i < n_special:
                 if not skip_special_tokens:
                     out.append(_SPECIAL_TOKENS[i])
@@ -194,20 +197,18 @@ class TinyTokenizer:
         if os.path.isdir(path):
             path = os.path.join(path, TOKENIZER_FILENAME)
         if not os.path.isfile(path):
-            raise ValueError(f"no tiny tokenizer file at {path!r}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                payload = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path!r} is not a tiny tokenizer file: {err}") from None
-        if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-            raise ValueError(
+            raise UserValueError(f"no tiny tokenizer file at {path!r}")
+        payload = read_json(path, "tokenizer.path", "set tokenizer.path to a tiny_tokenizer.json")
+        if payload.get("format") != _FORMAT:
+            raise UserValueError(
                 f"{path!r} is not a tiny tokenizer file (expected format {_FORMAT!r})"
             )
         if payload.get("version") != _VERSION or payload.get("special_tokens") != list(
             _SPECIAL_TOKENS
         ):
-            raise ValueError(f"{path!r}: unsupported tiny tokenizer version or special tokens")
+            raise UserValueError(f"{path!r}: unsupported tiny tokenizer version or special tokens")
+        if not isinstance(payload.get("alphabet"), str):
+            raise UserValueError(f"{path!r}: the tiny tokenizer has no alphabet text")
         return cls(payload["alphabet"], max_seq_len=max_seq_len)
 
 

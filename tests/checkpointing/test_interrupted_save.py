@@ -8,23 +8,21 @@ import sys
 import time
 from pathlib import Path
 
-
 import torch
-from torchtune.models.llama2 import llama2
 
 from qalora_tune.checkpointing import QALoRACheckpointer, load_merged, read_adapter
-from qalora_tune.models import qalora_transformer
+from qalora_tune.models import qalora_llama2
 
-BUILDER = "tests.checkpointing.test_interrupted_save.small_qalora_llama"
+BUILDER = "qalora_tune.models.qalora_llama2"
+SIZES = dict(
+    vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
+    max_seq_len=32, intermediate_dim=128,
+)
 
 
 def small_qalora_llama(lora_attn_modules, apply_lora_to_mlp=False, **kwargs):
-    """The model the subprocess trains (a builder that ``load_merged`` can import)."""
-    base = lambda: llama2(  # noqa: E731
-        vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
-        max_seq_len=32, intermediate_dim=128,
-    )
-    return qalora_transformer(base, lora_attn_modules, apply_lora_to_mlp, **kwargs)
+    """The model the subprocess trains (a registered builder, so ``load_merged`` takes it)."""
+    return qalora_llama2(lora_attn_modules, apply_lora_to_mlp, **SIZES, **kwargs)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,7 +38,7 @@ import torch
 import qalora_tune.checkpointing._checkpointer as checkpointer_module
 from qalora_tune.checkpointing import QALoRACheckpointer
 from qalora_tune.modules import QALoRALinear
-from tests.checkpointing.test_interrupted_save import BUILDER, small_qalora_llama
+from tests.checkpointing.test_interrupted_save import BUILDER, SIZES, small_qalora_llama
 
 root, epoch, hang, seed = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "hang", int(sys.argv[4])
 base = root / "base"
@@ -57,7 +55,7 @@ with torch.no_grad():
     torch.save(model(torch.arange(16)[None]), root / f"merged_logits_{seed}.pt")
 metadata = {
     "rank": 2, "alpha": 4, "group_size": 32, "bits": 4, "lora_dropout": 0.0,
-    "model": {"_component_": BUILDER, "lora_attn_modules": [], "group_size": 32},
+    "model": {"_component_": BUILDER, "lora_attn_modules": [], "group_size": 32, **SIZES},
 }
 if hang:
     original = checkpointer_module.write_merged_int4
@@ -68,7 +66,9 @@ if hang:
         return stats
     checkpointer_module.write_merged_int4 = slow_write
 checkpointer = QALoRACheckpointer(str(base), "LLAMA2", str(root / "out"))
-checkpointer.save_checkpoint(epoch, layers, metadata, {"step": seed}, merged_model=model)
+checkpointer.save_checkpoint(
+    epoch, layers, metadata, {"step": seed}, merged_model=model, merged_format="int4_plain"
+)  # the lossless format: the reloaded logits are bit for bit
 print("saved", flush=True)
 '''
 

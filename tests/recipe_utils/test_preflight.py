@@ -1,6 +1,7 @@
 """Start-up checks (device, dtype, CUDA-only options, output directory, tokenizer size)
 and ``run_recipe``'s one-line errors."""
 
+import errno
 import logging
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from qalora_tune.checkpointing import CheckpointWriteError
+from qalora_tune.errors import UserError, UserValueError
 from qalora_tune.recipe_utils import (
     TrainingError,
     check_cuda_only_options,
@@ -17,6 +19,7 @@ from qalora_tune.recipe_utils import (
     check_tokenizer_fits,
     resolve_dtype,
     run_recipe,
+    set_interrupt_note,
     tokenizer_vocab_size,
 )
 from qalora_tune.tiny import TinyTokenizer
@@ -70,9 +73,13 @@ def test_cpu_memory_stats_are_the_process_rss_and_follow_an_allocation():
     del block
 
 
-def test_output_dir_is_created_and_probed(tmp_path):
+def test_output_dir_is_probed_without_being_created(tmp_path):
     path = check_output_dir(tmp_path / "a" / "b")
-    assert path.is_dir() and list(path.iterdir()) == []  # the probe is removed
+    assert path == tmp_path / "a" / "b" and not (tmp_path / "a").exists()
+    assert list(tmp_path.iterdir()) == []  # the probe in the nearest parent is removed
+    (tmp_path / "c").mkdir()
+    assert check_output_dir(tmp_path / "c") == tmp_path / "c"
+    assert list((tmp_path / "c").iterdir()) == []
 
 
 def test_an_output_dir_that_cannot_be_created_is_a_permission_error():
@@ -127,26 +134,44 @@ def test_a_tokenizer_larger_than_the_embedding_table_names_tokenizer_path():
     [
         TrainingError("the loss became nan at step 3;\nlower optimizer.lr"),
         CheckpointWriteError("could not write /x: [Errno 28] No space left on device"),
-        ValueError("model.lora_rank=0"),
+        UserValueError("model.lora_rank=0"),
+        OSError(errno.ENOSPC, "No space left on device"),
     ],
 )
 def test_run_recipe_prints_one_line_and_exits_1(capsys, error):
-    def main():
+    def main(cfg):
         raise error
 
     with pytest.raises(SystemExit) as exit_info:
-        run_recipe("qalora_finetune", main, ["tune"])
+        run_recipe("qalora_finetune", main, ["tune", "--config", "tiny_qalora"])
     assert exit_info.value.code == 1
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == [f"qalora_finetune: error: {' '.join(str(error).split())}"]
+    assert len(lines) == 1 and lines[0].startswith("qalora_finetune: error: ")
+    if isinstance(error, UserError):
+        assert lines == [f"qalora_finetune: error: {' '.join(str(error).split())}"]
+    else:
+        assert "[Errno 28] No space left on device" in lines[0] and "output_dir" in lines[0]
 
 
-def test_run_recipe_keeps_the_traceback_of_a_bug():
-    def main():
-        raise RuntimeError("a bug")
+@pytest.mark.parametrize("bug", [RuntimeError("a bug"), ValueError("a bug"), KeyError("a bug")])
+def test_run_recipe_keeps_the_traceback_of_a_bug(bug):
+    def main(cfg):
+        raise bug
 
-    with pytest.raises(RuntimeError, match="a bug"):
-        run_recipe("qalora_finetune", main, ["tune"])
+    with pytest.raises(type(bug), match="a bug"):
+        run_recipe("qalora_finetune", main, ["tune", "--config", "tiny_qalora"])
+
+
+def test_run_recipe_reports_ctrl_c_in_one_line_with_the_registered_note(capsys):
+    def main(cfg):
+        set_interrupt_note(lambda: "stopped at global step 7; resume with: tune run x")
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_recipe("qalora_finetune", main, ["tune", "--config", "tiny_qalora"])
+    assert exit_info.value.code == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["qalora_finetune: interrupted: stopped at global step 7; resume with: tune run x"]
 
 
 class _Llama3Like:

@@ -66,7 +66,8 @@ def test_two_processes_follow_one_process_with_the_same_global_batch(tmp_path):
     assert len(losses_one) == len(losses_two) == 5
     assert losses_two == pytest.approx(losses_one, rel=2e-5), (losses_one, losses_two)
     # one set of outputs, written once (no stray staging directories)
-    assert sorted(p.name for p in two.iterdir() if p.name.startswith((".", "epoch"))) == ["epoch_0"]
+    written = [p.name for p in two.iterdir() if p.name.startswith((".", "epoch"))]
+    assert sorted(written) == [".qalora-tune.lock", "epoch_0"]  # the lock stays, unlocked
     a = _tensors(one / "epoch_0" / "adapter" / "adapter_model.safetensors")
     b = _tensors(two / "epoch_0" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
@@ -137,3 +138,76 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_adapter_bit_for_bit(tmp_path
     state = torch.load(out / "epoch_1" / "recipe_state.pt", weights_only=False)
     assert state["global_step"] == 12 and state["epochs_run"] == 2
     assert not list(out.glob("step_*"))  # the epoch's end supersedes its step checkpoints
+
+
+def _kill_when(out: Path, moment, delay: float):
+    """Start the slow run into ``out`` and SIGKILL it as soon as ``moment(out)`` holds."""
+    process = subprocess.Popen(
+        [TUNE, "run", *_resumable(out, delay)], cwd=ROOT, env=_env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 400
+    try:
+        while not moment(out):
+            if process.poll() is not None:
+                return False  # finished before the moment came: nothing to test
+            assert time.monotonic() < deadline, "the moment never came"
+            time.sleep(0.002)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=60)
+    return process.returncode == -signal.SIGKILL
+
+
+def _resumable(out, delay):
+    return _tinystories(
+        out, "batch_size=4", "max_steps_per_epoch=6", "epochs=2", "save_every_n_steps=2",
+        "model.lora_dropout=0.1",
+        "dataset._component_=slow_dataset.slow_text_file_dataset", f"dataset.delay={delay}",
+    )
+
+
+def _partial(out: Path, prefix: str) -> bool:
+    return out.is_dir() and any(p.name.startswith(prefix) and ".partial-" in p.name for p in out.iterdir())
+
+
+_MOMENTS = {
+    "mid-step-save": lambda out: _partial(out, ".step_4"),
+    "mid-epoch-save": lambda out: _partial(out, ".epoch_0"),
+    "after-a-step-save": lambda out: (out / "step_8").is_dir(),
+    "first-steps": lambda out: (out / "logs").is_dir() and any((out / "logs").iterdir()),
+}
+
+
+@requires_shared
+@pytest.mark.heavy
+def test_killed_anywhere_the_resumed_run_is_bitwise_the_uninterrupted_one(tmp_path):
+    """SIGKILL at several moments (inside a step save, inside the epoch save with its merged
+    model, between saves, before any save), then ``resume_from_checkpoint=True`` (or a
+    fresh start when nothing was saved): the final adapters, merged model and optimizer
+    state equal an uninterrupted run's bit for bit, and no partial directory survives."""
+    reference = _run(_resumable(tmp_path / "reference", 0.0))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    killed = 0
+    for name, moment in _MOMENTS.items():
+        out = tmp_path / name
+        if not _kill_when(out, moment, 0.05):
+            continue
+        killed += 1
+        saved = [p for p in out.iterdir() if p.name.startswith(("epoch_", "step_"))]
+        resume = ["resume_from_checkpoint=True"] if saved else ["overwrite=True"]
+        resumed = _run([*_resumable(out, 0.0), *resume])
+        assert resumed.returncode == 0, (name, resumed.stderr[-3000:])
+        assert not [p for p in out.iterdir() if ".partial-" in p.name or ".old-" in p.name], name
+        for file in ("adapter/adapter_model.safetensors", "merged_int4/model.safetensors"):
+            expected = _tensors(tmp_path / "reference" / "epoch_1" / file)
+            got = _tensors(out / "epoch_1" / file)
+            assert got.keys() == expected.keys(), (name, file)
+            for key in expected:
+                assert torch.equal(got[key], expected[key]), (name, file, key)
+        ours = torch.load(out / "epoch_1" / "recipe_state.pt", weights_only=True)
+        theirs = torch.load(tmp_path / "reference" / "epoch_1" / "recipe_state.pt", weights_only=True)
+        for index, state in theirs["optimizer"]["state"].items():
+            for key, value in state.items():
+                assert torch.equal(ours["optimizer"]["state"][index][key], value), (name, index, key)
+    assert killed >= 3, f"only {killed} of the kill moments were reached"

@@ -4,7 +4,11 @@ import json
 
 import pytest
 
-from tests.recipes.test_qalora_finetune import _shared_overrides, _tune_run, requires_shared
+from tests.recipes.test_qalora_finetune import (
+    _shared_overrides,
+    _tune_run,
+    requires_shared,
+)
 
 
 def test_gptq_without_calibration_section_fails_in_one_line(tmp_path):
@@ -18,7 +22,10 @@ def test_gptq_without_calibration_section_fails_in_one_line(tmp_path):
     result = _tune_run("--config", str(config), cwd=tmp_path, timeout=300)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("qalora_finetune: error: model.quantizer=gptq needs a calibration: section")
+    assert last.startswith("qalora_finetune: error: ")
+    # preflight reports every problem at once: the missing sections and the calibration
+    assert "model.quantizer=gptq needs a calibration: section" in last
+    assert "the config has no checkpointer section" in last
 
 
 @requires_shared
