@@ -14,7 +14,7 @@ written in the file's convention (``intx`` stores torchao's ``zp = -z / s`` in f
 ``int4_tile_packed`` rounds to bf16), the only rounding a format adds.
 """
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 
@@ -107,19 +107,30 @@ def choose_merged_format(requested: str, model: torch.nn.Module, device: torch.d
             chosen = "int4_tile_packed"
         else:
             chosen = "intx"
-    if chosen in ("int4_tile_packed", "int4_plain") and not int4:
+    check_format_holds(chosen, layers)
+    return chosen
+
+
+def check_format_holds(merged_format: str, layers: List[QuantizedLinear]) -> None:
+    """Refuse a resolved ``merged_format`` that cannot hold ``layers``' bases.
+
+    Raises:
+        UserValueError: int4 formats for intx bases, or a format other than ``int4_plain``
+            for linears padded to whole groups.
+    """
+    int4 = all(uses_int4_kernel(m.bits, m.group_size) for m in layers)
+    if merged_format in ("int4_tile_packed", "int4_plain") and not int4:
         raise UserValueError(
-            f"merged_format={chosen} holds int4 kernel bases (bits <= 4, group_size 32/64/128/"
+            f"merged_format={merged_format} holds int4 kernel bases (bits <= 4, group_size 32/64/128/"
             "256); this model's base is stored as intx: set merged_format=intx"
         )
-    if padded and chosen != "int4_plain":
+    if merged_format != "int4_plain" and any(m.padded_in_dim != m.in_dim for m in layers):
         raise UserValueError(
-            f"merged_format={chosen} cannot hold linears padded to whole groups "
+            f"merged_format={merged_format} cannot hold linears padded to whole groups "
             "(model.pad_in_dim=True with a group size that does not divide in_dim); set "
-            "merged_format=int4_plain (qalora_tune.load_merged reads it anywhere), or train "
-            "with a model.group_size that divides every linear"
+            "merged_format=int4_plain (qalora_tune.load_merged reads it anywhere; int4 bases "
+            "only), or train with a model.group_size that divides every linear"
         )
-    return chosen
 
 
 def quantization_config(merged_format: str, group_size: int, bits: int) -> Dict[str, Any]:
