@@ -29,6 +29,9 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
+from qalora_tune.checkpointing._atomic import atomic_write_text
+from qalora_tune.errors import UserValueError
+
 __all__ = [
     "DEFAULT_MAX_SHARD_SIZE",
     "SAFETENSORS_INDEX_NAME",
@@ -93,11 +96,11 @@ def parse_size(size: Union[int, str], setting: str = "max_shard_size") -> int:
         try:
             value = int(float(number) * _SIZE_UNITS[unit])
         except (KeyError, ValueError):
-            raise ValueError(
+            raise UserValueError(
                 f"{setting}={size!r} is not a size; use bytes or a string such as '5GB' or '500MB'"
             ) from None
     if value <= 0:
-        raise ValueError(f"{setting}={size!r} must be positive")
+        raise UserValueError(f"{setting}={size!r} must be positive; set it to e.g. '5GB'")
     return value
 
 
@@ -352,7 +355,7 @@ class ShardedSafetensorsWriter:
             weight_map.update({tensor: name for tensor in shard["entries"]})
         if count > 1:
             index_json = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
-            (self.directory / SAFETENSORS_INDEX_NAME).write_text(json.dumps(index_json, indent=2))
+            atomic_write_text(self.directory / SAFETENSORS_INDEX_NAME, json.dumps(index_json, indent=2))
         return paths
 
     def _finish(self, path: Path, shard: Dict[str, Any]) -> None:

@@ -11,8 +11,8 @@ from torchtune.models.llama3_2 import llama3_2
 from torchtune.modules import TiedLinear
 
 from qalora_tune.models import qalora_llama2_7b, qalora_transformer
-from qalora_tune.modules import FoldedTiedLinear, Int4Linear, QALoRALinear
-from qalora_tune.quantization import dequantize_base, from_torchao_base, zero_base
+from qalora_tune.modules import FoldedTiedLinear, QALoRALinear, QuantizedLinear
+from qalora_tune.quantization.base_weight import dequantize_base, from_torchao_base, zero_base
 
 SMALL_LLAMA3_2 = dict(
     vocab_size=96, num_layers=3, num_heads=4, num_kv_heads=2, embed_dim=64,
@@ -79,7 +79,7 @@ def test_zero_base_dequantizes_to_zero(bits, group_size, double_quant):
     gq = from_torchao_base(weight)
     assert torch.count_nonzero(gq.scale) == 0 and torch.count_nonzero(gq.zero) == 0
     # the same subclass and inner shapes as a quantized base
-    layer = Int4Linear(128, 48, group_size=group_size, bits=bits, dtype=torch.bfloat16,
+    layer = QuantizedLinear(128, 48, group_size=group_size, bits=bits, dtype=torch.bfloat16,
                        double_quant_scales=double_quant)
     assert type(weight) is type(layer.weight)
     names, _ = weight.__tensor_flatten__()
@@ -90,7 +90,7 @@ def test_zero_base_dequantizes_to_zero(bits, group_size, double_quant):
 def test_the_builder_starts_from_zero_bases_and_initialised_adapters():
     torch.manual_seed(2)
     model = _small_llama3_2()
-    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     assert layers and all(torch.count_nonzero(dequantize_base(m.weight)) == 0 for m in layers)
     adapters = [m for m in layers if isinstance(m, QALoRALinear)]
     assert adapters and all(torch.count_nonzero(m.lora_a.weight) > 0 for m in adapters)

@@ -5,15 +5,13 @@ import torch
 import torch.nn.functional as F
 
 import qalora_tune.quantization.cpu_int4_blocks as blocks
-from qalora_tune.quantization import (
-    from_plain_int4,
-    from_torchao_int4,
+from qalora_tune.quantization import quantize_rtn
+from qalora_tune.quantization.cpu_int4_blocks import (
     plain_int4_to_cpu_int4,
-    quantize_rtn,
     quantize_rtn_to_cpu_int4,
-    to_plain_int4,
-    to_torchao_int4,
 )
+from qalora_tune.quantization.int4_weight import CpuInt4Tensor, from_torchao_int4, to_torchao_int4
+from qalora_tune.quantization.plain_int4 import from_plain_int4, to_plain_int4
 from qalora_tune.quantization.group_quant import GroupQuantizedWeight
 
 CASES = [  # rows, columns, group size, bits, dtype, padded columns
@@ -46,6 +44,7 @@ def test_blockwise_rtn_equals_quantize_then_pack(rows, columns, group_size, bits
         device="cpu", dtype=dtype,
     )
     built = quantize_rtn_to_cpu_int4(weight, group_size, bits, dtype, padded)
+    assert type(built) is CpuInt4Tensor is type(expected)  # the training storage, not torchao's
     assert built.shape == expected.shape and built.block_size == expected.block_size
     assert torch.equal(built.qdata, expected.qdata)
     assert torch.equal(built.scale_and_zero, expected.scale_and_zero)

@@ -11,7 +11,7 @@ from torchtune.models.llama2 import llama2
 import qalora_tune.recipe_utils._merge_report as merge_report
 from qalora_tune.models import qalora_transformer
 from qalora_tune.modules import QALoRALinear
-from qalora_tune.quantization import dequantize_base
+from qalora_tune.quantization.base_weight import dequantize_base
 from qalora_tune.recipe_utils import merge_weight_error, merge_with_report, summarize_report
 from tests.reference import UNIT_ROUNDOFF
 
