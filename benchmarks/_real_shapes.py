@@ -44,52 +44,38 @@ _LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192, "rope_type": "llama3"}
 
 # name -> (Hugging Face config.json, packaged config, tokenizer kind, checkpoint shards)
+# what every Llama 2 and every Llama 3.x shape share
+_LLAMA2 = dict(_LLAMA, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+               rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+_LLAMA3 = dict(_LLAMA, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
+               rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001)
+
+
+def _shape(base: Dict[str, Any], packaged_config: str, tokenizer: str, **sizes: Any) -> Dict[str, Any]:
+    return {"config": dict(base, **sizes), "packaged_config": packaged_config, "tokenizer": tokenizer}
+
+
 SHAPES: Dict[str, Dict[str, Any]] = {
-    "llama2_7b": {
-        "config": dict(_LLAMA, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
-                       num_key_value_heads=32, num_hidden_layers=32, vocab_size=32000,
-                       max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
-                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
-        "packaged_config": "llama2_7B_qalora", "tokenizer": "sentencepiece",
-    },
-    "llama2_13b": {
-        "config": dict(_LLAMA, hidden_size=5120, intermediate_size=13824, num_attention_heads=40,
-                       num_key_value_heads=40, num_hidden_layers=40, vocab_size=32000,
-                       max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
-                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
-        "packaged_config": "llama2_13B_qalora", "tokenizer": "sentencepiece",
-    },
-    "llama2_70b": {
-        "config": dict(_LLAMA, hidden_size=8192, intermediate_size=28672, num_attention_heads=64,
-                       num_key_value_heads=8, num_hidden_layers=80, vocab_size=32000,
-                       max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
-                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
-        "packaged_config": "llama2_70B_qalora", "tokenizer": "sentencepiece",
-    },
-    "llama3_1_8b": {
-        "config": dict(_LLAMA, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                       num_key_value_heads=8, num_hidden_layers=32, vocab_size=128256,
-                       max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
-                       rope_scaling=dict(_LLAMA3_ROPE, factor=8.0), tie_word_embeddings=False,
-                       bos_token_id=128000, eos_token_id=128001),
-        "packaged_config": "llama3_1_8B_qalora", "tokenizer": "tiktoken",
-    },
-    "llama3_2_1b": {
-        "config": dict(_LLAMA, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
-                       num_key_value_heads=8, num_hidden_layers=16, head_dim=64,
-                       vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
-                       rope_theta=500000.0, rope_scaling=dict(_LLAMA3_ROPE, factor=32.0),
-                       tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001),
-        "packaged_config": "llama3_2_1B_qalora", "tokenizer": "tiktoken",
-    },
-    "llama3_2_3b": {
-        "config": dict(_LLAMA, hidden_size=3072, intermediate_size=8192, num_attention_heads=24,
-                       num_key_value_heads=8, num_hidden_layers=28, head_dim=128,
-                       vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
-                       rope_theta=500000.0, rope_scaling=dict(_LLAMA3_ROPE, factor=32.0),
-                       tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001),
-        "packaged_config": "llama3_2_3B_qalora", "tokenizer": "tiktoken",
-    },
+    "llama2_7b": _shape(_LLAMA2, "llama2_7B_qalora", "sentencepiece", hidden_size=4096,
+                        intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                        num_hidden_layers=32),
+    "llama2_13b": _shape(_LLAMA2, "llama2_13B_qalora", "sentencepiece", hidden_size=5120,
+                         intermediate_size=13824, num_attention_heads=40, num_key_value_heads=40,
+                         num_hidden_layers=40),
+    "llama2_70b": _shape(_LLAMA2, "llama2_70B_qalora", "sentencepiece", hidden_size=8192,
+                         intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+                         num_hidden_layers=80),
+    "llama3_1_8b": _shape(_LLAMA3, "llama3_1_8B_qalora", "tiktoken", hidden_size=4096,
+                          intermediate_size=14336, num_attention_heads=32, num_hidden_layers=32,
+                          rope_scaling=dict(_LLAMA3_ROPE, factor=8.0), tie_word_embeddings=False),
+    "llama3_2_1b": _shape(_LLAMA3, "llama3_2_1B_qalora", "tiktoken", hidden_size=2048,
+                          intermediate_size=8192, num_attention_heads=32, num_hidden_layers=16,
+                          head_dim=64, rope_scaling=dict(_LLAMA3_ROPE, factor=32.0),
+                          tie_word_embeddings=True),
+    "llama3_2_3b": _shape(_LLAMA3, "llama3_2_3B_qalora", "tiktoken", hidden_size=3072,
+                          intermediate_size=8192, num_attention_heads=24, num_hidden_layers=28,
+                          head_dim=128, rope_scaling=dict(_LLAMA3_ROPE, factor=32.0),
+                          tie_word_embeddings=True),
     "qwen2_5_7b": {
         "config": {
             "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",

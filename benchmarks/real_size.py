@@ -47,7 +47,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -259,6 +259,7 @@ def run(shape: str, workdir: Path, layers: Optional[int] = None, phases: Sequenc
         command = [tune_command(), "run", "qalora_eval", "--config", str(eval_config)]
         results["phases"]["eval"] = _strip(run_phase("eval", command, workdir / "eval.log", env, ROOT, timeout))
     results.update(_sizes(checkpoint, merged))
+    results["int4_model_bytes"] = model_bytes(_real_shapes.hf_config(shape, layers))["model"]
     results["bounds"] = check_bounds(results)
     if not keep:
         for path in (checkpoint, run_dir, offline):
@@ -307,7 +308,10 @@ def _sizes(checkpoint: Path, merged: Path) -> Dict[str, Any]:
 def check_bounds(results: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Each memory bound of the module notes: its measured value, its limit, whether held."""
     phases, bounds = results["phases"], []
-    model = results.get("merged_file_bytes")
+    # the int4 model as trained (CPU kernel layout, 4.5 bits at G=64); the merged files
+    # may be larger (the default CPU format, intx, keeps a byte per code)
+    model = results.get("int4_model_bytes") or results.get("merged_file_bytes")
+    files = results.get("merged_file_bytes")
     finetune = phases.get("finetune", {})
     if model and "load_peak_rss_bytes" in finetune and "largest_tensor_bytes" in results:
         limit = model + results["largest_tensor_bytes"] + ALLOWANCE
@@ -330,11 +334,11 @@ def check_bounds(results: Dict[str, Any]) -> List[Dict[str, Any]]:
                                  phases["merge"]["peak_rss_bytes"], limit,
                                  "fine-tuning's load or training peak + one merged layer + 64 MB"))
     for loader in ("load_merged", "transformers"):
-        if model and loader in phases:
+        if files and loader in phases:
             phase = phases[loader]
             bounds.append(_bound(f"{loader} (load + first forward)",
                                  phase["peak_rss_bytes"] - phase["rss_after_import_bytes"],
-                                 LOADER_RATIO * model, "1.2 x merged files, above the imports"))
+                                 LOADER_RATIO * files, "1.2 x merged files, above the imports"))
     return bounds
 
 
@@ -375,11 +379,10 @@ def memory_model(reports: List[Dict[str, Any]]) -> List[str]:
     lines = []
     for report in reports:
         shape = report["settings"]["shape"]
-        measured_model = report.get("merged_file_bytes")
-        if not measured_model:
-            continue
+        files = report.get("merged_file_bytes")
         measured = model_bytes(_real_shapes.hf_config(shape, report["settings"]["layers"]))
         full = model_bytes(_real_shapes.hf_config(shape))
+        measured_model = measured["model"]
         finetune = report["phases"].get("finetune", {})
         rows = [
             ("load + quantize", finetune.get("load_peak_rss_bytes"),
@@ -387,16 +390,19 @@ def memory_model(reports: List[Dict[str, Any]]) -> List[str]:
             ("training", finetune.get("train_peak_rss_bytes"), 4 * (full["adapters"] - measured["adapters"])),
             ("merge + export", finetune.get("save_peak_rss_bytes"), 0),
         ]
-        for loader in ("load_merged", "transformers"):
-            phase = report["phases"].get(loader)
-            rows.append((loader, phase and phase["peak_rss_bytes"], 0))
+        phase = report["phases"].get("load_merged")
+        rows.append(("load_merged", phase and phase["peak_rss_bytes"], 0))
+        phase = report["phases"].get("transformers")
+        if phase and files:  # it holds the files' layout: scales with the files
+            rows.append(("transformers", phase["peak_rss_bytes"],
+                         (full["model"] - measured_model) * (files / measured_model - 1)))
         lines += [
             f"### {shape} at its full depth ({_real_shapes.SHAPES[shape]['config']['num_hidden_layers']} layers), "
             f"derived from the {report['settings']['layers'] or 'full'}-layer run",
             "",
-            f"Model (int4 linears, bf16 embeddings) {full['model'] / GB:.2f} GB (formula; "
-            f"{measured['model'] / GB:.3f} GB for the measured depth, whose merged files took "
-            f"{measured_model / GB:.3f} GB); checkpoint {full['checkpoint'] / GB:.2f} GB in bf16.",
+            f"Model as trained (int4 linears, bf16 embeddings) {full['model'] / GB:.2f} GB "
+            f"(formula; {measured_model / GB:.3f} GB at the measured depth, whose merged "
+            f"files took {(files or 0) / GB:.3f} GB); checkpoint {full['checkpoint'] / GB:.2f} GB in bf16.",
             "",
             "| phase | measured peak | above the model | predicted at full depth |",
             "|---|---:|---:|---:|",
@@ -499,6 +505,27 @@ def plot(reports: List[Dict[str, Any]], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def combine_reports(outputs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One report per shape and depth from runs that each did some of its phases (in the
+    order given: a later run's phases and sizes complete an earlier one's); the bounds are
+    checked again on the whole."""
+    combined: Dict[Tuple[str, Any], Dict[str, Any]] = {}
+    for output in outputs:
+        for report in output["reports"]:
+            settings = report["settings"]
+            key = (settings["shape"], settings["layers"])
+            into = combined.setdefault(key, {"phases": {}, "settings": dict(settings, phases=[])})
+            into["phases"].update(report["phases"])
+            into["settings"]["phases"] += [p for p in settings["phases"] if p not in into["settings"]["phases"]]
+            into.update({k: v for k, v in report.items() if k not in ("phases", "settings", "bounds")})
+    for report in combined.values():
+        settings = report["settings"]
+        report["int4_model_bytes"] = model_bytes(
+            _real_shapes.hf_config(settings["shape"], settings["layers"]))["model"]
+        report["bounds"] = check_bounds(report)
+    return list(combined.values())
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--child-write":
@@ -519,7 +546,19 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--shards", type=int, default=None, help="checkpoint files (default: ~2 GB each)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint and outputs")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "real_size")
+    parser.add_argument("--from-json", type=Path, action="append", default=[],
+                        help="combine the reports of earlier runs (phases run separately) "
+                             "into --out instead of running anything")
     args = parser.parse_args(argv)
+    if args.from_json:
+        outputs = [json.loads(p.read_text()) for p in args.from_json]
+        reports = combine_reports(outputs)
+        command = " && ".join(output["command"] for output in outputs)
+        write_outputs(args.out.with_suffix(".json"), args.out.with_suffix(".md"),
+                      {"command": command, "cpu": cpu_model_name(), "reports": reports},
+                      markdown(reports, command))
+        plot(reports, args.out.with_suffix(".png"))
+        return
     phases = [p for p in args.phases.split(",") if p]
     reports = []
     for shape in args.shape:

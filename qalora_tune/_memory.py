@@ -1,12 +1,10 @@
-"""The process's memory: resident size now and at its peak, and giving pages back.
+"""The process's memory: resident size now and at its peak, and lazily allocated zeros.
 
 Peak memory on a CPU is the process's peak resident set (``VmHWM``), which counts the
 pages of memory-mapped files it has touched as well as its own allocations: that is what
 an out-of-memory killer sees and what the real-size benchmark bounds.
 """
 
-import ctypes
-import ctypes.util
 import mmap
 import resource
 import sys
@@ -17,17 +15,11 @@ import torch
 __all__ = [
     "lazy_zeros",
     "memory_stats",
-    "page_out",
     "peak_rss_bytes",
     "reset_peak_rss",
     "rss_bytes",
 ]
 
-# madvise(2): reclaim a range now. Anonymous pages go to swap (or stay, without swap),
-# clean file-backed pages are dropped and read again from the file if touched: no data is
-# ever lost, so it is safe on any mapping. Linux 5.4+; elsewhere page_out does nothing.
-_MADV_PAGEOUT = 21
-_LIBC = None
 
 
 def rss_bytes() -> int:
@@ -108,32 +100,3 @@ def lazy_zeros(shape, dtype: torch.dtype, device=None) -> torch.Tensor:
         return torch.zeros(shape, dtype=dtype, device=device)
     buffer = mmap.mmap(-1, nbytes)  # the tensor keeps the map alive
     return torch.frombuffer(buffer, dtype=dtype).view(shape)
-
-
-def page_out(tensor: torch.Tensor) -> bool:
-    """Ask the kernel to reclaim the whole pages of ``tensor``'s memory now (``madvise``
-    ``MADV_PAGEOUT``).
-
-    For a tensor read from a memory-mapped file (transformers loads safetensors that way)
-    this gives back the file pages it touched, which otherwise stay in the process's RSS
-    for as long as the mapping lives; the data stay valid and are read again if used. On
-    anonymous memory without swap it changes nothing.
-
-    Returns:
-        bool: whether the kernel accepted the advice.
-    """
-    global _LIBC
-    if not sys.platform.startswith("linux") or tensor.device.type != "cpu":
-        return False
-    if not tensor.is_contiguous():
-        return False
-    size = tensor.numel() * tensor.element_size()  # its own bytes, not its storage's
-    begin = tensor.data_ptr()
-    page = mmap.PAGESIZE
-    start, stop = -(-begin // page) * page, (begin + size) // page * page
-    if stop <= start:
-        return False
-    if _LIBC is None:
-        _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        _LIBC.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    return _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), _MADV_PAGEOUT) == 0

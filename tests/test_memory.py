@@ -1,35 +1,34 @@
-"""The process's memory figures and ``page_out`` (file pages handed back, data intact)."""
+"""The process's memory figures, their reset, and lazily allocated zeros."""
 
 import sys
 
-import numpy as np
 import pytest
 import torch
 
-from qalora_tune._memory import page_out, peak_rss_bytes, rss_bytes
+from qalora_tune._memory import lazy_zeros, peak_rss_bytes, reset_peak_rss, rss_bytes
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise(MADV_PAGEOUT) is Linux's")
-def test_page_out_gives_back_touched_file_pages_and_keeps_the_data(tmp_path):
-    path = tmp_path / "weights.bin"
-    size = 96 << 20
-    values = np.random.default_rng(0).integers(0, 255, size, dtype=np.uint8)
-    values.tofile(path)
-    checksum = int(values.sum())
-    del values
-    mapped = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="r"))
+@linux_only
+def test_lazy_zeros_take_memory_only_where_written():
+    size = 256 << 20
     before = rss_bytes()
-    assert int(mapped.sum()) == checksum  # touches every page of the mapping
-    touched = rss_bytes()
-    assert touched - before > 0.8 * size
-    assert page_out(mapped)
-    assert touched - rss_bytes() > 0.8 * size  # handed back
-    assert int(mapped.sum()) == checksum  # and read again from the file when used
-    assert peak_rss_bytes() >= touched
+    zeros = lazy_zeros((size // 2,), torch.bfloat16, "cpu")
+    assert zeros.shape == (size // 2,) and zeros.dtype == torch.bfloat16
+    assert rss_bytes() - before < 0.1 * size  # nothing resident yet
+    zeros[: size // 8] = 1.0  # a quarter of the bytes written
+    grown = rss_bytes() - before
+    assert 0.2 * size < grown < 0.45 * size
+    assert float(zeros.sum()) == size // 8  # the rest reads as zeros
 
 
-def test_page_out_of_anonymous_memory_keeps_it():
-    block = torch.arange(1 << 20, dtype=torch.int32)
-    page_out(block)  # without swap nothing moves; with swap it comes back on use
-    assert torch.equal(block, torch.arange(1 << 20, dtype=torch.int32))
-    assert not page_out(block[::2])  # not contiguous: nothing to advise
+@linux_only
+def test_the_peak_follows_an_allocation_and_restarts_when_reset():
+    block = torch.ones(128 << 20, dtype=torch.uint8)  # 128 MiB, touched
+    high = peak_rss_bytes()
+    assert high >= rss_bytes() >= block.numel()
+    del block
+    if not reset_peak_rss():
+        pytest.skip("this kernel refuses /proc/self/clear_refs")
+    assert peak_rss_bytes() < high - (64 << 20)

@@ -92,7 +92,8 @@ def test_the_config_trains_on_its_real_shape_and_transformers_loads_the_merge(re
         assert 0 < loss < 30, line  # random weights: about log(vocab), and finite
     merged = workdir / "run" / "epoch_0" / "merged_int4"
     quant = json.loads((merged / "config.json").read_text())["quantization_config"]
-    assert quant["quant_type"]["default"]["_type"] == "Int4WeightOnlyConfig"
+    # on CPU the default merged format is intx: stock torchao runs it in transformers
+    assert quant["quant_type"]["default"]["_type"] == "IntxWeightOnlyConfig"
     report = json.loads((merged / "merge_report.json").read_text())
     weight = report["merge_weight_error"]
     assert weight["layers"] > 0 and weight["max_relative_to_zero_point"] <= weight["unit_roundoff"]
@@ -111,10 +112,13 @@ def test_a_real_size_cycle_holds_its_memory_bounds(real_run):
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 1 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
     assert index["metadata"]["total_size"] > 0
-    # transformers and load_merged read across the shards and generate the same tokens
+    # transformers and load_merged read across the shards and generate (load_merged computes
+    # with the int4 kernel, transformers dequantizes the intx file: greedy tokens of a random
+    # model may differ where two logits are within their roundings, so only finiteness and
+    # the number of tokens are compared)
     phases = results["phases"]
-    assert phases["transformers"]["finite"] and phases["load_merged"]["finite"]
-    assert phases["load_merged"]["generated"] == phases["transformers"]["generated"]
+    for loader in ("transformers", "load_merged"):
+        assert phases[loader]["finite"] and len(phases[loader]["generated"]) == 4
     bounds = {bound["bound"].split(" (")[0]: bound for bound in results["bounds"]}
     for name in ("load + quantize", "training", "merge + export", "qalora_merge"):
         bound = bounds[name]
