@@ -39,6 +39,7 @@ from torchtune import modules, training, utils
 from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
+from qalora_tune._memory import memory_stats, peak_rss_bytes, reset_peak_rss
 from qalora_tune.checkpointing import (
     choose_merged_format,
     RECIPE_STATE_NAME,
@@ -88,6 +89,7 @@ from qalora_tune.recipe_utils import (
     run_on_rank_zero,
     run_recipe,
     set_interrupt_note,
+    summarize_report,
     summary_json,
     summary_lines,
     training_loader,
@@ -267,8 +269,8 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             f"parameters, dtype {self._dtype}, device {self._device}; the base stores "
             f"{base_bits_per_weight(model):.3f} bits per linear weight"
         )
-        if self._device.type == "cuda":
-            training.log_memory_stats(training.get_memory_stats(device=self._device))
+        if self._log_peak_memory_stats:
+            _info(_format_memory(memory_stats(self._device)))
         return model
 
     def _setup_loss(self, cfg_loss: DictConfig) -> nn.Module:
@@ -389,6 +391,8 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             _info("torch.compile is on: the first steps compile the model (slow)")
         self._model.train()
         for epoch in range(self.epochs_run, self.total_epochs):
+            if self._log_peak_memory_stats:
+                reset_peak_rss()  # the steps log the peak of training, not of loading
             self._dataloader.sampler.set_epoch(epoch)
             if self._resumed_dataloader_state is not None:  # mid-epoch: skip what was seen
                 self._dataloader.load_state_dict(self._resumed_dataloader_state)
@@ -474,8 +478,8 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         }
         if grad_norm is not None:
             values["grad_norm"] = float(grad_norm)
-        if self._device.type == "cuda" and self._log_peak_memory_stats:
-            values.update(training.get_memory_stats(device=self._device))
+        if self._log_peak_memory_stats:  # CUDA's allocator peaks, and the process's RSS
+            values.update(memory_stats(self._device))
         if self._metric_logger is not None:
             self._metric_logger.log_dict(values, step=self.global_step)
 
@@ -542,6 +546,8 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         """Write ``epoch_{epoch}/``: the adapter, the merged int4 model (unless
         ``save_merged_int4=False``) and the recipe state."""
         start = time.perf_counter()
+        if self._log_peak_memory_stats:
+            reset_peak_rss()  # the save's own peak, logged below
         recipe_state = self._recipe_state(epoch, 0)
         layers = self._adapter_modules
         if not self._save_merged_int4:
@@ -567,10 +573,10 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         finally:
             for layer in layers.values():
                 layer.unmerge()  # restores the zeros bit for bit
-        _info(
-            f"Saved {path} in {time.perf_counter() - start:.1f}s; merged int4 vs unmerged "
-            f"logits: max relative error {report['max_relative_logit_error']:.2e}"
-        )
+        saved = f"Saved {path} in {time.perf_counter() - start:.1f}s"
+        if self._log_peak_memory_stats:
+            saved += f" (peak RSS of the merge and export {peak_rss_bytes() / 2**30:.2f} GiB)"
+        _info(f"{saved}; {summarize_report(report)}")
 
     def _restore(self, saved: Dict[str, Any]) -> None:
         check_resume_matches(saved["adapter_config"], self._adapter_metadata, saved["path"])
@@ -622,6 +628,16 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         if self._metric_logger is not None:
             self._metric_logger.close()
         destroy_distributed()
+
+
+def _format_memory(stats: Dict[str, float]) -> str:
+    text = f"Memory: RSS {stats['rss_gib']:.2f} GiB (peak {stats['peak_rss_gib']:.2f} GiB)"
+    if "peak_memory_alloc" in stats:
+        text += (
+            f"; CUDA peak allocated {stats['peak_memory_alloc']:.2f} GiB, reserved "
+            f"{stats['peak_memory_reserved']:.2f} GiB"
+        )
+    return text
 
 
 def recipe_main(cfg: DictConfig) -> None:

@@ -47,7 +47,11 @@ from qalora_tune.recipe_utils._evaluation import (
 from qalora_tune.recipe_utils._finetune_preflight import finetune_preflight
 from qalora_tune.recipe_utils._full_precision import load_full_precision
 from qalora_tune.recipe_utils._instantiate import instantiate_section
-from qalora_tune.recipe_utils._merge_report import merge_with_report
+from qalora_tune.recipe_utils._merge_report import (
+    merge_weight_error,
+    merge_with_report,
+    summarize_report,
+)
 from qalora_tune.recipe_utils._output_dir import (
     LOCK_NAME,
     OutputDirLock,
@@ -142,6 +146,7 @@ __all__ = [
     "is_rank_zero",
     "join_problems",
     "load_full_precision",
+    "merge_weight_error",
     "merge_with_report",
     "model_spec_without_adapters",
     "next_token_loss",
@@ -161,6 +166,7 @@ __all__ = [
     "run_recipe",
     "set_interrupt_note",
     "shard_indices",
+    "summarize_report",
     "summary_json",
     "summary_lines",
     "tokenizer_vocab_size",
