@@ -69,6 +69,22 @@ class Benchmark:
         batches = {"val": target.val, "test": target.test, "tinystories": self.tinystories}
         return {split: perplexity(model, batches[split]) for split in splits}
 
+    def _train(
+        self, kind: str, model: nn.Module, target: TargetData, lr: float, seed: int, **extra: Any
+    ) -> tuple[list[float], float]:
+        """Train ``model`` on the target's batches for ``seed``, and record the run;
+        returns the losses and the seconds it took."""
+        start = time.perf_counter()
+        losses = train(
+            model,
+            training_batches(target.train, self.args.batch_size, self.args.steps, seed),
+            self.args.steps,
+            lr,
+        )
+        seconds = time.perf_counter() - start
+        self._record_training(kind, target, lr, seed, losses, seconds, **extra)
+        return losses, seconds
+
     def _record_training(
         self,
         kind: str,
@@ -160,15 +176,7 @@ class Benchmark:
         key = (target.name, kind, lr, seed)
         if key not in self._merged:
             model = self.models.lora(seed, nf4=kind == "qlora")
-            start = time.perf_counter()
-            losses = train(
-                model,
-                training_batches(target.train, self.args.batch_size, self.args.steps, seed),
-                self.args.steps,
-                lr,
-            )
-            seconds = time.perf_counter() - start
-            self._record_training(kind, target, lr, seed, losses, seconds)
+            losses, seconds = self._train(kind, model, target, lr, seed)
             _log(
                 f"{target.name}: {kind} lr={lr:.3g} seed={seed}: loss {losses[-1] if losses else '-'} "
                 f"({seconds:.0f}s)"
@@ -279,21 +287,12 @@ class Benchmark:
         if key not in self._qalora:
             alpha = qalora_alpha(pooling, group_size)
             model = self.models.qalora(bits, group_size, quantizer, alpha, seed, target)
-            start = time.perf_counter()
-            losses = train(
-                model,
-                training_batches(target.train, self.args.batch_size, self.args.steps, seed),
-                self.args.steps,
-                lr,
-            )
-            seconds = time.perf_counter() - start
-            self._record_training(
+            _, seconds = self._train(
                 "qalora",
+                model,
                 target,
                 lr,
                 seed,
-                losses,
-                seconds,
                 bits=bits,
                 group_size=group_size,
                 quantizer=quantizer,
