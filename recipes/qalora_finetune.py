@@ -57,8 +57,6 @@ from qalora_tune.recipe_utils import (
     IGNORE_INDEX,
     OutputDirLock,
     TrainingError,
-    all_reduce_gradients,
-    all_reduce_sum,
     barrier,
     broadcast_parameters,
     build_dataset,
@@ -78,8 +76,10 @@ from qalora_tune.recipe_utils import (
     instantiate_section,
     is_rank_zero,
     load_full_precision,
+    loss_step,
     merge_with_report,
     model_spec_without_adapters,
+    optimizer_step,
     package_versions,
     probe_batch,
     remove_previous_run,
@@ -367,17 +367,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
     # ------------------------------------------------------------------ training
 
     def _loss_step(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-        labels = batch.pop("labels")
-        with self._activations_ctx:
-            logits = self._model(**batch)
-        # position t predicts token t + 1: shift labels left, pad with the ignore index
-        labels = torch.hstack((labels[..., 1:], torch.full_like(labels[..., :1], IGNORE_INDEX)))
-        if not isinstance(logits, list):
-            labels = labels.reshape(-1)
-            logits = logits.reshape(-1, logits.size(-1))
-        loss = self._loss_fn(logits, labels)
-        del logits
-        return loss
+        return loss_step(self._model, self._loss_fn, batch, self._activations_ctx)
 
     def train(self) -> None:
         """Run the remaining epochs, saving adapter and recipe state after each (and every
@@ -454,20 +444,10 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
     def _optimizer_step(self, running_loss: torch.Tensor, num_tokens: torch.Tensor):
         """Sum gradients, loss and token counts over ranks, normalise by the global token
         count and step; returns the gradient norm (when clipping) and the step's loss."""
-        totals = torch.stack([running_loss.to(torch.float64), num_tokens.to(torch.float64)])
-        loss_sum, token_count = all_reduce_sum(totals).tolist()
-        all_reduce_gradients(self._adapter_params.values())
-        training.scale_grads(self._model, 1 / torch.tensor(token_count, device=self._device))
-        grad_norm = None
-        if self._clip_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                self._adapter_params.values(), max_norm=float(self._clip_grad_norm)
-            )
-        self._optimizer.step()
-        self._optimizer.zero_grad(set_to_none=True)
-        if self._lr_scheduler is not None:
-            self._lr_scheduler.step()
-        return grad_norm, loss_sum / token_count
+        return optimizer_step(
+            self._model, self._adapter_params.values(), self._optimizer, self._lr_scheduler,
+            running_loss, num_tokens, self._clip_grad_norm,
+        )
 
     def _log_step(self, loss: float, num_tokens, step_start: float, grad_norm) -> None:
         seconds = time.perf_counter() - step_start

@@ -90,6 +90,7 @@ from qalora_tune.recipe_utils._summary import (
     summary_json,
     summary_lines,
 )
+from qalora_tune.recipe_utils._train_step import loss_step, optimizer_step
 from qalora_tune.recipe_utils._training_state import (
     capture_rng,
     check_data_order,
@@ -146,10 +147,12 @@ __all__ = [
     "is_rank_zero",
     "join_problems",
     "load_full_precision",
+    "loss_step",
     "merge_weight_error",
     "merge_with_report",
     "model_spec_without_adapters",
     "next_token_loss",
+    "optimizer_step",
     "package_versions",
     "packaged_config_names",
     "padded_collate",
