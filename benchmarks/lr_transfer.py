@@ -69,7 +69,7 @@ from _report import (
     parse_with_quick,
     write_outputs,
 )
-from accuracy import best_lr, grid_ratio, is_bracketed, lr_extensions, use_pooling
+from _accuracy_common import best_lr, grid_ratio, is_bracketed, lr_extensions
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SHARED = ROOT.parent / "shared"
@@ -195,6 +195,21 @@ def adapted_model(
     else:
         model = get_component_from_path(builder)(**knobs)
     return use_pooling(model, pooling)
+
+
+def use_pooling(model: torch.nn.Module, pooling: str) -> torch.nn.Module:
+    """Switch every QA-LoRA adapter of ``model`` to ``pooling`` (``sum``: what the builders
+    make; ``mean``: earlier qalora-tune's parametrization), drawing ``A`` again in that
+    convention where it changes."""
+    from qalora_tune.modules import QALoRALinear
+
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    for module in model.modules():
+        if isinstance(module, QALoRALinear) and module.pooling != pooling:
+            module.pooling = pooling
+            module.initialize_parameters()
+    return model
 
 
 def adamw_lora_plus(params: Iterable[torch.nn.Parameter], lr: float, b_lr_ratio: float = 1.0,

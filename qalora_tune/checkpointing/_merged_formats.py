@@ -14,7 +14,7 @@ written in the file's convention (``intx`` stores torchao's ``zp = -z / s`` in f
 ``int4_tile_packed`` rounds to bf16), the only rounding a format adds.
 """
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 
@@ -36,11 +36,14 @@ from qalora_tune.quantization.base_weight import (
     to_base,
     uses_int4_kernel,
 )
+from qalora_tune.quantization.cpu_int4_blocks import cpu_int4_to_plain_int4, plain_int4_to_cpu_int4
 from qalora_tune.quantization.group_quant import GroupQuantizedWeight
 from qalora_tune.quantization.int4_weight import (
+    CpuInt4Tensor,
     as_int4_base,
     from_torchao_int4,
     tinygemm_int4,
+    with_dense_scales,
 )
 from qalora_tune.quantization.intx_weight import (
     as_intx_base,
@@ -60,6 +63,7 @@ __all__ = [
     "MERGED_FORMATS",
     "RUNS_ON",
     "base_from_file",
+    "file_weight_nbytes",
     "is_file_base",
     "choose_merged_format",
     "portable_weight",
@@ -75,6 +79,16 @@ RUNS_ON = {
     "int4_tile_packed": "CUDA sm80+ with stock torch + torchao + transformers (tinygemm)",
     "int4_plain": "CUDA with fbgemm-gpu-genai (stock), or anywhere through qalora_tune.load_merged",
 }
+
+PADDED_RUNS_ON = "only through qalora_tune.load_merged (partial last groups; stock loading refuses it)"
+
+
+def runs_on(merged_format: str, model: torch.nn.Module) -> str:
+    """Where a merged file of ``merged_format`` written from ``model`` runs (one line)."""
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    if merged_format == "int4_plain" and any(m.padded_in_dim != m.in_dim for m in layers):
+        return PADDED_RUNS_ON
+    return RUNS_ON[merged_format]
 
 
 def choose_merged_format(requested: str, model: torch.nn.Module, device: torch.device) -> str:
@@ -103,24 +117,47 @@ def choose_merged_format(requested: str, model: torch.nn.Module, device: torch.d
             chosen = "int4_tile_packed"
         else:
             chosen = "intx"
-    if chosen in ("int4_tile_packed", "int4_plain") and not int4:
-        raise UserValueError(
-            f"merged_format={chosen} holds int4 kernel bases (bits <= 4, group_size 32/64/128/"
-            "256); this model's base is stored as intx: set merged_format=intx"
-        )
-    if padded and chosen != "int4_plain":
-        raise UserValueError(
-            f"merged_format={chosen} cannot hold linears padded to whole groups "
-            "(model.pad_in_dim=True with a group size that does not divide in_dim); set "
-            "merged_format=int4_plain (qalora_tune.load_merged reads it anywhere), or train "
-            "with a model.group_size that divides every linear"
-        )
+    check_format_holds(chosen, layers)
     return chosen
 
 
-def quantization_config(merged_format: str, group_size: int, bits: int) -> Dict[str, Any]:
+def check_format_holds(merged_format: str, layers: List[QuantizedLinear]) -> None:
+    """Refuse a resolved ``merged_format`` that cannot hold ``layers``' bases.
+
+    Raises:
+        UserValueError: int4 formats for intx bases, or a format other than ``int4_plain``
+            for linears padded to whole groups.
+    """
+    int4 = all(uses_int4_kernel(m.bits, m.group_size) for m in layers)
+    if merged_format in ("int4_tile_packed", "int4_plain") and not int4:
+        raise UserValueError(
+            f"merged_format={merged_format} holds int4 kernel bases (bits <= 4, group_size 32/64/128/"
+            "256); this model's base is stored as intx: set merged_format=intx"
+        )
+    if merged_format != "int4_plain" and any(m.padded_in_dim != m.in_dim for m in layers):
+        raise UserValueError(
+            f"merged_format={merged_format} cannot hold linears padded to whole groups "
+            "(model.pad_in_dim=True with a group size that does not divide in_dim); set "
+            "merged_format=int4_plain (qalora_tune.load_merged reads it anywhere; int4 bases "
+            "only), or train with a model.group_size that divides every linear"
+        )
+
+
+PADDED_INT4_CONFIG_TYPE = "NeedsQaloraTune_LoadWith_qalora_tune_load_merged_PaddedLastGroup"
+"""``_type`` written for a plain file with partial last groups, which no stock torchao
+kernel runs: stock ``from_pretrained`` then stops at once with a line naming it."""
+
+
+def quantization_config(
+    merged_format: str, group_size: int, bits: int, padded: bool = False
+) -> Dict[str, Any]:
     """``config.json``'s ``quantization_config``: what transformers' ``TorchAoConfig``
-    writes for this format, so stock ``from_pretrained`` builds the right torchao class."""
+    writes for this format, so stock ``from_pretrained`` builds the right torchao class.
+
+    A padded ``int4_plain`` file (partial last groups) gets an unknown ``_type`` instead,
+    :data:`PADDED_INT4_CONFIG_TYPE`: torchao's config reader refuses it in one line
+    naming ``qalora_tune.load_merged``, rather than a kernel error at the first forward.
+    """
     if merged_format == "intx":
         config = IntxWeightOnlyConfig(
             weight_dtype=getattr(torch, f"int{bits}"),
@@ -134,9 +171,12 @@ def quantization_config(merged_format: str, group_size: int, bits: int) -> Dict[
             else Int4PackingFormat.PLAIN
         )
         config = Int4WeightOnlyConfig(group_size=group_size, int4_packing_format=packing)
+    quant_type = config_to_dict(config)
+    if padded and merged_format == "int4_plain":
+        quant_type["_type"] = PADDED_INT4_CONFIG_TYPE
     return {
         "quant_method": "torchao",
-        "quant_type": {"default": config_to_dict(config)},
+        "quant_type": {"default": quant_type},
         "modules_to_not_convert": None,
         "include_input_output_embeddings": False,
         "untie_embedding_weights": False,
@@ -151,6 +191,12 @@ def portable_weight(
     if merged_format == "intx" and is_intx_weight(module.weight):
         intx = as_stock_intx(reorder_intx_rows(module.weight, rows, device="cpu"))
         return intx, _bytes(intx.qdata, intx.scale, intx.zero_point)
+    if merged_format == "int4_plain" and isinstance(module.weight, CpuInt4Tensor):
+        # the same bits without whole-weight temporaries: a block of rows at a time
+        plain = cpu_int4_to_plain_int4(
+            with_dense_scales(module.weight), rows.cpu(), in_features=module.in_dim
+        )
+        return plain, plain_int4_bytes(plain)
     gq = _permute_rows(from_torchao_base(module.weight), rows)
     if merged_format == "intx":
         intx = _intx_with_float32_grid(gq, module.weight.dtype)
@@ -198,6 +244,15 @@ def _bytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def file_weight_nbytes(tensor: torch.Tensor) -> int:
+    """Bytes a quantized linear of a file format takes: codes, scales and zero points."""
+    if isinstance(tensor, Int4Tensor):
+        return plain_int4_bytes(tensor)
+    if isinstance(tensor, Int4TilePackedTo4dTensor):
+        return _bytes(tensor.qdata, tensor.scale_and_zero)
+    return _bytes(tensor.qdata, tensor.scale, tensor.zero_point)
+
+
 def is_file_base(tensor: torch.Tensor) -> bool:
     """Whether a tensor read from a merged file is a quantized linear (any format)."""
     return isinstance(tensor, (Int4Tensor, Int4TilePackedTo4dTensor, IntxUnpackedToInt8Tensor))
@@ -219,6 +274,9 @@ def base_from_file(
     if isinstance(tensor, IntxUnpackedToInt8Tensor) and not module.config.uses_int4_kernel:
         return as_intx_base(reorder_intx_rows(tensor, rows, device=device, dtype=dtype))
     if isinstance(tensor, Int4Tensor):
+        if device.type == "cpu" and module.config.uses_int4_kernel and not module.double_quant_scales:
+            # the same bits without whole-weight temporaries: a block of rows at a time
+            return plain_int4_to_cpu_int4(tensor, dtype, rows, module.padded_in_dim)
         gq = from_plain_int4(tensor, module.padded_in_dim)
     elif isinstance(tensor, IntxUnpackedToInt8Tensor):
         gq = from_torchao_intx(tensor)

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import accuracy
@@ -87,20 +86,10 @@ def test_small_helpers():
     assert accuracy.nf4_scaler_block_size(64 * 128) == 128
     assert accuracy.nf4_scaler_block_size(128 * 128) == 256
     assert accuracy.nf4_scaler_block_size(384 * 128) == 256
+    assert accuracy.qalora_alpha("mean", 32) == 16.0
+    assert accuracy.qalora_alpha("sum", 64) == 16.0 * 64
     with pytest.raises(ValueError):
-        accuracy.use_pooling(torch.nn.Linear(2, 2), "max")
-
-
-def test_use_pooling_switches_the_adapters_and_draws_a_again():
-    from qalora_tune.modules import QALoRALinear
-
-    model = torch.nn.Sequential(QALoRALinear(128, 16, rank=4, alpha=8.0, group_size=32))
-    layer = model[0]
-    before = layer.lora_a.weight.detach().clone()
-    assert accuracy.use_pooling(model, "sum") is model and torch.equal(layer.lora_a.weight, before)
-    accuracy.use_pooling(model, "mean")
-    assert layer.pooling == "mean" and not torch.equal(layer.lora_a.weight, before)
-    assert layer.lora_a.weight.abs().max() > 0.8 / 4**0.5  # nn.Linear's bound on fan-in n_groups
+        accuracy.qalora_alpha("max", 32)
 
 
 def test_quick_changes_defaults_but_explicit_options_win():

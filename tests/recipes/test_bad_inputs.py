@@ -207,6 +207,10 @@ FINETUNE_SETTINGS = [
     ("accumulation-zero", ["gradient_accumulation_steps=0"], ["gradient_accumulation_steps=0"]),
     ("save_every-zero", ["save_every_n_steps=0"], ["save_every_n_steps=0"]),
     ("probe-negative", ["merge_probe_size=-1"], ["merge_probe_size=-1", "non-negative integer"]),
+    ("shard-size-text", ["checkpointer.max_shard_size=big"],
+     ["checkpointer.max_shard_size='big' is not a size", "e.g. 5GB"]),
+    ("shard-size-zero", ["checkpointer.max_shard_size=0"], ["checkpointer.max_shard_size=0 is not a size"]),
+    ("num_layers-zero", ["model.num_layers=0"], ["model.num_layers=0 is not a positive integer"]),
     ("shuffle-text", ["shuffle=maybe"], ["shuffle='maybe' is not True or False"]),
     ("compile-int", ["compile=3"], ["compile=3 is not True or False"]),
     ("resume-text", ["resume_from_checkpoint=yes please"], ["resume_from_checkpoint='yes please'"]),
@@ -263,6 +267,11 @@ MODEL_KNOBS = [
     ("quantizer-unknown", ["model.quantizer=awq"], ["model.quantizer='awq' is not a base quantizer"]),
     ("targets-unknown", ["model.lora_attn_modules=[q_proj,query]"], ["model.lora_attn_modules"]),
     ("double-quant-text", ["model.double_quant_scales=sometimes"], ["model.double_quant_scales"]),
+    # an 8-bit (intx) base padded to whole groups has no merged file layout: refused before training
+    ("padded-intx-merge", ["model.bits=8", "model.group_size=48", "model.pad_in_dim=True"],
+     ["cannot hold linears padded to whole groups", "set merged_format=int4_plain"]),
+    ("format-for-intx", ["model.bits=8", "merged_format=int4_tile_packed"],
+     ["merged_format=int4_tile_packed holds int4 kernel bases", "set merged_format=intx"]),
 ]
 
 
