@@ -60,3 +60,12 @@ def parse_with_quick(parser: argparse.ArgumentParser, quick_defaults: Dict[str, 
     if parser.parse_known_args(argv)[0].quick:
         parser.set_defaults(**quick_defaults)
     return parser.parse_args(argv)
+
+
+def publish(report: Any, markdown: str, args: argparse.Namespace, plot: Any = None) -> None:
+    """Print ``markdown``, write ``args.json``/``args.markdown``, and ``plot(report, args.plot)``
+    when a plot path was given."""
+    print(markdown)
+    write_outputs(args.json, args.markdown, report, markdown, indent=1)
+    if args.plot and plot is not None:
+        plot(report, args.plot)

@@ -62,14 +62,14 @@ from typing import Any
 
 import torch
 
+from _accuracy_common import best_lr, grid_ratio, is_bracketed, lr_extensions
 from _report import (
     add_output_arguments,
     command_line,
     cpu_model_name,
     parse_with_quick,
-    write_outputs,
+    publish,
 )
-from _accuracy_common import best_lr, grid_ratio, is_bracketed, lr_extensions
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SHARED = ROOT.parent / "shared"
@@ -931,11 +931,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "cpu_seconds": sum(r["cpu_seconds"] for r in points),
         "wall_seconds": time.perf_counter() - start,
     }
-    markdown = markdown_report(report)
-    print(markdown)
-    write_outputs(args.json, args.markdown, report, markdown, indent=1)
-    if args.plot:
-        plot(report, args.plot)
+    publish(report, markdown_report(report), args, plot)
     return report
 
 
