@@ -297,7 +297,7 @@ def point_overrides(point: Point, args: argparse.Namespace, output_dir: Path) ->
             *(f"{k}={v}" for k, v in TINY_PROTOCOL.items()),
         ]
     overrides.append(f"model.builder={builder_of(case, builder)}")
-    overrides += [f"model._component_=lr_transfer.adapted_model", f"model.pooling={point.pooling}"]
+    overrides += ["model._component_=lr_transfer.adapted_model", f"model.pooling={point.pooling}"]
     if point.b_lr_ratio != 1.0:
         overrides += ["optimizer._component_=lr_transfer.adamw_lora_plus",
                       f"optimizer.b_lr_ratio={point.b_lr_ratio!r}"]
