@@ -240,6 +240,7 @@ def load_merged(
     path: Union[str, Path],
     device: Union[str, torch.device, None] = None,
     dtype: Optional[torch.dtype] = None,
+    task: Union[str, Path, None] = None,
 ) -> nn.Module:
     """A torchtune model from a ``merged_int4/`` directory, its linears torchao int4.
 
@@ -253,9 +254,11 @@ def load_merged(
         device (str or torch.device, optional): defaults to ``"cpu"``.
         dtype (torch.dtype, optional): compute dtype; defaults to the stored one
             (``config.json``'s ``torch_dtype``); CUDA needs bf16.
+        task (str or Path, optional): a task package (``qalora_tune.tasks``) whose zero
+            points replace the loaded ones; ``model.load_task(path)`` switches later.
 
     Returns:
-        nn.Module: the model in eval mode.
+        nn.Module: the model in eval mode, with ``model.load_task``.
 
     Raises:
         FileNotFoundError: if a file is missing.
@@ -314,7 +317,10 @@ def load_merged(
     missing = expected - loaded
     if missing:
         raise UserValueError(f"{path} lacks weights the model needs, e.g. {sorted(missing)[:3]}")
-    return model.eval()
+    # task tables (qalora_tune.tasks): model.load_task(...), and task= applied here
+    from qalora_tune.tasks.switch import enable_task_switching
+
+    return enable_task_switching(model.eval(), key_map, hf_config, path, task)
 
 
 def _int4_module(model: nn.Module, key: str) -> Int4Linear:

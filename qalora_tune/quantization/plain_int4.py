@@ -139,13 +139,31 @@ def plain_int4_bytes(weight: Int4Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in (weight.qdata, weight.scale, weight.zero_point))
 
 
+def _version(tensor: torch.Tensor) -> int:
+    """A tensor's in-place write counter (-1 for inference tensors, which have none)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return -1
+
+
 def _kernel_weight(weight: Int4Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The weight repacked for this device's int4 kernel, built once and cached on it."""
-    cached = getattr(weight, _CACHE_ATTRIBUTE, None)
-    if cached is None or cached.dtype != dtype or cached.device != weight.qdata.device:
+    """The weight repacked for this device's int4 kernel, built once and cached on it.
+
+    The cache is rebuilt when codes, scales or zero points were written in place since
+    (their version counters moved), e.g. a task's zero points copied into ``zero_point``.
+    """
+    versions = tuple(_version(t) for t in (weight.qdata, weight.scale, weight.zero_point))
+    cached, cached_versions = getattr(weight, _CACHE_ATTRIBUTE, (None, None))
+    if (
+        cached is None
+        or cached_versions != versions
+        or cached.dtype != dtype
+        or cached.device != weight.qdata.device
+    ):
         gq = from_plain_int4(weight)
         cached = to_torchao_int4(gq, device=weight.qdata.device, dtype=dtype)
-        setattr(weight, _CACHE_ATTRIBUTE, cached)
+        setattr(weight, _CACHE_ATTRIBUTE, (cached, versions))
     return cached
 
 

@@ -106,12 +106,17 @@ FINETUNE_SETTINGS: SettingsSchema = {
 }
 
 # a training config (every key the fine-tuning recipe reads) plus the adapter to merge
-MERGE_KEYS: Tuple[str, ...] = FINETUNE_KEYS + ("adapter_dir", "merged_dir")
+MERGE_KEYS: Tuple[str, ...] = FINETUNE_KEYS + ("adapter_dir", "merged_dir") + (
+    "base_dir", "merged_format", "task_name",  # merged_format=zero_table (qalora_tune.tasks)
+)
 
 MERGE_SETTINGS: SettingsSchema = {
     **FINETUNE_SETTINGS,
     "adapter_dir": text("/tmp/qalora-tune/tiny_qalora/epoch_0/adapter").needed(),
     "merged_dir": text("/tmp/qalora-tune/my_int4").optional(),
+    "merged_format": text("zero_table").optional(),
+    "base_dir": text("/models/base_int4").optional(),
+    "task_name": text("shakespeare").optional(),
 }
 
 GENERATE_KEYS: Tuple[str, ...] = (
@@ -122,6 +127,7 @@ GENERATE_KEYS: Tuple[str, ...] = (
     "output_dir",
     "prompt",
     "seed",
+    "task",
     "temperature",
     "tokenizer",
     "top_k",
@@ -131,6 +137,7 @@ GENERATE_SETTINGS: SettingsSchema = {
     "device": device_name().needed(),
     "dtype": text("bf16").optional(),
     "merged_dir": text("/tmp/qalora-tune/tiny_qalora/epoch_0/merged_int4").needed(),
+    "task": text("/tasks/shakespeare").optional(),
     "prompt": prompt_text().needed(),
     "max_new_tokens": positive_int("64").needed(),
     "temperature": non_negative_number("0.8"),
@@ -160,6 +167,7 @@ EVAL_KEYS: Tuple[str, ...] = (
     "max_batches",
     "model",
     "output_dir",
+    "task",
     "tokenizer",
 )
 
@@ -171,6 +179,7 @@ EVAL_SETTINGS: SettingsSchema = {
     "max_batches": positive_int("10").optional(),
     "checkpoint.adapter_dir": text("/tmp/qalora-tune/run/epoch_0/adapter").optional(),
     "checkpoint.merged_dir": text("/tmp/qalora-tune/run/epoch_0/merged_int4").optional(),
+    "task": text("/tasks/shakespeare").optional(),
     "checkpointer.checkpoint_dir": text("/tmp/Llama-2-7b-hf"),
     "tokenizer.path": text("/tmp/Llama-2-7b-hf/tokenizer.model"),
     "lm_eval.limit": positive_int("100").optional(),
