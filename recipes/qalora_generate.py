@@ -18,7 +18,6 @@ import torch
 from omegaconf import DictConfig, ListConfig
 from torchtune import generation, utils
 
-from qalora_tune.checkpointing import load_merged
 from qalora_tune.recipe_utils import (
     GENERATE_KEYS,
     GENERATE_SETTINGS,
@@ -32,6 +31,7 @@ from qalora_tune.recipe_utils import (
     resolve_dtype,
     run_recipe,
 )
+from qalora_tune.tasks import load_merged  # with task= (qalora_tune.tasks)
 
 log = utils.get_logger("INFO")
 

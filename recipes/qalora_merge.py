@@ -18,12 +18,13 @@ checkpoint do not match is refused with a message naming the mismatch. A GPTQ ba
 
 import json
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torchtune import training, utils
 
@@ -37,6 +38,7 @@ from qalora_tune.checkpointing import (
     recover_interrupted_writes,
 )
 from qalora_tune.errors import UserValueError
+from qalora_tune.export import gguf_finisher
 from qalora_tune.modules import QALoRALinear
 from qalora_tune.quantization import CALIBRATED_QUANTIZERS
 from qalora_tune.recipe_utils import (
@@ -51,6 +53,7 @@ from qalora_tune.recipe_utils import (
     check_settings,
     instantiate_section,
     merge_with_report,
+    model_spec_without_adapters,
     resolve_dtype,
     run_recipe,
 )
@@ -108,6 +111,8 @@ class QALoRAMergeRecipe:
         self._device = utils.get_device(device=cfg.device)
         self._dtype = resolve_dtype(cfg.dtype, self._device)
         self._probe_size = cfg.get("merge_probe_size", 8)
+        self._merged_format = cfg.get("merged_format", "auto")
+        self._finish_merged = gguf_finisher(self._merged_format, cfg.get("tokenizer"))
         # one merge into merged_dir at a time; the lock lives beside it
         self._lock = OutputDirLock(
             self._merged_dir.parent, "qalora_merge", "merged_dir",
@@ -127,12 +132,12 @@ class QALoRAMergeRecipe:
         )
         self._checkpointer.check_base_available()
         adapter, self._metadata = read_adapter(self._adapter_dir, self._checkpointer.key_map)
-        _refuse_calibrated_base(self._metadata.get("quantizer"), cfg.model.get("quantizer"))
+        _refuse_calibrated_base(self._metadata.quantizer, cfg.model.get("quantizer"))
         # the adapter's own tensors and recorded base, before the slow part
         check_adapter_before_use(
             adapter, self._metadata, self._adapter_dir, self._checkpointer.base_fingerprint()
         )
-        self._model_spec = _model_spec(cfg.model)
+        self._model_spec = model_spec_without_adapters(cfg.model)
         self._model = self._setup_model(cfg.model)
         self._check_and_load(adapter)
         self._probe = self._setup_probe(cfg) if self._probe_size > 0 else None
@@ -173,9 +178,10 @@ class QALoRAMergeRecipe:
     def merge(self) -> Path:
         """Merge, measure and write ``merged_dir`` atomically; return its path."""
         start = time.perf_counter()
+        metadata = replace(self._metadata, model=self._model_spec)  # the model as configured here
         if self._zero_table is not None:  # the task-free base, before the adapters go in
             done = self._zero_table.write_base(
-                self._model, self._layers.values(), self._checkpointer, self._model_spec
+                self._model, self._layers.values(), self._checkpointer, metadata
             )
             if done:
                 log.info(done)
@@ -186,14 +192,17 @@ class QALoRAMergeRecipe:
                 layer.merge()
             report = {"note": "merge_probe_size=0: no probe batch, deviation not measured"}
         report["adapter_dir"] = str(self._adapter_dir)
-        metadata = dict(self._metadata, model=self._model_spec)  # the model as configured here
-        if self._zero_table is not None:
+        if self._zero_table is not None:  # a task package instead of a model
             report = self._zero_table.write_task(
                 self._model, self._merged_dir, self._checkpointer, report, self._adapter_dir
             )
         else:
             with atomic_directory(self._merged_dir, setting="merged_dir") as staging:
-                report = self._checkpointer.write_merged(staging, self._model, metadata, report)
+                report = self._checkpointer.write_merged(
+                    staging, self._model, metadata, report, self._merged_format
+                )
+                if self._finish_merged is not None:
+                    self._finish_merged(staging)
         size = report["size"]
         log.info(
             f"Merged {len(self._layers)} adapters into {self._merged_dir} in "
@@ -225,16 +234,6 @@ def _refuse_calibrated_base(*quantizers: Optional[str]) -> None:
                 "the training run wrote beside the adapter (save_merged_int4=True, the "
                 "default), or train with model.quantizer=rtn or hqq to merge offline"
             )
-
-
-def _model_spec(cfg_model: DictConfig) -> Dict:
-    """The builder and arguments that rebuild this model without adapters (written to
-    ``merged_int4/qalora_tune.json``), taken from the config, never from the adapter file."""
-    spec = {k: v for k, v in OmegaConf.to_container(cfg_model, resolve=True).items()}
-    spec.update(lora_attn_modules=[], apply_lora_to_mlp=False, apply_lora_to_output=False)
-    for key in ("lora_rank", "lora_alpha", "lora_dropout"):
-        spec.pop(key, None)
-    return spec
 
 
 def recipe_main(cfg: DictConfig) -> None:

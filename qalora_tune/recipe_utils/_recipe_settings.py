@@ -6,6 +6,7 @@ The recipes share these tables from here, so that no recipe imports another.
 
 from typing import Tuple
 
+from qalora_tune.checkpointing import MERGE_OUTPUT_FORMATS, MERGED_FORMATS
 from qalora_tune.recipe_utils._calibration import CALIBRATION_CONFIG_KEYS
 from qalora_tune.recipe_utils._settings import (
     SettingsSchema,
@@ -13,6 +14,7 @@ from qalora_tune.recipe_utils._settings import (
     device_name,
     non_negative_int,
     non_negative_number,
+    one_of,
     positive_int,
     positive_number,
     prompt_text,
@@ -51,6 +53,7 @@ FINETUNE_KEYS: Tuple[str, ...] = (
     "lr_scheduler",
     "max_steps_per_epoch",
     "merge_probe_size",
+    "merged_format",
     "metric_logger",
     "model",
     "optimizer",
@@ -76,6 +79,7 @@ _MODEL_AND_RUN: SettingsSchema = {
     "dtype": text("bf16").optional(),
     "seed": non_negative_int("0").optional(),
     "merge_probe_size": non_negative_int("8"),
+    "merged_format": one_of(*MERGED_FORMATS),
     "checkpointer.checkpoint_dir": text("/tmp/Llama-2-7b-hf"),
     "tokenizer.path": text("/tmp/Llama-2-7b-hf/tokenizer.model"),
 }
@@ -107,14 +111,14 @@ FINETUNE_SETTINGS: SettingsSchema = {
 
 # a training config (every key the fine-tuning recipe reads) plus the adapter to merge
 MERGE_KEYS: Tuple[str, ...] = FINETUNE_KEYS + ("adapter_dir", "merged_dir") + (
-    "base_dir", "merged_format", "task_name",  # merged_format=zero_table (qalora_tune.tasks)
+    "base_dir", "task_name",  # merged_format=zero_table (qalora_tune.tasks)
 )
 
 MERGE_SETTINGS: SettingsSchema = {
     **FINETUNE_SETTINGS,
     "adapter_dir": text("/tmp/qalora-tune/tiny_qalora/epoch_0/adapter").needed(),
     "merged_dir": text("/tmp/qalora-tune/my_int4").optional(),
-    "merged_format": text("zero_table").optional(),
+    "merged_format": one_of(*MERGE_OUTPUT_FORMATS),  # zero_table: qalora_tune.tasks
     "base_dir": text("/models/base_int4").optional(),
     "task_name": text("shakespeare").optional(),
 }

@@ -13,8 +13,10 @@ from qalora_tune.tasks.base_layers import (
     layer_digest,
     model_base_layers,
     read_merged_base,
+    read_merged_key_map,
 )
 from qalora_tune.tasks.hf_transformers import load_task_into_transformers
+from qalora_tune.tasks.loading import load_merged
 from qalora_tune.tasks.switch import (
     TaskState,
     current_task,
@@ -47,11 +49,13 @@ __all__ = [
     "export_task",
     "export_task_from_merged",
     "layer_digest",
+    "load_merged",
     "load_task",
     "load_task_into_transformers",
     "model_base_layers",
     "model_fingerprint",
     "read_merged_base",
+    "read_merged_key_map",
     "read_task_package",
     "task_state",
     "write_task_package",

@@ -1,17 +1,18 @@
 """The quantized linears of a base in one canonical form, and the base's fingerprint.
 
 A task package applies to every base that has the same codes and scales, wherever they
-live: a model in memory (``Int4Linear`` layers whose weight is a torchao int4 or intx
+live: a model in memory (``QuantizedLinear`` layers whose weight is a torchao int4 or intx
 subclass), a ``merged_int4/`` directory on disk, or a transformers model loaded from one.
 Each is read here into :class:`BaseLayer` (Hugging Face key, rows in Hugging Face order):
 
 - ``codes``: ``q - 2**(bits - 1)`` as int8, ``(out_features, in_features)`` (the real
   columns only: a ``pad_in_dim`` layer's padding columns are not part of the base);
-- ``scale``: ``(out_features, n_groups)`` in the dtype the base stores;
-- ``zero``: ``z`` of this project's convention ``W = (q - 2**(bits-1)) * s + z``. Int4
-  storages keep ``z`` itself (returned in their dtype); torchao's intx storage keeps
-  ``zp = -z / s``, and ``z = -zp * s`` is returned in float64, where the product of two
-  stored numbers is exact, so that ``zp = -z / s`` gives the stored ``zp`` back bit for bit.
+- ``scale``: ``(out_features, n_groups)`` in the dtype the base stores (hashed by value);
+- ``zero``: the zero points as the storage keeps them, in its dtype: int4 storages keep
+  ``z`` of this project's convention ``W = (q - 2**(bits-1)) * s + z`` (``storage="int4"``);
+  torchao's intx storage keeps ``zp = -z / s``, ``W = (q - 2**(bits-1) - zp) * s``
+  (``storage="intx"``). Keeping them as stored keeps them exact: :mod:`~qalora_tune.tasks.switch`
+  converts them to another storage the way :func:`qalora_tune.load_merged` converts a file.
 
 The fingerprint is a sha256 over every layer's codes and scales (never zeros), shapes,
 group size and bits: two bases with the same fingerprint differ at most in their zero
@@ -30,20 +31,19 @@ from torch import nn
 
 from qalora_tune._files import read_json
 from qalora_tune.checkpointing import HFKeyMap, clean_module_name
-from qalora_tune.checkpointing._merged_int4 import MERGED_SPEC_NAME
+from qalora_tune.checkpointing._merged_formats import (
+    choose_merged_format,
+    is_file_base,
+    portable_weight,
+)
+from qalora_tune.checkpointing._merged_int4 import MERGED_SPEC_NAME, MERGED_WEIGHTS_NAME
 from qalora_tune.checkpointing._merged_int4 import _read_tensors as read_torchao_safetensors
 from qalora_tune.errors import UserFileNotFoundError, UserValueError
-from qalora_tune.export._merged_reader import merged_weight_files
-from qalora_tune.modules import Int4Linear, QALoRALinear
-from qalora_tune.quantization import (
-    SUPPORTED_BITS,
-    from_plain_int4,
-    from_torchao_int4,
-    intx_bits,
-    is_int4_weight,
-    is_intx_weight,
-    is_plain_int4,
-)
+from qalora_tune.modules import QALoRALinear, QuantizedLinear
+from qalora_tune.quantization import SUPPORTED_BITS
+from qalora_tune.quantization.int4_weight import from_torchao_int4, is_int4_weight
+from qalora_tune.quantization.intx_weight import is_intx_weight
+from qalora_tune.quantization.plain_int4 import from_plain_int4, is_plain_int4
 
 __all__ = [
     "BaseLayer",
@@ -56,9 +56,10 @@ __all__ = [
     "model_base_layers",
     "model_layers",
     "read_merged_base",
+    "read_merged_key_map",
 ]
 
-FINGERPRINT_VERSION = "qalora-tune base fingerprint v1"
+FINGERPRINT_VERSION = "qalora-tune base fingerprint v2"
 
 
 @dataclass(frozen=True)
@@ -69,11 +70,11 @@ class BaseLayer:
         key (str): the Hugging Face weight name, e.g. ``model.layers.0.self_attn.q_proj.weight``.
         codes (torch.Tensor): ``(out_features, in_features)`` int8, ``q - 2**(bits - 1)``.
         scale (torch.Tensor): ``(out_features, n_groups)``, the stored dtype.
-        zero (torch.Tensor): ``(out_features, n_groups)``, ``z`` of ``(q - mid) s + z``:
-            the stored dtype for int4 storages, float64 for intx ones.
+        zero (torch.Tensor): ``(out_features, n_groups)``, as stored: ``z`` of
+            ``(q - mid) s + z`` (int4 storages) or ``zp = -z / s`` (intx), stored dtype.
         group_size (int): input columns per group.
         bits (int): code width.
-        storage (str): ``"int4"`` (zeros stored as ``z``) or ``"intx"`` (as ``-z / s``).
+        storage (str): ``"int4"`` (zeros stored as ``z``) or ``"intx"`` (as ``zp = -z / s``).
     """
 
     key: str
@@ -114,11 +115,11 @@ def canonical_layer(
         ValueError: for a weight that is none of those, or whose bits disagree.
     """
     if is_intx_weight(weight):
-        if intx_bits(weight) != bits:
-            raise UserValueError(f"{key}: the weight has {intx_bits(weight)}-bit codes, not {bits}")
+        # a 2- or 3-bit base on the int4 kernels is written as int4 codes (q - 8): the
+        # values are the same as in memory, so only the values are compared
         codes = weight.qdata[:, :in_features]
         scale = weight.scale
-        zero = -weight.zero_point.double() * scale.double()  # exact: 2 x 24 bits < 53
+        zero = weight.zero_point
         group_size, storage = weight.block_size[-1], "intx"
     elif is_plain_int4(weight) or is_int4_weight(weight):
         gq = from_plain_int4(weight) if is_plain_int4(weight) else from_torchao_int4(weight)
@@ -152,7 +153,7 @@ def _buffer(tensor: torch.Tensor) -> Any:
 
 
 def layer_digest(layer: BaseLayer) -> str:
-    """sha256 of one layer's key, shapes, group size, bits, codes and scales."""
+    """sha256 of one layer's key, shapes, group size, bits, codes and scale values."""
     header = {
         "key": layer.key,
         "out_features": layer.codes.shape[0],
@@ -160,11 +161,12 @@ def layer_digest(layer: BaseLayer) -> str:
         "n_groups": layer.scale.shape[1],
         "group_size": layer.group_size,
         "bits": layer.bits,
-        "scale_dtype": str(layer.scale.dtype).removeprefix("torch."),
     }
     digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode() + b"\n")
     digest.update(_buffer(layer.codes))
-    digest.update(_buffer(layer.scale))
+    # scales by value (float64 holds every stored dtype exactly): a base read from an fp32
+    # file and the same base in memory in bf16 or fp32 have one fingerprint
+    digest.update(_buffer(layer.scale.double()))
     return digest.hexdigest()
 
 
@@ -184,29 +186,68 @@ def base_fingerprint(digests: Mapping[str, str]) -> str:
 
 def model_layers(
     model: nn.Module, key_map: HFKeyMap
-) -> Iterator[Tuple[str, Int4Linear, torch.Tensor]]:
+) -> Iterator[Tuple[str, QuantizedLinear, torch.Tensor]]:
     """``(Hugging Face key, layer, rows)`` of every quantized linear of an in-memory model,
     with ``rows`` its row order to Hugging Face's (``hf = weight[rows]``)."""
     for name, module in model.named_modules():
-        if isinstance(module, Int4Linear):
+        if isinstance(module, QuantizedLinear):
             key = f"{clean_module_name(name)}.weight"
             hf_key, rows = key_map.row_order(key, module.out_dim, to_hf=True)
             yield hf_key, module, rows
 
 
-def model_base_layers(model: nn.Module, key_map: HFKeyMap) -> Iterator[BaseLayer]:
+def model_base_layers(
+    model: nn.Module, key_map: HFKeyMap, merged_format: Optional[str] = None
+) -> Iterator[BaseLayer]:
     """Every quantized linear of an in-memory model as a :class:`BaseLayer`, one at a time.
 
+    Args:
+        model (nn.Module): a merged model.
+        key_map (HFKeyMap): its torchtune -> Hugging Face keys.
+        merged_format (str, optional): read each layer as a merged file of this format
+            (``auto``, ``intx``, ...) would hold it, through the merged writer's own
+            conversion (:func:`~qalora_tune.checkpointing._merged_formats.portable_weight`);
+            None: as the model holds it.
+
     Raises:
-        ValueError: if a QA-LoRA adapter is not merged (its zeros would leave the adapter out).
+        ValueError: if a QA-LoRA adapter is not merged (its zeros would leave the adapter
+            out), or the format cannot hold the model.
     """
+    chosen = None
+    if merged_format is not None:
+        chosen = choose_merged_format(merged_format, model, next(model.parameters()).device)
     for hf_key, module, rows in model_layers(model, key_map):
         if isinstance(module, QALoRALinear) and not module.merged:
             raise UserValueError(
                 f"{hf_key}: merge() the adapters first; an unmerged layer's zero points "
                 "are the base's, not the task's"
             )
-        yield canonical_layer(hf_key, module.weight, module.bits, module.in_dim, rows)
+        if chosen is None:
+            yield canonical_layer(hf_key, module.weight, module.bits, module.in_dim, rows)
+            continue
+        # an intx base has one file layout, whatever the format (as write_merged_int4)
+        layout = "intx" if is_intx_weight(module.weight) else chosen
+        portable, _ = portable_weight(module, rows, layout)
+        yield canonical_layer(hf_key, portable, module.bits, module.in_dim)
+
+
+_FIX = "point to a merged_int4/ directory written by qalora-tune"
+
+
+def _read_merged_json(merged_dir: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """``config.json`` and ``qalora_tune.json`` of a merged directory."""
+    for name in ("config.json", MERGED_SPEC_NAME):
+        if not (merged_dir / name).is_file():
+            raise UserFileNotFoundError(f"{merged_dir / name} not found; {_FIX}")
+    hf_config = read_json(merged_dir / "config.json", "the merged model's config", _FIX)
+    spec = read_json(merged_dir / MERGED_SPEC_NAME, "the merged model's description", _FIX)
+    return hf_config, spec
+
+
+def read_merged_key_map(merged_dir: Union[str, Path]) -> Tuple[Dict[str, Any], HFKeyMap]:
+    """A merged directory's ``config.json`` and its torchtune <-> Hugging Face key map."""
+    hf_config, spec = _read_merged_json(Path(merged_dir).expanduser())
+    return hf_config, HFKeyMap(str(spec.get("model_type")), hf_config)
 
 
 def read_merged_base(
@@ -228,26 +269,19 @@ def read_merged_base(
         ValueError: if a file is unreadable or describes an unknown bit width.
     """
     merged_dir = Path(merged_dir).expanduser()
-    fix = "point to a merged_int4/ directory written by qalora-tune"
-    for name in ("config.json", MERGED_SPEC_NAME):
-        if not (merged_dir / name).is_file():
-            raise UserFileNotFoundError(f"{merged_dir / name} not found; {fix}")
-    hf_config = read_json(merged_dir / "config.json", "the merged model's config", fix)
-    spec = read_json(merged_dir / MERGED_SPEC_NAME, "the merged model's description", fix)
+    hf_config, spec = _read_merged_json(merged_dir)
     model = spec.get("model") if isinstance(spec.get("model"), dict) else {}
     bits = model.get("bits", 4)
     if bits not in SUPPORTED_BITS or isinstance(bits, bool):
-        raise UserValueError(f"{merged_dir / MERGED_SPEC_NAME} has bits={bits!r}; {fix}")
-    try:
-        files = merged_weight_files(merged_dir)
-    except FileNotFoundError as error:
-        raise UserFileNotFoundError(str(error)) from None
+        raise UserValueError(f"{merged_dir / MERGED_SPEC_NAME} has bits={bits!r}; {_FIX}")
+    weights = merged_dir / MERGED_WEIGHTS_NAME
+    if not weights.is_file():
+        raise UserFileNotFoundError(f"{weights} not found; {_FIX}")
 
     def layers() -> Iterator[BaseLayer]:
-        for path in files:
-            for key, value in read_torchao_safetensors(path):
-                if is_plain_int4(value) or is_intx_weight(value) or is_int4_weight(value):
-                    yield canonical_layer(key, value, bits, value.shape[1])
+        for key, value in read_torchao_safetensors(weights):
+            if is_file_base(value):
+                yield canonical_layer(key, value, bits, value.shape[1])
 
     return hf_config, layers()
 

@@ -2,28 +2,26 @@
 
 transformers loads a ``merged_int4/`` directory as torchao tensors under the same Hugging
 Face keys a task package uses, so applying a task is a copy per linear through the state
-dict, taken with ``keep_vars=True`` so that it holds the parameters themselves (qalora-tune's
-CPU path for ``Int4Tensor`` keeps a repacked copy of each weight and rebuilds it when the
-parameter's zero points are written; a plain ``state_dict()`` gives detached copies whose
-writes reach the same memory but not that check):
+dict (``keep_vars=True``: the parameters themselves, not detached copies):
 
-    import qalora_tune
     from transformers import AutoModelForCausalLM
     from qalora_tune.tasks import load_task_into_transformers
 
     model = AutoModelForCausalLM.from_pretrained("base_int4")
     load_task_into_transformers(model, "tasks/alpaca")
 
-By hand, without the checks (``Int4Tensor`` stores ``zero_point`` as ``(n_groups, out)``):
+By hand, without the checks, for the default merged format on CPU (``intx``: stock
+torchao's ``IntxUnpackedToInt8Tensor``, whose ``zero_point`` the table holds as stored):
 
     from safetensors.torch import load_file
-    state = model.state_dict(keep_vars=True)  # the parameters themselves
+    state = model.state_dict(keep_vars=True)
     for key, zero in load_file("tasks/alpaca/zero_points.safetensors").items():
-        state[key].zero_point.copy_(zero.t())
+        state[key].zero_point.copy_(zero)
 
 :func:`load_task_into_transformers` checks the package as ``model.load_task`` does (the
-fingerprint of the model's codes and scales included, computed on every call) and writes
-nothing unless all of it fits; intx weights get ``zp = -z / s``.
+fingerprint of the model's codes and scales included, computed on every call), writes
+nothing unless all of it fits, and converts a table of another storage the way
+``model.load_task`` does (:func:`~qalora_tune.tasks.switch.zeros_in_storage`).
 """
 
 from pathlib import Path
@@ -33,7 +31,10 @@ import torch
 from torch import nn
 
 from qalora_tune.errors import UserValueError
-from qalora_tune.quantization import is_int4_weight, is_intx_weight, is_plain_int4
+from qalora_tune.quantization.int4_weight import is_int4_weight
+from qalora_tune.quantization.int4_weight import zero_points as int4_zero_points
+from qalora_tune.quantization.intx_weight import is_intx_weight
+from qalora_tune.quantization.plain_int4 import is_plain_int4
 from qalora_tune.tasks.base_layers import base_fingerprint, canonical_layer, layer_digest
 from qalora_tune.tasks.switch import zeros_in_storage
 from qalora_tune.tasks.zero_table import TaskPackage, read_task_package
@@ -47,6 +48,8 @@ def _stored_zeros(weight: torch.Tensor) -> torch.Tensor:
         return weight.zero_point.t()
     if is_intx_weight(weight):
         return weight.zero_point
+    if is_int4_weight(weight):  # Int4TilePackedTo4dTensor: the zeros plane of scale_and_zero
+        return int4_zero_points(weight)
     raise UserValueError(f"a {type(weight).__name__} weight has no zero points this helper writes")
 
 
@@ -103,7 +106,9 @@ def load_task_into_transformers(
     writes = []
     for key, weight in quantized.items():
         stored = _stored_zeros(weight)
-        values = zeros_in_storage(weight, package.zeros[key].to(stored.device), stored.dtype)
+        values = zeros_in_storage(
+            weight, package.zeros[key].to(stored.device), package.base["storage"], stored.dtype
+        )
         if not bool(torch.isfinite(values).all()):
             raise mismatch(f"{key}'s zero points overflow {stored.dtype}")
         writes.append((stored, values))

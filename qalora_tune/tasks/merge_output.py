@@ -6,50 +6,48 @@
 ``merged_dir`` receives the task package (default: ``zero_table/`` beside the adapter
 directory), named ``task_name`` (default: the training run's directory name).
 ``base_dir``, when given, is the task-free model every package of this base applies to:
-written there once, as an ordinary merged model whose zero points are the base's own (no
-adapter in them), or, when a merged model is already there, checked to have this base's
-fingerprint, so that a package is never written for a base it does not fit.
+written there once, as an ordinary merged model (``merged_format=auto``'s format) whose
+zero points are the base's own (no adapter in them), or, when a merged model is already
+there, checked to have this base's fingerprint, so that a package is never written for a
+base it does not fit. The package holds the zero points exactly as that format's file
+would (each layer goes through the merged writer's own conversion), so that a base
+switched to it equals the task's own merged model bit for bit.
 """
 
 import contextlib
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, Optional
 
+import torch
 from omegaconf import DictConfig
 from torch import nn
 
 from qalora_tune.checkpointing import OUTPUT_MARKER_NAME, atomic_directory
+from qalora_tune.checkpointing._merged_formats import TASK_FORMAT
 from qalora_tune.errors import UserValueError
 from qalora_tune.modules import QALoRALinear
 from qalora_tune.tasks.base_layers import fingerprint_layers, fingerprint_model, read_merged_base
 from qalora_tune.tasks.zero_table import export_task
 
-__all__ = ["MERGED_FORMATS", "ZeroTableOutput", "zero_table_output"]
+__all__ = ["ZeroTableOutput", "zero_table_output"]
 
-# merged_format values: unset (the merged int4 model) or a task package
-MERGED_FORMATS = ("zero_table",)
+BASE_FORMAT = "auto"  # the task-free base's merged_format
 
 
 def zero_table_output(cfg: DictConfig, adapter_dir: Path) -> Optional["ZeroTableOutput"]:
     """The zero-table output ``cfg`` asks for (``merged_format=zero_table``), else None.
 
     Raises:
-        ValueError: for an unknown ``merged_format``, or ``base_dir``/``task_name`` without it.
+        ValueError: for ``base_dir`` or ``task_name`` without ``merged_format=zero_table``.
     """
-    merged_format = cfg.get("merged_format")
-    if merged_format is None:
+    if cfg.get("merged_format") != TASK_FORMAT:
         for key in ("base_dir", "task_name"):
             if cfg.get(key) is not None:
                 raise UserValueError(
-                    f"{key} is read only with merged_format=zero_table; add "
-                    "merged_format=zero_table or drop it"
+                    f"{key} is read only with merged_format={TASK_FORMAT}; add "
+                    f"merged_format={TASK_FORMAT} or drop {key}"
                 )
         return None
-    if merged_format not in MERGED_FORMATS:
-        raise UserValueError(
-            f"merged_format={merged_format!r} is not known; use merged_format=zero_table for a "
-            "task package (zero points only), or leave it unset for the merged int4 model"
-        )
     base_dir = cfg.get("base_dir")
     name = cfg.get("task_name") or adapter_dir.parent.parent.name or "task"
     return ZeroTableOutput(Path(base_dir).expanduser() if base_dir else None, str(name))
@@ -103,10 +101,16 @@ class ZeroTableOutput:
         return None
 
     def write_base(
-        self, model: nn.Module, layers: Iterable[QALoRALinear], checkpointer: Any, spec: Dict[str, Any]
+        self, model: nn.Module, layers: Iterable[QALoRALinear], checkpointer: Any, metadata: Any
     ) -> Optional[str]:
         """Before the merge: write the task-free model to ``base_dir``, or check the one
         there against this base. Returns what was done, for the log.
+
+        Args:
+            model (nn.Module): the model, adapters loaded and not merged.
+            layers (Iterable[QALoRALinear]): its QA-LoRA layers.
+            checkpointer: the recipe's ``QALoRACheckpointer``.
+            metadata (AdapterConfig): what ``write_merged`` records for the model.
 
         Raises:
             ValueError: if ``base_dir`` holds a model of another base.
@@ -124,8 +128,8 @@ class ZeroTableOutput:
             return f"checked the task-free base in {self.base_dir}"
         note = {"note": "task-free base written by qalora_merge merged_format=zero_table: no adapter merged"}
         with atomic_directory(self.base_dir, setting="base_dir") as staging:
-            with _base_zeros_written(layers):
-                checkpointer.write_merged(staging, model, {"model": spec}, note)
+            with _base_zeros_written(layers), torch.no_grad():
+                checkpointer.write_merged(staging, model, metadata, note, BASE_FORMAT)
         return f"wrote the task-free base to {self.base_dir}"
 
     def write_task(
@@ -141,10 +145,11 @@ class ZeroTableOutput:
         source = {
             "adapter_dir": str(adapter_dir),
             "base_dir": str(self.base_dir) if self.base_dir else None,
+            "base_format": BASE_FORMAT,
             "merge_report": {k: v for k, v in report.items() if k != "definition"},
         }
         metadata = export_task(
             model, directory, key_map=checkpointer.key_map, hf_config=checkpointer.hf_config,
-            name=self.name, source=source, overwrite=True,
+            name=self.name, source=source, overwrite=True, merged_format=BASE_FORMAT,
         )
         return dict(report, size=metadata["size"], fingerprint=metadata["base"]["fingerprint"])

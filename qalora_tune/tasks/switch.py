@@ -13,10 +13,11 @@ config essentials, layer set and shapes, group size, bits, dtype, and the finger
 the base's codes and scales. The fingerprint is computed once per loaded model (it reads
 every code) and kept while the layers hold the same weight tensors, so later switches cost
 reading the table and one copy per layer. Every new zero is computed, in the storage's own
-convention, before the first is written: int4 storages take ``z`` as it is; torchao's intx
-storage takes ``zp = -z / s``, computed in float64 and rounded once to its dtype (as
-:func:`~qalora_tune.quantization.to_torchao_intx` converts a base), so a switched model is
-bit for bit the task's own merged model in either storage.
+convention, before the first is written (:func:`zeros_in_storage`): a table kept as the
+model keeps its zeros is copied; one of another storage is converted exactly as
+:func:`qalora_tune.load_merged` converts a file of that storage (``z = -zp * s`` in float64
+through float32 from an intx file, ``zp = -z / s`` in float64 into intx), so a switched
+model is bit for bit the task's own merged model, whatever format its files have.
 """
 
 import time
@@ -31,14 +32,17 @@ from torch import nn
 
 from qalora_tune.checkpointing import HFKeyMap
 from qalora_tune.errors import UserValueError
-from qalora_tune.modules import Int4Linear, QALoRALinear
-from qalora_tune.quantization import is_intx_weight, stored_zero_points
+from qalora_tune.modules import QALoRALinear, QuantizedLinear
+from qalora_tune.quantization.base_weight import from_torchao_base, stored_zero_points
+from qalora_tune.quantization.double_quant import is_double_quant
+from qalora_tune.quantization.int4_weight import is_int4_weight
+from qalora_tune.quantization.intx_weight import is_intx_weight
+from qalora_tune.quantization.plain_int4 import is_plain_int4
 from qalora_tune.tasks.base_layers import canonical_layer, fingerprint_layers, model_layers
 from qalora_tune.tasks.zero_table import (
     TaskPackage,
     essential_config,
     read_task_package,
-    zero_dtype_of,
 )
 
 __all__ = [
@@ -69,9 +73,9 @@ class TaskState:
     hf_config: Dict[str, Any]
     base: str
     task: Optional[Dict[str, Any]] = None
-    _layers: Optional[Dict[str, Tuple[Int4Linear, torch.Tensor]]] = None
+    _layers: Optional[Dict[str, Tuple[QuantizedLinear, torch.Tensor]]] = None
     _fingerprint: Optional[str] = None
-    _weights: List[Tuple[Int4Linear, "weakref.ReferenceType"]] = field(default_factory=list)
+    _weights: List[Tuple[QuantizedLinear, "weakref.ReferenceType"]] = field(default_factory=list)
     _fingerprints_computed: int = 0
 
 
@@ -85,7 +89,7 @@ def enable_task_switching(
     """Attach ``model.load_task`` (and apply ``task`` if given); returns ``model``.
 
     Args:
-        model (nn.Module): a model whose quantized linears are ``Int4Linear``.
+        model (nn.Module): a model whose quantized linears are ``QuantizedLinear``.
         key_map (HFKeyMap): its torchtune -> Hugging Face key conversion.
         hf_config (Mapping): the base's ``config.json``.
         base (str or Path): how messages name the base (its directory).
@@ -120,7 +124,7 @@ def current_task(model: nn.Module) -> Optional[Dict[str, Any]]:
     return state.task if isinstance(state, TaskState) else None
 
 
-def _layers(model: nn.Module, state: TaskState) -> Dict[str, Tuple[Int4Linear, torch.Tensor]]:
+def _layers(model: nn.Module, state: TaskState) -> Dict[str, Tuple[QuantizedLinear, torch.Tensor]]:
     """Hugging Face key -> (layer, row order to Hugging Face's), built once per model."""
     if state._layers is None:
         state._layers = {key: (m, rows) for key, m, rows in model_layers(model, state.key_map)}
@@ -227,21 +231,11 @@ def _plan(
     base = package.base
     writes = []
     for key, (module, rows) in layers.items():
-        stored = stored_zero_points(module.weight)
         if module.group_size != base["group_size"] or module.bits != base["bits"]:
             raise _mismatch(
                 package, state,
                 f"group_size={base['group_size']}, bits={base['bits']} there, "
                 f"{module.group_size} and {module.bits} here ({key})", other,
-            )
-        scale_dtype = str(stored.dtype).removeprefix("torch.")
-        if scale_dtype != base["scale_dtype"]:
-            raise _mismatch(
-                package, state,
-                f"its base stores scales and zeros in {base['scale_dtype']}, this model in "
-                f"{scale_dtype}",
-                f"load the base with dtype=torch.{base['scale_dtype']}, or export the task "
-                f"from a {scale_dtype} model",
             )
         shape = (module.out_dim, module.n_groups)
         if tuple(package.zeros[key].shape) != shape:
@@ -254,12 +248,13 @@ def _plan(
         raise _mismatch(
             package, state,
             f"its base fingerprint {base['fingerprint'][7:19]}... differs from this base's "
-            f"{fingerprint[7:19]}... (other codes or scales)", other,
+            f"{fingerprint[7:19]}... (other codes or scales, or the base loaded in a dtype "
+            "that rounds its scales)", other,
         )
     for key, (module, rows) in layers.items():
         stored = stored_zero_points(module.weight)
         zero = package.zeros[key].to(stored.device)[torch.argsort(rows).to(stored.device)]
-        values = zeros_in_storage(module.weight, zero, stored.dtype)
+        values = zeros_in_storage(module.weight, zero, base["storage"], stored.dtype)
         if not bool(torch.isfinite(values).all()):
             raise _mismatch(
                 package, state, f"{key}'s zero points overflow {stored.dtype} in this storage",
@@ -269,9 +264,40 @@ def _plan(
     return writes
 
 
-def zeros_in_storage(weight: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Zeros ``z`` (model rows) in the convention and dtype ``weight`` stores them."""
+def _stored_scales(weight: torch.Tensor) -> torch.Tensor:
+    """The ``(out_features, n_groups)`` scales a quantized weight computes with (a view
+    where the storage has one)."""
     if is_intx_weight(weight):
-        # as to_torchao_intx converts a base: float64, rounded once
+        return weight.scale
+    if is_plain_int4(weight):
+        return weight.scale.t()
+    if is_int4_weight(weight) and not is_double_quant(weight):
+        n, k = weight.shape
+        return weight.scale_and_zero[: k // weight.block_size[1], :n, 0].t()
+    return from_torchao_base(weight).scale  # 8-bit scales: decoded
+
+
+def zeros_in_storage(
+    weight: torch.Tensor, zero: torch.Tensor, storage: str, dtype: torch.dtype
+) -> torch.Tensor:
+    """A table's zeros (model rows, kept as ``storage`` keeps them) in the convention and
+    dtype ``weight`` stores them, rounded as :func:`qalora_tune.load_merged` rounds a
+    file's zeros into that storage.
+
+    Args:
+        weight (torch.Tensor): the quantized weight the zeros go into.
+        zero (torch.Tensor): ``(out_features, n_groups)``: ``zp = -z / s`` when ``storage``
+            is ``"intx"``, else ``z`` of ``(q - mid) s + z``.
+        storage (str): the table's storage, ``"int4"`` or ``"intx"``.
+        dtype (torch.dtype): the dtype ``weight`` stores its zeros in.
+    """
+    into_intx = is_intx_weight(weight)
+    if storage == "intx":
+        if into_intx:  # as reorder_intx_rows: the stored zp, cast
+            return zero.to(dtype)
+        # as from_torchao_intx then to_base: z = -zp * s in float64, through float32
+        scale = _stored_scales(weight).double()
+        return (-zero.double() * scale).float().to(dtype)
+    if into_intx:  # as to_torchao_intx: zp = -z / s in float64, rounded once
         return (-zero.double() / weight.scale.double()).to(dtype)
     return zero.to(dtype)

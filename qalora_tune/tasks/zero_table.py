@@ -7,15 +7,17 @@ what differs:
     {task_dir}/task.json                 format, task name, the base's fingerprint and config
                                          essentials, group size, bits, dtype, layer shapes, sizes
     {task_dir}/zero_points.safetensors   per quantized linear (Hugging Face weight name), the
-                                         task's zero points z, (out_features, n_groups), rows in
-                                         Hugging Face order, convention W = (q - 2**(bits-1)) s + z
+                                         task's zero points, (out_features, n_groups), rows in
+                                         Hugging Face order, as the base's storage keeps them
     {task_dir}/.qalora-tune-output       marks the directory as qalora-tune's (may be replaced)
 
 It is data only: JSON parsed and checked, safetensors read as tensors; nothing in it is
-imported or called. Zeros are stored in the dtype the base stores them (its scales'
-dtype). A base kept in torchao's intx storage stores ``zp = -z / s`` instead; its zeros are
-written as ``z = -zp * s`` in float64, exact, so that applying the table gives each stored
-``zp`` back bit for bit (:mod:`qalora_tune.tasks.switch`).
+imported or called. The zeros are kept exactly as the base's files keep them, in their
+dtype (``task.json``'s ``base.storage``): ``z`` of ``W = (q - 2**(bits-1)) s + z`` for the
+int4 formats (bf16 in ``int4_tile_packed``: 16/G bits per weight), torchao's
+``zp = -z / s`` of ``W = (q - 2**(bits-1) - zp) s`` for ``intx`` (fp32: 32/G bits per
+weight); a switch converts them to the loaded model's storage as loading a file does
+(:mod:`qalora_tune.tasks.switch`).
 """
 
 import json
@@ -28,10 +30,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-import qalora_tune
 from qalora_tune._files import is_regular_file_inside, read_json
 from qalora_tune.checkpointing import OUTPUT_MARKER_NAME, HFKeyMap, atomic_directory
+from qalora_tune._version import __version__
 from qalora_tune.errors import UserFileNotFoundError, UserValueError
+from qalora_tune.quantization import SUPPORTED_BITS
 from qalora_tune.tasks.base_layers import (
     BaseLayer,
     base_fingerprint,
@@ -74,10 +77,12 @@ _ZERO_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
                 "float64": torch.float64}
 _STORAGES = ("int4", "intx")
 _MAX_NAME = 200
-CONVENTION = (
-    "W[n, k] = (q[n, k] - 2**(bits-1)) * scale[n, g] + zero[n, g], g = k // group_size; "
-    "rows in Hugging Face order"
-)
+CONVENTIONS = {
+    "int4": "W[n, k] = (q[n, k] - 2**(bits-1)) * scale[n, g] + zero[n, g], g = k // group_size; "
+    "rows in Hugging Face order",
+    "intx": "W[n, k] = (q[n, k] - 2**(bits-1) - zero[n, g]) * scale[n, g], g = k // group_size "
+    "(torchao IntxUnpackedToInt8Tensor's zero_point); rows in Hugging Face order",
+}
 
 
 @dataclass(frozen=True)
@@ -205,13 +210,13 @@ def write_task_package(
         "format": TASK_FORMAT,
         "format_version": TASK_FORMAT_VERSION,
         "name": name,
-        "convention": CONVENTION,
+        "convention": CONVENTIONS[collected["storage"]],
         "zero_dtype": zero_dtype,
         "base": {
             "fingerprint": collected["fingerprint"],
             "fingerprint_definition": (
                 "sha256 over the sorted per-layer sha256 of (key, shapes, group size, bits, "
-                "scale dtype, int8 codes q - 2**(bits-1), scales), rows in Hugging Face order"
+                "int8 codes q - 2**(bits-1), scales as float64), rows in Hugging Face order"
             ),
             "group_size": collected["group_size"],
             "bits": collected["bits"],
@@ -226,7 +231,7 @@ def write_task_package(
             "bits_per_quantized_parameter": 8 * zero_bytes / collected["quantized_parameters"],
         },
         "source": source or {},
-        "written_by": {"qalora_tune": qalora_tune.__version__, "torch": torch.__version__},
+        "written_by": {"qalora_tune": __version__, "torch": torch.__version__},
     }
     with atomic_directory(directory, setting="the task directory") as staging:
         save_file(zeros, str(staging / TASK_ZEROS_NAME), metadata={"format": "pt"})
@@ -266,6 +271,7 @@ def export_task(
     name: Optional[str] = None,
     source: Optional[Dict[str, Any]] = None,
     overwrite: bool = False,
+    merged_format: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Write the task package of a merged model in memory.
 
@@ -279,6 +285,11 @@ def export_task(
         name (str, optional): the task's name; defaults to the directory's name.
         source (Dict, optional): recorded in ``task.json``.
         overwrite (bool): replace a qalora-tune output in ``directory``.
+        merged_format (str, optional): take the zeros as a merged file of this format
+            holds them (``auto``, ``intx``, ``int4_tile_packed``, ``int4_plain``): the
+            package then equals that file's, and a base switched to it equals the task's
+            own merged model loaded from that file. None (the default): the zeros as the
+            model holds them, for a model from :func:`qalora_tune.load_merged`.
 
     Returns:
         Dict[str, Any]: ``task.json`` as written.
@@ -293,7 +304,8 @@ def export_task(
         key_map = key_map or state.key_map
         hf_config = hf_config or state.hf_config
     return write_task_package(
-        directory, model_base_layers(model, key_map), hf_config, name, source, overwrite
+        directory, model_base_layers(model, key_map, merged_format), hf_config, name, source,
+        overwrite,
     )
 
 
@@ -409,7 +421,7 @@ def _check_metadata(metadata: Dict[str, Any], path: Path) -> None:
         raise _bad(path, f"base fingerprint {fingerprint!r} is not 'sha256:' and 64 hex digits")
     if not _positive_int(base.get("group_size")):
         raise _bad(path, f"group_size={base.get('group_size')!r} is not a positive integer")
-    if base.get("bits") not in qalora_tune.quantization.SUPPORTED_BITS or isinstance(base.get("bits"), bool):
+    if base.get("bits") not in SUPPORTED_BITS or isinstance(base.get("bits"), bool):
         raise _bad(path, f"bits={base.get('bits')!r} is not a supported bit width")
     if base.get("scale_dtype") not in _ZERO_DTYPES:
         raise _bad(path, f"scale_dtype={base.get('scale_dtype')!r} is not a float dtype")
@@ -444,9 +456,4 @@ def _check_zeros(zeros: Dict[str, torch.Tensor], metadata: Dict[str, Any], path:
         if not bool(torch.isfinite(zero).all()):
             bad = int((~torch.isfinite(zero)).sum())
             raise _bad(path, f"{key} holds {bad} NaN or infinite zero points")
-
-
-def zero_dtype_of(metadata: Mapping[str, Any]) -> torch.dtype:
-    """The torch dtype a package's zeros are stored in."""
-    return _ZERO_DTYPES[metadata["zero_dtype"]]
 

@@ -7,9 +7,8 @@ from torch import nn
 
 from qalora_tune.checkpointing import write_merged_int4
 from qalora_tune.checkpointing._hf_keys import HFKeyMap
-from qalora_tune.models import qalora_tiny_llama
 from qalora_tune.modules import QALoRALinear
-from qalora_tune.tiny import TINY_LLAMA_SIZES, TinyTokenizer
+from qalora_tune.tiny import TINY_LLAMA_SIZES, TinyTokenizer, qalora_tiny_llama
 from qalora_tune.tiny.hf_checkpoint import hf_llama_config
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "output_proj"]
@@ -31,19 +30,21 @@ def merged_tiny_model(bits: int, group_size: int, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def write_merged(model: nn.Module, directory: Path, bits: int, group_size: int) -> dict:
-    """Write a merged tiny llama as a ``merged_int4/`` directory (weights and configs);
-    returns ``write_merged_int4``'s sizes."""
+def write_merged(
+    model: nn.Module, directory: Path, bits: int, group_size: int, merged_format: str = "int4_plain"
+) -> dict:
+    """Write a merged tiny llama as a ``merged_int4/`` directory (weights and configs) in
+    ``merged_format``; returns ``write_merged_int4``'s sizes."""
     config = hf_llama_config(TINY_LLAMA_SIZES)
     spec = {
         "model": {
-            "_component_": "qalora_tune.models.qalora_tiny_llama",
+            "_component_": "qalora_tune.tiny.qalora_tiny_llama",
             "lora_attn_modules": [], "group_size": group_size, "bits": bits,
         },
         "model_type": "LLAMA2",
     }
     directory.mkdir(parents=True, exist_ok=True)
-    return write_merged_int4(model, directory, HFKeyMap("LLAMA2", config), config, spec)
+    return write_merged_int4(model, directory, HFKeyMap("LLAMA2", config), config, spec, merged_format)
 
 
 def write_merged_tiny(directory: Path, bits: int = 4, group_size: int = 32, seed: int = 0) -> nn.Module:

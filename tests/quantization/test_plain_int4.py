@@ -17,13 +17,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import qalora_tune  # noqa: F401  (registers the F.linear fallback on Int4Tensor)
-from qalora_tune._compat import Int4Tensor, flatten_tensor_state_dict, unflatten_tensor_state_dict
-from qalora_tune.quantization import (
-    GroupQuantizedWeight,
+from qalora_tune._compat import (
+    Int4Tensor,
+    flatten_tensor_state_dict,
+    unflatten_tensor_state_dict,
+)
+from qalora_tune.quantization import GroupQuantizedWeight, quantize_hqq, quantize_rtn
+from qalora_tune.quantization.plain_int4 import (
     from_plain_int4,
     plain_int4_bytes,
-    quantize_hqq,
-    quantize_rtn,
     to_plain_int4,
 )
 from tests.reference import assert_within, matmul_error_bound

@@ -221,7 +221,7 @@ def test_narrow_bit_widths_train_merge_and_load(tmp_path, bits):
     layer = model.layers[0].attn.q_proj
     assert layer.bits == bits
     # a b-bit grid stored as int4 codes: each group uses at most 2**bits of the 16 codes
-    codes = qalora_tune.from_torchao_int4(layer.weight).qdata
+    codes = layer.weight.to_quantized().qdata
     per_group = codes.view(codes.shape[0], -1, layer.group_size)
     assert int((per_group.amax(-1) - per_group.amin(-1)).max()) <= 2**bits - 1
     summary = json.loads((out / "summary.json").read_text())["metrics"]

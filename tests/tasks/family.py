@@ -15,9 +15,8 @@ from torch import nn
 from torchtune import training
 
 from qalora_tune.checkpointing import HFKeyMap
-from qalora_tune.models import qalora_tiny_llama
 from qalora_tune.modules import QALoRALinear
-from qalora_tune.tiny import TINY_LLAMA_SIZES
+from qalora_tune.tiny import TINY_LLAMA_SIZES, qalora_tiny_llama
 from qalora_tune.tiny.hf_checkpoint import hf_llama_config
 from tests.export.merged_models import ATTENTION, write_merged
 
@@ -81,17 +80,22 @@ def make_family(
     dtype: torch.dtype = torch.float32,
     double_quant: bool = False,
     seed: int = 0,
+    merged_format: str = "intx",
 ) -> Family:
-    """Write a task-free base and ``tasks`` merged tasks of it under ``root``."""
+    """Write a task-free base and ``tasks`` merged tasks of it under ``root``, in
+    ``merged_format`` (``intx``: the default merged output on CPU)."""
     weights = plain_weights(seed)
     base = root / "base"
-    write_merged(build(weights, bits, group_size, False, dtype, double_quant), base, bits, group_size)
+    write_merged(
+        build(weights, bits, group_size, False, dtype, double_quant), base, bits, group_size,
+        merged_format,
+    )
     merged, models = [], []
     for k in range(tasks):
         model = build(weights, bits, group_size, True, dtype, double_quant)
         merge_random_adapters(model, seed=1000 + k)
         path = root / f"merged_{k}"
-        write_merged(model, path, bits, group_size)
+        write_merged(model, path, bits, group_size, merged_format)
         merged.append(path)
         models.append(model)
     return Family(base, merged, models)

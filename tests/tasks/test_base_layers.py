@@ -4,14 +4,12 @@ blind to zero points, sensitive to every code and scale."""
 import pytest
 import torch
 
-from qalora_tune.modules import Int4Linear
-from qalora_tune.quantization import (
-    GroupQuantizedWeight,
-    quantize_rtn,
-    to_plain_int4,
-    to_torchao_int4,
-    to_torchao_intx,
-)
+from qalora_tune.modules import QuantizedLinear
+from qalora_tune.quantization import GroupQuantizedWeight, quantize_rtn
+from qalora_tune.quantization.int4_weight import to_torchao_int4
+from qalora_tune.quantization.base_weight import stored_zero_points
+from qalora_tune.quantization.intx_weight import from_torchao_intx, to_torchao_intx
+from qalora_tune.quantization.plain_int4 import to_plain_int4
 from qalora_tune.quantization.int4_weight import tinygemm_int4
 from qalora_tune.tasks import base_fingerprint, canonical_layer, layer_digest
 from qalora_tune.tasks.base_layers import fingerprint_model, model_base_layers
@@ -45,11 +43,19 @@ def test_every_storage_of_one_base_gives_the_same_layer_and_digest(bits, dtype):
         assert torch.equal(layer.codes, reference.codes), name
         assert torch.equal(layer.scale, reference.scale), name
         assert layer_digest(layer) == layer_digest(reference), name
-    # intx keeps zp = -z / s; z = -zp * s in float64 gives zp back exactly
+    # intx keeps zp = -z / s, as stored; into an int4 storage it goes as loading an intx
+    # file does (z = -zp * s in float64, through float32), into intx unchanged
     intx = storages["intx"]
-    assert layers["intx"].zero.dtype == torch.float64
-    back = zeros_in_storage(intx, layers["intx"].zero, intx.zero_point.dtype)
+    assert layers["intx"].storage == "intx" and layers["intx"].zero is intx.zero_point
+    back = zeros_in_storage(intx, layers["intx"].zero, "intx", intx.zero_point.dtype)
     assert torch.equal(back.view(torch.uint8), intx.zero_point.view(torch.uint8))
+    cpu = storages["cpu"]
+    into_int4 = zeros_in_storage(cpu, intx.zero_point, "intx", dtype)
+    loaded = to_torchao_int4(from_torchao_intx(intx), device="cpu", dtype=dtype)
+    assert torch.equal(into_int4.view(torch.uint8), stored_zero_points(loaded).contiguous().view(torch.uint8))
+    # and a z table goes into intx as the writer converts a base (zp = -z / s in float64)
+    into_intx = zeros_in_storage(intx, reference.zero, "int4", intx.zero_point.dtype)
+    assert torch.equal(into_intx.view(torch.uint8), intx.zero_point.view(torch.uint8))
 
 
 def test_z_from_intx_round_trips_for_random_fp32_and_bf16_values():
@@ -76,11 +82,16 @@ def test_the_fingerprint_ignores_zeros_and_sees_every_code_and_scale():
     scale[0, 3] = torch.nextafter(scale[0, 3], torch.tensor(1.0))
     changed = GroupQuantizedWeight(gq.qdata, scale, gq.zero, 32, 4)
     assert layer_digest(canonical_layer("w", to_torchao_int4(changed, "cpu"), 4, 128)) != digest
-    # the key, the bit width and the scale dtype are part of it too
+    # the key and the bit width are part of it too; scales count by value: the same
+    # values stored in bf16 give the same digest, rounded ones do not
     assert layer_digest(canonical_layer("v", weight, 4, 128)) != digest
     assert layer_digest(canonical_layer("w", weight, 3, 128)) != digest
     bf16 = to_torchao_int4(gq, device="cpu", dtype=torch.bfloat16)
     assert layer_digest(canonical_layer("w", bf16, 4, 128)) != digest
+    exact = GroupQuantizedWeight(gq.qdata, gq.scale.bfloat16().float(), gq.zero, 32, 4)
+    assert layer_digest(canonical_layer("w", to_torchao_int4(exact, "cpu", dtype=torch.float32), 4, 128)) == (
+        layer_digest(canonical_layer("w", to_torchao_int4(exact, "cpu", dtype=torch.bfloat16), 4, 128))
+    )
     assert base_fingerprint({"a": "1", "b": "2"}) == base_fingerprint({"b": "2", "a": "1"})
     assert base_fingerprint({"a": "1", "b": "2"}) != base_fingerprint({"a": "2", "b": "1"})
     with pytest.raises(ValueError, match="no quantized linear"):
@@ -89,7 +100,7 @@ def test_the_fingerprint_ignores_zeros_and_sees_every_code_and_scale():
 
 def test_a_padded_layer_keeps_only_its_real_columns():
     linear = torch.nn.Linear(172, 24, bias=False)
-    layer = Int4Linear.from_linear(linear, group_size=32, pad_in_dim=True)
+    layer = QuantizedLinear.from_linear(linear, group_size=32, pad_in_dim=True)
     view = canonical_layer("w", layer.weight, 4, layer.in_dim)
     assert view.codes.shape == (24, 172) and view.scale.shape == (24, 6)
     plain = to_plain_int4(GroupQuantizedWeight(

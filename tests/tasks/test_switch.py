@@ -5,13 +5,10 @@ import pytest
 import torch
 
 import qalora_tune
-from qalora_tune.modules import Int4Linear
-from qalora_tune.quantization import (
-    from_torchao_int4,
-    is_intx_weight,
-    stored_zero_points,
-    to_torchao_intx,
-)
+from qalora_tune.modules import QuantizedLinear
+from qalora_tune.quantization.base_weight import stored_zero_points
+from qalora_tune.quantization.int4_weight import from_torchao_int4
+from qalora_tune.quantization.intx_weight import is_intx_weight, to_torchao_intx
 from qalora_tune.tasks import (
     current_task,
     enable_task_switching,
@@ -33,13 +30,19 @@ from tests.tasks.family import (
     zeros_snapshot,
 )
 
+# (bits, group size, dtype, 8-bit scales, merged format of the files): intx is the default
+# merged output on CPU; 8 bits and group size 16 are intx in memory too
 STORAGES = [
-    pytest.param(2, 32, torch.float32, False, id="2bit-g32-fp32"),
-    pytest.param(3, 32, torch.float32, False, id="3bit-g32-fp32"),
-    pytest.param(4, 64, torch.float32, False, id="4bit-g64-fp32"),
-    pytest.param(4, 32, torch.bfloat16, False, id="4bit-g32-bf16"),
-    pytest.param(8, 32, torch.float32, False, id="8bit-intx-fp32"),
-    pytest.param(4, 16, torch.bfloat16, False, id="4bit-g16-intx-bf16"),
+    pytest.param(2, 32, torch.float32, False, "intx", id="2bit-g32-fp32-intx"),
+    pytest.param(3, 32, torch.float32, False, "intx", id="3bit-g32-fp32-intx"),
+    pytest.param(4, 64, torch.float32, False, "intx", id="4bit-g64-fp32-intx"),
+    pytest.param(4, 32, torch.bfloat16, False, "intx", id="4bit-g32-bf16-intx"),
+    pytest.param(8, 32, torch.float32, False, "intx", id="8bit-fp32-intx"),
+    pytest.param(4, 16, torch.bfloat16, False, "intx", id="4bit-g16-bf16-intx"),
+    pytest.param(4, 32, torch.float32, False, "int4_plain", id="4bit-g32-fp32-plain"),
+    pytest.param(3, 32, torch.bfloat16, False, "int4_plain", id="3bit-g32-bf16-plain"),
+    pytest.param(4, 64, torch.bfloat16, False, "int4_tile_packed", id="4bit-g64-bf16-tile"),
+    pytest.param(2, 32, torch.float32, False, "int4_tile_packed", id="2bit-g32-fp32-tile"),
 ]
 
 
@@ -62,9 +65,11 @@ def _codes_and_scales(model):
     return kept
 
 
-@pytest.mark.parametrize("bits, group_size, dtype, double_quant", STORAGES)
-def test_switched_base_is_bitwise_each_tasks_merged_model(tmp_path, bits, group_size, dtype, double_quant):
-    family = make_family(tmp_path, bits, group_size, 3, dtype, double_quant)
+@pytest.mark.parametrize("bits, group_size, dtype, double_quant, merged_format", STORAGES)
+def test_switched_base_is_bitwise_each_tasks_merged_model(
+    tmp_path, bits, group_size, dtype, double_quant, merged_format
+):
+    family = make_family(tmp_path, bits, group_size, 3, dtype, double_quant, merged_format=merged_format)
     packages = _packages(family, tmp_path)
     model = qalora_tune.load_merged(family.base, task=packages[1])
     assert current_task(model)["name"] == "task_1"
@@ -87,34 +92,46 @@ def test_switched_base_is_bitwise_each_tasks_merged_model(tmp_path, bits, group_
     assert_same_model(model, qalora_tune.load_merged(family.base))
 
 
-@pytest.mark.parametrize("bits, group_size, dtype, double_quant", [
-    pytest.param(4, 32, torch.float32, False, id="int4"),
-    pytest.param(3, 32, torch.bfloat16, True, id="3bit-8bit-scales-bf16"),
-    pytest.param(8, 32, torch.float32, False, id="intx"),
+@pytest.mark.parametrize("bits, group_size, dtype, double_quant, merged_format", [
+    pytest.param(4, 32, torch.float32, False, "intx", id="int4-intx"),
+    pytest.param(3, 32, torch.bfloat16, True, "intx", id="3bit-8bit-scales-bf16-intx"),
+    pytest.param(8, 32, torch.float32, False, "intx", id="8bit-intx"),
+    pytest.param(4, 32, torch.bfloat16, False, "int4_plain", id="int4-plain"),
+    pytest.param(4, 32, torch.float32, False, "int4_tile_packed", id="int4-tile"),
 ])
-def test_packages_from_memory_and_from_files_are_the_same(tmp_path, bits, group_size, dtype, double_quant):
-    family = make_family(tmp_path, bits, group_size, 1, dtype, double_quant)
-    from_memory = export_task(family.models[0], tmp_path / "mem", key_map=KEY_MAP, hf_config=CONFIG)
+def test_packages_from_memory_and_from_files_are_the_same(
+    tmp_path, bits, group_size, dtype, double_quant, merged_format
+):
+    family = make_family(tmp_path, bits, group_size, 1, dtype, double_quant, merged_format=merged_format)
+    from_memory = export_task(
+        family.models[0], tmp_path / "mem", key_map=KEY_MAP, hf_config=CONFIG,
+        merged_format=merged_format,
+    )
     from_files = export_task_from_merged(family.merged[0], tmp_path / "files")
     assert from_memory["base"] == from_files["base"]
     assert from_memory["layers"] == from_files["layers"]
     a, b = read_task_package(tmp_path / "mem"), read_task_package(tmp_path / "files")
     assert a.zeros.keys() == b.zeros.keys()
     assert all(torch.equal(a.zeros[k], b.zeros[k]) for k in a.zeros)
-    expected = torch.float64 if bits == 8 else dtype
-    assert {z.dtype for z in a.zeros.values()} == {expected}
-    # a model from load_merged exports its own table without being told its keys
+    expected = {"intx": torch.float32, "int4_plain": dtype, "int4_tile_packed": torch.bfloat16}
+    assert {z.dtype for z in a.zeros.values()} == {expected[merged_format]}
+    # a model from load_merged exports its own table without being told its keys; the
+    # fingerprint (codes and scale values) is the files', and switching to it is exact
     loaded = qalora_tune.load_merged(family.merged[0])
     export_task(loaded, tmp_path / "loaded")
     c = read_task_package(tmp_path / "loaded")
-    assert all(torch.equal(c.zeros[k], b.zeros[k]) for k in b.zeros)
+    assert c.base["fingerprint"] == b.base["fingerprint"]
+    model = qalora_tune.load_merged(family.base, task=tmp_path / "loaded")
+    assert_same_model(model, loaded)
+    model.load_task(tmp_path / "files")
+    assert_same_model(model, loaded)
 
 
 def _as_intx(model):
     """The same model with every int4 weight in torchao's intx storage, converted the way
     a merged writer converts a base (``to_torchao_intx``: ``zp = -z / s`` in float64)."""
     for module in model.modules():
-        if isinstance(module, Int4Linear):
+        if isinstance(module, QuantizedLinear):
             gq = from_torchao_int4(module.weight)
             gq = type(gq)(gq.qdata, gq.scale, gq.zero, gq.group_size, module.bits)
             intx = to_torchao_intx(gq.as_int4(), dtype=module.weight.dtype)
@@ -127,7 +144,7 @@ def test_int4_table_applied_to_intx_storage_equals_the_writers_conversion(tmp_pa
     packages = _packages(family, tmp_path)
     model = _as_intx(qalora_tune.load_merged(family.base))
     assert all(
-        is_intx_weight(m.weight) for m in model.modules() if isinstance(m, Int4Linear)
+        is_intx_weight(m.weight) for m in model.modules() if isinstance(m, QuantizedLinear)
     )
     model.load_task(packages[1])
     reference = _as_intx(qalora_tune.load_merged(family.merged[1]))
@@ -187,7 +204,7 @@ def test_a_table_of_another_base_or_model_is_refused_and_nothing_changes(tmp_pat
     _refused(model, _packages(two_bit, tmp_path / "c")[0], "bits=2")
     # a table for a base stored in another dtype
     bf16 = make_family(tmp_path / "d", 4, 32, 1, torch.bfloat16)
-    _refused(model, _packages(bf16, tmp_path / "d")[0], "bfloat16", "dtype=torch.bfloat16")
+    _refused(model, _packages(bf16, tmp_path / "d")[0], "fingerprint", "dtype")
     # wrong shapes and missing layers in a package that is itself consistent
     package = read_task_package(mine)
     key = "model.layers.0.self_attn.q_proj.weight"
@@ -217,12 +234,14 @@ def test_models_with_live_adapters_or_without_key_map_are_refused(tmp_path):
     enable_task_switching(training_model, KEY_MAP, CONFIG)
     with pytest.raises(ValueError, match="QA-LoRA layer with its own adapter"):
         training_model.load_task(package)
-    # an Int4Linear model switched by hand: the same zeros as the merged task
-    plain_model = enable_task_switching(build(plain_weights(), 4, 32, adapters=False), KEY_MAP, CONFIG)
-    plain_model.load_task(package)
+    # a QuantizedLinear model switched by hand to the table of a merged model in memory:
+    # the same zeros as that model
     merged = merge_random_adapters(build(plain_weights(), 4, 32, adapters=True), seed=1000)
+    export_task(merged, tmp_path / "in_memory", key_map=KEY_MAP, hf_config=CONFIG)
+    plain_model = enable_task_switching(build(plain_weights(), 4, 32, adapters=False), KEY_MAP, CONFIG)
+    plain_model.load_task(tmp_path / "in_memory")
     for name, module in plain_model.named_modules():
-        if isinstance(module, Int4Linear):
+        if isinstance(module, QuantizedLinear):
             assert torch.equal(
                 stored_zero_points(module.weight),
                 stored_zero_points(merged.get_submodule(name).weight),

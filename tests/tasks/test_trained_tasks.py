@@ -24,12 +24,12 @@ from torchtune import training
 
 import qalora_tune
 from qalora_tune._compat import get_component_from_path
-from qalora_tune.checkpointing import QALoRACheckpointer
+from qalora_tune.checkpointing import AdapterConfig, QALoRACheckpointer
 from qalora_tune.data import instruct_json_dataset, text_file_dataset, text_tokenizer
-from qalora_tune.models import qalora_tinystories656k, qalora_tiny_llama
+from qalora_tune.models import qalora_tinystories656k
 from qalora_tune.modules import QALoRALinear
 from qalora_tune.tasks import export_task, export_task_from_merged, read_task_package
-from qalora_tune.tiny import TinyTokenizer, prepare_tiny_base, tiny_task_dataset
+from qalora_tune.tiny import TinyTokenizer, prepare_tiny_base, qalora_tiny_llama, tiny_task_dataset
 from tests.tasks.family import assert_same_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,17 +76,34 @@ def _train_and_merge(model, batches, lr=1e-2):
 
 
 def _write(checkpointer, model, directory, spec):
+    """The training recipe's writer, in the default merged format (intx on CPU)."""
     directory.mkdir(parents=True)
-    checkpointer.write_merged(directory, model, {"model": spec}, {})
+    metadata = AdapterConfig(rank=1, alpha=1.0, group_size=spec["group_size"], bits=spec["bits"], model=spec)
+    checkpointer.write_merged(directory, model, metadata, {})
     return directory
+
+
+def _write_base(checkpointer, builder, path, bits, root):
+    """The task-free base (``builder`` without adapters) written by the training writer;
+    returns its directory and the model spec every task's merged model records."""
+    spec = {
+        "_component_": path, "lora_attn_modules": [],
+        "apply_lora_to_mlp": False, "apply_lora_to_output": False, "group_size": 32, "bits": bits,
+    }
+    base = builder([], False, False, group_size=32, bits=bits)
+    checkpointer.load_base(base)
+    return _write(checkpointer, base.eval(), root / "base", spec), spec
 
 
 def _check_tasks(root, base_dir, merged_dirs, trained_models, key_map, hf_config):
     packages = []
     for k, merged in enumerate(merged_dirs):
         export_task_from_merged(merged, root / f"task_{k}")
-        # the table of the trained model in memory is the same as that of its files
-        export_task(trained_models[k], root / f"mem_{k}", key_map=key_map, hf_config=hf_config)
+        # the table of the trained model in memory, as its files hold it, is that of its files
+        export_task(
+            trained_models[k], root / f"mem_{k}", key_map=key_map, hf_config=hf_config,
+            merged_format="auto",
+        )
         a, b = read_task_package(root / f"task_{k}"), read_task_package(root / f"mem_{k}")
         assert a.base["fingerprint"] == b.base["fingerprint"]
         assert all(torch.equal(a.zeros[key], b.zeros[key]) for key in a.zeros)
@@ -117,13 +134,9 @@ def test_tinystories656k_shakespeare_alpaca_tinystories_tasks_switch_exactly(tmp
         "tinystories": text_file_dataset(tokenizer, str(DATA / "tinystories_val_a.txt"), block_size=64),
     }
     checkpointer = QALoRACheckpointer(str(MODEL), "LLAMA2", str(tmp_path / "run"))
-    spec = {
-        "_component_": "qalora_tune.models.qalora_tinystories656k", "lora_attn_modules": [],
-        "apply_lora_to_mlp": False, "apply_lora_to_output": False, "group_size": 32, "bits": bits,
-    }
-    base = qalora_tinystories656k([], False, False, group_size=32, bits=bits)
-    checkpointer.load_base(base)
-    base_dir = _write(checkpointer, base.eval(), tmp_path / "base", spec)
+    base_dir, spec = _write_base(
+        checkpointer, qalora_tinystories656k, "qalora_tune.models.qalora_tinystories656k", bits, tmp_path
+    )
     merged, models = [], []
     torch.manual_seed(0)
     for name, dataset in data.items():
@@ -155,13 +168,9 @@ TINY_VARIANTS = [  # (training sentences seed, adapted attention, mlp, output, r
 def test_tiny_qalora_variants_switch_exactly(tmp_path, tiny_base, bits):
     checkpointer = QALoRACheckpointer(tiny_base, "LLAMA2", str(tmp_path / "run"))
     tokenizer = TinyTokenizer()
-    spec = {
-        "_component_": "qalora_tune.models.qalora_tiny_llama", "lora_attn_modules": [],
-        "apply_lora_to_mlp": False, "apply_lora_to_output": False, "group_size": 32, "bits": bits,
-    }
-    base = qalora_tiny_llama([], False, False, group_size=32, bits=bits)
-    checkpointer.load_base(base)
-    base_dir = _write(checkpointer, base.eval(), tmp_path / "base", spec)
+    base_dir, spec = _write_base(
+        checkpointer, qalora_tiny_llama, "qalora_tune.tiny.qalora_tiny_llama", bits, tmp_path
+    )
     merged, models = [], []
     torch.manual_seed(0)
     for seed, attention, mlp, output, rank in TINY_VARIANTS:
