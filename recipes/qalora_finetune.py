@@ -40,6 +40,7 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
 from qalora_tune.checkpointing import (
+    choose_merged_format,
     RECIPE_STATE_NAME,
     AdapterConfig,
     atomic_write_text,
@@ -189,6 +190,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         self._model_cfg = cfg.model
         self._tokenizer = instantiate_section(cfg.tokenizer, "tokenizer")
         self._model = self._setup_model(cfg.model)
+        choose_merged_format(self._merged_format, self._model, self._device)  # refuse before training
         check_tokenizer_fits(self._tokenizer, self._model)
         self._loss_fn = self._setup_loss(cfg.loss)
         self._optimizer = self._setup_optimizer(cfg.optimizer)

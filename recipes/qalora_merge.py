@@ -30,6 +30,7 @@ from torchtune import training, utils
 
 from qalora_tune._compat import get_component_from_path
 from qalora_tune.checkpointing import (
+    choose_merged_format,
     atomic_directory,
     check_adapter_before_use,
     clean_module_name,
@@ -139,6 +140,7 @@ class QALoRAMergeRecipe:
         )
         self._model_spec = model_spec_without_adapters(cfg.model)
         self._model = self._setup_model(cfg.model)
+        choose_merged_format(self._merged_format, self._model, self._device)  # refuse before merging
         self._check_and_load(adapter)
         self._probe = self._setup_probe(cfg) if self._probe_size > 0 else None
 

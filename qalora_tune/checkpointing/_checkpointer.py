@@ -30,7 +30,7 @@ from qalora_tune.checkpointing._formats import (
 )
 from qalora_tune.checkpointing._hf_keys import HFKeyMap
 from qalora_tune.checkpointing._hf_weights import read_hf_config
-from qalora_tune.checkpointing._merged_formats import RUNS_ON, choose_merged_format
+from qalora_tune.checkpointing._merged_formats import choose_merged_format, runs_on
 from qalora_tune.checkpointing._merged_int4 import (
     MERGE_REPORT_NAME,
     MERGED_DIR_NAME,
@@ -406,7 +406,13 @@ class QALoRACheckpointer:
             merged_model, directory, self.key_map, self.hf_config, spec, chosen
         )
         self.copy_tokenizer_files(directory)
-        report = dict(merge_report or {}, size=sizes, format=chosen, runs_on=RUNS_ON[chosen])
+        where = runs_on(chosen, merged_model)
+        if chosen == "int4_plain":
+            log.warning(
+                f"merged_format=int4_plain runs {where}; merged_format=intx runs in stock "
+                "transformers on any device"
+            )
+        report = dict(merge_report or {}, size=sizes, format=chosen, runs_on=where)
         (directory / MERGE_REPORT_NAME).write_text(json.dumps(report, indent=2))
         (directory / OUTPUT_MARKER_NAME).write_text(
             json.dumps({"written_by": "qalora_tune", "kind": "merged_int4"}) + "\n"

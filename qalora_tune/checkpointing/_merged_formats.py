@@ -19,7 +19,7 @@ written in the file's convention (``intx`` stores torchao's ``zp = -z / s`` in f
 ``int4_tile_packed`` rounds to bf16), the only rounding a format adds.
 """
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 
@@ -87,6 +87,16 @@ RUNS_ON = {
     "int4_plain": "CUDA with fbgemm-gpu-genai (stock), or anywhere through qalora_tune.load_merged",
 }
 
+PADDED_RUNS_ON = "only through qalora_tune.load_merged (partial last groups; stock loading refuses it)"
+
+
+def runs_on(merged_format: str, model: torch.nn.Module) -> str:
+    """Where a merged file of ``merged_format`` written from ``model`` runs (one line)."""
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    if merged_format == "int4_plain" and any(m.padded_in_dim != m.in_dim for m in layers):
+        return PADDED_RUNS_ON
+    return RUNS_ON[merged_format]
+
 
 def choose_merged_format(requested: str, model: torch.nn.Module, device: torch.device) -> str:
     """The file format of ``requested`` (``auto`` resolved) for ``model``'s linears.
@@ -120,24 +130,47 @@ def choose_merged_format(requested: str, model: torch.nn.Module, device: torch.d
             chosen = "int4_tile_packed"
         else:
             chosen = "intx"
-    if chosen in ("int4_tile_packed", "int4_plain") and not int4:
-        raise UserValueError(
-            f"merged_format={chosen} holds int4 kernel bases (bits <= 4, group_size 32/64/128/"
-            "256); this model's base is stored as intx: set merged_format=intx"
-        )
-    if padded and chosen != "int4_plain":
-        raise UserValueError(
-            f"merged_format={chosen} cannot hold linears padded to whole groups "
-            "(model.pad_in_dim=True with a group size that does not divide in_dim); set "
-            "merged_format=int4_plain (qalora_tune.load_merged reads it anywhere), or train "
-            "with a model.group_size that divides every linear"
-        )
+    check_format_holds(chosen, layers)
     return chosen
 
 
-def quantization_config(merged_format: str, group_size: int, bits: int) -> Dict[str, Any]:
+def check_format_holds(merged_format: str, layers: List[QuantizedLinear]) -> None:
+    """Refuse a resolved ``merged_format`` that cannot hold ``layers``' bases.
+
+    Raises:
+        UserValueError: int4 formats for intx bases, or a format other than ``int4_plain``
+            for linears padded to whole groups.
+    """
+    int4 = all(uses_int4_kernel(m.bits, m.group_size) for m in layers)
+    if merged_format in ("int4_tile_packed", "int4_plain") and not int4:
+        raise UserValueError(
+            f"merged_format={merged_format} holds int4 kernel bases (bits <= 4, group_size 32/64/128/"
+            "256); this model's base is stored as intx: set merged_format=intx"
+        )
+    if merged_format != "int4_plain" and any(m.padded_in_dim != m.in_dim for m in layers):
+        raise UserValueError(
+            f"merged_format={merged_format} cannot hold linears padded to whole groups "
+            "(model.pad_in_dim=True with a group size that does not divide in_dim); set "
+            "merged_format=int4_plain (qalora_tune.load_merged reads it anywhere; int4 bases "
+            "only), or train with a model.group_size that divides every linear"
+        )
+
+
+PADDED_INT4_CONFIG_TYPE = "NeedsQaloraTune_LoadWith_qalora_tune_load_merged_PaddedLastGroup"
+"""``_type`` written for a plain file with partial last groups, which no stock torchao
+kernel runs: stock ``from_pretrained`` then stops at once with a line naming it."""
+
+
+def quantization_config(
+    merged_format: str, group_size: int, bits: int, padded: bool = False
+) -> Dict[str, Any]:
     """``config.json``'s ``quantization_config``: what transformers' ``TorchAoConfig``
-    writes for this format, so stock ``from_pretrained`` builds the right torchao class."""
+    writes for this format, so stock ``from_pretrained`` builds the right torchao class.
+
+    A padded ``int4_plain`` file (partial last groups) gets an unknown ``_type`` instead,
+    :data:`PADDED_INT4_CONFIG_TYPE`: torchao's config reader refuses it in one line
+    naming ``qalora_tune.load_merged``, rather than a kernel error at the first forward.
+    """
     if merged_format == "intx":
         config = IntxWeightOnlyConfig(
             weight_dtype=getattr(torch, f"int{bits}"),
@@ -151,9 +184,12 @@ def quantization_config(merged_format: str, group_size: int, bits: int) -> Dict[
             else Int4PackingFormat.PLAIN
         )
         config = Int4WeightOnlyConfig(group_size=group_size, int4_packing_format=packing)
+    quant_type = config_to_dict(config)
+    if padded and merged_format == "int4_plain":
+        quant_type["_type"] = PADDED_INT4_CONFIG_TYPE
     return {
         "quant_method": "torchao",
-        "quant_type": {"default": config_to_dict(config)},
+        "quant_type": {"default": quant_type},
         "modules_to_not_convert": None,
         "include_input_output_embeddings": False,
         "untie_embedding_weights": False,

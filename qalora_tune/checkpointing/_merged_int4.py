@@ -31,6 +31,7 @@ from qalora_tune._files import read_json
 from qalora_tune.checkpointing._hf_keys import HFKeyMap
 from qalora_tune.checkpointing._merged_formats import (
     base_from_file,
+    check_format_holds,
     is_file_base,
     portable_weight,
     quantization_config,
@@ -116,8 +117,10 @@ def write_merged_int4(
     Raises:
         ValueError: if an adapter is not merged.
     """
-    if any(is_intx_weight(m.weight) for m in model.modules() if isinstance(m, QuantizedLinear)):
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    if any(is_intx_weight(m.weight) for m in layers):
         merged_format = "intx"  # the only file layout of an intx base
+    check_format_holds(merged_format, layers)
     tensors: Dict[str, torch.Tensor] = {}
     quantized_params, quantized_bytes, group_size, bits, dtype = 0, 0, None, 4, None
     for key, value in _merged_tensors(model):
@@ -138,7 +141,8 @@ def write_merged_int4(
     path = directory / MERGED_WEIGHTS_NAME
     save_file(data, str(path), metadata=metadata)
     config = dict(hf_config)
-    config["quantization_config"] = quantization_config(merged_format, group_size, bits)
+    padded = any(m.padded_in_dim != m.in_dim for m in layers)
+    config["quantization_config"] = quantization_config(merged_format, group_size, bits, padded)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     (directory / MERGED_SPEC_NAME).write_text(json.dumps(dict(spec, format=merged_format), indent=2))

@@ -42,6 +42,8 @@ def summary_lines(metrics: Dict[str, Dict[str, float]], latest: Optional[Path]) 
                 f" bits per quantized weight; merged vs unmerged logits: max relative error "
                 f"{report['max_relative_logit_error']:.2e})"
             )
+            if "format" in report:  # written since merged_format exists
+                lines.append(f"    merged format: {report['format']}, runs on {report['runs_on']}")
     return lines
 
 

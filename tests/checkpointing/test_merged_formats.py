@@ -42,9 +42,10 @@ def _merged_tiny(seed: int = 0, **knobs):
 def _write(model, directory: Path, merged_format: str) -> Path:
     directory.mkdir(parents=True)
     config = hf_llama_config(TINY_LLAMA_SIZES)
+    q_proj = model.layers[0].attn.q_proj
     spec = {
         "model": {"_component_": "qalora_tune.tiny.qalora_tiny_llama", "lora_attn_modules": [],
-                  "group_size": model.layers[0].attn.q_proj.group_size},
+                  "group_size": q_proj.group_size, "pad_in_dim": q_proj.padded_in_dim != q_proj.in_dim},
         "model_type": "LLAMA2",
     }
     write_merged_int4(model, directory, HFKeyMap("LLAMA2", config), config, spec, merged_format)
@@ -174,3 +175,24 @@ def test_padded_linears_are_written_as_plain_int4_and_refused_elsewhere():
     assert choose_merged_format("auto", model, torch.device("cpu")) == "int4_plain"
     with pytest.raises(UserValueError, match="set merged_format=int4_plain"):
         choose_merged_format("intx", model, torch.device("cpu"))
+
+
+@torch.no_grad()
+def test_a_padded_plain_file_is_refused_by_stock_loading_in_one_line_naming_this_package(tmp_path):
+    # group 256 over 128-wide inputs: every linear has a partial last group, which no
+    # stock torchao kernel runs; stock from_pretrained must stop at once, saying what to use
+    model = _merged_tiny(group_size=256, pad_in_dim=True)
+    assert choose_merged_format("auto", model, torch.device("cpu")) == "int4_plain"
+    directory = _write(model, tmp_path / "merged", "int4_plain")
+    result = subprocess.run(
+        [sys.executable, "-c", _STOCK, str(directory), json.dumps(TOKENS.tolist()),
+         str(tmp_path / "stock.pt")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert "qalora_tune_load_merged" in last and "fbgemm" not in result.stderr, last
+    assert not (tmp_path / "stock.pt").exists()
+    # while this package reads it back as the merged model
+    ours = qalora_tune.load_merged(directory)(TOKENS)
+    assert _relative(ours, model(TOKENS)) < 1e-5

@@ -256,6 +256,11 @@ MODEL_KNOBS = [
     ("quantizer-unknown", ["model.quantizer=awq"], ["model.quantizer='awq' is not a base quantizer"]),
     ("targets-unknown", ["model.lora_attn_modules=[q_proj,query]"], ["model.lora_attn_modules"]),
     ("double-quant-text", ["model.double_quant_scales=sometimes"], ["model.double_quant_scales"]),
+    # an 8-bit (intx) base padded to whole groups has no merged file layout: refused before training
+    ("padded-intx-merge", ["model.bits=8", "model.group_size=48", "model.pad_in_dim=True"],
+     ["cannot hold linears padded to whole groups", "set merged_format=int4_plain"]),
+    ("format-for-intx", ["model.bits=8", "merged_format=int4_tile_packed"],
+     ["merged_format=int4_tile_packed holds int4 kernel bases", "set merged_format=intx"]),
 ]
 
 

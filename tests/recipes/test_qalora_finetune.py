@@ -239,6 +239,7 @@ def test_intx_bases_train_merge_and_load_in_transformers(tmp_path, bits, group_s
     from transformers import AutoModelForCausalLM
 
     import qalora_tune
+    from qalora_tune._compat import IntxUnpackedToInt8Tensor
 
     out = tmp_path / "run"
     result = _tune_run(
@@ -258,7 +259,7 @@ def test_intx_bases_train_merge_and_load_in_transformers(tmp_path, bits, group_s
     ours = qalora_tune.load_merged(merged, device="cpu", dtype=torch.float32)
     layer = ours.layers[0].attn.q_proj
     assert (layer.bits, layer.group_size) == (bits, group_size)
-    assert type(layer.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    assert isinstance(layer.weight, IntxUnpackedToInt8Tensor)  # this package's subclass of it
     hf = AutoModelForCausalLM.from_pretrained(str(merged)).eval()
     assert type(hf.model.layers[0].self_attn.q_proj.weight).__name__ == "IntxUnpackedToInt8Tensor"
     tokens = torch.randint(0, 2048, (2, 48), generator=torch.Generator().manual_seed(0))
