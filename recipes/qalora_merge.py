@@ -140,7 +140,8 @@ class QALoRAMergeRecipe:
         )
         self._model_spec = model_spec_without_adapters(cfg.model)
         self._model = self._setup_model(cfg.model)
-        choose_merged_format(self._merged_format, self._model, self._device)  # refuse before merging
+        file_format = self._zero_table.base_format if self._zero_table else self._merged_format
+        choose_merged_format(file_format, self._model, self._device)  # refuse before merging
         self._check_and_load(adapter)
         self._probe = self._setup_probe(cfg) if self._probe_size > 0 else None
 

@@ -76,6 +76,7 @@ class ZeroTableOutput:
     """
 
     default_dir_name = "zero_table"
+    base_format = BASE_FORMAT  # the merged format of the task-free base (and the package's zeros)
 
     def __init__(self, base_dir: Optional[Path], name: str) -> None:
         self.base_dir = base_dir
