@@ -36,8 +36,9 @@ from qalora_tune.checkpointing._merged_formats import (
     is_file_base,
     portable_weight,
 )
-from qalora_tune.checkpointing._merged_int4 import MERGED_SPEC_NAME, MERGED_WEIGHTS_NAME
+from qalora_tune.checkpointing._merged_int4 import MERGED_SPEC_NAME, resolve_file_format
 from qalora_tune.checkpointing._merged_int4 import _read_tensors as read_torchao_safetensors
+from qalora_tune.checkpointing._safetensors_io import safetensors_files
 from qalora_tune.errors import UserFileNotFoundError, UserValueError
 from qalora_tune.modules import QALoRALinear, QuantizedLinear
 from qalora_tune.quantization import SUPPORTED_BITS
@@ -214,8 +215,9 @@ def model_base_layers(
             out), or the format cannot hold the model.
     """
     chosen = None
-    if merged_format is not None:
+    if merged_format is not None:  # resolved as the merged writer resolves it
         chosen = choose_merged_format(merged_format, model, next(model.parameters()).device)
+        chosen = resolve_file_format(model, chosen)
     for hf_key, module, rows in model_layers(model, key_map):
         if isinstance(module, QALoRALinear) and not module.merged:
             raise UserValueError(
@@ -225,9 +227,7 @@ def model_base_layers(
         if chosen is None:
             yield canonical_layer(hf_key, module.weight, module.bits, module.in_dim, rows)
             continue
-        # an intx base has one file layout, whatever the format (as write_merged_int4)
-        layout = "intx" if is_intx_weight(module.weight) else chosen
-        portable, _ = portable_weight(module, rows, layout)
+        portable, _ = portable_weight(module, rows, chosen)
         yield canonical_layer(hf_key, portable, module.bits, module.in_dim)
 
 
@@ -274,14 +274,16 @@ def read_merged_base(
     bits = model.get("bits", 4)
     if bits not in SUPPORTED_BITS or isinstance(bits, bool):
         raise UserValueError(f"{merged_dir / MERGED_SPEC_NAME} has bits={bits!r}; {_FIX}")
-    weights = merged_dir / MERGED_WEIGHTS_NAME
-    if not weights.is_file():
-        raise UserFileNotFoundError(f"{weights} not found; {_FIX}")
+    try:  # model.safetensors, or the shards its index names
+        files = safetensors_files(merged_dir)
+    except FileNotFoundError as error:
+        raise UserFileNotFoundError(f"{error}; {_FIX}") from None
 
     def layers() -> Iterator[BaseLayer]:
-        for key, value in read_torchao_safetensors(weights):
-            if is_file_base(value):
-                yield canonical_layer(key, value, bits, value.shape[1])
+        for path in files:
+            for key, value in read_torchao_safetensors(path):
+                if is_file_base(value):
+                    yield canonical_layer(key, value, bits, value.shape[1])
 
     return hf_config, layers()
 

@@ -207,6 +207,10 @@ FINETUNE_SETTINGS = [
     ("probe-negative", ["merge_probe_size=-1"], ["merge_probe_size=-1", "non-negative integer"]),
     ("merged_format-zero_table", ["merged_format=zero_table"],
      ["merged_format='zero_table' is not one of auto"]),  # task packages: qalora_merge only
+    ("shard-size-text", ["checkpointer.max_shard_size=big"],
+     ["checkpointer.max_shard_size='big' is not a size", "e.g. 5GB"]),
+    ("shard-size-zero", ["checkpointer.max_shard_size=0"], ["checkpointer.max_shard_size=0 is not a size"]),
+    ("num_layers-zero", ["model.num_layers=0"], ["model.num_layers=0 is not a positive integer"]),
     ("shuffle-text", ["shuffle=maybe"], ["shuffle='maybe' is not True or False"]),
     ("compile-int", ["compile=3"], ["compile=3 is not True or False"]),
     ("resume-text", ["resume_from_checkpoint=yes please"], ["resume_from_checkpoint='yes please'"]),
