@@ -246,3 +246,20 @@ def test_models_with_live_adapters_or_without_key_map_are_refused(tmp_path):
                 stored_zero_points(module.weight),
                 stored_zero_points(merged.get_submodule(name).weight),
             ), name
+
+
+def test_sharded_merged_directories_export_and_switch_exactly(tmp_path):
+    from qalora_tune.checkpointing import write_merged_int4
+
+    weights = plain_weights()
+    spec = {"model": {"_component_": "qalora_tune.tiny.qalora_tiny_llama", "lora_attn_modules": [],
+                      "group_size": 32, "bits": 4}, "model_type": "LLAMA2"}
+    base, task = tmp_path / "base", tmp_path / "merged"
+    for path, model in ((base, build(weights, 4, 32, False)),
+                        (task, merge_random_adapters(build(weights, 4, 32, True), seed=7))):
+        path.mkdir()
+        write_merged_int4(model, path, KEY_MAP, CONFIG, spec, "intx", max_shard_size="100KB")
+    assert len(list(task.glob("*.safetensors"))) > 1  # shards with an index
+    export_task_from_merged(task, tmp_path / "task", base_dir=base)
+    model = qalora_tune.load_merged(base, task=tmp_path / "task")
+    assert_same_model(model, qalora_tune.load_merged(task))
