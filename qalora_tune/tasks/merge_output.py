@@ -153,4 +153,5 @@ class ZeroTableOutput:
             model, directory, key_map=checkpointer.key_map, hf_config=checkpointer.hf_config,
             name=self.name, source=source, overwrite=True, merged_format=BASE_FORMAT,
         )
-        return dict(report, size=metadata["size"], fingerprint=metadata["base"]["fingerprint"])
+        size = dict(metadata["size"], shards=1)  # one zero_points.safetensors
+        return dict(report, size=size, fingerprint=metadata["base"]["fingerprint"])
