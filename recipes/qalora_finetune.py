@@ -44,6 +44,7 @@ from qalora_tune.checkpointing import (
     choose_merged_format,
     RECIPE_STATE_NAME,
     AdapterConfig,
+    adopt_pooling,
     atomic_write_text,
     check_resume_matches,
     recover_interrupted_writes,
@@ -477,6 +478,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             pad_in_dim=knobs.pad_in_dim,
             double_quant_scales=knobs.double_quant_scales,
             lora_dropout=knobs.dropout,
+            pooling=knobs.pooling,
             target_modules=sorted(self._adapter_modules),
             model=model_spec_without_adapters(self._model_cfg),
             model_type=self._checkpointer.model_type,
@@ -559,6 +561,11 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         _info(f"{saved}; {summarize_report(report)}")
 
     def _restore(self, saved: Dict[str, Any]) -> None:
+        # a checkpoint of earlier qalora-tune (mean pooling) resumes in its own convention
+        pooling = adopt_pooling(self._adapter_modules.values(), saved["adapter_config"])
+        if pooling != self._adapter_metadata.pooling:
+            _info(f"{saved['path']} was trained with {pooling} pooling: resuming it so")
+            self._adapter_metadata = self._adapter_config()
         check_resume_matches(saved["adapter_config"], self._adapter_metadata, saved["path"])
         check_saved_adapter(saved["adapter"], self._adapter_params, saved["path"])
         with unreadable_state(saved["path"] / RECIPE_STATE_NAME):

@@ -3,6 +3,7 @@
 from qalora_tune.checkpointing._adapter import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
+    adopt_pooling,
     check_adapter_before_use,
     check_adapter_matches,
     check_resume_matches,
@@ -83,6 +84,7 @@ __all__ = [
     "ShardedSafetensorsWriter",
     "atomic_directory",
     "atomic_write_text",
+    "adopt_pooling",
     "check_adapter_before_use",
     "check_adapter_matches",
     "check_resume_matches",

@@ -47,6 +47,7 @@ from qalora_tune.recipe_utils._evaluation import (
 from qalora_tune.recipe_utils._finetune_preflight import finetune_preflight
 from qalora_tune.recipe_utils._full_precision import load_full_precision
 from qalora_tune.recipe_utils._instantiate import instantiate_section
+from qalora_tune.recipe_utils._lr_schedule import get_cosine_schedule_with_floor
 from qalora_tune.recipe_utils._merge_report import (
     merge_weight_error,
     merge_with_report,
@@ -142,6 +143,7 @@ __all__ = [
     "format_metrics",
     "full_logits",
     "gather_objects",
+    "get_cosine_schedule_with_floor",
     "init_distributed",
     "instantiate_section",
     "is_rank_zero",

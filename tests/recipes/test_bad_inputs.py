@@ -182,6 +182,8 @@ def _check(outcome, ws: Workspace, before, *named, recipe="qalora_finetune", cod
 # ---------------------------------------------------------------------- 1. settings of fine-tuning
 
 
+FLOOR_SCHEDULE = "qalora_tune.recipe_utils.get_cosine_schedule_with_floor"
+
 FINETUNE_SETTINGS = [
     ("batch_size-text", ["batch_size=abc"], ["batch_size='abc' is not a positive integer"]),
     ("batch_size-zero", ["batch_size=0"], ["batch_size=0 is not a positive integer"]),
@@ -215,6 +217,13 @@ FINETUNE_SETTINGS = [
     ("compile-int", ["compile=3"], ["compile=3 is not True or False"]),
     ("resume-text", ["resume_from_checkpoint=yes please"], ["resume_from_checkpoint='yes please'"]),
     ("warmup-negative", ["lr_scheduler.num_warmup_steps=-5"], ["lr_scheduler.num_warmup_steps=-5"]),
+    ("floor-above-one", [f"lr_scheduler._component_={FLOOR_SCHEDULE}", "lr_scheduler.min_lr_ratio=1.5"],
+     ["lr_scheduler.min_lr_ratio=1.5 is not a number in [0, 1]", "e.g. 0.1"]),
+    ("floor-text", [f"lr_scheduler._component_={FLOOR_SCHEDULE}", "lr_scheduler.min_lr_ratio=low"],
+     ["lr_scheduler.min_lr_ratio='low' is not a number in [0, 1]"]),
+    ("floor-on-torchtune-cosine",
+     ["lr_scheduler._component_=torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup",
+      "lr_scheduler.min_lr_ratio=0.1"], ["lr_scheduler.min_lr_ratio is not an argument"]),
     ("val_batch-zero", ["validation.batch_size=0"], ["validation.batch_size=0"]),
     ("val_batches-text", ["validation.max_batches=all"], ["validation.max_batches='all'"]),
     ("device-gpu", ["device=gpu"], ["device='gpu' is not a device: cpu, cuda or cuda:N"]),
