@@ -40,6 +40,7 @@ from qalora_tune.checkpointing._hf_weights import (
     read_hf_config,
 )
 from qalora_tune.checkpointing._merged_formats import (
+    MERGE_OUTPUT_FORMATS,
     MERGED_FORMATS,
     RUNS_ON,
     choose_merged_format,
@@ -70,6 +71,7 @@ __all__ = [
     "HF_MODEL_TYPES",
     "MERGED_DIR_NAME",
     "MERGED_FORMATS",
+    "MERGE_OUTPUT_FORMATS",
     "RUNS_ON",
     "MERGE_REPORT_NAME",
     "OUTPUT_MARKER_NAME",
