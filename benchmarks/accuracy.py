@@ -70,9 +70,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from _report import command_line, cpu_model_name, write_outputs
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SHARED = ROOT.parent / "shared"
@@ -328,7 +327,7 @@ def _token_cap(split: str, args: argparse.Namespace) -> int:
 
 
 def _calibration(train: list[Example], args: argparse.Namespace) -> list[torch.Tensor]:
-    from qalora_tune.quantization import sample_calibration_sequences
+    from qalora_tune.quantization.gptq_calibration import sample_calibration_sequences
 
     return sample_calibration_sequences(train, args.calibration_samples, args.seq_len, seed=0)
 
@@ -525,7 +524,7 @@ class Models:
     ) -> nn.Module:
         """Every linear of the fp32 model ``state`` (default: the checkpoint) quantized to
         ``bits`` with groups of ``group_size`` by ``quantizer``; no adapters."""
-        from qalora_tune.quantization import load_quantized_base
+        from qalora_tune.quantization.gptq_calibration import load_quantized_base
 
         model = self._builder()([], group_size=group_size, quantizer=quantizer, bits=bits)
         load_quantized_base(
@@ -559,7 +558,7 @@ class Models:
         target: TargetData,
     ) -> nn.Module:
         """The project's QA-LoRA model on the int-b base, adapters initialised with ``seed``."""
-        from qalora_tune.quantization import load_quantized_base
+        from qalora_tune.quantization.gptq_calibration import load_quantized_base
 
         torch.manual_seed(seed)
         model = self._builder()(

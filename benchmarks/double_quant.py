@@ -38,11 +38,11 @@ LLAMA2_7B_LINEARS = [(4096, 4096)] * 4 + [(4096, 11008)] * 2 + [(11008, 4096)]
 
 def _linear_bits(linears: List[tuple], group_size: int, dtype: torch.dtype, double_quant: bool) -> float:
     from qalora_tune.models import tensor_nbytes
-    from qalora_tune.modules import Int4Linear
+    from qalora_tune.modules import QuantizedLinear
 
     stored, weights = 0, 0
     for in_dim, out_dim in linears:
-        layer = Int4Linear(in_dim, out_dim, group_size=group_size, dtype=dtype, device="meta",
+        layer = QuantizedLinear(in_dim, out_dim, group_size=group_size, dtype=dtype, device="meta",
                            pad_in_dim=True, double_quant_scales=double_quant)
         stored += 8 * tensor_nbytes(layer.weight)
         weights += in_dim * out_dim
@@ -65,12 +65,12 @@ def llama2_7b_bits(group_sizes: List[int]) -> List[Dict[str, Any]]:
 
 
 def _weight_error(model: nn.Module, reference: Dict[str, torch.Tensor]) -> float:
-    from qalora_tune.modules import Int4Linear
-    from qalora_tune.quantization import dequantize_base
+    from qalora_tune.modules import QuantizedLinear
+    from qalora_tune.quantization.base_weight import dequantize_base
 
     total = 0.0
     for name, module in model.named_modules():
-        if isinstance(module, Int4Linear):
+        if isinstance(module, QuantizedLinear):
             dense = dequantize_base(module.weight, torch.float64)[:, : module.in_dim]
             total += (dense - reference[f"{name}.weight"].double()).pow(2).sum().item()
     return total
@@ -81,7 +81,7 @@ def tinystories_accuracy(args: argparse.Namespace) -> Dict[str, Any]:
     from qalora_tune.checkpointing import QALoRACheckpointer
     from qalora_tune.data import text_tokenizer
     from qalora_tune.models import base_bits_per_weight, qalora_tinystories656k
-    from qalora_tune.quantization import load_quantized_base
+    from qalora_tune.quantization.gptq_calibration import load_quantized_base
     from qalora_tune.recipe_utils import load_full_precision
 
     model_dir = args.shared / MODEL_DIR

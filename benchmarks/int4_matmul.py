@@ -35,13 +35,21 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
-
 from _report import command_line, cpu_model_name, write_outputs
+
 from qalora_tune.ops import int4_linear, int4_linear_grad_input
-from qalora_tune.ops._cpu_int4_chunked import chunked_int4_grad_input, chunked_int4_linear
+from qalora_tune.ops._cpu_int4_chunked import (
+    chunked_int4_grad_input,
+    chunked_int4_linear,
+)
 from qalora_tune.ops._cpu_int4_fused import use_compiled
-from qalora_tune.quantization import dequantize_int4, quantize_rtn, to_torchao_int4
-from qalora_tune.quantization.int4_weight import dequantize_packed, tinygemm_padded_in_features
+from qalora_tune.quantization import quantize_rtn
+from qalora_tune.quantization.int4_weight import (
+    dequantize_int4,
+    dequantize_packed,
+    tinygemm_padded_in_features,
+    to_torchao_int4,
+)
 
 # the module, for its thresholds (``qalora_tune.ops.int4_linear`` names the op itself)
 int4_linear_module = importlib.import_module("qalora_tune.ops.int4_linear")

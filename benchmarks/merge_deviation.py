@@ -15,7 +15,7 @@ from torch import nn
 
 from qalora_tune.modules import QALoRALinear
 from qalora_tune.ops import pool_groups
-from qalora_tune.quantization import dequantize_int4, zero_points
+from qalora_tune.quantization.int4_weight import dequantize_int4, zero_points
 
 
 def measure(dim: int, group_size: int, rank: int, dtype: torch.dtype) -> dict:

@@ -51,9 +51,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
-from torch import nn
-
 from _report import command_line, cpu_model_name, write_outputs
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MODELS = ROOT.parent / "shared" / "models"
@@ -131,10 +130,9 @@ def _torchtune_lora(args: argparse.Namespace, quantize_base: bool, dtype: torch.
 
 def _qalora(args: argparse.Namespace, dtype: torch.dtype, double_quant: bool) -> nn.Module:
     from torchtune.models.llama2 import llama2
+    from torchtune.training import set_default_dtype
 
     from qalora_tune.models import qalora_transformer, tied_llama
-
-    from torchtune.training import set_default_dtype
 
     dims = _shape_kwargs(args)
     base = partial(tied_llama if _tied(args.shape) else llama2, **dims)

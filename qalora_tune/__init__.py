@@ -1,34 +1,42 @@
 """qalora-tune: QA-LoRA fine-tuning for torchtune on torchao int4 bases.
 
-Importing the package registers the ``qalora_tune::*`` custom ops and the device/dtype
-moves of torchao's int4 weights.
+Importing the package registers the ``qalora_tune::*`` custom ops and the ``F.linear`` of
+its base tensor classes (:mod:`qalora_tune.ops`). Architecture: ``docs/design.md`` §1.
 """
 
+from qalora_tune._version import __version__
 from qalora_tune.checkpointing import load_merged
-from qalora_tune.modules import Int4Linear, QALoRALinear
+from qalora_tune.errors import UserError
+from qalora_tune.modules import Int4Linear, QALoRAConfig, QALoRALinear, QuantizedLinear
 from qalora_tune.ops import int4_linear, pool_groups, pooled_lora
 from qalora_tune.quantization import (
+    CpuInt4Tensor,
+    DoubleQuantInt4Tensor,
     GroupQuantizedWeight,
-    dequantize_int4,
-    from_torchao_int4,
+    IntxBaseTensor,
+    TileInt4Tensor,
     quantize_hqq,
     quantize_rtn,
-    to_torchao_int4,
+    to_base,
 )
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
+    "CpuInt4Tensor",
+    "DoubleQuantInt4Tensor",
     "GroupQuantizedWeight",
     "Int4Linear",
+    "IntxBaseTensor",
+    "QALoRAConfig",
     "QALoRALinear",
-    "dequantize_int4",
-    "from_torchao_int4",
+    "QuantizedLinear",
+    "TileInt4Tensor",
+    "UserError",
     "int4_linear",
     "load_merged",
     "pool_groups",
     "pooled_lora",
     "quantize_hqq",
     "quantize_rtn",
-    "to_torchao_int4",
+    "to_base",
 ]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from qalora_tune.modules import QALoRALinear
-from qalora_tune.quantization import from_torchao_int4
+from qalora_tune.quantization.int4_weight import from_torchao_int4
 
 
 def _relative_error(output: torch.Tensor, target: torch.Tensor) -> float:

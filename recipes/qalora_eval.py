@@ -32,7 +32,6 @@ import contextlib
 import difflib
 import importlib.util
 import json
-import sys
 import time
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
@@ -40,14 +39,13 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
-import torchtune
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 from torchtune import training, utils
 
 import qalora_tune
-from qalora_tune._compat import get_component_from_path
+from qalora_tune._compat import get_component_from_path, torchtune_eleuther_wrapper
 from qalora_tune.checkpointing import (
     atomic_write_text,
     check_adapter_before_use,
@@ -181,7 +179,7 @@ class QALoRAEvalRecipe:
             check_adapter_before_use(
                 adapter, metadata, self._checkpoint_path, checkpointer.base_fingerprint()
             )
-        recorded = metadata.get("calibration") if metadata is not None else None
+        recorded = metadata.calibration if metadata is not None else None
         if recorded is not None and cfg_model.get("quantizer") in CALIBRATED_QUANTIZERS:
             settings = recorded
         else:
@@ -271,7 +269,7 @@ class QALoRAEvalRecipe:
 
         tasks = list(cfg_lm_eval.tasks)
         with _offline_hint("build torchtune's lm-eval wrapper"):
-            wrapper = _torchtune_eval_wrapper()(
+            wrapper = torchtune_eleuther_wrapper()(
                 self._model,
                 _HarnessTokenizer(self._tokenizer),
                 device=self._device,
@@ -429,36 +427,6 @@ class _HarnessTokenizer:
     @property
     def stop_tokens(self) -> List[int]:
         return list(getattr(self._tokenizer, "stop_tokens", None) or [self._tokenizer.eos_id])
-
-
-def _torchtune_eval_wrapper() -> type:
-    """torchtune 0.6.1's lm-eval model wrapper for text decoders, ``_LLMEvalWrapper``.
-
-    It is private to torchtune's ``eleuther_eval`` recipe, a file beside the installed
-    package that is not importable as a module (``recipes/__init__.py`` refuses): load
-    it from where ``tune run eleuther_eval`` finds it. It imports lm_eval at the top, so
-    call this only once lm_eval is known to be installed.
-    """
-    name = "_qalora_eval_torchtune_eleuther_eval"
-    if name not in sys.modules:
-        path = Path(torchtune.__file__).parent.parent / "recipes" / "eleuther_eval.py"
-        if not path.is_file():
-            raise UserValueError(
-                f"torchtune's eleuther_eval recipe is not at {path}; reinstall torchtune==0.6.1 "
-                "or set lm_eval=null"
-            )
-        # the file annotates with PIL.Image after a bare `import PIL`
-        import PIL.Image  # noqa: F401
-
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
-    return sys.modules[name]._LLMEvalWrapper
 
 
 @contextlib.contextmanager

@@ -23,7 +23,6 @@ fp32/bf16 on CPU or CUDA, data parallel over ``N`` processes, and an exact
 """
 
 import contextlib
-import json
 import math
 import sys
 import time
@@ -36,64 +35,69 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim import Optimizer
 from torchdata.stateful_dataloader import StatefulDataLoader
-from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import modules, training, utils
 from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
-import qalora_tune
-from qalora_tune._compat import get_component_from_path
 from qalora_tune.checkpointing import (
+    choose_merged_format,
     RECIPE_STATE_NAME,
+    AdapterConfig,
     atomic_write_text,
     check_resume_matches,
     recover_interrupted_writes,
 )
-from qalora_tune.errors import UserError, UserValueError
+from qalora_tune.errors import UserValueError
+from qalora_tune.export import gguf_finisher
 from qalora_tune.models import base_bits_per_weight, count_parameters
 from qalora_tune.modules import QALoRALinear
 from qalora_tune.recipe_utils import (
     FINETUNE_KEYS,
-    FINETUNE_SETTINGS,
+    IGNORE_INDEX,
     OutputDirLock,
-    Problems,
     TrainingError,
     all_reduce_gradients,
     all_reduce_sum,
     barrier,
     broadcast_parameters,
+    build_dataset,
     calibrate_base,
     calibration_settings,
+    capture_rng,
     check_config,
-    check_cuda_only_options,
-    check_device,
-    check_output_dir,
-    check_run_dir,
-    check_settings,
+    check_data_order,
+    check_saved_adapter,
     check_tokenizer_fits,
-    component_file_problems,
     destroy_distributed,
     evaluate_lm,
+    finetune_preflight,
+    format_metrics,
     gather_objects,
     init_distributed,
     instantiate_section,
     is_rank_zero,
     load_full_precision,
     merge_with_report,
+    model_spec_without_adapters,
+    package_versions,
+    probe_batch,
     remove_previous_run,
     resolve_dtype,
+    restore_rng,
     resume_command,
     run_on_rank_zero,
     run_recipe,
     set_interrupt_note,
-    shard_indices,
+    summary_json,
+    summary_lines,
+    training_loader,
+    unreadable_state,
+    validation_loader,
     world_size_and_rank,
 )
 
 log = utils.get_logger("INFO")
 _info = partial(utils.log_rank_zero, log)  # every rank runs the same steps: log once
-
-IGNORE_INDEX = -100
 
 CONFIG_KEYS = FINETUNE_KEYS  # every top-level key the recipe reads
 
@@ -116,7 +120,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
     """
 
     def __init__(self, cfg: DictConfig) -> None:
-        self._preflight(cfg)
+        finetune_preflight(cfg)
         self._device = utils.get_device(device=cfg.device)
         init_distributed(cfg.device)
         self._world_size, self._rank = world_size_and_rank()
@@ -132,6 +136,8 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         self._resume_from_checkpoint = cfg.get("resume_from_checkpoint", False)
         self._overwrite = cfg.get("overwrite", False)
         self._save_merged_int4 = cfg.get("save_merged_int4", True)
+        self._merged_format = cfg.get("merged_format", "auto")
+        self._finish_merged = gguf_finisher(self._merged_format, cfg.get("tokenizer"))
         self._merge_probe_size = cfg.get("merge_probe_size", 8)
         self._save_every_n_steps = cfg.get("save_every_n_steps", None)
         self._batch_size = cfg.batch_size
@@ -152,56 +158,6 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         self._metrics: Dict[str, Dict[str, float]] = {}
         self._checkpointer = None
         set_interrupt_note(self._interrupt_note)
-
-    @staticmethod
-    def _preflight(cfg: DictConfig) -> None:
-        """Every problem that can be found without loading weights, reported together:
-        settings of the wrong type or range, the device, dtype and CUDA-only options, the
-        output directory (writable, not another run's unless resuming or overwriting),
-        the base weights, the tokenizer and the data files."""
-        problems = Problems()
-        problems.extend(check_settings(cfg, FINETUNE_SETTINGS))
-        if problems.messages:  # the checks below read these settings
-            problems.raise_if_any()
-        for section in ("model", "tokenizer", "checkpointer", "dataset", "optimizer", "loss"):
-            if cfg.get(section) is None:
-                problems.add(
-                    f"the config has no {section} section; add one (qalora-tune cp tiny_qalora "
-                    "my.yaml gives a complete config to start from)"
-                )
-        if cfg.get("model") is not None:
-            problems.check(calibration_settings, cfg, cfg.get("dataset"))
-        problems.raise_if_any()
-        problems.check(check_device, cfg.device)
-        device = torch.device("cpu" if not str(cfg.device).startswith("cuda") else "cuda")
-        problems.check(resolve_dtype, cfg.dtype, torch.device("cpu"), ("fp32", "bf16"))
-        problems.check(check_cuda_only_options, cfg, device)
-        output_dir = problems.check(check_output_dir, cfg.output_dir)
-        if output_dir is not None:
-            problems.add(check_run_dir(
-                output_dir, cfg.get("resume_from_checkpoint", False), cfg.get("overwrite", False)
-            ))
-        if cfg.get("resume_from_checkpoint", False) and cfg.get("overwrite", False):
-            problems.add(
-                "resume_from_checkpoint=True and overwrite=True contradict each other; set one "
-                "of them to False"
-            )
-        if cfg.get("prepare_base") is None:  # a prepared base does not exist yet
-            checkpointer = problems.check(
-                instantiate_section, cfg.checkpointer, "checkpointer", output_dir=str(cfg.output_dir)
-            )
-            if checkpointer is not None:
-                problems.check(checkpointer.check_base_available)
-            problems.extend(component_file_problems(cfg.get("tokenizer"), "tokenizer"))
-        datasets = cfg.get("dataset")
-        entries = list(datasets) if OmegaConf.is_list(datasets) else [datasets]
-        for index, entry in enumerate(entries):
-            setting = "dataset" if len(entries) == 1 else f"dataset[{index}]"
-            problems.extend(component_file_problems(entry, setting))
-        validation = cfg.get("validation")
-        if validation is not None:
-            problems.extend(component_file_problems(validation.get("dataset"), "validation.dataset"))
-        problems.raise_if_any()
 
     def _interrupt_note(self) -> str:
         """What Ctrl-C reports: where training stopped, the last checkpoint, how to resume."""
@@ -234,6 +190,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         self._model_cfg = cfg.model
         self._tokenizer = instantiate_section(cfg.tokenizer, "tokenizer")
         self._model = self._setup_model(cfg.model)
+        choose_merged_format(self._merged_format, self._model, self._device)  # refuse before training
         check_tokenizer_fits(self._tokenizer, self._model)
         self._loss_fn = self._setup_loss(cfg.loss)
         self._optimizer = self._setup_optimizer(cfg.optimizer)
@@ -241,7 +198,10 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         self._steps_per_epoch = self._count_steps_per_epoch()
         self._lr_scheduler = self._setup_lr_scheduler(cfg.get("lr_scheduler"))
         self._val_dataloader, self._val_cfg = self._setup_validation(cfg.get("validation"))
-        self._probe_batch = self._probe(self._val_dataloader or self._dataloader)
+        self._probe_batch = probe_batch(
+            (self._val_dataloader or self._dataloader).dataset, self._merge_probe_size,
+            self._tokenizer.pad_id,
+        )
         # fixed for the run: computed once (the base fingerprint reads the weight files)
         self._adapter_metadata = self._adapter_config()
         if self._resume_from_checkpoint:
@@ -276,7 +236,8 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         if self._calibration is not None:
             self._hf_config = calibrate_base(
                 model, cfg_model._component_, self._checkpointer, self._calibration,
-                self._build_dataset, self._device, self._dtype,
+                lambda cfg_dataset: build_dataset(cfg_dataset, self._tokenizer, "calibration.dataset"),
+                self._device, self._dtype,
             )
         else:
             self._hf_config = self._checkpointer.load_base(model)
@@ -321,40 +282,13 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
     def _setup_optimizer(self, cfg_optimizer: DictConfig) -> Optimizer:
         return instantiate_section(cfg_optimizer, "optimizer", list(self._adapter_params.values()))
 
-    def _build_dataset(self, cfg_dataset: Any, setting: str = "dataset") -> torch.utils.data.Dataset:
-        if isinstance(cfg_dataset, (list, tuple)) or OmegaConf.is_list(cfg_dataset):
-            parts = [
-                instantiate_section(c, f"{setting}[{i}]", self._tokenizer)
-                for i, c in enumerate(cfg_dataset)
-            ]
-            return torch.utils.data.ConcatDataset(parts)
-        return instantiate_section(cfg_dataset, setting, self._tokenizer)
-
-    def _loader(self, dataset, batch_size: int, sampler, drop_last: bool) -> StatefulDataLoader:
-        collate = get_component_from_path("torchtune.data.padded_collate_sft")
-        return StatefulDataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            drop_last=drop_last,
-            collate_fn=partial(collate, padding_idx=self._tokenizer.pad_id, ignore_idx=IGNORE_INDEX),
-            # a loader without a generator draws a seed from the global RNG at every
-            # iter(): its own keeps the dropout stream where an exact resume expects it
-            generator=torch.Generator().manual_seed(self.seed),
-        )
-
     def _setup_data(self, cfg_dataset: Any, batch_size: int, shuffle: bool) -> StatefulDataLoader:
         """This rank's loader: every ``world_size``-th example of each epoch's order."""
-        dataset = self._build_dataset(cfg_dataset)
-        if len(dataset) < batch_size * self._world_size:
-            raise UserValueError(
-                f"the dataset has {len(dataset)} examples, fewer than batch_size={batch_size} "
-                f"x {self._world_size} processes; lower batch_size"
-            )
-        sampler = StatefulDistributedSampler(
-            dataset, num_replicas=self._world_size, rank=self._rank, shuffle=shuffle, seed=self.seed
+        dataset = build_dataset(cfg_dataset, self._tokenizer)
+        return training_loader(
+            dataset, batch_size, self._world_size, self._rank, shuffle, self.seed,
+            self._tokenizer.pad_id,
         )
-        return self._loader(dataset, batch_size, sampler, drop_last=shuffle)
 
     def _count_steps_per_epoch(self) -> int:
         steps = len(self._dataloader) // self._gradient_accumulation_steps
@@ -378,24 +312,16 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         )
 
     def _setup_validation(self, cfg_validation: Optional[DictConfig]):
-        """A loader over this rank's share of the validation examples: the first
-        ``max_batches * batch_size`` of them (all when ``max_batches`` is null), split
-        across ranks so that the summed metrics equal a single process's."""
+        """A loader over this rank's share of the validation examples (the first
+        ``max_batches * batch_size``; all when ``max_batches`` is null)."""
         if cfg_validation is None:
             return None, None
-        dataset = self._build_dataset(cfg_validation.dataset, "validation.dataset")
-        batch_size = cfg_validation.get("batch_size", 8)
-        max_batches = cfg_validation.get("max_batches")
-        count = len(dataset) if max_batches is None else min(len(dataset), max_batches * batch_size)
-        shard = list(shard_indices(count, self._world_size, self._rank))
-        return self._loader(dataset, batch_size, shard, drop_last=False), cfg_validation
-
-    def _probe(self, loader: StatefulDataLoader) -> Dict[str, torch.Tensor]:
-        """The first ``merge_probe_size`` examples of ``loader``'s dataset, collated: the
-        batch on which every save measures the merge (the loader itself is not advanced)."""
-        dataset = loader.dataset
-        count = min(self._merge_probe_size, len(dataset))
-        return loader.collate_fn([dataset[i] for i in range(count)])
+        dataset = build_dataset(cfg_validation.dataset, self._tokenizer, "validation.dataset")
+        loader = validation_loader(
+            dataset, cfg_validation.get("batch_size", 8), cfg_validation.get("max_batches"),
+            self._world_size, self._rank, self.seed, self._tokenizer.pad_id,
+        )
+        return loader, cfg_validation
 
     # ------------------------------------------------------------------ evaluation
 
@@ -434,7 +360,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         with self._adapters_disabled():
             self._metrics["int4 base"] = self._evaluate()
         for name, values in self._metrics.items():
-            _info(f"{name}: {_format_metrics(values)}")
+            _info(f"{name}: {format_metrics(values)}")
 
     # ------------------------------------------------------------------ training
 
@@ -518,7 +444,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
                     self._metric_logger.log_dict(
                         {f"val_{k}": v for k, v in metrics.items()}, step=self.global_step
                     )
-                _info(f"epoch {epoch + 1} validation: {_format_metrics(metrics)}")
+                _info(f"epoch {epoch + 1} validation: {format_metrics(metrics)}")
             self.save_checkpoint(epoch)
 
     def _optimizer_step(self, running_loss: torch.Tensor, num_tokens: torch.Tensor):
@@ -555,64 +481,32 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _adapter_config(self) -> Dict[str, Any]:
+    def _adapter_config(self) -> AdapterConfig:
         first = next(iter(self._adapter_modules.values()))
-        cfg = self._model_cfg
-        base_builder = {
-            "_component_": cfg._component_,
-            "lora_attn_modules": [],
-            "apply_lora_to_mlp": False,
-            "apply_lora_to_output": False,
-            "group_size": first.group_size,
-            "quantizer": first.quantizer,
-            "pad_in_dim": bool(cfg.get("pad_in_dim", False)),
-            "bits": first.bits,
-            "double_quant_scales": first.double_quant_scales,
-        }
-        return {
-            "format": "qalora_tune",
-            "rank": first.rank,
-            "alpha": first.alpha,
-            "group_size": first.group_size,
-            "bits": first.bits,
-            "double_quant_scales": first.double_quant_scales,
-            "pooling": "mean",
-            "pooling_note": (
-                "the adapter's input is the mean over each group of group_size inputs; "
-                "for sum pooling (paper, Algorithm 1) divide lora_A by group_size; PEFT "
-                "multiplies the mean by n_groups, which lora_alpha/alpha_pattern here "
-                "already account for (alpha / n_groups)"
-            ),
-            "quantizer": first.quantizer,
-            "pad_in_dim": bool(cfg.get("pad_in_dim", False)),
-            "lora_dropout": float(cfg.get("lora_dropout", 0.0)),
-            "target_modules": sorted(self._adapter_modules),
-            "model": base_builder,
-            "model_builder": cfg._component_,
-            "model_type": self._checkpointer.model_type,
-            "checkpoint_format": self._checkpointer.checkpoint_format,
-            "dtype": str(self._dtype).removeprefix("torch."),
-            "base_checkpoint_dir": str(self._checkpointer.checkpoint_dir),
-            "base_fingerprint": self._checkpointer.base_fingerprint(),
-            **(
-                {"calibration": self._calibration}
-                if self._calibration is not None
-                else {}
-            ),
-            "versions": {
-                "qalora_tune": qalora_tune.__version__,
-                "torch": torch.__version__,
-                "torchao": _version("torchao"),
-                "torchtune": _version("torchtune"),
-            },
-        }
+        knobs = first.config
+        return AdapterConfig(
+            rank=knobs.rank,
+            alpha=knobs.alpha,
+            group_size=knobs.group_size,
+            bits=knobs.bits,
+            quantizer=knobs.quantizer,
+            pad_in_dim=knobs.pad_in_dim,
+            double_quant_scales=knobs.double_quant_scales,
+            lora_dropout=knobs.dropout,
+            target_modules=sorted(self._adapter_modules),
+            model=model_spec_without_adapters(self._model_cfg),
+            model_type=self._checkpointer.model_type,
+            checkpoint_format=self._checkpointer.checkpoint_format,
+            dtype=str(self._dtype).removeprefix("torch."),
+            base_checkpoint_dir=str(self._checkpointer.checkpoint_dir),
+            base_fingerprint=self._checkpointer.base_fingerprint(),
+            calibration=self._calibration,
+            versions=package_versions(),
+        )
 
     def _recipe_state(self, epoch: int, steps_done: int) -> Dict[str, Any]:
         """Everything an exact resume needs, gathered from every rank (call on all)."""
-        rng = {
-            "cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(self._device) if self._device.type == "cuda" else None,
-        }
+        rng = capture_rng(self._device)
         progress = {
             "epoch": epoch,
             "epochs_run": self.epochs_run,
@@ -667,6 +561,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
                 lambda: self._checkpointer.save_checkpoint(
                     epoch, layers, self._adapter_metadata, recipe_state,
                     merged_model=self._model, merge_report=report,
+                    merged_format=self._merged_format, finish_merged=self._finish_merged,
                 )
             )
         finally:
@@ -679,58 +574,24 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
 
     def _restore(self, saved: Dict[str, Any]) -> None:
         check_resume_matches(saved["adapter_config"], self._adapter_metadata, saved["path"])
-        try:
-            self._restore_state(saved)
-        except (KeyError, TypeError, IndexError, ValueError, RuntimeError) as error:
-            if isinstance(error, UserError):
-                raise
-            raise UserValueError(
-                f"{saved['path'] / RECIPE_STATE_NAME} does not hold the recipe state this run "
-                f"needs ({type(error).__name__}: {' '.join(str(error).split())[:160]}); delete "
-                f"{saved['path']} to resume from the checkpoint before it, or set "
-                "resume_from_checkpoint=False"
-            ) from None
-
-    def _restore_state(self, saved: Dict[str, Any]) -> None:
-        state = saved["recipe_state"]
-        progress = state["progress"]
-        missing = set(self._adapter_params) - set(saved["adapter"])
-        if missing:
-            raise UserValueError(
-                f"the checkpoint in {saved['path']} lacks adapter weights {sorted(missing)[:3]}; "
-                "resume with the config it was trained with"
-            )
-        for name, param in self._adapter_params.items():
-            stored = saved["adapter"][name]
-            if tuple(stored.shape) != tuple(param.shape) or not bool(torch.isfinite(stored).all()):
-                problem = (
-                    f"shape {tuple(stored.shape)} where the model has {tuple(param.shape)}"
-                    if tuple(stored.shape) != tuple(param.shape)
-                    else "NaN or infinite values"
-                )
-                raise UserValueError(
-                    f"the checkpoint in {saved['path']} has {name} with {problem}; resume with "
-                    "the config it was trained with, or delete it to resume from the one before"
-                )
-        mid_epoch = progress["steps_done_in_epoch"] > 0
-        if mid_epoch:
-            self._check_data_order(saved["path"], state["data_order"])
-        with torch.no_grad():
-            for name, param in self._adapter_params.items():
-                param.copy_(saved["adapter"][name])
-        self._optimizer.load_state_dict(state["optimizer"])
-        if self._lr_scheduler is not None and state["lr_scheduler"] is not None:
-            self._lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.epochs_run = state["epochs_run"]
-        self.global_step = state["global_step"]
-        self._steps_done_in_epoch = progress["steps_done_in_epoch"]
-        if mid_epoch:
-            self._resumed_dataloader_state = state["dataloader_per_rank"][self._rank]
-        rng_per_rank = state["rng_per_rank"]
-        if self._rank < len(rng_per_rank):  # a new rank keeps its fresh seed + rank stream
-            torch.set_rng_state(rng_per_rank[self._rank]["cpu"])
-            if self._device.type == "cuda" and rng_per_rank[self._rank]["cuda"] is not None:
-                torch.cuda.set_rng_state(rng_per_rank[self._rank]["cuda"], self._device)
+        check_saved_adapter(saved["adapter"], self._adapter_params, saved["path"])
+        with unreadable_state(saved["path"] / RECIPE_STATE_NAME):
+            state = saved["recipe_state"]
+            mid_epoch = state["progress"]["steps_done_in_epoch"] > 0
+            if mid_epoch:
+                check_data_order(saved["path"], state["data_order"], self._data_order())
+            with torch.no_grad():
+                for name, param in self._adapter_params.items():
+                    param.copy_(saved["adapter"][name])
+            self._optimizer.load_state_dict(state["optimizer"])
+            if self._lr_scheduler is not None and state["lr_scheduler"] is not None:
+                self._lr_scheduler.load_state_dict(state["lr_scheduler"])
+            self.epochs_run = state["epochs_run"]
+            self.global_step = state["global_step"]
+            self._steps_done_in_epoch = state["progress"]["steps_done_in_epoch"]
+            if mid_epoch:
+                self._resumed_dataloader_state = state["dataloader_per_rank"][self._rank]
+            restore_rng(state["rng_per_rank"], self._rank, self._device)
         where = (
             f"step {self._steps_done_in_epoch} of epoch {self.epochs_run + 1}"
             if mid_epoch
@@ -748,72 +609,19 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             "seed": self.seed,
         }
 
-    def _check_data_order(self, path: Path, saved: Dict[str, Any]) -> None:
-        """A mid-epoch checkpoint continues its epoch's data order: the settings that fix
-        it must be the ones it was saved with."""
-        current = self._data_order()
-        for key, value in saved.items():
-            if current[key] != value:
-                setting = (
-                    f"--nproc_per_node {value}" if key == "world_size" else f"{key}={value}"
-                )
-                raise UserValueError(
-                    f"{path} was saved in the middle of an epoch with {key}={value}, and this "
-                    f"run has {key}={current[key]}; resume with {setting} to continue its data "
-                    "order exactly"
-                )
-
     # ------------------------------------------------------------------ summary
 
     def summary(self) -> str:
         """A short report: validation metrics per model and where the outputs are; also
         written to ``{output_dir}/summary.json`` (call on rank 0)."""
-        lines = ["", "QA-LoRA summary"]
-        if self._metrics:
-            lines.append(
-                f"  {'model (validation)':<22}{'loss':>9}{'perplexity':>12}{'accuracy':>10}"
-                f"{'exact match':>13}"
-            )
-            for name, m in self._metrics.items():
-                lines.append(
-                    f"  {name:<22}{m['loss']:>9.4f}{m['perplexity']:>12.4f}"
-                    f"{m['accuracy']:>10.2%}{m['exact_match']:>13.2%}"
-                )
         latest = self._checkpointer.latest_epoch_dir()
-        lines.append(f"  outputs: {latest}" if latest else "  no outputs written")
-        if latest is not None:
-            lines.append(f"    adapter: {latest / 'adapter'}")
-            merged = latest / "merged_int4"
-            if merged.is_dir():
-                report = json.loads((merged / "merge_report.json").read_text())
-                lines.append(
-                    f"    merged int4: {merged} ({report['size']['bits_per_quantized_parameter']:.2f}"
-                    f" bits per quantized weight; merged vs unmerged logits: max relative "
-                    f"error {report['max_relative_logit_error']:.2e})"
-                )
-        atomic_write_text(
-            self._output_dir / "summary.json",
-            json.dumps({"metrics": self._metrics, "outputs": str(latest)}, indent=2),
-        )
-        return "\n".join(lines)
+        atomic_write_text(self._output_dir / "summary.json", summary_json(self._metrics, latest))
+        return "\n".join(summary_lines(self._metrics, latest))
 
     def cleanup(self) -> None:
         if self._metric_logger is not None:
             self._metric_logger.close()
         destroy_distributed()
-
-
-def _format_metrics(metrics: Dict[str, float]) -> str:
-    return (
-        f"loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.3f}, "
-        f"accuracy {metrics['accuracy']:.2%}, exact match {metrics['exact_match']:.2%}"
-    )
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import version
-
-    return version(package)
 
 
 def recipe_main(cfg: DictConfig) -> None:

@@ -16,17 +16,19 @@ checkpoint do not match is refused with a message naming the mismatch. A GPTQ ba
 
 import json
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torchtune import training, utils
 
 from qalora_tune._compat import get_component_from_path
 from qalora_tune.checkpointing import (
+    choose_merged_format,
     atomic_directory,
     check_adapter_before_use,
     clean_module_name,
@@ -35,6 +37,7 @@ from qalora_tune.checkpointing import (
     recover_interrupted_writes,
 )
 from qalora_tune.errors import UserValueError
+from qalora_tune.export import gguf_finisher
 from qalora_tune.modules import QALoRALinear
 from qalora_tune.quantization import CALIBRATED_QUANTIZERS
 from qalora_tune.recipe_utils import (
@@ -49,6 +52,7 @@ from qalora_tune.recipe_utils import (
     check_settings,
     instantiate_section,
     merge_with_report,
+    model_spec_without_adapters,
     resolve_dtype,
     run_recipe,
 )
@@ -96,6 +100,8 @@ class QALoRAMergeRecipe:
         self._device = utils.get_device(device=cfg.device)
         self._dtype = resolve_dtype(cfg.dtype, self._device)
         self._probe_size = cfg.get("merge_probe_size", 8)
+        self._merged_format = cfg.get("merged_format", "auto")
+        self._finish_merged = gguf_finisher(self._merged_format, cfg.get("tokenizer"))
         # one merge into merged_dir at a time; the lock lives beside it
         self._lock = OutputDirLock(
             self._merged_dir.parent, "qalora_merge", "merged_dir",
@@ -115,13 +121,14 @@ class QALoRAMergeRecipe:
         )
         self._checkpointer.check_base_available()
         adapter, self._metadata = read_adapter(self._adapter_dir, self._checkpointer.key_map)
-        _refuse_calibrated_base(self._metadata.get("quantizer"), cfg.model.get("quantizer"))
+        _refuse_calibrated_base(self._metadata.quantizer, cfg.model.get("quantizer"))
         # the adapter's own tensors and recorded base, before the slow part
         check_adapter_before_use(
             adapter, self._metadata, self._adapter_dir, self._checkpointer.base_fingerprint()
         )
-        self._model_spec = _model_spec(cfg.model)
+        self._model_spec = model_spec_without_adapters(cfg.model)
         self._model = self._setup_model(cfg.model)
+        choose_merged_format(self._merged_format, self._model, self._device)  # refuse before merging
         self._check_and_load(adapter)
         self._probe = self._setup_probe(cfg) if self._probe_size > 0 else None
 
@@ -168,9 +175,13 @@ class QALoRAMergeRecipe:
                 layer.merge()
             report = {"note": "merge_probe_size=0: no probe batch, deviation not measured"}
         report["adapter_dir"] = str(self._adapter_dir)
-        metadata = dict(self._metadata, model=self._model_spec)  # the model as configured here
+        metadata = replace(self._metadata, model=self._model_spec)  # the model as configured here
         with atomic_directory(self._merged_dir, setting="merged_dir") as staging:
-            report = self._checkpointer.write_merged(staging, self._model, metadata, report)
+            report = self._checkpointer.write_merged(
+                staging, self._model, metadata, report, self._merged_format
+            )
+            if self._finish_merged is not None:
+                self._finish_merged(staging)
         size = report["size"]
         log.info(
             f"Merged {len(self._layers)} adapters into {self._merged_dir} in "
@@ -202,16 +213,6 @@ def _refuse_calibrated_base(*quantizers: Optional[str]) -> None:
                 "the training run wrote beside the adapter (save_merged_int4=True, the "
                 "default), or train with model.quantizer=rtn or hqq to merge offline"
             )
-
-
-def _model_spec(cfg_model: DictConfig) -> Dict:
-    """The builder and arguments that rebuild this model without adapters (written to
-    ``merged_int4/qalora_tune.json``), taken from the config, never from the adapter file."""
-    spec = {k: v for k, v in OmegaConf.to_container(cfg_model, resolve=True).items()}
-    spec.update(lora_attn_modules=[], apply_lora_to_mlp=False, apply_lora_to_output=False)
-    for key in ("lora_rank", "lora_alpha", "lora_dropout"):
-        spec.pop(key, None)
-    return spec
 
 
 def recipe_main(cfg: DictConfig) -> None:

@@ -10,6 +10,7 @@ from qalora_tune.checkpointing._adapter import (
     read_adapter,
     write_adapter,
 )
+from qalora_tune.checkpointing._adapter_config import AdapterConfig
 from qalora_tune.checkpointing._atomic import (
     CheckpointWriteError,
     atomic_directory,
@@ -37,6 +38,11 @@ from qalora_tune.checkpointing._hf_weights import (
     load_hf_weights,
     read_hf_config,
 )
+from qalora_tune.checkpointing._merged_formats import (
+    MERGED_FORMATS,
+    RUNS_ON,
+    choose_merged_format,
+)
 from qalora_tune.checkpointing._merged_int4 import (
     MERGE_REPORT_NAME,
     MERGED_DIR_NAME,
@@ -48,11 +54,14 @@ from qalora_tune.checkpointing._merged_int4 import (
 __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
+    "AdapterConfig",
     "CHECKPOINT_FORMATS",
     "CheckpointWriteError",
     "HFKeyMap",
     "HF_MODEL_TYPES",
     "MERGED_DIR_NAME",
+    "MERGED_FORMATS",
+    "RUNS_ON",
     "MERGE_REPORT_NAME",
     "OUTPUT_MARKER_NAME",
     "RUN_CONFIG_NAME",
@@ -66,6 +75,7 @@ __all__ = [
     "check_resume_matches",
     "load_adapter_into",
     "find_checkpoint_files",
+    "choose_merged_format",
     "clean_module_name",
     "iter_hf_tensors",
     "load_checkpoint_weights",

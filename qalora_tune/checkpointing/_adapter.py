@@ -14,15 +14,15 @@ reading the adapter back is exact (a row permutation at most).
 """
 
 import json
-import math
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from qalora_tune._files import read_json
+from qalora_tune.checkpointing._adapter_config import AdapterConfig, as_adapter_config
 from qalora_tune.checkpointing._hf_keys import HFKeyMap
 from qalora_tune.errors import UserFileNotFoundError, UserValueError
 from qalora_tune.modules import QALoRALinear
@@ -49,7 +49,7 @@ def write_adapter(
     directory: Path,
     layers: Mapping[str, QALoRALinear],
     key_map: HFKeyMap,
-    metadata: Dict[str, Any],
+    metadata: Union[AdapterConfig, Mapping[str, Any]],
 ) -> None:
     """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``directory``.
 
@@ -57,10 +57,11 @@ def write_adapter(
         directory (Path): an existing directory.
         layers (Mapping[str, QALoRALinear]): adapted layers by torchtune module name.
         key_map (HFKeyMap): the model's torchtune -> Hugging Face key conversion.
-        metadata (Dict[str, Any]): this project's description of the adapter (rank, alpha,
+        metadata (AdapterConfig): this project's description of the adapter (rank, alpha,
             group size, bits, pooling, targets, base fingerprint, versions, ...), stored
-            under ``"qalora_tune"``; needs ``rank``, ``group_size`` and ``lora_dropout``.
+            under ``"qalora_tune"`` (a mapping is read with ``AdapterConfig.from_dict``).
     """
+    metadata = as_adapter_config(metadata)
     if not layers:
         raise UserValueError("there are no adapted layers to write")
     tensors: Dict[str, torch.Tensor] = {}
@@ -78,7 +79,7 @@ def write_adapter(
     (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2))
 
 
-def _peft_config(module_alpha: Dict[str, float], metadata: Dict[str, Any]) -> Dict[str, Any]:
+def _peft_config(module_alpha: Dict[str, float], metadata: AdapterConfig) -> Dict[str, Any]:
     default_alpha = Counter(module_alpha.values()).most_common(1)[0][0]
     # PEFT matches alpha_pattern keys against the end of module names
     alpha_pattern: Dict[str, float] = {}
@@ -88,21 +89,21 @@ def _peft_config(module_alpha: Dict[str, float], metadata: Dict[str, Any]) -> Di
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": metadata.get("base_checkpoint_dir"),
-        "r": metadata["rank"],
+        "base_model_name_or_path": metadata.base_checkpoint_dir,
+        "r": metadata.rank,
         "lora_alpha": default_alpha,
         "alpha_pattern": alpha_pattern,
-        "lora_dropout": metadata["lora_dropout"],
+        "lora_dropout": metadata.lora_dropout,
         "target_modules": sorted({m.rsplit(".", 1)[-1] for m in module_alpha}),
         "bias": "none",
         "use_qalora": True,
-        "qalora_group_size": metadata["group_size"],
+        "qalora_group_size": metadata.group_size,
         "inference_mode": True,
-        "qalora_tune": metadata,
+        "qalora_tune": metadata.to_dict(),
     }
 
 
-def read_adapter(directory: Path, key_map: HFKeyMap) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+def read_adapter(directory: Path, key_map: HFKeyMap) -> Tuple[Dict[str, torch.Tensor], AdapterConfig]:
     """Read an adapter written by :func:`write_adapter`.
 
     Args:
@@ -131,7 +132,7 @@ def read_adapter(directory: Path, key_map: HFKeyMap) -> Tuple[Dict[str, torch.Te
             f"{directory / ADAPTER_CONFIG_NAME} is not a qalora-tune adapter (no 'qalora_tune' "
             "entry); only adapters written by qalora-tune can be merged exactly"
         )
-    _check_description(config["qalora_tune"], directory / ADAPTER_CONFIG_NAME)
+    description = AdapterConfig.from_dict(config["qalora_tune"], directory / ADAPTER_CONFIG_NAME)
     try:
         peft_tensors = load_file(str(directory / ADAPTER_WEIGHTS_NAME))
     except Exception as error:  # safetensors raises its own error types for bad files
@@ -161,40 +162,12 @@ def read_adapter(directory: Path, key_map: HFKeyMap) -> Tuple[Dict[str, torch.Te
                 f"not fit the model's layer {module} ({type(error).__name__}); the adapter was "
                 "trained for another model: set model._component_ to the one it was trained with"
             ) from None
-    return tensors, config["qalora_tune"]
-
-
-# description entries every qalora-tune adapter has, and what each must be
-_DESCRIPTION_TYPES = (
-    ("rank", "a positive integer", lambda v: _positive_int(v)),
-    ("alpha", "a positive number", lambda v: _number(v) and v > 0),
-    ("group_size", "a positive integer", lambda v: _positive_int(v)),
-    ("bits", "an integer", lambda v: _positive_int(v)),
-    ("target_modules", "a list of module names", lambda v: isinstance(v, list) and all(isinstance(m, str) for m in v)),
-)
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_description(description: Dict[str, Any], path: Path) -> None:
-    for key, kind, accepts in _DESCRIPTION_TYPES:
-        if key in description and not accepts(description[key]):
-            raise UserValueError(
-                f"{path} has qalora_tune.{key}={description[key]!r}, not {kind}; the file was "
-                "edited or is not qalora-tune's: use the adapter_config.json written with the "
-                "adapter"
-            )
+    return tensors, description
 
 
 def check_adapter_before_use(
     adapter: Mapping[str, torch.Tensor],
-    metadata: Dict[str, Any],
+    metadata: AdapterConfig,
     adapter_dir: Path,
     base_fingerprint: Optional[str] = None,
 ) -> None:
@@ -203,7 +176,7 @@ def check_adapter_before_use(
 
     Args:
         adapter (Mapping[str, torch.Tensor]): from :func:`read_adapter`.
-        metadata (Dict[str, Any]): its ``"qalora_tune"`` description.
+        metadata (AdapterConfig): its description.
         adapter_dir (Path): named in the messages.
         base_fingerprint (str, optional): the fingerprint of the base at hand.
 
@@ -211,9 +184,9 @@ def check_adapter_before_use(
         UserValueError: for another base, tensors whose shapes disagree with the recorded
             rank or with each other, non-float tensors, or NaN/Inf values.
     """
-    if base_fingerprint is not None and metadata.get("base_fingerprint") != base_fingerprint:
+    if base_fingerprint is not None and metadata.base_fingerprint != base_fingerprint:
         check_adapter_matches(metadata, {"base_fingerprint": base_fingerprint}, adapter_dir)
-    rank = metadata.get("rank")
+    rank = metadata.rank
     modules = sorted({key.rsplit(".", 2)[0] for key in adapter})
     if not modules:
         raise UserValueError(f"{adapter_dir / ADAPTER_WEIGHTS_NAME} holds no adapter weights")
@@ -248,17 +221,13 @@ _MATCHED_SETTINGS = (
     ("double_quant_scales", "model.double_quant_scales (8-bit scales round the base)"),
 )
 
-# what an adapter written before a setting existed was trained with
-_SETTING_DEFAULTS = {"double_quant_scales": False}
-
-
 def check_adapter_matches(
-    adapter: Dict[str, Any], expected: Dict[str, Any], adapter_dir: Path
+    adapter: Union[AdapterConfig, Mapping[str, Any]], expected: Mapping[str, Any], adapter_dir: Path
 ) -> None:
     """Refuse an adapter trained for another base or another quantization.
 
     Args:
-        adapter (Dict[str, Any]): the adapter's ``"qalora_tune"`` description.
+        adapter (AdapterConfig): the adapter's description.
         expected (Dict[str, Any]): the same entries for the model and base at hand
             (``group_size``, ``bits``, ``rank``, ``alpha``, ``target_modules``,
             ``pad_in_dim``, ``base_fingerprint``).
@@ -267,19 +236,20 @@ def check_adapter_matches(
     Raises:
         ValueError: naming the first mismatch and the setting to change.
     """
+    adapter = as_adapter_config(adapter)
     for key, setting in _MATCHED_SETTINGS:
-        value = adapter.get(key, _SETTING_DEFAULTS.get(key))
+        value = getattr(adapter, key)
         if key in expected and value != expected[key]:
             raise UserValueError(
                 f"the adapter in {adapter_dir} has {key}={value!r} but the model "
                 f"has {key}={expected[key]!r}; set {setting} to match the adapter (a QA-LoRA "
                 "adapter merges exactly only into the base quantization it was trained on)"
             )
-    if adapter.get("base_fingerprint") != expected.get("base_fingerprint"):
+    if adapter.base_fingerprint != expected.get("base_fingerprint"):
         raise UserValueError(
             f"the adapter in {adapter_dir} was trained on another base checkpoint "
-            f"({adapter.get('base_checkpoint_dir')}, fingerprint "
-            f"{str(adapter.get('base_fingerprint'))[:12]}...) than checkpointer.checkpoint_dir "
+            f"({adapter.base_checkpoint_dir}, fingerprint "
+            f"{str(adapter.base_fingerprint)[:12]}...) than checkpointer.checkpoint_dir "
             f"(fingerprint {str(expected.get('base_fingerprint'))[:12]}...); point "
             "checkpointer.checkpoint_dir to the base the adapter was trained on"
         )
@@ -289,7 +259,7 @@ def check_adapter_matches(
 def load_adapter_into(
     layers: Mapping[str, QALoRALinear],
     adapter: Mapping[str, torch.Tensor],
-    metadata: Dict[str, Any],
+    metadata: AdapterConfig,
     adapter_dir: Path,
     base_fingerprint: str,
     pad_in_dim: bool,
@@ -301,7 +271,7 @@ def load_adapter_into(
             name (as the adapter's keys name them).
         adapter (Mapping[str, torch.Tensor]): ``{name}.lora_a.weight`` / ``.lora_b.weight``
             from :func:`read_adapter`.
-        metadata (Dict[str, Any]): the adapter's ``"qalora_tune"`` description.
+        metadata (AdapterConfig): the adapter's description.
         adapter_dir (Path): named in the messages.
         base_fingerprint (str): the fingerprint of the base the model was loaded from.
         pad_in_dim (bool): the model's ``pad_in_dim`` setting.
@@ -352,7 +322,7 @@ def load_adapter_into(
 
 # (description key, the setting that changes it) that must not change across a resume
 _RESUMED_SETTINGS = (
-    ("model_builder", "model._component_"),
+    ("model_builder", "model._component_"),  # compared by path: the builder's arguments may differ
     ("bits", "model.bits"),
     ("group_size", "model.group_size"),
     ("quantizer", "model.quantizer"),
@@ -364,7 +334,11 @@ _RESUMED_SETTINGS = (
 )
 
 
-def check_resume_matches(saved: Dict[str, Any], current: Dict[str, Any], checkpoint: Path) -> None:
+def check_resume_matches(
+    saved: Union[AdapterConfig, Mapping[str, Any]],
+    current: Union[AdapterConfig, Mapping[str, Any]],
+    checkpoint: Path,
+) -> None:
     """Refuse to resume a checkpoint written for another model, adapter or base.
 
     Args:
@@ -380,18 +354,19 @@ def check_resume_matches(saved: Dict[str, Any], current: Dict[str, Any], checkpo
             (set it back) or start over (``resume_from_checkpoint=False`` or another
             ``output_dir``).
     """
+    saved, current = as_adapter_config(saved), as_adapter_config(current)
     start_over = (
         "or set resume_from_checkpoint=False (or another output_dir) to start a new run"
     )
     for key, setting in _RESUMED_SETTINGS:
-        if key in saved and key in current and saved[key] != current[key]:
+        before, now = getattr(saved, key), getattr(current, key)
+        if before != now:
             raise UserValueError(
                 f"resume_from_checkpoint=True but {checkpoint} was trained with "
-                f"{_difference(key, saved[key], current[key])}; set {setting} back to "
-                f"resume it, {start_over}"
+                f"{_difference(key, before, now)}; set {setting} back to resume it, {start_over}"
             )
     # a calibrated base (GPTQ) depends on its calibration settings too
-    saved_calibration, current_calibration = saved.get("calibration"), current.get("calibration")
+    saved_calibration, current_calibration = saved.calibration, current.calibration
     if saved_calibration is not None and current_calibration is not None:
         for key in sorted(set(saved_calibration) | set(current_calibration)):
             saved_value, current_value = saved_calibration.get(key), current_calibration.get(key)
@@ -402,12 +377,12 @@ def check_resume_matches(saved: Dict[str, Any], current: Dict[str, Any], checkpo
                     f"calibrated with {_difference(setting, saved_value, current_value)}; "
                     f"set {setting} back to resume it, {start_over}"
                 )
-    saved_base, current_base = saved.get("base_fingerprint"), current.get("base_fingerprint")
+    saved_base, current_base = saved.base_fingerprint, current.base_fingerprint
     if saved_base is not None and current_base is not None and saved_base != current_base:
         raise UserValueError(
             f"resume_from_checkpoint=True but {checkpoint} was trained on another base "
-            f"checkpoint ({saved.get('base_checkpoint_dir')}, fingerprint {saved_base[:12]}...) "
-            f"than checkpointer.checkpoint_dir ({current.get('base_checkpoint_dir')}, "
+            f"checkpoint ({saved.base_checkpoint_dir}, fingerprint {saved_base[:12]}...) "
+            f"than checkpointer.checkpoint_dir ({current.base_checkpoint_dir}, "
             f"fingerprint {current_base[:12]}...); set checkpointer.checkpoint_dir to the "
             f"base it was trained on, {start_over}"
         )

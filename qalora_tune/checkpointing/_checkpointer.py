@@ -7,7 +7,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from qalora_tune.checkpointing._adapter import (
     read_adapter,
     write_adapter,
 )
+from qalora_tune.checkpointing._adapter_config import AdapterConfig, as_adapter_config
 from qalora_tune.checkpointing._atomic import atomic_directory
 from qalora_tune.checkpointing._formats import (
     check_checkpoint_format,
@@ -29,6 +30,7 @@ from qalora_tune.checkpointing._formats import (
 )
 from qalora_tune.checkpointing._hf_keys import HFKeyMap
 from qalora_tune.checkpointing._hf_weights import read_hf_config
+from qalora_tune.checkpointing._merged_formats import choose_merged_format, runs_on
 from qalora_tune.checkpointing._merged_int4 import (
     MERGE_REPORT_NAME,
     MERGED_DIR_NAME,
@@ -276,10 +278,12 @@ class QALoRACheckpointer:
         self,
         epoch: int,
         adapters: Mapping[str, nn.Module],
-        adapter_metadata: Dict[str, Any],
+        adapter_metadata: AdapterConfig,
         recipe_state: Optional[Dict[str, Any]] = None,
         merged_model: Optional[nn.Module] = None,
         merge_report: Optional[Dict[str, Any]] = None,
+        merged_format: str = "auto",
+        finish_merged: Optional[Callable[[Path], None]] = None,
     ) -> Path:
         """Write ``epoch_{epoch}/`` atomically and return its path; step checkpoints up to
         this point are then removed.
@@ -298,9 +302,16 @@ class QALoRACheckpointer:
                 as ``merged_int4/``.
             merge_report (Dict[str, Any], optional): the measured merge deviation, written
                 with the file sizes to ``merged_int4/merge_report.json``.
+            merged_format (str): see :meth:`write_merged`.
+            finish_merged (Callable[[Path], None], optional): called with the staging
+                ``merged_int4/`` once it is written (e.g. a GGUF export into it), inside
+                the atomic write.
         """
         final = self.epoch_dir(epoch)
-        self._write(final, adapters, adapter_metadata, recipe_state, merged_model, merge_report)
+        self._write(
+            final, adapters, adapter_metadata, recipe_state, merged_model, merge_report,
+            merged_format, finish_merged,
+        )
         self._remove_step_dirs(keep=None)
         return final
 
@@ -308,7 +319,7 @@ class QALoRACheckpointer:
         self,
         global_step: int,
         adapters: Mapping[str, nn.Module],
-        adapter_metadata: Dict[str, Any],
+        adapter_metadata: AdapterConfig,
         recipe_state: Dict[str, Any],
     ) -> Path:
         """Write the mid-epoch checkpoint ``step_{global_step}/`` (adapter and recipe
@@ -322,10 +333,12 @@ class QALoRACheckpointer:
         self,
         final: Path,
         adapters: Mapping[str, nn.Module],
-        adapter_metadata: Dict[str, Any],
+        adapter_metadata: AdapterConfig,
         recipe_state: Optional[Dict[str, Any]],
         merged_model: Optional[nn.Module] = None,
         merge_report: Optional[Dict[str, Any]] = None,
+        merged_format: str = "auto",
+        finish_merged: Optional[Callable[[Path], None]] = None,
     ) -> None:
         with atomic_directory(final) as staging:
             adapter_dir = staging / "adapter"
@@ -334,7 +347,11 @@ class QALoRACheckpointer:
             if merged_model is not None:
                 merged_dir = staging / MERGED_DIR_NAME
                 merged_dir.mkdir()
-                self.write_merged(merged_dir, merged_model, adapter_metadata, merge_report)
+                self.write_merged(
+                    merged_dir, merged_model, adapter_metadata, merge_report, merged_format
+                )
+                if finish_merged is not None:
+                    finish_merged(merged_dir)
             if recipe_state is not None:
                 torch.save(recipe_state, staging / RECIPE_STATE_NAME)
                 progress = recipe_state.get("progress")
@@ -352,26 +369,50 @@ class QALoRACheckpointer:
         self,
         directory: Path,
         merged_model: nn.Module,
-        adapter_metadata: Dict[str, Any],
+        adapter_metadata: AdapterConfig,
         merge_report: Optional[Dict[str, Any]] = None,
+        merged_format: str = "auto",
     ) -> Dict[str, Any]:
         """Write a merged model into the existing ``directory`` (see ``save_checkpoint``).
 
+        Args:
+            directory (Path): an existing (staging) directory.
+            merged_model (nn.Module): the model with its adapters merged.
+            adapter_metadata (AdapterConfig): the adapter's description (its ``model``
+                entry is written to ``qalora_tune.json``).
+            merge_report (Dict[str, Any], optional): the measured merge deviation.
+            merged_format (str): ``auto``, ``intx``, ``int4_tile_packed``, ``int4_plain`` or
+                ``gguf`` (``auto``'s format; the GGUF file is the caller's), see
+                :mod:`qalora_tune.checkpointing._merged_formats`.
+
         Returns:
-            Dict[str, Any]: the merge report with the measured sizes added.
+            Dict[str, Any]: the merge report with the measured sizes and format added.
         """
         # merged_int4/ holds dense scales (8-bit ones decoded): it loads as a plain int4 base
-        model_spec = dict(adapter_metadata["model"])
+        adapter_metadata = as_adapter_config(adapter_metadata)
+        model_spec = dict(adapter_metadata.model)
         if "double_quant_scales" in model_spec:
             model_spec["double_quant_scales"] = False
         spec = {
             "model": model_spec,
             "model_type": self.model_type,
-            "adapter": {k: adapter_metadata.get(k) for k in ("rank", "alpha", "group_size", "bits")},
+            "adapter": {
+                k: getattr(adapter_metadata, k) for k in ("rank", "alpha", "group_size", "bits")
+            },
         }
-        sizes = write_merged_int4(merged_model, directory, self.key_map, self.hf_config, spec)
+        device = next(merged_model.parameters()).device
+        chosen = choose_merged_format(merged_format, merged_model, device)
+        sizes = write_merged_int4(
+            merged_model, directory, self.key_map, self.hf_config, spec, chosen
+        )
         self.copy_tokenizer_files(directory)
-        report = dict(merge_report or {}, size=sizes)
+        where = runs_on(chosen, merged_model)
+        if chosen == "int4_plain":
+            log.warning(
+                f"merged_format=int4_plain runs {where}; merged_format=intx runs in stock "
+                "transformers on any device"
+            )
+        report = dict(merge_report or {}, size=sizes, format=chosen, runs_on=where)
         (directory / MERGE_REPORT_NAME).write_text(json.dumps(report, indent=2))
         (directory / OUTPUT_MARKER_NAME).write_text(
             json.dumps({"written_by": "qalora_tune", "kind": "merged_int4"}) + "\n"

@@ -23,30 +23,25 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qalora_tune._compat import (
-    Int4WeightOnlyConfig,
-    IntxWeightOnlyConfig,
-    MappingType,
-    PerGroup,
-    config_to_dict,
+    WRAPPER_NAME_SEGMENTS,
     flatten_tensor_state_dict,
-    unflatten_tensor_state_dict,
+    read_torchao_safetensors_tensor,
 )
 from qalora_tune._files import read_json
 from qalora_tune.checkpointing._hf_keys import HFKeyMap
+from qalora_tune.checkpointing._merged_formats import (
+    base_from_file,
+    check_format_holds,
+    is_file_base,
+    portable_weight,
+    quantization_config,
+    written_bits,
+)
 from qalora_tune.checkpointing._model_spec import build_from_spec, check_model_spec
 from qalora_tune.errors import UserFileNotFoundError, UserValueError
-from qalora_tune.modules import Int4Linear, QALoRALinear
-from qalora_tune.quantization import (
-    GroupQuantizedWeight,
-    from_plain_int4,
-    from_torchao_base,
-    is_intx_weight,
-    plain_int4_bytes,
-    reorder_intx_rows,
-    to_plain_int4,
-    to_torchao_base,
-    uses_int4_kernel,
-)
+from qalora_tune.modules import QALoRALinear, QuantizedLinear
+from qalora_tune.quantization import GroupQuantizedWeight
+from qalora_tune.quantization.intx_weight import is_intx_weight
 
 __all__ = [
     "MERGED_DIR_NAME",
@@ -55,7 +50,6 @@ __all__ = [
     "MERGED_WEIGHTS_NAME",
     "MERGE_REPORT_NAME",
     "load_merged",
-    "torchao_quantization_config",
     "write_merged_int4",
 ]
 
@@ -64,7 +58,7 @@ MERGED_WEIGHTS_NAME = "model.safetensors"
 MERGED_SPEC_NAME = "qalora_tune.json"
 MERGE_REPORT_NAME = "merge_report.json"
 _STORED_DTYPES = ("float32", "bfloat16", "float16")
-_NESTED = ("_checkpoint_wrapped_module.", "_orig_mod.")
+_NESTED = WRAPPER_NAME_SEGMENTS
 
 
 def clean_module_name(name: str) -> str:
@@ -74,27 +68,6 @@ def clean_module_name(name: str) -> str:
     return name
 
 
-def torchao_quantization_config(group_size: int, bits: int = 4) -> Dict[str, Any]:
-    """``config.json``'s ``quantization_config``: transformers' ``TorchAoConfig.to_dict()``
-    for ``Int4WeightOnlyConfig(group_size)`` in torchao's plain int4 packing, or, for a
-    base off the int4 kernels, ``IntxWeightOnlyConfig`` (asymmetric, per group)."""
-    if uses_int4_kernel(bits, group_size):
-        config = Int4WeightOnlyConfig(group_size=group_size)
-    else:
-        config = IntxWeightOnlyConfig(
-            weight_dtype=getattr(torch, f"int{bits}"),
-            granularity=PerGroup(group_size),
-            mapping_type=MappingType.ASYMMETRIC,
-        )
-    return {
-        "quant_method": "torchao",
-        "quant_type": {"default": config_to_dict(config)},
-        "modules_to_not_convert": None,
-        "include_input_output_embeddings": False,
-        "untie_embedding_weights": False,
-    }
-
-
 def _permute_rows(gq: GroupQuantizedWeight, rows: torch.Tensor) -> GroupQuantizedWeight:
     return GroupQuantizedWeight(
         qdata=gq.qdata[rows], scale=gq.scale[rows], zero=gq.zero[rows],
@@ -102,11 +75,11 @@ def _permute_rows(gq: GroupQuantizedWeight, rows: torch.Tensor) -> GroupQuantize
     )
 
 
-def _merged_tensors(model: nn.Module) -> Iterator[Tuple[str, Union[torch.Tensor, Int4Linear]]]:
-    """torchtune key -> dense tensor, or the Int4Linear owning that int4 weight."""
+def _merged_tensors(model: nn.Module) -> Iterator[Tuple[str, Union[torch.Tensor, QuantizedLinear]]]:
+    """torchtune key -> dense tensor, or the QuantizedLinear owning that int4 weight."""
     int4_modules = {}
     for name, module in model.named_modules():
-        if isinstance(module, Int4Linear):
+        if isinstance(module, QuantizedLinear):
             if isinstance(module, QALoRALinear) and not module.merged:
                 raise UserValueError(f"{name}: merge() the adapters before writing the merged model")
             int4_modules[f"{clean_module_name(name)}.weight"] = module
@@ -123,6 +96,7 @@ def write_merged_int4(
     key_map: HFKeyMap,
     hf_config: Dict[str, Any],
     spec: Dict[str, Any],
+    merged_format: str = "int4_plain",
 ) -> Dict[str, Any]:
     """Write a merged model's ``model.safetensors``, ``config.json`` and ``qalora_tune.json``.
 
@@ -133,6 +107,8 @@ def write_merged_int4(
         hf_config (Dict[str, Any]): the base's ``config.json``.
         spec (Dict[str, Any]): ``model`` (builder ``_component_`` and arguments that build
             the same model without adapters) and ``model_type``.
+        merged_format (str): the file format of the quantized linears, resolved by
+            :func:`~qalora_tune.checkpointing._merged_formats.choose_merged_format`.
 
     Returns:
         Dict[str, Any]: sizes: quantized parameters, their bytes and bits per parameter,
@@ -141,16 +117,21 @@ def write_merged_int4(
     Raises:
         ValueError: if an adapter is not merged.
     """
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    if any(is_intx_weight(m.weight) for m in layers):
+        merged_format = "intx"  # the only file layout of an intx base
+    check_format_holds(merged_format, layers)
     tensors: Dict[str, torch.Tensor] = {}
     quantized_params, quantized_bytes, group_size, bits, dtype = 0, 0, None, 4, None
     for key, value in _merged_tensors(model):
-        if isinstance(value, Int4Linear):
+        if isinstance(value, QuantizedLinear):
             hf_key, rows = key_map.row_order(key, value.out_dim, to_hf=True)
-            portable, nbytes = _portable_weight(value, rows)
+            portable, nbytes = portable_weight(value, rows, merged_format)
             tensors[hf_key] = portable
             quantized_params += value.out_dim * value.in_dim
             quantized_bytes += nbytes
-            group_size, bits, dtype = value.group_size, value.bits, portable.dtype
+            group_size, bits = value.group_size, written_bits(value, merged_format)
+            dtype = value.weight.dtype
         else:
             tensors.update(key_map.to_hf({key: value.detach().cpu().contiguous()}))
     if group_size is None:
@@ -160,38 +141,17 @@ def write_merged_int4(
     path = directory / MERGED_WEIGHTS_NAME
     save_file(data, str(path), metadata=metadata)
     config = dict(hf_config)
-    config["quantization_config"] = torchao_quantization_config(group_size, bits)
+    padded = any(m.padded_in_dim != m.in_dim for m in layers)
+    config["quantization_config"] = quantization_config(merged_format, group_size, bits, padded)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(config, indent=2))
-    (directory / MERGED_SPEC_NAME).write_text(json.dumps(spec, indent=2))
+    (directory / MERGED_SPEC_NAME).write_text(json.dumps(dict(spec, format=merged_format), indent=2))
     return {
         "quantized_parameters": quantized_params,
         "quantized_bytes": quantized_bytes,
         "bits_per_quantized_parameter": 8 * quantized_bytes / quantized_params,
         "file_bytes": path.stat().st_size,
     }
-
-
-def _portable_weight(module: Int4Linear, rows: torch.Tensor) -> Tuple[torch.Tensor, int]:
-    """The layer's weight as written, rows in Hugging Face order, and its bytes: a plain
-    ``Int4Tensor`` for int4 bases, an ``IntxUnpackedToInt8Tensor`` (zero points copied
-    bit for bit) for intx ones."""
-    if not is_intx_weight(module.weight):
-        gq = from_torchao_base(module.weight)
-        gq = GroupQuantizedWeight(
-            gq.qdata.cpu(), gq.scale.cpu(), gq.zero.cpu(), gq.group_size, gq.bits
-        )
-        plain = to_plain_int4(_permute_rows(gq, rows), in_features=module.in_dim)
-        return plain, plain_int4_bytes(plain)
-    if module.padded_in_dim != module.in_dim:
-        raise UserValueError(
-            f"a padded intx base ({module.in_dim} inputs in groups of {module.group_size}) "
-            "has no transformers layout; set model.group_size to a divisor of every "
-            "linear's in_dim instead of model.pad_in_dim=True"
-        )
-    intx = reorder_intx_rows(module.weight, rows, device="cpu")
-    nbytes = sum(t.numel() * t.element_size() for t in (intx.qdata, intx.scale, intx.zero_point))
-    return intx, nbytes
 
 
 def _read_tensors(path: Path) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -213,7 +173,7 @@ def _read_tensors(path: Path) -> Iterator[Tuple[str, torch.Tensor]]:
             raise UserValueError(f"{path} has corrupt torchao metadata (tensor_names)") from None
         for name in names:
             try:
-                yield name, _read_one(handle, metadata, name)
+                yield name, read_torchao_safetensors_tensor(handle, metadata, name)
             except UserValueError:
                 raise
             except Exception as error:  # corrupt metadata or data: safetensors/torchao errors
@@ -221,19 +181,6 @@ def _read_tensors(path: Path) -> Iterator[Tuple[str, torch.Tensor]]:
                     f"{path}: {name} cannot be read ({type(error).__name__}: "
                     f"{' '.join(str(error).split())[:200]}); the file is corrupt: merge again"
                 ) from None
-
-
-def _read_one(handle: Any, metadata: Dict[str, str], name: str) -> torch.Tensor:
-    info = json.loads(metadata[name])
-    if info.get("_type") == "Tensor":
-        return handle.get_tensor(name)
-    module, param = name.rsplit(".", 1)
-    parts = {
-        f"{module}._{param}_{part}": handle.get_tensor(f"{module}._{param}_{part}")
-        for part in info["_tensor_data_names"]
-    }
-    one = {name: metadata[name], "tensor_names": json.dumps([name])}
-    return unflatten_tensor_state_dict(parts, one)[0][name]
 
 
 def load_merged(
@@ -288,16 +235,14 @@ def load_merged(
     expected = set(model.state_dict())
     loaded = set()
     for hf_key, value in _read_tensors(path / MERGED_WEIGHTS_NAME):
-        if value.__class__.__name__ in ("Int4Tensor", "IntxUnpackedToInt8Tensor"):
+        if is_file_base(value):
             key, rows = key_map.row_order(hf_key, value.shape[0], to_hf=False)
-            module = _int4_module(model, key)
-            if is_intx_weight(value):
-                packed = reorder_intx_rows(value, rows, device=device, dtype=dtype)
-            else:
-                gq = _permute_rows(from_plain_int4(value, module.padded_in_dim), rows)
-                packed = to_torchao_base(gq, device=device, dtype=dtype)
-            module._check_base(packed)
-            module.weight = nn.Parameter(packed, requires_grad=False)
+            module = _quantized_module(model, key)
+            base = base_from_file(value, rows, module, device, dtype)
+            try:  # the layer's load hook checks the base (groups, bits, shape)
+                model.load_state_dict({key: base}, strict=False)
+            except UserValueError as error:
+                raise UserValueError(f"{path}: {hf_key}: {error}") from None
             loaded.add(key)
             continue
         for key, tensor in key_map.to_tune({hf_key: value}).items():
@@ -317,11 +262,11 @@ def load_merged(
     return model.eval()
 
 
-def _int4_module(model: nn.Module, key: str) -> Int4Linear:
+def _quantized_module(model: nn.Module, key: str) -> QuantizedLinear:
     try:
         module = model.get_submodule(key.rsplit(".", 1)[0])
     except AttributeError:
         module = None
-    if not isinstance(module, Int4Linear):
+    if not isinstance(module, QuantizedLinear):
         raise UserValueError(f"{key} is int4 in the file but not an int4 linear of the model")
     return module

@@ -3,7 +3,7 @@ the file names.
 
 ``merged_int4/qalora_tune.json`` says which builder made the model and with which
 arguments. A file is data: the builder must be one of this project's model builders
-(:data:`~qalora_tune.models.MODEL_BUILDERS`), named by its dotted path, and the arguments
+(:data:`~qalora_tune.models.ALLOWED_BUILDERS`), named by its dotted path, and the arguments
 must be JSON values the builder's signature accepts. Anything else is refused in one line,
 before anything is imported or called.
 """
@@ -15,11 +15,9 @@ from typing import Any, Mapping
 from torch import nn
 
 from qalora_tune.errors import UserValueError
-from qalora_tune.models import MODEL_BUILDERS
+from qalora_tune.models import resolve_model_builder
 
-__all__ = ["BUILDER_MODULE", "build_from_spec", "check_model_spec"]
-
-BUILDER_MODULE = "qalora_tune.models"
+__all__ = ["build_from_spec", "check_model_spec"]
 _JSON_SCALARS = (str, int, float, bool, type(None))
 
 
@@ -40,14 +38,7 @@ def check_model_spec(spec: Any, source: Path) -> None:
             "point to a merged_int4/ directory written by qalora-tune"
         )
     dotted = spec["_component_"]
-    module, _, name = dotted.rpartition(".")
-    builder = MODEL_BUILDERS.get(name)
-    if module != BUILDER_MODULE or builder is None:
-        raise UserValueError(
-            f"{source} names the model builder {dotted!r}, which is not one of qalora-tune's "
-            f"({', '.join(f'{BUILDER_MODULE}.{n}' for n in sorted(MODEL_BUILDERS))}); files "
-            "are never allowed to run other code: rewrite the entry or re-export the model"
-        )
+    builder = resolve_model_builder(dotted, str(source))
     parameters = inspect.signature(builder).parameters
     for key, value in spec.items():
         if key == "_component_":
@@ -66,5 +57,5 @@ def build_from_spec(spec: Mapping[str, Any], source: Path) -> nn.Module:
     """The model ``spec`` describes, after :func:`check_model_spec` (on the current default
     device and dtype)."""
     check_model_spec(spec, source)
-    builder = MODEL_BUILDERS[spec["_component_"].rpartition(".")[2]]
+    builder = resolve_model_builder(spec["_component_"], str(source))
     return builder(**{k: v for k, v in spec.items() if k != "_component_"})

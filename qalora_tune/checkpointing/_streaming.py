@@ -9,7 +9,7 @@ from safetensors import safe_open
 from torch import nn
 
 from qalora_tune.errors import UserValueError
-from qalora_tune.modules import Int4Linear
+from qalora_tune.modules import QuantizedLinear
 from qalora_tune.quantization import is_quantized_base
 
 __all__ = ["TIED_KEYS", "guess_key_format", "iter_checkpoint_tensors", "load_tensor_stream"]
@@ -227,7 +227,7 @@ def _expected_shape(model: nn.Module, key: str) -> Optional[Tuple[int, ...]]:
         owner = model.get_submodule(module_path) if module_path else model
     except AttributeError:
         return None
-    if isinstance(owner, Int4Linear) and name == "weight":
+    if isinstance(owner, QuantizedLinear) and name == "weight":
         return (owner.out_dim, owner.in_dim)
     tensor = getattr(owner, name, None)
     return tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else None

@@ -20,16 +20,13 @@ from typing import Any, Dict, Iterator, List, Tuple, Union
 import torch
 from safetensors import safe_open
 
-from qalora_tune.checkpointing._merged_int4 import _read_tensors as read_torchao_safetensors
-from qalora_tune.quantization import (
-    GroupQuantizedWeight,
-    from_plain_int4,
-    from_torchao_int4,
-    from_torchao_intx,
-    is_int4_weight,
-    is_intx_weight,
-    is_plain_int4,
+from qalora_tune.checkpointing._merged_int4 import (
+    _read_tensors as read_torchao_safetensors,
 )
+from qalora_tune.quantization import GroupQuantizedWeight
+from qalora_tune.quantization.int4_weight import from_torchao_int4, is_int4_weight
+from qalora_tune.quantization.intx_weight import from_torchao_intx, is_intx_weight
+from qalora_tune.quantization.plain_int4 import from_plain_int4, is_plain_int4
 
 __all__ = [
     "MergedLinearWeight",

@@ -18,7 +18,11 @@ from typing import Any, Dict, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from qalora_tune.export._llama_hparams import LlamaHParams, llama_hparams, rope_row_order
+from qalora_tune.export._llama_hparams import (
+    LlamaHParams,
+    llama_hparams,
+    rope_row_order,
+)
 from qalora_tune.export._merged_reader import (
     MergedLinearWeight,
     iter_merged_weights,

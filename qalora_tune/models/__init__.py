@@ -6,6 +6,7 @@ from qalora_tune.models._component_builders import (
     base_bits_per_weight,
     count_parameters,
     qalora_transformer,
+    swap_linears,
     tensor_nbytes,
 )
 from qalora_tune.models._model_builders import (
@@ -24,13 +25,19 @@ from qalora_tune.models._model_builders import (
     qalora_qwen2_5_7b,
     qalora_qwen2_5_14b,
     qalora_stories260k,
-    qalora_tiny_llama,
     qalora_tinystories656k,
     tied_llama,
 )
+from qalora_tune.models._registry import (
+    ALLOWED_BUILDERS,
+    MOVED_BUILDERS,
+    resolve_model_builder,
+)
 
 __all__ = [
+    "ALLOWED_BUILDERS",
     "ATTENTION_PROJECTIONS",
+    "MOVED_BUILDERS",
     "MLP_PROJECTIONS",
     "MODEL_BUILDERS",
     "base_bits_per_weight",
@@ -49,9 +56,10 @@ __all__ = [
     "qalora_qwen2_5_1_5b",
     "qalora_qwen2_5_7b",
     "qalora_stories260k",
-    "qalora_tiny_llama",
     "qalora_tinystories656k",
     "qalora_transformer",
+    "resolve_model_builder",
+    "swap_linears",
     "tensor_nbytes",
     "tied_llama",
 ]

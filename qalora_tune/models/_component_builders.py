@@ -1,14 +1,14 @@
 """Component builder: turn a torchtune decoder into a QA-LoRA decoder with an int4 base."""
 
 import warnings
-from typing import Callable, Dict, List
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
 
 from qalora_tune.errors import UserValueError
-from qalora_tune.models._knobs import check_group_size_fits, check_model_knobs
-from qalora_tune.modules import Int4Linear, QALoRALinear
+from qalora_tune.models._knobs import check_group_size_fits
+from qalora_tune.modules import QALoRAConfig, QALoRALinear, QuantizedLinear
 
 __all__ = [
     "ATTENTION_PROJECTIONS",
@@ -16,6 +16,7 @@ __all__ = [
     "base_bits_per_weight",
     "count_parameters",
     "qalora_transformer",
+    "swap_linears",
     "tensor_nbytes",
 ]
 
@@ -44,7 +45,7 @@ def qalora_transformer(
     is built on the ``meta`` device, so its full-precision weights are never allocated.
     Every ``nn.Linear`` is then replaced on the current default device (the recipe sets
     it) by a :class:`QALoRALinear` when it is a target, else by a frozen
-    :class:`Int4Linear`. The remaining parameters (embeddings, norms) and buffers (RoPE
+    :class:`QuantizedLinear`. The remaining parameters (embeddings, norms) and buffers (RoPE
     caches) are created on the device in the default dtype and initialised. Weights
     loaded afterwards through ``load_state_dict`` are quantized one layer at a time.
 
@@ -69,7 +70,7 @@ def qalora_transformer(
             divide (the merge stays exact); off, such a linear is an error.
         bits (int): bit width of the base's quantization grid: QA-LoRA defines 2, 3, 4
             and 8; this version implements 2, 3 and 4 (stored and computed in the int4
-            layout, see :class:`Int4Linear`).
+            layout, see :class:`QuantizedLinear`).
         double_quant_scales (bool): store the int4 base's per-group scales as 8-bit codes
             with a float32 grid per row (double quantization): ``(b_s - 8) / group_size``
             fewer bits per weight for ``b_s``-bit scales (16 in bf16), zero points kept in
@@ -84,13 +85,14 @@ def qalora_transformer(
             outside ``[0, 1)``, or a group size that has no int4 kernel or does not fit a
             linear; each message names the ``model.*`` setting to change.
     """
-    check_model_knobs(
-        bits=bits,
+    config = QALoRAConfig.from_builder_args(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        bits=bits,
         group_size=group_size,
         quantizer=quantizer,
+        pad_in_dim=pad_in_dim,
         double_quant_scales=double_quant_scales,
     )
     unknown = sorted(set(lora_attn_modules) - set(ATTENTION_PROJECTIONS))
@@ -112,15 +114,7 @@ def qalora_transformer(
     targets = set(lora_attn_modules) | (set(MLP_PROJECTIONS) if apply_lora_to_mlp else set())
     if apply_lora_to_output:
         targets.add("output")
-    adapter = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout)
-    base = dict(
-        group_size=group_size,
-        quantizer=quantizer,
-        pad_in_dim=pad_in_dim,
-        bits=bits,
-        double_quant_scales=double_quant_scales,
-    )
-    _replace_linears(model, targets, adapter, base, device, dtype)
+    swap_linears(model, targets, config, device, dtype)
     if double_quant_scales:
         _warn_where_eight_bit_scales_cost_bits(model, dtype)
     _materialize(model, device)
@@ -132,42 +126,61 @@ def qalora_transformer(
     return model
 
 
-def _replace_linears(
+def swap_linears(
     model: nn.Module,
-    targets: set,
-    adapter: Dict,
-    base: Dict,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> None:
+    targets: Iterable[str],
+    config: QALoRAConfig,
+    device: Optional[torch.device] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> nn.Module:
+    """Replace every ``nn.Linear`` of ``model``: a :class:`QALoRALinear` where its name is
+    in ``targets``, else a frozen :class:`QuantizedLinear`, all built from ``config``.
+
+    A linear on the ``meta`` device is replaced by an empty layer on ``device`` (weights
+    arrive later through ``load_state_dict``, quantized one layer at a time); a linear with
+    weights is quantized from them (``from_linear``), keeping its device and dtype.
+
+    Args:
+        model (nn.Module): changed in place.
+        targets (Iterable[str]): child names that get an adapter (``q_proj``, ``w1``, ...).
+        config (QALoRAConfig): the base's quantization and the adapters.
+        device (torch.device, optional): for meta linears; defaults to the default device.
+        dtype (torch.dtype, optional): for meta linears; defaults to the default dtype.
+
+    Returns:
+        nn.Module: ``model``.
+
+    Raises:
+        UserValueError: naming the linear that cannot take ``config``.
+    """
+    targets = set(targets)
+    device = device or torch.get_default_device()
+    dtype = dtype or torch.get_default_dtype()
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear):
                 continue
             path = f"{parent_name}.{name}" if parent_name else name
-            common = dict(
-                in_dim=child.in_features,
-                out_dim=child.out_features,
-                use_bias=child.bias is not None,
-                dtype=dtype,
-                device=device,
-                **base,
-            )
+            cls = QALoRALinear if name in targets else QuantizedLinear
             try:
-                if name in targets:
-                    replacement = QALoRALinear(**common, **adapter)
+                if child.weight.is_meta:
+                    replacement = cls(
+                        child.in_features, child.out_features, config,
+                        use_bias=child.bias is not None, dtype=dtype, device=device,
+                    )
                 else:
-                    replacement = Int4Linear(**common)
-            except ValueError as error:
+                    replacement = cls.from_linear(child, config=config)
+            except UserValueError as error:
                 raise UserValueError(f"{path}: {error}") from None
             setattr(parent, name, replacement)
+    return model
 
 
 def _warn_where_eight_bit_scales_cost_bits(model: nn.Module, dtype: torch.dtype) -> None:
     """8-bit scales save ``(b_s - 8)`` bits per group and spend 64 per row (a float32 grid):
     a loss for rows of at most ``64 / (b_s - 8)`` groups. Say so once per model."""
     limit = 64 / (torch.finfo(dtype).bits - 8)
-    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     losing = [m for m in layers if m.n_groups <= limit]
     if losing:
         warnings.warn(
@@ -184,7 +197,7 @@ def _warn_where_eight_bit_scales_cost_bits(model: nn.Module, dtype: torch.dtype)
 def _materialize(model: nn.Module, device: torch.device) -> None:
     """Create the meta parameters and buffers left after the linears on ``device``."""
     for module in model.modules():
-        if isinstance(module, Int4Linear):
+        if isinstance(module, QuantizedLinear):
             continue
         tensors = list(module.named_parameters(recurse=False)) + list(
             module.named_buffers(recurse=False)
@@ -220,7 +233,7 @@ def base_bits_per_weight(model: nn.Module) -> float:
     For example 4.5 for int4 codes with bf16 scales and zeros at group size 64, about
     4.39 with 8-bit scales (``double_quant_scales``) when ``in_dim`` is 4096.
     """
-    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     weights = sum(m.out_dim * m.in_dim for m in layers)
     return 8 * sum(tensor_nbytes(m.weight) for m in layers) / weights if weights else 0.0
 

@@ -1,7 +1,7 @@
-"""Checks of the model builders' knobs, with messages naming the config setting to change.
+"""The model-level check of the builders' knobs: does the group size fit every linear?
 
-The builders are config components (``model: {_component_: ..., lora_rank: ...}``), so a
-bad value is reported as the ``model.*`` setting a user edits.
+The knobs themselves are checked once, by :class:`~qalora_tune.modules.QALoRAConfig`;
+whether ``model.group_size`` divides every linear's ``in_dim`` depends on the model.
 """
 
 from typing import Iterable, List, Tuple
@@ -9,91 +9,9 @@ from typing import Iterable, List, Tuple
 from torch import nn
 
 from qalora_tune.errors import UserValueError
-from qalora_tune.quantization import (
-    CALIBRATED_QUANTIZERS,
-    INT4_KERNEL_GROUP_SIZES,
-    QUANTIZERS,
-    check_double_quant,
-)
-from qalora_tune.quantization import SUPPORTED_BITS as IMPLEMENTED_BITS
+from qalora_tune.quantization.int4_weight import INT4_KERNEL_GROUP_SIZES
 
-__all__ = [
-    "BASE_QUANTIZERS",
-    "IMPLEMENTED_BITS",
-    "QALORA_BITS",
-    "check_group_size_fits",
-    "check_model_knobs",
-]
-
-QALORA_BITS = (2, 3, 4, 8)
-"""The base bit widths QA-LoRA defines (``IMPLEMENTED_BITS`` are those this version runs)."""
-
-BASE_QUANTIZERS = tuple(QUANTIZERS) + CALIBRATED_QUANTIZERS
-"""Every value ``model.quantizer`` accepts."""
-
-
-def check_model_knobs(
-    *,
-    bits: int,
-    lora_rank: int,
-    lora_alpha: float,
-    lora_dropout: float,
-    group_size: int,
-    quantizer: str = "rtn",
-    double_quant_scales: bool = False,
-) -> None:
-    """Refuse a bit width, rank, alpha, dropout, group size, quantizer or scale storage no
-    layer could be built with.
-
-    Raises:
-        ValueError: naming the ``model.*`` setting and the values it accepts.
-    """
-    if _not_int(bits) or bits not in QALORA_BITS:
-        raise UserValueError(
-            f"model.bits={bits!r} is not a supported bit width; choose from "
-            f"{_join(QALORA_BITS)}"
-        )
-    if bits not in IMPLEMENTED_BITS:
-        raise UserValueError(
-            f"model.bits={bits} is not available in this version (only "
-            f"{_join(IMPLEMENTED_BITS)}-bit bases are implemented); set "
-            f"model.bits to one of {_join(IMPLEMENTED_BITS)}"
-        )
-    if _not_int(lora_rank) or lora_rank <= 0:
-        raise UserValueError(
-            f"model.lora_rank={lora_rank!r}: the adapter rank must be a positive integer; "
-            "set model.lora_rank to e.g. 8"
-        )
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not lora_alpha > 0:
-        raise UserValueError(
-            f"model.lora_alpha={lora_alpha!r}: the adapter scale numerator must be positive; "
-            "set model.lora_alpha to e.g. twice model.lora_rank"
-        )
-    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not (
-        0.0 <= lora_dropout < 1.0
-    ):
-        raise UserValueError(
-            f"model.lora_dropout={lora_dropout!r} is not a probability in [0, 1); set "
-            "model.lora_dropout to e.g. 0.0 or 0.05"
-        )
-    if _not_int(group_size) or group_size <= 0:
-        raise UserValueError(
-            f"model.group_size={group_size!r} is not a positive integer; set model.group_size "
-            f"to one of {_join(INT4_KERNEL_GROUP_SIZES)} (int4 kernels) or another divisor "
-            "of every linear's in_dim (dequantizing intx base)"
-        )
-    if quantizer not in BASE_QUANTIZERS:
-        raise UserValueError(
-            f"model.quantizer={quantizer!r} is not a base quantizer; set model.quantizer to "
-            f"one of {', '.join(BASE_QUANTIZERS)} (gptq also needs a calibration: section)"
-        )
-    if not isinstance(double_quant_scales, bool):
-        raise UserValueError(
-            f"model.double_quant_scales={double_quant_scales!r} is not a boolean; set it to "
-            "True (8-bit scales) or False"
-        )
-    check_double_quant(double_quant_scales, bits, group_size)
-
+__all__ = ["check_group_size_fits"]
 
 def check_group_size_fits(model: nn.Module, group_size: int, pad_in_dim: bool) -> None:
     """Refuse, without padding, a linear whose ``in_dim`` ``group_size`` does not divide.

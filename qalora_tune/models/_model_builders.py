@@ -42,7 +42,6 @@ __all__ = [
     "qalora_qwen2_5_1_5b",
     "qalora_qwen2_5_7b",
     "qalora_stories260k",
-    "qalora_tiny_llama",
     "qalora_tinystories656k",
     "tied_llama",
 ]
@@ -216,12 +215,6 @@ def qalora_llama2(
     )
 
 
-def _tiny_llama() -> nn.Module:
-    from qalora_tune.tiny import TINY_LLAMA_SIZES
-
-    return llama2(**TINY_LLAMA_SIZES)
-
-
 qalora_llama2_7b = _model_builder("qalora_llama2_7b", llama2_7b, "Llama 2 7B")
 qalora_llama2_13b = _model_builder("qalora_llama2_13b", llama2_13b, "Llama 2 13B")
 qalora_llama2_70b = _model_builder("qalora_llama2_70b", llama2_70b, "Llama 2 70B")
@@ -250,10 +243,6 @@ qalora_tinystories656k = _model_builder(
     ),
     "TinyStories-656K",
 )
-qalora_tiny_llama = _model_builder(
-    "qalora_tiny_llama", _tiny_llama, "tiny llama (the embedded default's base)"
-)
-
 MODEL_BUILDERS = {
     builder.__name__: builder
     for builder in (
@@ -272,8 +261,6 @@ MODEL_BUILDERS = {
         qalora_mistral_7b,
         qalora_stories260k,
         qalora_tinystories656k,
-        qalora_tiny_llama,
     )
 }
-"""Every model builder by name: the only builders a file (``merged_int4/qalora_tune.json``)
-may name, so that reading a checkpoint never imports or calls anything else."""
+"""The model builders of this package by name."""

@@ -1,6 +1,7 @@
-"""QA-LoRA layers: the frozen int4 base and the base plus a pooled adapter."""
+"""QA-LoRA layers: the frozen quantized base, and the base plus a pooled adapter."""
 
-from qalora_tune.modules.int4_linear import Int4Linear
+from qalora_tune.modules.config import QALoRAConfig
 from qalora_tune.modules.qalora_linear import QALoRALinear
+from qalora_tune.modules.quantized_linear import Int4Linear, QuantizedLinear
 
-__all__ = ["Int4Linear", "QALoRALinear"]
+__all__ = ["Int4Linear", "QALoRAConfig", "QALoRALinear", "QuantizedLinear"]

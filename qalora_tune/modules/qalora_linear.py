@@ -1,4 +1,4 @@
-"""QALoRALinear: a frozen torchao int4 base plus a group-pooled low-rank adapter."""
+"""QALoRALinear: a frozen quantized base plus a group-pooled low-rank adapter."""
 
 import math
 from typing import Any, List, Optional
@@ -8,20 +8,21 @@ from torch import nn
 
 from qalora_tune._compat import AdapterModule
 from qalora_tune.errors import UserValueError
-from qalora_tune.modules.int4_linear import Int4Linear
+from qalora_tune.modules.config import QALoRAConfig
+from qalora_tune.modules.quantized_linear import QuantizedLinear
 from qalora_tune.ops import pooled_lora
-from qalora_tune.quantization import shift_zero_points_, stored_zero_points
+from qalora_tune.quantization.base_weight import shift_zero_points_, stored_zero_points
 
 __all__ = ["QALoRALinear"]
 
 
-class QALoRALinear(Int4Linear, AdapterModule):
+class QALoRALinear(QuantizedLinear, AdapterModule):
     """QA-LoRA linear layer (Xu et al., 2023, arXiv 2309.14717).
 
-    The frozen base ``W`` (``out_dim x in_dim``) is an :class:`Int4Linear`: a torchao int4
-    tensor quantized asymmetrically per (output row, group of ``group_size`` consecutive
-    inputs) with float zero points, ``W[n, k] = (q[n, k] - 8) * s[n, g] + z[n, g]``. The
-    adapter sees the input averaged over the same groups::
+    The frozen base ``W`` (``out_dim x in_dim``) is a :class:`QuantizedLinear`'s: quantized
+    asymmetrically per (output row, group of ``group_size`` consecutive inputs) with float
+    zero points, ``W[n, k] = (q[n, k] - 8) * s[n, g] + z[n, g]``. The adapter sees the input
+    averaged over the same groups::
 
         y = x W^T + (alpha / rank) * B A pool(dropout(x))
 
@@ -34,64 +35,34 @@ class QALoRALinear(Int4Linear, AdapterModule):
     Args:
         in_dim (int): input features ``K``.
         out_dim (int): output features ``N``.
-        rank (int): adapter rank ``r`` (useful up to ``n_groups``).
-        alpha (float): adapter scaling numerator; the update is scaled by ``alpha / rank``.
-        group_size (int): quantization group size ``G`` shared by base and adapter:
-            32, 64, 128 or 256 run on the int4 kernels, other sizes (e.g. 8 or 16, for
-            more pooled groups) on the dequantizing intx base (see :class:`Int4Linear`).
-        dropout (float): dropout on the adapter's input.
+        config (QALoRAConfig, optional): the base's quantization (bits, group size,
+            quantizer, padding, 8-bit scales) and the adapter (rank, alpha, dropout).
         use_bias (bool): whether the base has a (frozen, full precision) bias.
-        quantizer (str): how a full-precision weight is quantized: ``"rtn"`` (min-max
-            round to nearest) or ``"hqq"`` (half-quadratic); ``"gptq"`` needs calibration
-            data, so such a layer takes only int4 weights (see
-            :func:`~qalora_tune.quantization.calibrate_gptq`).
-        pad_in_dim (bool): allow an ``in_dim`` that ``group_size`` does not divide, by
-            zero padding (see :class:`Int4Linear`).
-        dtype (torch.dtype, optional): dtype of the int4 kernel's scales, zeros and compute
+        dtype (torch.dtype, optional): dtype of the base's scales, zeros and compute
             (fp32/bf16/fp16 on CPU, bf16 on CUDA), and of the adapter. Defaults to the
             default dtype on CPU and bf16 on CUDA.
         device (torch.device, optional): where to build the layer.
-        bits (int): bit width of the base's grid, 2, 3, 4 or 8 (see :class:`Int4Linear`).
-        double_quant_scales (bool): keep the base's scales as 8-bit codes (see
-            :class:`Int4Linear`); the zero points the merge updates stay full precision.
+        **knobs: instead of ``config``, its fields as keywords, e.g.
+            ``QALoRALinear(4096, 4096, rank=16, alpha=32, group_size=64)``.
 
     Raises:
-        ValueError: if ``group_size`` is not positive or does not divide ``in_dim`` (without
-            ``pad_in_dim``), if ``rank`` or ``alpha`` is not positive, or ``dropout`` is
-            outside ``[0, 1)``.
+        UserValueError: for a config no layer can hold (see :class:`QALoRAConfig`), or a
+            ``group_size`` that does not divide ``in_dim`` without ``pad_in_dim``.
     """
 
     def __init__(
         self,
         in_dim: int,
         out_dim: int,
-        rank: int,
-        alpha: float,
-        group_size: int = 64,
-        dropout: float = 0.0,
+        config: Optional[QALoRAConfig] = None,
+        *,
         use_bias: bool = False,
-        quantizer: str = "rtn",
-        pad_in_dim: bool = False,
         dtype: Optional[torch.dtype] = None,
         device: Optional[torch.device] = None,
-        bits: int = 4,
-        double_quant_scales: bool = False,
+        **knobs: Any,
     ):
-        _validate_adapter_hparams(rank, alpha, dropout)
-        super().__init__(
-            in_dim,
-            out_dim,
-            group_size=group_size,
-            use_bias=use_bias,
-            quantizer=quantizer,
-            pad_in_dim=pad_in_dim,
-            dtype=dtype,
-            device=device,
-            bits=bits,
-            double_quant_scales=double_quant_scales,
-        )
-        self.rank = rank
-        self.alpha = alpha
+        super().__init__(in_dim, out_dim, config, use_bias=use_bias, dtype=dtype, device=device, **knobs)
+        rank, dropout = self.config.rank, self.config.dropout
         self.merged = False
         # 'disabled' turns the adapter off (torchtune uses it for DPO reference passes)
         self.disabled = False
@@ -109,7 +80,8 @@ class QALoRALinear(Int4Linear, AdapterModule):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, rank: int, alpha: float, **kwargs: Any
+        cls, linear: nn.Linear, rank: Optional[int] = None, alpha: Optional[float] = None,
+        **kwargs: Any,
     ) -> "QALoRALinear":
         """Build from a full-precision ``nn.Linear``, quantizing its weight.
 
@@ -122,14 +94,14 @@ class QALoRALinear(Int4Linear, AdapterModule):
         Returns:
             QALoRALinear: with ``B = 0``, equal to the quantized base.
         """
-        return super().from_linear(linear, rank=rank, alpha=alpha, **kwargs)
+        return super().from_linear(linear, **_adapter_kwargs(rank, alpha), **kwargs)
 
     @classmethod
     def from_int4(
         cls,
         weight: torch.Tensor,
-        rank: int,
-        alpha: float,
+        rank: Optional[int] = None,
+        alpha: Optional[float] = None,
         bias: Optional[torch.Tensor] = None,
         **kwargs: Any,
     ) -> "QALoRALinear":
@@ -148,7 +120,7 @@ class QALoRALinear(Int4Linear, AdapterModule):
             TypeError: if ``weight`` is not one of those int4 subclasses.
             ValueError: if its groups are not contiguous input groups of ``group_size``.
         """
-        return super().from_int4(weight, bias=bias, rank=rank, alpha=alpha, **kwargs)
+        return super().from_int4(weight, bias=bias, **_adapter_kwargs(rank, alpha), **kwargs)
 
     def initialize_parameters(self) -> None:
         """Kaiming-uniform ``A`` (as ``nn.Linear``) and zero ``B``: the layer starts as the base."""
@@ -160,8 +132,16 @@ class QALoRALinear(Int4Linear, AdapterModule):
         return ["lora_a.weight", "lora_b.weight"]
 
     @property
+    def rank(self) -> int:
+        return self.config.rank
+
+    @property
+    def alpha(self) -> float:
+        return self.config.alpha
+
+    @property
     def scaling(self) -> float:
-        return self.alpha / self.rank
+        return self.config.scaling
 
     # ------------------------------------------------------------------ compute
 
@@ -245,10 +225,6 @@ class QALoRALinear(Int4Linear, AdapterModule):
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
 
 
-def _validate_adapter_hparams(rank: int, alpha: float, dropout: float) -> None:
-    if rank <= 0:
-        raise UserValueError(f"rank must be a positive integer, got rank={rank}")
-    if not alpha > 0:
-        raise UserValueError(f"alpha must be positive, got alpha={alpha}")
-    if not 0.0 <= dropout < 1.0:
-        raise UserValueError(f"dropout must be in [0, 1), got dropout={dropout}")
+def _adapter_kwargs(rank: Optional[int], alpha: Optional[float]):
+    """The adapter keywords given (a ``config=`` carries them otherwise)."""
+    return {k: v for k, v in (("rank", rank), ("alpha", alpha)) if v is not None}

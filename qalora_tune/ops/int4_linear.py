@@ -19,6 +19,7 @@ from typing import Any, Optional, Tuple
 
 import torch
 
+from qalora_tune._compat import cpu_int4pack_mm, tinygemm_int4pack_mm
 from qalora_tune.ops._cpu_int4_chunked import (
     chunked_int4_grad_input,
     chunked_int4_linear,
@@ -71,9 +72,7 @@ def _cpu_forward(x2d, qdata, scale_and_zero, group_size, out_features):
         return chunked_int4_linear(
             x2d, qdata, scale_and_zero, group_size, out_features, compiled=compiled
         )
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(
-        x2d, qdata, group_size, scale_and_zero
-    )
+    return cpu_int4pack_mm(x2d, qdata, group_size, scale_and_zero)
 
 
 # From this many rows of x on, the forward in tinygemm's layout dequantizes the layer for
@@ -87,7 +86,7 @@ def _tinygemm_forward(x2d, qdata, scale_and_zero, group_size, out_features):
     if x2d.is_cuda and x2d.shape[0] < CUDA_DEQUANTIZE_MIN_ROWS:
         k_pad = tinygemm_padded_in_features(qdata)
         x2d = torch.nn.functional.pad(x2d, (0, k_pad - x2d.shape[-1]))
-        return torch.ops.aten._weight_int4pack_mm(x2d, qdata, group_size, scale_and_zero)
+        return tinygemm_int4pack_mm(x2d, qdata, group_size, scale_and_zero)
     # unpacked with tensor ops (tinygemm_layout), rounded once to bf16
     weight = dequantize_packed(qdata, scale_and_zero, group_size, out_features, x2d.shape[-1])
     return x2d @ weight.t()

@@ -1,29 +1,25 @@
-"""Group-wise quantization of the frozen base and its torchao int4 storage."""
+"""The frozen base: group-wise quantization and its torchao tensor subclasses.
 
-from qalora_tune.quantization.base_weight import (
-    check_double_quant,
-    dequantize_base,
-    empty_base,
-    from_torchao_base,
-    is_quantized_base,
-    shift_zero_points_,
-    stored_zero_points,
-    to_torchao_base,
-    uses_int4_kernel,
-)
-from qalora_tune.quantization.double_quant import (
-    DoubleQuantInt4Tensor,
-    dequantize_scales,
-    double_quantize_scales,
-    is_double_quant,
-    quantize_scales,
-)
-from qalora_tune.quantization.gptq import HessianAccumulator, quantize_gptq
-from qalora_tune.quantization.gptq_calibration import (
-    calibrate_gptq,
-    load_quantized_base,
-    sample_calibration_sequences,
-)
+- :class:`GroupQuantizedWeight`: plain codes, scales and float zero points
+  (``W = (q - mid) * scale + zero``), made by the quantizers :func:`quantize_rtn`,
+  :func:`quantize_hqq` and :func:`quantize_gptq` (:func:`calibrate_gptq` for a model).
+- The storages, each a torchao tensor subclass with ``from_hp``, ``dequantize``,
+  ``to_quantized`` and a writable ``zero_points()`` view (all a merge changes), whose
+  ``F.linear`` runs a custom op with an input gradient (:mod:`qalora_tune.ops`):
+  :class:`CpuInt4Tensor` (CPU int4 kernel), :class:`TileInt4Tensor` (CUDA tinygemm),
+  :class:`DoubleQuantInt4Tensor` (either, with 8-bit scales) and :class:`IntxBaseTensor`
+  (8-bit codes or group sizes without an int4 kernel, dequantizing).
+- :func:`to_base` stores a :class:`GroupQuantizedWeight` in the class its bits, group size
+  and device select; :func:`as_base` turns torchao's own classes into these.
+
+The layouts, conversions and serialized forms live in the submodules
+(``int4_weight``, ``intx_weight``, ``double_quant``, ``plain_int4``, ...).
+"""
+
+from qalora_tune.quantization.base_weight import as_base, is_quantized_base, to_base
+from qalora_tune.quantization.double_quant import DoubleQuantInt4Tensor
+from qalora_tune.quantization.gptq import quantize_gptq
+from qalora_tune.quantization.gptq_calibration import calibrate_gptq
 from qalora_tune.quantization.group_quant import (
     CALIBRATED_QUANTIZERS,
     QUANTIZERS,
@@ -32,89 +28,30 @@ from qalora_tune.quantization.group_quant import (
     get_quantizer,
     quantize_hqq,
     quantize_rtn,
-    validate_group_size,
 )
 from qalora_tune.quantization.int4_weight import (
     INT4_KERNEL_GROUP_SIZES,
-    Int4Weight,
-    dequantize_int4,
-    empty_int4,
-    from_torchao_int4,
-    is_int4_weight,
-    to_torchao_int4,
-    with_dense_scales,
-    zero_points,
+    CpuInt4Tensor,
+    TileInt4Tensor,
 )
-from qalora_tune.quantization.intx_weight import (
-    IntxWeight,
-    dequantize_intx,
-    empty_intx,
-    from_torchao_intx,
-    intx_bits,
-    is_intx_weight,
-    reorder_intx_rows,
-    to_torchao_intx,
-)
-from qalora_tune.quantization.plain_int4 import (
-    from_plain_int4,
-    is_plain_int4,
-    plain_int4_bytes,
-    to_plain_int4,
-)
-from qalora_tune.quantization.tinygemm_layout import (
-    pack_tinygemm_int4,
-    unpack_tinygemm_int4,
-)
+from qalora_tune.quantization.intx_weight import IntxBaseTensor
 
 __all__ = [
     "CALIBRATED_QUANTIZERS",
+    "CpuInt4Tensor",
     "DoubleQuantInt4Tensor",
     "GroupQuantizedWeight",
-    "HessianAccumulator",
     "INT4_KERNEL_GROUP_SIZES",
-    "Int4Weight",
-    "IntxWeight",
+    "IntxBaseTensor",
     "QUANTIZERS",
     "SUPPORTED_BITS",
+    "TileInt4Tensor",
+    "as_base",
     "calibrate_gptq",
-    "check_double_quant",
-    "dequantize_base",
-    "dequantize_int4",
-    "dequantize_intx",
-    "dequantize_scales",
-    "double_quantize_scales",
-    "empty_base",
-    "empty_int4",
-    "empty_intx",
-    "from_plain_int4",
-    "from_torchao_base",
-    "from_torchao_int4",
-    "from_torchao_intx",
     "get_quantizer",
-    "intx_bits",
-    "is_double_quant",
-    "is_int4_weight",
-    "is_intx_weight",
-    "is_plain_int4",
     "is_quantized_base",
-    "load_quantized_base",
-    "plain_int4_bytes",
-    "reorder_intx_rows",
     "quantize_gptq",
     "quantize_hqq",
     "quantize_rtn",
-    "quantize_scales",
-    "sample_calibration_sequences",
-    "shift_zero_points_",
-    "stored_zero_points",
-    "to_plain_int4",
-    "to_torchao_base",
-    "pack_tinygemm_int4",
-    "to_torchao_int4",
-    "to_torchao_intx",
-    "uses_int4_kernel",
-    "validate_group_size",
-    "with_dense_scales",
-    "unpack_tinygemm_int4",
-    "zero_points",
+    "to_base",
 ]

@@ -18,14 +18,15 @@ from qalora_tune.errors import UserValueError
 from qalora_tune.quantization.group_quant import GroupQuantizedWeight
 from qalora_tune.quantization.int4_weight import (
     INT4_KERNEL_GROUP_SIZES,
+    as_int4_base,
     dequantize_int4,
     empty_int4,
     from_torchao_int4,
     is_int4_weight,
     to_torchao_int4,
-    zero_points,
 )
 from qalora_tune.quantization.intx_weight import (
+    as_intx_base,
     dequantize_intx,
     empty_intx,
     from_torchao_intx,
@@ -34,6 +35,7 @@ from qalora_tune.quantization.intx_weight import (
 )
 
 __all__ = [
+    "as_base",
     "check_double_quant",
     "dequantize_base",
     "empty_base",
@@ -41,7 +43,7 @@ __all__ = [
     "is_quantized_base",
     "shift_zero_points_",
     "stored_zero_points",
-    "to_torchao_base",
+    "to_base",
     "uses_int4_kernel",
 ]
 
@@ -57,7 +59,7 @@ def is_quantized_base(tensor: torch.Tensor) -> bool:
     return is_int4_weight(tensor) or is_intx_weight(tensor)
 
 
-def to_torchao_base(
+def to_base(
     gq: GroupQuantizedWeight,
     device: Optional[Union[str, torch.device]] = None,
     dtype: Optional[torch.dtype] = None,
@@ -96,6 +98,15 @@ def check_double_quant(double_quant: bool, bits: int, group_size: int) -> None:
             f"set model.double_quant_scales=False, or use bits <= 4 with a group_size from "
             f"{', '.join(map(str, INT4_KERNEL_GROUP_SIZES))}"
         )
+
+
+def as_base(tensor: torch.Tensor) -> torch.Tensor:
+    """A torchao base tensor as this project's class for its layout (same inner tensors):
+    ``Int4OpaqueTensor`` -> ``CpuInt4Tensor``, ``Int4TilePackedTo4dTensor`` ->
+    ``TileInt4Tensor``, ``IntxUnpackedToInt8Tensor`` -> ``IntxBaseTensor``; ours unchanged."""
+    if is_intx_weight(tensor):
+        return as_intx_base(tensor)
+    return as_int4_base(tensor)
 
 
 def from_torchao_base(weight: torch.Tensor) -> GroupQuantizedWeight:
@@ -138,9 +149,7 @@ def stored_zero_points(weight: torch.Tensor) -> torch.Tensor:
     For int4 bases these are ``z`` of ``(q - mid) * s + z``; for intx bases torchao's
     integer-domain ``zp = -z / s``. Save and restore it to undo a merge bit for bit.
     """
-    if is_intx_weight(weight):
-        return weight.zero_point
-    return zero_points(weight)
+    return as_base(weight).zero_points()
 
 
 @torch.no_grad()

@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 import torch
 
+from qalora_tune._compat import cpu_int4pack
+
 __all__ = ["CpuInt4Layout", "cpu_int4_layout", "pack_cpu_int4", "unpack_cpu_int4"]
 
 PACK_ROW_MULTIPLE = 16
@@ -38,9 +40,7 @@ _CANDIDATES = (CpuInt4Layout(64, 4), CpuInt4Layout(32, 2), CpuInt4Layout(32, 1))
 
 def pack_cpu_int4(q: torch.Tensor) -> torch.Tensor:
     """Pack codes of shape ``(N, K)`` (values in [0, 15], N a multiple of 16) for the CPU kernel."""
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-        q.to(torch.int32).contiguous(), 1
-    )
+    return cpu_int4pack(q.to(torch.int32).contiguous())
 
 
 def _unpack_pairs(block: torch.Tensor, n_rows: int, k: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ kernel's ``scale_and_zero`` (one pair per group, ``1/G`` of the weight) inside t
 that compute with it, for the current layer only.
 """
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -202,6 +202,40 @@ class DoubleQuantInt4Tensor(TorchAOBaseTensor):
     def dense_scale_and_zero(self) -> torch.Tensor:
         """The dense ``(n_groups_pad, N_pad, 2)`` scales and zeros the int4 kernels read."""
         return rebuild_scale_and_zero(self.scale_codes, self.scale_min, self.scale_step, self.zero)
+
+    @classmethod
+    def from_hp(
+        cls,
+        weight: torch.Tensor,
+        group_size: int,
+        bits: int = 4,
+        quantizer: str = "rtn",
+        dtype: Optional[torch.dtype] = None,
+    ) -> "DoubleQuantInt4Tensor":
+        """Quantize a full-precision weight into an int4 kernel layout (the weight's
+        device: CPU, or tinygemm's on CUDA) with 8-bit scales."""
+        from qalora_tune.quantization.group_quant import get_quantizer
+        from qalora_tune.quantization.int4_weight import to_torchao_int4
+
+        gq = get_quantizer(quantizer)(weight, group_size, bits)
+        return to_torchao_int4(gq, device=weight.device, dtype=dtype or weight.dtype, double_quant=True)
+
+    def dequantize(self, output_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The dense ``(out_dim, in_dim)`` weight (scales decoded) in ``output_dtype``."""
+        from qalora_tune.quantization.int4_weight import dequantize_int4
+
+        return dequantize_int4(self, output_dtype)
+
+    def to_quantized(self) -> GroupQuantizedWeight:
+        """Plain 4-bit codes, the decoded scales, and the zeros."""
+        from qalora_tune.quantization.int4_weight import from_torchao_int4
+
+        return from_torchao_int4(self)
+
+    def zero_points(self) -> torch.Tensor:
+        """A writable ``(out_dim, n_groups)`` view of the float zero points."""
+        n, k = self.shape
+        return self.zero[: k // self.block_size[1], :n].t()
 
 
 def is_double_quant(tensor: torch.Tensor) -> bool:

@@ -14,7 +14,7 @@ compensate the error of earlier ones::
 
 Linears that share their input (``q_proj``/``k_proj``/``v_proj``, ``w1``/``w3``) share one
 Hessian. The result is a state dict whose linear weights are torchao int4 tensors (which
-:class:`~qalora_tune.modules.Int4Linear`'s load hook accepts unchanged) and whose other
+:class:`~qalora_tune.modules.QuantizedLinear`'s load hook accepts unchanged) and whose other
 entries (embeddings, norms) are the full-precision model's.
 
 Memory: the whole full-precision model is resident during calibration, plus the hidden
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qalora_tune.errors import UserValueError
-from qalora_tune.quantization.base_weight import to_torchao_base
+from qalora_tune.quantization.base_weight import to_base
 from qalora_tune.quantization.gptq import HessianAccumulator, quantize_gptq
 from qalora_tune.quantization.group_quant import GroupQuantizedWeight
 
@@ -261,7 +261,7 @@ def calibrate_gptq(
     for key, value in model.state_dict().items():
         owner = key.removesuffix(".weight")
         if key.endswith(".weight") and owner in quantized:
-            state[key] = to_torchao_base(quantized[owner], device=device, dtype=dtype)
+            state[key] = to_base(quantized[owner], device=device, dtype=dtype)
         else:
             state[key] = value
     return state

@@ -79,7 +79,7 @@ class GroupQuantizedWeight:
         if self.bits > 4:
             raise UserValueError(
                 f"{self.bits}-bit codes do not fit the int4 layout; store them with "
-                "to_torchao_intx (or to_torchao_base, which picks the layout)"
+                "to_torchao_intx (or to_base, which picks the layout)"
             )
         shift = 8 - self.mid
         return GroupQuantizedWeight(

@@ -22,6 +22,7 @@ from qalora_tune._compat import (
     Int4OpaqueTensor,
     Int4TilePackedTo4dTensor,
     pack_tinygemm_scales_and_zeros,
+    tinygemm_int4pack,
     unpack_tinygemm_scales_and_zeros,
 )
 from qalora_tune.errors import UserTypeError, UserValueError
@@ -35,7 +36,7 @@ from qalora_tune.quantization.double_quant import (
     double_quantize_scales,
     is_double_quant,
 )
-from qalora_tune.quantization.group_quant import GroupQuantizedWeight
+from qalora_tune.quantization.group_quant import GroupQuantizedWeight, get_quantizer
 from qalora_tune.quantization.tinygemm_layout import (
     TINYGEMM_K_TILE,
     TINYGEMM_N_TILE,
@@ -45,7 +46,10 @@ from qalora_tune.quantization.tinygemm_layout import (
 
 __all__ = [
     "INT4_KERNEL_GROUP_SIZES",
+    "CpuInt4Tensor",
     "Int4Weight",
+    "TileInt4Tensor",
+    "as_int4_base",
     "dequantize_int4",
     "dequantize_packed",
     "empty_int4",
@@ -58,7 +62,77 @@ __all__ = [
     "zero_points",
 ]
 
-Int4Weight = Union[Int4OpaqueTensor, Int4TilePackedTo4dTensor, DoubleQuantInt4Tensor]
+
+class CpuInt4Tensor(Int4OpaqueTensor):
+    """The frozen QA-LoRA base on CPU: torchao's ``Int4OpaqueTensor`` layout (the CPU int4
+    kernel ``aten._weight_int4pack_mm_for_cpu``), with what training and merging need.
+
+    Inner tensors as the parent's: ``qdata`` (the kernel's packed codes, rows padded to a
+    multiple of 16) and ``scale_and_zero`` ``(n_groups, N_pad, 2)`` with float zero points,
+    ``W = (q - 8) * scale + zero``. Added here:
+
+    - :meth:`dequantize`, :meth:`to_quantized` (plain codes), :meth:`zero_points` (a
+      writable view: the one thing a QA-LoRA merge changes);
+    - ``F.linear`` with an input gradient (``qalora_tune::int4_linear``, registered by
+      :mod:`qalora_tune.ops`), and device/dtype moves that repack (``Tensor.to``).
+
+    Build it with :meth:`from_hp` (a full-precision weight), or :func:`to_torchao_int4`
+    (plain codes; :func:`~qalora_tune.quantization.to_base` picks the class).
+    """
+
+    @classmethod
+    def from_hp(
+        cls,
+        weight: torch.Tensor,
+        group_size: int,
+        bits: int = 4,
+        quantizer: str = "rtn",
+        dtype: Optional[torch.dtype] = None,
+    ) -> "CpuInt4Tensor":
+        """Quantize a full-precision ``(out_dim, in_dim)`` weight into this class.
+
+        Args:
+            weight (torch.Tensor): the weight.
+            group_size (int): 32, 64, 128 or 256.
+            bits (int): 2, 3 or 4 (narrower grids are stored as int4 codes).
+            quantizer (str): ``"rtn"`` or ``"hqq"``.
+            dtype (torch.dtype, optional): of the scales, zeros and compute; defaults to
+                the weight's.
+        """
+        gq = get_quantizer(quantizer)(weight, group_size, bits)
+        device = "cpu" if cls is CpuInt4Tensor else "cuda"
+        return to_torchao_int4(gq, device=device, dtype=dtype or weight.dtype)
+
+    def dequantize(self, output_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The dense ``(out_dim, in_dim)`` weight in ``output_dtype`` (default: its own)."""
+        return dequantize_int4(self, output_dtype)
+
+    def to_quantized(self) -> GroupQuantizedWeight:
+        """Plain 4-bit codes, scales and zeros (on this tensor's device)."""
+        return from_torchao_int4(self)
+
+    def zero_points(self) -> torch.Tensor:
+        """A writable ``(out_dim, n_groups)`` view of the float zero points."""
+        return zero_points(self)
+
+
+class TileInt4Tensor(Int4TilePackedTo4dTensor):
+    """The frozen QA-LoRA base in tinygemm's tile-packed layout (CUDA sm80+, bf16): torchao's
+    ``Int4TilePackedTo4dTensor`` with the methods of :class:`CpuInt4Tensor` (dequantize,
+    plain codes, a zero-point view, ``F.linear`` with an input gradient, repacking moves).
+    Everything but the CUDA kernel itself also runs (and is tested) on CPU."""
+
+    from_hp = classmethod(CpuInt4Tensor.from_hp.__func__)
+    dequantize = CpuInt4Tensor.dequantize
+    to_quantized = CpuInt4Tensor.to_quantized
+    zero_points = CpuInt4Tensor.zero_points
+
+
+Int4Weight = Union[CpuInt4Tensor, TileInt4Tensor, DoubleQuantInt4Tensor]
+
+# state dicts holding them load with torch.load(..., weights_only=True), as torchao's own
+torch.serialization.add_safe_globals([CpuInt4Tensor, TileInt4Tensor])
+_STOCK_INT4 = (Int4OpaqueTensor, Int4TilePackedTo4dTensor)
 
 INT4_KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 _CUDA_K_MULTIPLE = 1024
@@ -70,9 +144,22 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 def is_int4_weight(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is one of the int4 kernel subclasses this project computes with
-    (torchao's two, or either layout with 8-bit scales)."""
-    return isinstance(tensor, (Int4OpaqueTensor, Int4TilePackedTo4dTensor, DoubleQuantInt4Tensor))
+    """Whether ``tensor`` is an int4 kernel base (this project's classes, torchao's two
+    layouts they extend, or either layout with 8-bit scales)."""
+    return isinstance(tensor, (*_STOCK_INT4, DoubleQuantInt4Tensor))
+
+
+def as_int4_base(tensor: torch.Tensor) -> Int4Weight:
+    """``tensor`` as this project's class for its layout, sharing its inner tensors (a
+    torchao ``Int4OpaqueTensor`` becomes a :class:`CpuInt4Tensor`, an
+    ``Int4TilePackedTo4dTensor`` a :class:`TileInt4Tensor`; ours are returned as they are)."""
+    if isinstance(tensor, (CpuInt4Tensor, TileInt4Tensor, DoubleQuantInt4Tensor)):
+        return tensor
+    cls = CpuInt4Tensor if isinstance(tensor, Int4OpaqueTensor) else TileInt4Tensor
+    return cls(
+        tensor.qdata, tensor.scale_and_zero, list(tensor.block_size), tensor.shape,
+        act_pre_scale=tensor.act_pre_scale,
+    )
 
 
 def _pad_codes(gq: GroupQuantizedWeight, n_pad: int, k_pad: int):
@@ -129,7 +216,7 @@ def to_torchao_int4(
     if device.type == "cpu":
         dtype = dtype or torch.get_default_dtype()
         q, scale, zero = _pad_codes(gq, _round_up(n, PACK_ROW_MULTIPLE), k)
-        return Int4OpaqueTensor(
+        return CpuInt4Tensor(
             qdata=pack_cpu_int4(q.cpu()),
             scale_and_zero=pack_tinygemm_scales_and_zeros(
                 scale.to("cpu", dtype), zero.to("cpu", dtype), dtype
@@ -168,10 +255,10 @@ def tinygemm_int4(
     q = q.to(device)
     if q.is_cuda:
         pairs = (q[:, ::2] << 4 | q[:, 1::2]).contiguous()
-        qdata = torch.ops.aten._convert_weight_to_int4pack(pairs, _CUDA_INNER_K_TILES)
+        qdata = tinygemm_int4pack(pairs, _CUDA_INNER_K_TILES)
     else:
         qdata = pack_tinygemm_int4(q, _CUDA_INNER_K_TILES)
-    return Int4TilePackedTo4dTensor(
+    return TileInt4Tensor(
         qdata=qdata,
         scale_and_zero=pack_tinygemm_scales_and_zeros(
             scale.to(device, dtype), zero.to(device, dtype), dtype
@@ -210,12 +297,12 @@ def _with_scale_codes(
     )
 
 
-def with_dense_scales(weight: Int4Weight) -> Union[Int4OpaqueTensor, Int4TilePackedTo4dTensor]:
-    """``weight`` in its torchao subclass with dense ``scale_and_zero`` (8-bit scales
-    decoded to the weight's dtype; any other int4 weight is returned as is)."""
+def with_dense_scales(weight: Int4Weight) -> Union[CpuInt4Tensor, TileInt4Tensor]:
+    """``weight`` with dense ``scale_and_zero`` (8-bit scales decoded to the weight's dtype;
+    any other int4 weight is returned as this project's class for its layout)."""
     if not is_double_quant(weight):
-        return weight
-    cls = Int4OpaqueTensor if weight.qdata.dim() == 2 else Int4TilePackedTo4dTensor
+        return as_int4_base(weight)
+    cls = CpuInt4Tensor if weight.qdata.dim() == 2 else TileInt4Tensor
     return cls(
         qdata=weight.qdata,
         scale_and_zero=weight.dense_scale_and_zero(),
@@ -284,7 +371,7 @@ def from_torchao_int4(weight: Int4Weight) -> GroupQuantizedWeight:
     weight = with_dense_scales(weight)
     n, k = weight.shape
     group_size = weight.block_size[1]
-    if isinstance(weight, Int4OpaqueTensor):
+    if weight.qdata.dim() == 2:  # the CPU kernel's layout
         q = unpack_cpu_int4(weight.qdata, weight.qdata.shape[0], k)[:n]
     else:
         q = unpack_tinygemm_int4(weight.qdata)[:n, :k]
@@ -326,7 +413,7 @@ def zero_points(weight: Int4Weight) -> torch.Tensor:
     n, k = weight.shape
     n_groups = k // weight.block_size[1]
     if is_double_quant(weight):
-        return weight.zero[:n_groups, :n].t()
+        return weight.zero_points()
     return weight.scale_and_zero[:n_groups, :n, 1].t()
 
 
@@ -341,7 +428,7 @@ def _int4_to_copy(func, types, args, kwargs):
         # a plain device move keeps the dtype, except that tinygemm (CUDA) is bf16 only
         dtype = torch.bfloat16 if device.type == "cuda" else weight.dtype
     if device.type == weight.device.type and dtype == weight.dtype:
-        return weight.__class__(
+        return as_int4_base(weight).__class__(
             weight.qdata.to(device),
             weight.scale_and_zero.to(device),
             weight.block_size,
@@ -355,7 +442,7 @@ def _int4_to_copy(func, types, args, kwargs):
     return to_torchao_int4(from_torchao_int4(weight), device=device, dtype=dtype)
 
 
-for _cls in (Int4OpaqueTensor, Int4TilePackedTo4dTensor):
+for _cls in (CpuInt4Tensor, TileInt4Tensor):
     _cls.implements(torch.ops.aten._to_copy.default)(_int4_to_copy)
 
 
@@ -413,7 +500,7 @@ def empty_int4(
             block_size=[1, group_size],
             shape=torch.Size([out_dim, in_dim]),
         )
-    return Int4OpaqueTensor(
+    return CpuInt4Tensor(
         qdata=torch.empty(n_pad, in_dim // 2, dtype=torch.uint8, device=device),
         scale_and_zero=torch.empty(
             in_dim // group_size, n_pad, 2, dtype=dtype, device=device

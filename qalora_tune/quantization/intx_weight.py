@@ -23,7 +23,10 @@ from qalora_tune.errors import UserValueError
 from qalora_tune.quantization.group_quant import GroupQuantizedWeight
 
 __all__ = [
+    "IntxBaseTensor",
     "IntxWeight",
+    "as_intx_base",
+    "as_stock_intx",
     "dequantize_intx",
     "empty_intx",
     "from_torchao_intx",
@@ -33,7 +36,76 @@ __all__ = [
     "to_torchao_intx",
 ]
 
+class IntxBaseTensor(IntxUnpackedToInt8Tensor):
+    """The frozen QA-LoRA base off the int4 kernels (8-bit codes, or a group size they
+    lack): torchao's ``IntxUnpackedToInt8Tensor`` (one int8 per code, float scale and
+    zero point per (row, group), ``W = (c - zp) * s``), with what training and merging
+    need: :meth:`dequantize` in any dtype, :meth:`to_quantized` (this project's
+    convention, ``z = -zp * s``), :meth:`zero_points` (a writable view of the stored
+    ``zp``), and ``F.linear`` with an input gradient (``qalora_tune::intx_linear``,
+    registered by :mod:`qalora_tune.ops`). Files keep torchao's own class
+    (:func:`as_stock_intx`)."""
+
+    @classmethod
+    def from_hp(
+        cls,
+        weight: torch.Tensor,
+        group_size: int,
+        bits: int = 8,
+        quantizer: str = "rtn",
+        dtype: Optional[torch.dtype] = None,
+    ) -> "IntxBaseTensor":
+        """Quantize a full-precision ``(out_dim, in_dim)`` weight into this class (any
+        group size dividing ``in_dim``, 2 to 8 bits; ``quantizer`` ``"rtn"`` or ``"hqq"``)."""
+        from qalora_tune.quantization.group_quant import get_quantizer
+
+        gq = get_quantizer(quantizer)(weight, group_size, bits)
+        return to_torchao_intx(gq, device=weight.device, dtype=dtype or weight.dtype)
+
+    def dequantize(self, output_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The dense ``(out_dim, in_dim)`` weight in ``output_dtype`` (default: its own)."""
+        return dequantize_intx(self.qdata, self.scale, self.zero_point, output_dtype or self.dtype)
+
+    def to_quantized(self) -> GroupQuantizedWeight:
+        """Plain codes in ``[0, 2**bits - 1]``, scales and float zeros."""
+        return from_torchao_intx(self)
+
+    def zero_points(self) -> torch.Tensor:
+        """The stored zero points ``zp`` (torchao's integer-domain convention), writable."""
+        return self.zero_point
+
+
 IntxWeight = IntxUnpackedToInt8Tensor
+
+# state dicts holding it load with torch.load(..., weights_only=True), as torchao's own
+torch.serialization.add_safe_globals([IntxBaseTensor])
+
+
+def as_intx_base(tensor: IntxUnpackedToInt8Tensor) -> IntxBaseTensor:
+    """``tensor`` as :class:`IntxBaseTensor`, sharing its inner tensors."""
+    if isinstance(tensor, IntxBaseTensor):
+        return tensor
+    return _rewrap(tensor, IntxBaseTensor)
+
+
+def as_stock_intx(tensor: IntxUnpackedToInt8Tensor) -> IntxUnpackedToInt8Tensor:
+    """``tensor`` as torchao's own ``IntxUnpackedToInt8Tensor`` (what files and stock
+    torchao read), sharing its inner tensors."""
+    if type(tensor) is IntxUnpackedToInt8Tensor:
+        return tensor
+    return _rewrap(tensor, IntxUnpackedToInt8Tensor)
+
+
+def _rewrap(tensor: IntxUnpackedToInt8Tensor, cls: type) -> IntxUnpackedToInt8Tensor:
+    return cls(
+        qdata=tensor.qdata,
+        scale=tensor.scale,
+        zero_point=tensor.zero_point,
+        target_dtype=tensor.target_dtype,
+        block_size=tuple(tensor.block_size),
+        dtype=tensor.dtype,
+        activation_quantization=tensor.activation_quantization,
+    )
 
 
 def is_intx_weight(tensor: torch.Tensor) -> bool:
@@ -99,7 +171,7 @@ def to_torchao_intx(
             "quantize with a minimum scale (the rtn, hqq and gptq quantizers do)"
         )
     codes = (gq.qdata.to(torch.int16) - gq.mid).to(torch.int8)
-    return IntxUnpackedToInt8Tensor(
+    return IntxBaseTensor(
         qdata=codes.to(device),
         scale=gq.scale.to(device, dtype),
         zero_point=(-gq.zero.double() / scale).to(device, dtype),
@@ -150,7 +222,7 @@ def reorder_intx_rows(
     device = torch.device(device) if device is not None else weight.qdata.device
     dtype = dtype or weight.dtype
     rows = rows.to(weight.qdata.device)
-    return IntxUnpackedToInt8Tensor(
+    return type(weight)(
         qdata=weight.qdata[rows].to(device),
         scale=weight.scale[rows].to(device, dtype),
         zero_point=weight.zero_point[rows].to(device, dtype),
@@ -181,7 +253,7 @@ def empty_intx(
     """
     dtype = dtype or torch.get_default_dtype()
     n_groups = in_dim // group_size
-    return IntxUnpackedToInt8Tensor(
+    return IntxBaseTensor(
         qdata=torch.empty(out_dim, in_dim, dtype=torch.int8, device=device),
         scale=torch.empty(out_dim, n_groups, dtype=dtype, device=device),
         zero_point=torch.empty(out_dim, n_groups, dtype=dtype, device=device),

@@ -11,24 +11,19 @@ serializes, in its device-independent "plain" layout:
 
 So the conversion from the training layouts is a repacking of the same codes, scales and
 zeros: nothing is re-quantized. torchao 0.15 computes ``Int4Tensor`` only through
-fbgemm-gpu-genai CUDA kernels; importing ``qalora_tune`` registers a fallback used
-whenever that kernel cannot run (any CPU, CUDA without fbgemm, dtypes or widths it does not
-take): the weight is repacked once into the device's int4 kernel layout (cached on the
-tensor) and computed by ``qalora_tune::int4_linear``.
+fbgemm-gpu-genai CUDA kernels, and this package does not patch torchao's classes:
+:func:`~qalora_tune.load_merged` repacks the weight into the device's int4 kernel layout
+(``merged_format=int4_plain``; the other formats run in stock torchao, see
+:mod:`qalora_tune.checkpointing._merged_formats`).
 """
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from qalora_tune._compat import Int4Tensor, override_torchao_linear
+from qalora_tune._compat import Int4Tensor
 from qalora_tune.errors import UserTypeError, UserValueError
 from qalora_tune.quantization.group_quant import GroupQuantizedWeight
-from qalora_tune.quantization.int4_weight import (
-    INT4_KERNEL_GROUP_SIZES,
-    to_torchao_int4,
-)
 
 __all__ = [
     "from_plain_int4",
@@ -137,52 +132,3 @@ def from_plain_int4(weight: Int4Tensor, padded_in_features: Optional[int] = None
 def plain_int4_bytes(weight: Int4Tensor) -> int:
     """Bytes an ``Int4Tensor`` serializes to: codes plus scales and zeros."""
     return sum(t.numel() * t.element_size() for t in (weight.qdata, weight.scale, weight.zero_point))
-
-
-def _kernel_weight(weight: Int4Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The weight repacked for this device's int4 kernel, built once and cached on it."""
-    cached = getattr(weight, _CACHE_ATTRIBUTE, None)
-    if cached is None or cached.dtype != dtype or cached.device != weight.qdata.device:
-        gq = from_plain_int4(weight)
-        cached = to_torchao_int4(gq, device=weight.qdata.device, dtype=dtype)
-        setattr(weight, _CACHE_ATTRIBUTE, cached)
-    return cached
-
-
-def _fbgemm_can_run(x: torch.Tensor, weight: Int4Tensor) -> bool:
-    return (
-        weight.qdata.is_cuda
-        and hasattr(torch.ops, "fbgemm")
-        and hasattr(torch.ops.fbgemm, "bf16i4bf16_rowwise")
-        and x.dtype == torch.bfloat16
-        and weight.dtype == torch.bfloat16
-        and weight.shape[-1] % weight.block_size[-1] == 0
-    )
-
-
-def _plain_int4_linear(original, func, types, args, kwargs):
-    x, weight = args[0], args[1]
-    bias = args[2] if len(args) > 2 else (kwargs or {}).get("bias")
-    if not isinstance(weight, Int4Tensor) or weight.qdata.dim() != 2 or _fbgemm_can_run(x, weight):
-        return original(func, types, args, kwargs)
-    if weight.act_pre_scale is not None:
-        x = x * weight.act_pre_scale
-    n, k = weight.shape
-    if weight.block_size[-1] not in INT4_KERNEL_GROUP_SIZES:
-        # no int4 kernel for this group size: dequantize for this call only
-        dense = from_plain_int4(weight).dequantize(torch.float32)[:, :k].to(x.dtype)
-        return F.linear(x, dense, bias)
-    # CUDA's kernel (tinygemm) is bf16 only; the CPU one takes fp32, bf16 and fp16
-    dtype = torch.bfloat16 if weight.qdata.is_cuda else x.dtype
-    packed = _kernel_weight(weight, dtype)
-    from qalora_tune.ops.int4_linear import int4_linear  # the ops import this package
-
-    k_pad = packed.shape[-1]
-    x_in = F.pad(x, (0, k_pad - k)) if k_pad != k else x
-    out = int4_linear(
-        x_in.to(dtype), packed.qdata, packed.scale_and_zero, weight.block_size[-1], n
-    ).to(x.dtype)
-    return out if bias is None else out + bias
-
-
-override_torchao_linear(Int4Tensor, _plain_int4_linear)

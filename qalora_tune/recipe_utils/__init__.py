@@ -12,6 +12,14 @@ from qalora_tune.recipe_utils._configs import (
     resolve_config,
     resolve_config_argv,
 )
+from qalora_tune.recipe_utils._data_loaders import (
+    IGNORE_INDEX,
+    build_dataset,
+    padded_collate,
+    probe_batch,
+    training_loader,
+    validation_loader,
+)
 from qalora_tune.recipe_utils._distributed import (
     all_reduce_gradients,
     all_reduce_sum,
@@ -36,6 +44,7 @@ from qalora_tune.recipe_utils._evaluation import (
     full_logits,
     next_token_loss,
 )
+from qalora_tune.recipe_utils._finetune_preflight import finetune_preflight
 from qalora_tune.recipe_utils._full_precision import load_full_precision
 from qalora_tune.recipe_utils._instantiate import instantiate_section
 from qalora_tune.recipe_utils._merge_report import merge_with_report
@@ -57,6 +66,10 @@ from qalora_tune.recipe_utils._preflight import (
     resolve_dtype,
     tokenizer_vocab_size,
 )
+from qalora_tune.recipe_utils._provenance import (
+    model_spec_without_adapters,
+    package_versions,
+)
 from qalora_tune.recipe_utils._recipe_settings import (
     EVAL_KEYS,
     EVAL_SETTINGS,
@@ -68,6 +81,18 @@ from qalora_tune.recipe_utils._recipe_settings import (
     MERGE_SETTINGS,
 )
 from qalora_tune.recipe_utils._settings import check_settings, join_problems
+from qalora_tune.recipe_utils._summary import (
+    format_metrics,
+    summary_json,
+    summary_lines,
+)
+from qalora_tune.recipe_utils._training_state import (
+    capture_rng,
+    check_data_order,
+    check_saved_adapter,
+    restore_rng,
+    unreadable_state,
+)
 from qalora_tune.recipe_utils._validation import check_config, config_problems
 
 __all__ = [
@@ -77,6 +102,7 @@ __all__ = [
     "EVAL_SETTINGS",
     "FINETUNE_KEYS",
     "FINETUNE_SETTINGS",
+    "IGNORE_INDEX",
     "GENERATE_KEYS",
     "GENERATE_SETTINGS",
     "LOCK_NAME",
@@ -88,7 +114,11 @@ __all__ = [
     "all_reduce_gradients",
     "all_reduce_sum",
     "barrier",
+    "capture_rng",
+    "check_data_order",
+    "check_saved_adapter",
     "broadcast_parameters",
+    "build_dataset",
     "calibrate_base",
     "calibration_settings",
     "check_config",
@@ -103,6 +133,8 @@ __all__ = [
     "check_tokenizer_fits",
     "destroy_distributed",
     "evaluate_lm",
+    "finetune_preflight",
+    "format_metrics",
     "full_logits",
     "gather_objects",
     "init_distributed",
@@ -111,19 +143,29 @@ __all__ = [
     "join_problems",
     "load_full_precision",
     "merge_with_report",
+    "model_spec_without_adapters",
     "next_token_loss",
+    "package_versions",
     "packaged_config_names",
+    "padded_collate",
     "parse_recipe_config",
     "previous_run_outputs",
+    "probe_batch",
     "remove_previous_run",
     "resume_command",
     "resolve_config",
     "resolve_config_argv",
     "resolve_dtype",
+    "restore_rng",
     "run_on_rank_zero",
     "run_recipe",
     "set_interrupt_note",
     "shard_indices",
+    "summary_json",
+    "summary_lines",
     "tokenizer_vocab_size",
+    "training_loader",
+    "unreadable_state",
+    "validation_loader",
     "world_size_and_rank",
 ]

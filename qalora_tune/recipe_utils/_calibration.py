@@ -15,10 +15,9 @@ from torch import nn
 from torchtune import utils
 
 from qalora_tune.errors import UserValueError
-from qalora_tune.modules import Int4Linear
-from qalora_tune.quantization import (
-    CALIBRATED_QUANTIZERS,
-    calibrate_gptq,
+from qalora_tune.modules import QuantizedLinear
+from qalora_tune.quantization import CALIBRATED_QUANTIZERS, calibrate_gptq
+from qalora_tune.quantization.gptq_calibration import (
     load_quantized_base,
     sample_calibration_sequences,
 )
@@ -134,7 +133,7 @@ def calibrate_base(
     full_precision, hf_config = load_full_precision(
         component, checkpointer, device, dtype, otherwise="set model.quantizer=rtn or hqq"
     )
-    base = next(m for m in model.modules() if isinstance(m, Int4Linear))
+    base = next(m for m in model.modules() if isinstance(m, QuantizedLinear))
     state = calibrate_gptq(
         full_precision,
         sequences,

@@ -6,6 +6,7 @@ The recipes share these tables from here, so that no recipe imports another.
 
 from typing import Tuple
 
+from qalora_tune.checkpointing import MERGED_FORMATS
 from qalora_tune.recipe_utils._calibration import CALIBRATION_CONFIG_KEYS
 from qalora_tune.recipe_utils._settings import (
     SettingsSchema,
@@ -13,6 +14,7 @@ from qalora_tune.recipe_utils._settings import (
     device_name,
     non_negative_int,
     non_negative_number,
+    one_of,
     positive_int,
     positive_number,
     prompt_text,
@@ -51,6 +53,7 @@ FINETUNE_KEYS: Tuple[str, ...] = (
     "lr_scheduler",
     "max_steps_per_epoch",
     "merge_probe_size",
+    "merged_format",
     "metric_logger",
     "model",
     "optimizer",
@@ -76,6 +79,7 @@ _MODEL_AND_RUN: SettingsSchema = {
     "dtype": text("bf16").optional(),
     "seed": non_negative_int("0").optional(),
     "merge_probe_size": non_negative_int("8"),
+    "merged_format": one_of(*MERGED_FORMATS),
     "checkpointer.checkpoint_dir": text("/tmp/Llama-2-7b-hf"),
     "tokenizer.path": text("/tmp/Llama-2-7b-hf/tokenizer.model"),
 }

@@ -20,6 +20,7 @@ __all__ = [
     "join_problems",
     "non_negative_int",
     "non_negative_number",
+    "one_of",
     "positive_int",
     "positive_number",
     "prompt_text",
@@ -102,6 +103,11 @@ def boolean() -> Setting:
 
 def text(example: str) -> Setting:
     return Setting(lambda v: isinstance(v, str) and v.strip() != "", "a non-empty text", example)
+
+
+def one_of(*values: str) -> Setting:
+    """One of ``values`` (texts)."""
+    return Setting(lambda v: v in values, f"one of {', '.join(values)}", values[0])
 
 
 def device_name() -> Setting:

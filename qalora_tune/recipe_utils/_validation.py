@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qalora_tune._compat import get_component_from_path
 from qalora_tune.errors import UserValueError
+from qalora_tune.models import MOVED_BUILDERS
 from qalora_tune.recipe_utils._configs import config_variables, interpolated_names
 from qalora_tune.recipe_utils._settings import join_problems
 
@@ -120,6 +121,11 @@ def _check_component(node: Dict[str, Any], path: str) -> None:
         )
     if "${" in dotted:
         return  # an interpolation: torchtune resolves and reports it
+    if dotted in MOVED_BUILDERS:
+        raise UserValueError(
+            f"{where}={dotted!r} has moved to {MOVED_BUILDERS[dotted]}; set "
+            f"{where}={MOVED_BUILDERS[dotted]}"
+        )
     try:
         component = get_component_from_path(dotted)
     except Exception:  # torchtune's InstantiationError, or any error importing the module

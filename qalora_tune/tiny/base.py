@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 import torch
-from torchtune.models.llama2 import llama2
 
 from qalora_tune.checkpointing import (
     atomic_directory,
@@ -29,32 +28,17 @@ from qalora_tune.tiny.hf_checkpoint import (
     save_hf_checkpoint,
 )
 from qalora_tune.tiny.metrics import answer_metrics, to_qalora_
+from qalora_tune.tiny.model import TINY_LLAMA_SIZES, build_tiny_base
 from qalora_tune.tiny.pretrain import pretrain
 from qalora_tune.tiny.tokenizer import TOKENIZER_FILENAME, TinyTokenizer
 
 __all__ = [
     "COMPLETE_MARKER",
     "METRICS_FILENAME",
-    "TINY_LLAMA_SIZES",
-    "build_tiny_base",
     "is_complete_tiny_base",
     "load_tiny_base",
     "prepare_tiny_base",
 ]
-
-TINY_LLAMA_SIZES: Dict[str, Any] = {
-    "vocab_size": TinyTokenizer().vocab_size,  # 57: <pad>, <bos>, <eos> + 54 characters
-    "num_layers": 2,
-    "num_heads": 4,
-    "num_kv_heads": 4,
-    "embed_dim": 128,
-    "max_seq_len": 64,
-    "intermediate_dim": 256,
-}
-"""Exact ``torchtune.models.llama2.llama2`` keyword arguments of the tiny base.
-
-Every linear has ``in_dim`` 128 or 256: 4 or 8 quantization groups of 32.
-"""
 
 METRICS_FILENAME = "base_metrics.json"
 COMPLETE_MARKER = "TINY_BASE_COMPLETE"
@@ -69,11 +53,6 @@ DEFAULT_LR = 5e-3
 # is (on a loaded CI machine it stopped early and the base reached 30% accuracy)
 DEFAULT_MAX_SECONDS = None
 DEFAULT_NUM_VALIDATION = 1000
-
-
-def build_tiny_base() -> torch.nn.Module:
-    """A freshly initialised ``llama2(**TINY_LLAMA_SIZES)`` (fp32)."""
-    return llama2(**TINY_LLAMA_SIZES)
 
 
 def is_complete_tiny_base(checkpoint_dir: str) -> bool:

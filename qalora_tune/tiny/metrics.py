@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
 
-from qalora_tune.modules import QALoRALinear
+from qalora_tune.models import swap_linears
+from qalora_tune.modules import QALoRAConfig
 from qalora_tune.recipe_utils import evaluate_lm
 
 __all__ = ["answer_metrics", "shifted_loss_and_correct", "to_qalora_"]
@@ -93,14 +94,8 @@ def to_qalora_(
     Returns:
         nn.Module: ``model``.
     """
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(
-                    module,
-                    name,
-                    QALoRALinear.from_linear(child, rank=rank, alpha=alpha, group_size=group_size),
-                )
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    swap_linears(model, names, QALoRAConfig(group_size=group_size, rank=rank, alpha=alpha))
     for name, param in model.named_parameters():
         param.requires_grad_(name.endswith(("lora_a.weight", "lora_b.weight")))
     return model

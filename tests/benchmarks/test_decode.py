@@ -16,8 +16,8 @@ import torch
 from torchtune.training import set_default_dtype
 
 from qalora_tune.checkpointing import load_merged
-from qalora_tune.modules import Int4Linear
-from qalora_tune.quantization import dequantize_int4
+from qalora_tune.modules import QuantizedLinear
+from qalora_tune.quantization.int4_weight import dequantize_int4
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULE_NAME = "qalora_decode_benchmark"
@@ -67,7 +67,7 @@ def test_main_reports_every_model_and_mode(tmp_path):
     for name in decode.MODELS:
         assert result["models"][name]["weight_bytes_per_token"] > 0
     int4_classes = result["models"]["qalora_int4_merged"]["weight_classes"]
-    assert any("Int4OpaqueTensor" in c for c in int4_classes)
+    assert any("CpuInt4Tensor" in c for c in int4_classes)  # the CPU int4 kernel layout
     assert any("NF4Tensor" in c for c in result["models"]["qlora_nf4"]["weight_classes"])
     assert "_weight_int4pack_mm_for_cpu" in result["models"]["qalora_int4_merged"]["served_as"]
     eager_ops = " ".join(result["results"]["eager"]["qalora_int4_merged"]["top_ops_decode_step"])
@@ -88,7 +88,7 @@ def _dense_reference(shape, weights, qalora_model, with_adapter):
     adapter's dense update ``(alpha / r) B A_dense`` when ``with_adapter``)."""
     state = {k: v.to(torch.bfloat16) for k, v in weights.base.items()}
     for name, module in qalora_model.named_modules():
-        if isinstance(module, Int4Linear):
+        if isinstance(module, QuantizedLinear):
             weight = dequantize_int4(module.weight, torch.float32)
             if with_adapter and name in weights.adapters:
                 weight = weight + decode.dense_update(*weights.adapters[name], shape)
@@ -122,4 +122,4 @@ def test_merged_int4_equals_dequantized_base_plus_adapter(tmp_path):
     # the check would fail if the adapter were left out of the served model
     assert adapter_effect > 10 * error, (adapter_effect, error)
     # and the served weights are int4, as exported
-    assert any(isinstance(m, Int4Linear) for m in merged.modules())
+    assert any(isinstance(m, QuantizedLinear) for m in merged.modules())

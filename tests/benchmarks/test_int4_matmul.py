@@ -36,7 +36,8 @@ def test_a_short_cpu_run_writes_every_method(tmp_path, dtype):
 
 
 def test_the_timed_methods_compute_the_same_product():
-    from qalora_tune.quantization import dequantize_int4, quantize_rtn, to_torchao_int4
+    from qalora_tune.quantization import quantize_rtn
+    from qalora_tune.quantization.int4_weight import dequantize_int4, to_torchao_int4
 
     weight = to_torchao_int4(quantize_rtn(torch.randn(64, 256), 64), device="cpu", dtype=torch.bfloat16)
     dense = dequantize_int4(weight, torch.bfloat16)

@@ -21,6 +21,7 @@ from qalora_tune._compat import tune_to_hf
 from qalora_tune.checkpointing import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
+    AdapterConfig,
     HFKeyMap,
     check_adapter_matches,
     check_resume_matches,
@@ -153,7 +154,9 @@ def test_adapter_config_is_a_peft_qalora_config(layers, adapter_dir):
     assert config["r"] == RANK
     assert config["lora_dropout"] == 0.0
     assert config["target_modules"] == sorted(m.rsplit(".", 1)[-1] for m in HF_MODULES.values())
-    assert config["qalora_tune"] == METADATA
+    written = config["qalora_tune"]
+    assert {k: written[k] for k in METADATA} == METADATA  # and the AdapterConfig defaults
+    assert AdapterConfig.from_dict(written) == AdapterConfig.from_dict(METADATA)
     for tune_name, layer in layers.items():
         leaf = HF_MODULES[tune_name.split(".", 2)[2]].rsplit(".", 1)[-1]
         effective = config["alpha_pattern"].get(leaf, config["lora_alpha"])
@@ -231,7 +234,20 @@ def test_read_adapter_returns_the_trained_tensors_bit_for_bit(layers, key_map, a
     for key, value in expected.items():
         assert tensors[key].dtype == value.dtype
         assert torch.equal(tensors[key], value), key
-    assert metadata == METADATA
+    assert metadata == AdapterConfig.from_dict(METADATA)
+
+
+def test_an_adapter_config_that_lies_about_its_types_is_refused(tmp_path):
+    for key, value in (("rank", "8"), ("alpha", -1), ("target_modules", "q_proj"), ("pad_in_dim", 1)):
+        with pytest.raises(ValueError, match=f"qalora_tune.{key}="):
+            AdapterConfig.from_dict(dict(METADATA, **{key: value}), tmp_path / "adapter_config.json")
+    with pytest.raises(ValueError, match="has no qalora_tune.rank"):
+        AdapterConfig.from_dict({k: v for k, v in METADATA.items() if k != "rank"})
+
+
+def test_an_adapter_of_a_moved_builder_reads_as_the_new_path():
+    old = AdapterConfig.from_dict(dict(METADATA, model={"_component_": "qalora_tune.models.qalora_tiny_llama"}))
+    assert old.model_builder == "qalora_tune.tiny.qalora_tiny_llama"
 
 
 def test_read_adapter_missing_files(tmp_path, key_map):
@@ -319,7 +335,7 @@ def test_another_base_checkpoint_is_refused(tmp_path):
 
 # ---------------------------------------------------------------------- check_resume_matches
 
-SAVED = dict(METADATA, model_builder="qalora_tune.models.qalora_tiny_llama")
+SAVED = dict(METADATA, model={"_component_": "qalora_tune.tiny.qalora_tiny_llama"})
 
 
 def test_resuming_the_same_configuration_passes(tmp_path):
@@ -335,7 +351,7 @@ def test_resuming_the_same_configuration_passes(tmp_path):
         ("alpha", 16.0, "model.lora_alpha"),
         ("quantizer", "hqq", "model.quantizer"),
         ("pad_in_dim", True, "model.pad_in_dim"),
-        ("model_builder", "qalora_tune.models.qalora_llama2_7b", "model._component_"),
+        ("model", {"_component_": "qalora_tune.models.qalora_llama2_7b"}, "model._component_"),
     ],
 )
 def test_each_resume_mismatch_names_both_values_and_the_setting(tmp_path, key, other, setting):
@@ -343,7 +359,11 @@ def test_each_resume_mismatch_names_both_values_and_the_setting(tmp_path, key, o
         check_resume_matches(dict(SAVED), dict(SAVED, **{key: other}), tmp_path / "epoch_0")
     message = str(error.value)
     assert message.startswith(f"resume_from_checkpoint=True but {tmp_path / 'epoch_0'}")
-    assert f"{key}={SAVED[key]!r}" in message and f"{key}={other!r}" in message
+    if key == "model":  # compared by the builder's path
+        key, other = "model_builder", other["_component_"]
+        assert f"{key}={SAVED['model']['_component_']!r}" in message and f"{key}={other!r}" in message
+    else:
+        assert f"{key}={SAVED[key]!r}" in message and f"{key}={other!r}" in message
     assert f"set {setting} back" in message and "resume_from_checkpoint=False" in message
 
 

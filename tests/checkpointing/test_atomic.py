@@ -11,7 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from qalora_tune.checkpointing import CheckpointWriteError, atomic_directory, atomic_write_text
+from qalora_tune.checkpointing import (
+    CheckpointWriteError,
+    atomic_directory,
+    atomic_write_text,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 

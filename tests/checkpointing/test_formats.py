@@ -10,17 +10,17 @@ import torch
 from safetensors.torch import save_file
 from torchtune.models.llama2 import llama2
 
-from tests.checkpointing.streaming_spy import liveness_spy
 from qalora_tune._compat import tune_to_hf, tune_to_meta
 from qalora_tune.checkpointing import (
     CHECKPOINT_FORMATS,
     QALoRACheckpointer,
+    _formats,
     find_checkpoint_files,
     load_checkpoint_weights,
     read_checkpoint_config,
 )
-from qalora_tune.checkpointing import _formats
 from qalora_tune.models import qalora_transformer, tied_llama
+from tests.checkpointing.streaming_spy import liveness_spy
 
 SIZES = dict(
     vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,

@@ -7,7 +7,12 @@ dense weight (llama-family and Qwen2 converters, grouped-query attention, explic
 import pytest
 import torch
 
-from qalora_tune._compat import hf_to_tune, qwen2_hf_to_tune, qwen2_tune_to_hf, tune_to_hf
+from qalora_tune._compat import (
+    hf_to_tune,
+    qwen2_hf_to_tune,
+    qwen2_tune_to_hf,
+    tune_to_hf,
+)
 from qalora_tune.checkpointing import HFKeyMap
 from qalora_tune.checkpointing._hf_keys import HF_MODEL_TYPES
 

@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-
 import torch
 
 from qalora_tune.checkpointing import QALoRACheckpointer, load_merged, read_adapter
@@ -67,7 +66,9 @@ if hang:
         return stats
     checkpointer_module.write_merged_int4 = slow_write
 checkpointer = QALoRACheckpointer(str(base), "LLAMA2", str(root / "out"))
-checkpointer.save_checkpoint(epoch, layers, metadata, {"step": seed}, merged_model=model)
+checkpointer.save_checkpoint(
+    epoch, layers, metadata, {"step": seed}, merged_model=model, merged_format="int4_plain"
+)  # the lossless format: the reloaded logits are bit for bit
 print("saved", flush=True)
 '''
 

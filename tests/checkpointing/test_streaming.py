@@ -5,7 +5,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from qalora_tune.checkpointing._streaming import guess_key_format, iter_checkpoint_tensors
+from qalora_tune.checkpointing._streaming import (
+    guess_key_format,
+    iter_checkpoint_tensors,
+)
 
 
 @pytest.mark.parametrize(

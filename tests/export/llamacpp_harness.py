@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from qalora_tune.modules import Int4Linear
+from qalora_tune.modules import QuantizedLinear
 from qalora_tune.recipe_utils import full_logits
 
 gguf = pytest.importorskip("gguf", reason="needs the gguf package (pip install 'qalora-tune[gguf]')")
@@ -120,7 +120,7 @@ def emulate_llama_cpp_q4_1(model: nn.Module, path: Path) -> Iterator[List[str]]:
     blocks = q4_1_blocks(path)
     handles, names = [], []
     for name, module in model.named_modules():
-        if not isinstance(module, Int4Linear) or gguf_name(name) not in blocks:
+        if not isinstance(module, QuantizedLinear) or gguf_name(name) not in blocks:
             continue
         d4, m4, q4 = blocks[gguf_name(name)]
         handles.append(module.register_forward_hook(

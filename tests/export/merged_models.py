@@ -7,9 +7,8 @@ from torch import nn
 
 from qalora_tune.checkpointing import write_merged_int4
 from qalora_tune.checkpointing._hf_keys import HFKeyMap
-from qalora_tune.models import qalora_tiny_llama
 from qalora_tune.modules import QALoRALinear
-from qalora_tune.tiny import TINY_LLAMA_SIZES, TinyTokenizer
+from qalora_tune.tiny import TINY_LLAMA_SIZES, TinyTokenizer, qalora_tiny_llama
 from qalora_tune.tiny.hf_checkpoint import hf_llama_config
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "output_proj"]
@@ -37,7 +36,7 @@ def write_merged(model: nn.Module, directory: Path, bits: int, group_size: int) 
     config = hf_llama_config(TINY_LLAMA_SIZES)
     spec = {
         "model": {
-            "_component_": "qalora_tune.models.qalora_tiny_llama",
+            "_component_": "qalora_tune.tiny.qalora_tiny_llama",
             "lora_attn_modules": [], "group_size": group_size, "bits": bits,
         },
         "model_type": "LLAMA2",

@@ -4,7 +4,11 @@ scaling checked against transformers."""
 import pytest
 import torch
 
-from qalora_tune.export._llama_hparams import llama3_rope_factors, llama_hparams, rope_row_order
+from qalora_tune.export._llama_hparams import (
+    llama3_rope_factors,
+    llama_hparams,
+    rope_row_order,
+)
 from qalora_tune.tiny import TINY_LLAMA_SIZES
 from qalora_tune.tiny.hf_checkpoint import hf_llama_config
 from tests.reference import seed_each_test  # noqa: F401

@@ -24,8 +24,8 @@ import torch
 
 import qalora_tune
 from qalora_tune.export import MergedLinearWeight, export_gguf, iter_merged_weights
-from qalora_tune.modules import Int4Linear
-from qalora_tune.quantization import from_torchao_base
+from qalora_tune.modules import QuantizedLinear
+from qalora_tune.quantization.base_weight import from_torchao_base
 from tests.export.llamacpp_harness import (
     emulate_llama_cpp_q4_1,
     gguf_name,
@@ -178,7 +178,7 @@ def test_weights_read_back_within_the_fp16_rounding_and_in_our_row_order(exporte
     assert blocks, "no Q4_1 tensor written"
     merged = dict(iter_merged_weights(exported.merged_dir))
     for name, module in ours.named_modules():
-        if not isinstance(module, Int4Linear):
+        if not isinstance(module, QuantizedLinear):
             continue
         entry = report["tensors"][gguf_name(name)]
         gq = from_torchao_base(module.weight)

@@ -9,9 +9,13 @@ from safetensors.torch import save_file
 from qalora_tune._compat import flatten_tensor_state_dict
 from qalora_tune.checkpointing._hf_keys import HFKeyMap
 from qalora_tune.checkpointing._merged_int4 import _read_tensors
-from qalora_tune.export import MergedLinearWeight, iter_merged_weights, merged_weight_files
-from qalora_tune.modules import Int4Linear
-from qalora_tune.quantization import from_torchao_base
+from qalora_tune.export import (
+    MergedLinearWeight,
+    iter_merged_weights,
+    merged_weight_files,
+)
+from qalora_tune.modules import QuantizedLinear
+from qalora_tune.quantization.base_weight import from_torchao_base
 from qalora_tune.tiny import TINY_LLAMA_SIZES
 from qalora_tune.tiny.hf_checkpoint import hf_llama_config
 from tests.export.merged_models import write_merged_tiny
@@ -22,7 +26,7 @@ def _model_weights(model):
     key_map = HFKeyMap("LLAMA2", hf_llama_config(TINY_LLAMA_SIZES))
     out = {}
     for name, module in model.named_modules():
-        if isinstance(module, Int4Linear):
+        if isinstance(module, QuantizedLinear):
             hf_key, rows = key_map.row_order(f"{name}.weight", module.out_dim, to_hf=True)
             gq = from_torchao_base(module.weight)
             out[hf_key] = (gq.qdata[rows], gq.scale[rows], gq.zero[rows], gq.bits, gq.group_size)

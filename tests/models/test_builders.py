@@ -23,8 +23,8 @@ from qalora_tune.models import (
     qalora_transformer,
     tied_llama,
 )
-from qalora_tune.modules import Int4Linear, QALoRALinear
-from qalora_tune.quantization import dequantize_int4, is_int4_weight
+from qalora_tune.modules import QALoRALinear, QuantizedLinear
+from qalora_tune.quantization.int4_weight import dequantize_int4, is_int4_weight
 from qalora_tune.recipe_utils import packaged_config_names, resolve_config
 from tests.reference import pooled_lora_reference
 
@@ -69,22 +69,22 @@ def _check_structure(model, *, targets, group_size, rank, alpha, dropout, quanti
     for index, layer in enumerate(model.layers):
         leaves = {}
         for path, module in layer.named_modules():
-            if isinstance(module, Int4Linear):
+            if isinstance(module, QuantizedLinear):
                 leaves[path.rpartition(".")[2]] = module
         assert set(leaves) == set(ATTENTION_PROJECTIONS) | set(MLP_PROJECTIONS), (index, set(leaves))
         for leaf, module in leaves.items():
-            expected = QALoRALinear if leaf in targets else Int4Linear
+            expected = QALoRALinear if leaf in targets else QuantizedLinear
             assert type(module) is expected, f"layers.{index}.{leaf}: {type(module).__name__}"
 
     # the output projection: a QALoRALinear iff requested, tied outputs are no module
     if isinstance(model.output, nn.Module):
-        assert type(model.output) is (QALoRALinear if lora_output else Int4Linear)
+        assert type(model.output) is (QALoRALinear if lora_output else QuantizedLinear)
     else:
         assert not lora_output
 
     adapters = 0
     for path, module in model.named_modules():
-        if not isinstance(module, Int4Linear):
+        if not isinstance(module, QuantizedLinear):
             continue
         assert module.group_size == group_size, path
         assert module.quantizer == quantizer, path
@@ -114,7 +114,7 @@ def _check_structure(model, *, targets, group_size, rank, alpha, dropout, quanti
         assert not param.requires_grad, name
         owner = _owner(model, name)
         leaf = name.rpartition(".")[2]
-        if isinstance(owner, Int4Linear):
+        if isinstance(owner, QuantizedLinear):
             assert leaf in ("weight", "bias"), name
             if leaf == "weight":
                 assert is_int4_weight(param), name
@@ -174,7 +174,7 @@ def test_building_llama3_2_1b_on_meta_allocates_nothing():
     assert all(p.is_meta for p in params)
     assert all(b.is_meta for b in model.buffers())
     # the int4 payloads themselves (codes, scales and zeros) are meta too
-    int4 = [m.weight for m in model.modules() if isinstance(m, Int4Linear)]
+    int4 = [m.weight for m in model.modules() if isinstance(m, QuantizedLinear)]
     assert len(int4) == 16 * 7
     assert all(w.qdata.is_meta and w.scale_and_zero.is_meta for w in int4)
 
@@ -205,7 +205,7 @@ def _small_qalora(**kwargs):
 class _Float64Linear(nn.Module):
     """x W^T (+ b) (+ (alpha/r) B A pool(x)) in float64, for the reference model."""
 
-    def __init__(self, layer: Int4Linear):
+    def __init__(self, layer: QuantizedLinear):
         super().__init__()
         self.in_dim, self.padded = layer.in_dim, layer.padded_in_dim
         self.weight = dequantize_int4(layer.weight, torch.float64)
@@ -249,7 +249,7 @@ def _float64_reference(plain: nn.Module, qalora: nn.Module) -> nn.Module:
             parent_path, _, leaf = path.rpartition(".")
             setattr(ref.get_submodule(parent_path), leaf, _Float64RMSNorm(module))
     for path, module in qalora.named_modules():
-        if isinstance(module, Int4Linear):
+        if isinstance(module, QuantizedLinear):
             parent_path, _, leaf = path.rpartition(".")
             setattr(ref.get_submodule(parent_path), leaf, _Float64Linear(module))
     return ref
@@ -374,7 +374,7 @@ def test_group_size_that_does_not_divide_a_linear_names_it_and_suggests_pad_in_d
             pad_in_dim=True,
         )
     w2 = model.layers[0].mlp.w2
-    assert type(w2) is (QALoRALinear if apply_lora_to_mlp else Int4Linear)
+    assert type(w2) is (QALoRALinear if apply_lora_to_mlp else QuantizedLinear)
     assert (w2.in_dim, w2.padded_in_dim) == (96, 128)
     assert model.layers[0].attn.q_proj.padded_in_dim == 64  # divisible: not padded
 
@@ -439,13 +439,13 @@ def test_bad_knobs_name_the_model_setting(knobs, message):
 
 def test_eight_bit_scales_reach_every_linear_and_cut_the_bits_per_weight():
     from qalora_tune.models import base_bits_per_weight
-    from qalora_tune.quantization import is_double_quant
+    from qalora_tune.quantization.double_quant import is_double_quant
 
     bits = {}
     for double_quant in (False, True):
         torch.manual_seed(0)
         model = _small_qalora(double_quant_scales=double_quant)
-        layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+        layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
         assert layers and all(is_double_quant(m.weight) == double_quant for m in layers)
         bits[double_quant] = base_bits_per_weight(model)
     # fp32 scales at G=32: 4 + 64/32 bits; 8-bit ones: 4 + 40/32 plus a float32 pair per
@@ -460,7 +460,7 @@ def _expected_base_bits(model, double_quant):
     and step per padded row (8-bit scales); rows padded to 16."""
     stored = weights = 0
     for m in model.modules():
-        if isinstance(m, Int4Linear):
+        if isinstance(m, QuantizedLinear):
             rows = -(-m.out_dim // 16) * 16
             groups = m.padded_in_dim // m.group_size
             per_group = 1 + 4 if double_quant else 4 + 4
@@ -517,7 +517,7 @@ def test_every_model_builder_takes_bits_and_layers_record_it():
     for bits in (2, 3, 4):
         with torch.device("meta"):
             model = qalora_transformer(small_llama2, ["q_proj"], group_size=32, bits=bits)
-        assert {m.bits for m in model.modules() if isinstance(m, Int4Linear)} == {bits}
+        assert {m.bits for m in model.modules() if isinstance(m, QuantizedLinear)} == {bits}
     with torch.device("meta"):
         model = qalora_llama3_2_1b(["q_proj"], bits=3)
     assert model.layers[0].attn.q_proj.bits == 3 and model.layers[0].mlp.w1.bits == 3
@@ -552,12 +552,12 @@ def _builders():
 
 @pytest.mark.parametrize("builder", _builders())
 def test_every_builder_takes_8_bits_and_group_size_8_as_intx_layers(builder):
-    from qalora_tune.quantization import is_intx_weight
+    from qalora_tune.quantization.intx_weight import is_intx_weight
 
     with torch.device("meta"):
         # pad_in_dim: stories260K's intermediate_dim 172 is no multiple of 8
         model = builder(["q_proj", "v_proj"], apply_lora_to_mlp=True, group_size=8, bits=8, pad_in_dim=True)
-    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     assert layers
     for module in layers:
         assert module.bits == 8 and module.group_size == 8
@@ -570,15 +570,15 @@ def test_every_builder_takes_8_bits_and_group_size_8_as_intx_layers(builder):
 
 @pytest.mark.parametrize("group_size", [32, 64])
 def test_8_bits_at_an_int4_group_size_is_intx_and_4_bits_at_group_8_too(group_size):
-    from qalora_tune.quantization import is_intx_weight
+    from qalora_tune.quantization.intx_weight import is_intx_weight
 
     with torch.device("meta"):
         eight = qalora_transformer(small_llama2, ["q_proj"], group_size=32, bits=8)
         four = qalora_transformer(small_llama2, ["q_proj"], group_size=8, bits=4)
         int4 = qalora_transformer(small_llama2, ["q_proj"], group_size=32, bits=4)
     for model in (eight, four):
-        assert all(is_intx_weight(m.weight) for m in model.modules() if isinstance(m, Int4Linear))
-    assert all(is_int4_weight(m.weight) for m in int4.modules() if isinstance(m, Int4Linear))
+        assert all(is_intx_weight(m.weight) for m in model.modules() if isinstance(m, QuantizedLinear))
+    assert all(is_int4_weight(m.weight) for m in int4.modules() if isinstance(m, QuantizedLinear))
     if group_size == 64:
         with torch.device("meta"):
             model = qalora_llama3_2_1b(["q_proj"], group_size=64, bits=8)
@@ -620,7 +620,7 @@ def test_intx_model_matches_float64_reference_with_adapters():
     def reference(qalora):
         ref = _float64_reference(plain, small_llama2())  # norms in float64, linears replaced below
         for path, module in qalora.named_modules():
-            if isinstance(module, Int4Linear):
+            if isinstance(module, QuantizedLinear):
                 parent_path, _, leaf = path.rpartition(".")
                 setattr(ref.get_submodule(parent_path), leaf, _Float64IntxLinear(module))
         return ref

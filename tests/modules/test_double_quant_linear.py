@@ -1,4 +1,4 @@
-"""Int4Linear / QALoRALinear with 8-bit scales (``double_quant_scales=True``): numerics
+"""QuantizedLinear / QALoRALinear with 8-bit scales (``double_quant_scales=True``): numerics
 against float64, the exact merge, and conversion between the two scale storages."""
 
 import io
@@ -7,14 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from qalora_tune import Int4Linear, QALoRALinear
+from qalora_tune import QALoRALinear, QuantizedLinear
 from qalora_tune._compat import Int4OpaqueTensor
-from qalora_tune.quantization import (
-    DoubleQuantInt4Tensor,
+from qalora_tune.quantization import DoubleQuantInt4Tensor, quantize_rtn
+from qalora_tune.quantization.double_quant import double_quantize_scales
+from qalora_tune.quantization.int4_weight import (
     dequantize_int4,
-    double_quantize_scales,
     from_torchao_int4,
-    quantize_rtn,
     to_torchao_int4,
     zero_points,
 )
@@ -51,7 +50,7 @@ def test_forward_and_gradients_match_float64(in_dim, out_dim, group_size, bits):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_linear_forward_and_input_gradient_match_float64(dtype):
-    layer = Int4Linear.from_linear(nn.Linear(256, 40).to(dtype), group_size=32,
+    layer = QuantizedLinear.from_linear(nn.Linear(256, 40).to(dtype), group_size=32,
                                    double_quant_scales=True)
     assert isinstance(layer.weight, DoubleQuantInt4Tensor) and layer.weight.dtype == dtype
     dense = dequantize_int4(layer.weight, torch.float64)
@@ -71,7 +70,7 @@ def test_int4_linear_forward_and_input_gradient_match_float64(dtype):
 
 def test_the_base_is_the_rounded_quantization_of_the_weight():
     linear = nn.Linear(256, 96)
-    layer = Int4Linear.from_linear(linear, group_size=64, double_quant_scales=True)
+    layer = QuantizedLinear.from_linear(linear, group_size=64, double_quant_scales=True)
     rounded = double_quantize_scales(quantize_rtn(linear.weight.detach(), 64))[0]
     torch.testing.assert_close(dequantize_int4(layer.weight), rounded.dequantize(), rtol=0, atol=1e-6)
 
@@ -159,10 +158,10 @@ def test_state_dict_round_trip_through_torch_save():
 def test_from_int4_keeps_the_storage_it_is_given():
     gq = quantize_rtn(torch.randn(48, 256), 64)
     dq = to_torchao_int4(gq, device="cpu", double_quant=True)
-    layer = Int4Linear.from_int4(dq)
+    layer = QuantizedLinear.from_int4(dq)
     assert layer.double_quant_scales and layer.weight is not None
     assert isinstance(layer.weight, DoubleQuantInt4Tensor)
-    plain_layer = Int4Linear.from_int4(dq, double_quant_scales=False)
+    plain_layer = QuantizedLinear.from_int4(dq, double_quant_scales=False)
     assert isinstance(plain_layer.weight, Int4OpaqueTensor)
     assert torch.equal(dequantize_int4(plain_layer.weight), dequantize_int4(dq))
     assert "double_quant_scales=True" in repr(layer)
@@ -193,7 +192,7 @@ def test_eight_bit_scales_off_the_int4_kernels_are_refused(bits, group_size):
         QALoRALinear(256, 96, rank=8, alpha=16.0, group_size=group_size, bits=bits,
                      double_quant_scales=True)
     with pytest.raises(ValueError, match="model.double_quant_scales"):
-        Int4Linear(256, 96, group_size=group_size, bits=bits, double_quant_scales=True,
+        QuantizedLinear(256, 96, group_size=group_size, bits=bits, double_quant_scales=True,
                    device="meta")
 
 

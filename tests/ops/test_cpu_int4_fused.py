@@ -8,8 +8,9 @@ import torch
 import qalora_tune.ops._cpu_int4_chunked as chunked
 import qalora_tune.ops._cpu_int4_fused as fused
 from qalora_tune.ops import int4_linear, int4_linear_grad_input
-from qalora_tune.quantization import dequantize_int4, quantize_rtn, to_torchao_int4
+from qalora_tune.quantization import quantize_rtn
 from qalora_tune.quantization.cpu_int4_layout import CpuInt4Layout, cpu_int4_layout
+from qalora_tune.quantization.int4_weight import dequantize_int4, to_torchao_int4
 from tests.ops.test_cpu_int4_chunked import plain_pair_weight
 from tests.reference import assert_within, matmul_error_bound
 

@@ -8,10 +8,10 @@ from torch import nn
 
 from qalora_tune import QALoRALinear
 from qalora_tune.ops import int4_dq_linear, int4_linear
-from qalora_tune.quantization import (
+from qalora_tune.quantization import quantize_rtn
+from qalora_tune.quantization.double_quant import is_double_quant
+from qalora_tune.quantization.int4_weight import (
     dequantize_int4,
-    is_double_quant,
-    quantize_rtn,
     to_torchao_int4,
     with_dense_scales,
 )

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from qalora_tune.ops import int4_linear
-from qalora_tune.quantization import dequantize_int4, quantize_rtn, to_torchao_int4
+from qalora_tune.quantization import quantize_rtn
+from qalora_tune.quantization.int4_weight import dequantize_int4, to_torchao_int4
 from tests.reference import (
     CUDA_SKIP_REASON,
     assert_linear_op_matches_float64,

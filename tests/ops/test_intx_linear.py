@@ -8,7 +8,8 @@ from torch import nn
 from qalora_tune import QALoRALinear
 from qalora_tune.ops import intx_linear
 from qalora_tune.ops.intx_linear import dequantize_intx, intx_linear_grad_input
-from qalora_tune.quantization import is_intx_weight, quantize_rtn, to_torchao_intx
+from qalora_tune.quantization import quantize_rtn
+from qalora_tune.quantization.intx_weight import is_intx_weight, to_torchao_intx
 from tests.reference import (
     UNIT_ROUNDOFF,
     assert_compiled_matches_eager,

@@ -7,19 +7,22 @@ import torch
 from qalora_tune._compat import Int4OpaqueTensor, IntxUnpackedToInt8Tensor
 from qalora_tune.ops.intx_linear import dequantize_intx
 from qalora_tune.quantization import (
-    dequantize_base,
-    dequantize_int4,
-    empty_base,
-    from_torchao_base,
-    is_int4_weight,
-    is_intx_weight,
+    CpuInt4Tensor,
+    IntxBaseTensor,
     is_quantized_base,
     quantize_rtn,
+    to_base,
+)
+from qalora_tune.quantization.base_weight import (
+    dequantize_base,
+    empty_base,
+    from_torchao_base,
     shift_zero_points_,
     stored_zero_points,
-    to_torchao_base,
     uses_int4_kernel,
 )
+from qalora_tune.quantization.int4_weight import dequantize_int4, is_int4_weight
+from qalora_tune.quantization.intx_weight import is_intx_weight
 from tests.reference import UNIT_ROUNDOFF, assert_within
 
 
@@ -33,22 +36,24 @@ def test_uses_int4_kernel_table(bits, group_size):
 @pytest.mark.parametrize(
     "bits,group_size,subclass",
     [
-        (4, 32, Int4OpaqueTensor),
-        (2, 64, Int4OpaqueTensor),
-        (3, 128, Int4OpaqueTensor),
-        (8, 32, IntxUnpackedToInt8Tensor),
-        (8, 64, IntxUnpackedToInt8Tensor),
-        (4, 8, IntxUnpackedToInt8Tensor),
-        (2, 16, IntxUnpackedToInt8Tensor),
-        (3, 48, IntxUnpackedToInt8Tensor),
+        (4, 32, CpuInt4Tensor),
+        (2, 64, CpuInt4Tensor),
+        (3, 128, CpuInt4Tensor),
+        (8, 32, IntxBaseTensor),
+        (8, 64, IntxBaseTensor),
+        (4, 8, IntxBaseTensor),
+        (2, 16, IntxBaseTensor),
+        (3, 48, IntxBaseTensor),
     ],
 )
 def test_to_torchao_base_picks_the_subclass(bits, group_size, subclass):
     gq = quantize_rtn(torch.randn(16, 384), group_size, bits)
-    weight = to_torchao_base(gq, device="cpu", dtype=torch.float32)
+    weight = to_base(gq, device="cpu", dtype=torch.float32)
     assert type(weight) is subclass and is_quantized_base(weight)
-    assert is_intx_weight(weight) is (subclass is IntxUnpackedToInt8Tensor)
-    assert is_int4_weight(weight) is (subclass is Int4OpaqueTensor)
+    # this project's classes extend torchao's: the stock isinstance checks still hold
+    assert isinstance(weight, Int4OpaqueTensor if subclass is CpuInt4Tensor else IntxUnpackedToInt8Tensor)
+    assert is_intx_weight(weight) is (subclass is IntxBaseTensor)
+    assert is_int4_weight(weight) is (subclass is CpuInt4Tensor)
     back = from_torchao_base(weight)
     # int4 bases read back as 4-bit codes of the same grid; intx ones keep their width
     expected = gq if is_intx_weight(weight) else gq.as_int4()
@@ -74,7 +79,7 @@ def _stored_dense(weight):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_shift_zero_points_moves_every_value_of_its_group(bits, group_size, dtype):
     gq = quantize_rtn(torch.randn(40, 256) + 0.3, group_size, bits)
-    weight = to_torchao_base(gq, device="cpu", dtype=dtype)
+    weight = to_base(gq, device="cpu", dtype=dtype)
     n_groups = 256 // group_size
     before_gq = from_torchao_base(weight)
     before_zero = stored_zero_points(weight).clone()
@@ -109,7 +114,7 @@ def test_shift_zero_points_moves_every_value_of_its_group(bits, group_size, dtyp
 @pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 8)])
 def test_stored_zero_points_is_a_writable_view(bits, group_size):
     gq = quantize_rtn(torch.randn(12, 128), group_size, bits)
-    weight = to_torchao_base(gq, device="cpu", dtype=torch.float32)
+    weight = to_base(gq, device="cpu", dtype=torch.float32)
     view = stored_zero_points(weight)
     assert view.shape == (12, 128 // group_size) and view.dtype == torch.float32
     before = dequantize_base(weight, torch.float64)

@@ -10,18 +10,22 @@ from qalora_tune._compat import Int4OpaqueTensor
 from qalora_tune.models import tensor_nbytes
 from qalora_tune.quantization import (
     DoubleQuantInt4Tensor,
-    check_double_quant,
-    dequantize_int4,
-    dequantize_scales,
-    double_quantize_scales,
-    empty_int4,
-    from_torchao_int4,
-    is_double_quant,
-    is_int4_weight,
     quantize_hqq,
     quantize_rtn,
+    to_base,
+)
+from qalora_tune.quantization.base_weight import check_double_quant
+from qalora_tune.quantization.double_quant import (
+    dequantize_scales,
+    double_quantize_scales,
+    is_double_quant,
     quantize_scales,
-    to_torchao_base,
+)
+from qalora_tune.quantization.int4_weight import (
+    dequantize_int4,
+    empty_int4,
+    from_torchao_int4,
+    is_int4_weight,
     to_torchao_int4,
     with_dense_scales,
     zero_points,
@@ -205,5 +209,5 @@ def test_eight_bit_scales_need_an_int4_kernel_base(bits, group_size):
         check_double_quant(True, bits, group_size)
     gq = quantize_rtn(_weight(16, 128, seed=8), group_size, bits)
     with pytest.raises(ValueError, match="model.double_quant_scales"):
-        to_torchao_base(gq, device="cpu", double_quant=True)
+        to_base(gq, device="cpu", double_quant=True)
     check_double_quant(False, bits, group_size)

@@ -6,17 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from qalora_tune.quantization import (
-    calibrate_gptq,
-    dequantize_int4,
-    from_torchao_base,
-    is_intx_weight,
-    load_quantized_base,
-    quantize_rtn,
-    to_torchao_base,
-    to_torchao_int4,
-)
+from qalora_tune.quantization import calibrate_gptq, quantize_rtn, to_base
+from qalora_tune.quantization.base_weight import from_torchao_base
 from qalora_tune.quantization.gptq import HessianAccumulator, quantize_gptq
+from qalora_tune.quantization.gptq_calibration import load_quantized_base
+from qalora_tune.quantization.int4_weight import dequantize_int4, to_torchao_int4
+from qalora_tune.quantization.intx_weight import is_intx_weight
 
 SHARED = (Path(__file__).resolve().parents[2] / ".." / "shared").resolve()
 
@@ -76,7 +71,7 @@ def test_gptq_lowers_the_output_error_of_rtn_on_correlated_inputs(bits):
         assert torch.equal(dequantize_int4(to_torchao_int4(gq), torch.float64), gq.dequantize(torch.float64))
     else:
         # 8 bits: the intx base, same codes and scales, zeros within two fp32 roundings
-        stored = to_torchao_base(gq)
+        stored = to_base(gq)
         assert is_intx_weight(stored)
         back = from_torchao_base(stored)
         assert torch.equal(back.qdata, gq.qdata) and torch.equal(back.scale, gq.scale)
@@ -148,8 +143,8 @@ def test_gptq_beats_rtn_on_real_weights_and_activations(bits):
 def test_calibrate_gptq_with_group_size_8_gives_intx_weights_that_load(bits):
     import copy
 
-    from qalora_tune.models import qalora_tiny_llama
-    from qalora_tune.modules import Int4Linear
+    from qalora_tune.modules import QuantizedLinear
+    from qalora_tune.tiny import qalora_tiny_llama
 
     torch.manual_seed(bits)
     full_precision = qalora_tiny_llama.full_precision()
@@ -166,7 +161,7 @@ def test_calibrate_gptq_with_group_size_8_gives_intx_weights_that_load(bits):
         assert tuple(weight.block_size) == (1, 8) and weight.target_dtype == getattr(torch, f"int{bits}")
     model = qalora_tiny_llama(["q_proj", "v_proj"], group_size=8, quantizer="gptq", bits=bits)
     load_quantized_base(model, state)
-    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     assert len(layers) == len(linears) and {m.bits for m in layers} == {bits}
     assert all(is_intx_weight(m.weight) for m in layers)
     tokens = torch.stack([s[:12] for s in sequences[:3]])

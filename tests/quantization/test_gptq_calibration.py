@@ -6,18 +6,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from qalora_tune.models import qalora_tiny_llama, qalora_tinystories656k
-from qalora_tune.modules import Int4Linear, QALoRALinear
-from qalora_tune.quantization import (
-    calibrate_gptq,
+from qalora_tune.models import qalora_tinystories656k
+from qalora_tune.modules import QALoRALinear, QuantizedLinear
+from qalora_tune.quantization import calibrate_gptq, quantize_rtn
+from qalora_tune.quantization.gptq_calibration import (
+    load_quantized_base,
+    sample_calibration_sequences,
+)
+from qalora_tune.quantization.int4_weight import (
     from_torchao_int4,
     is_int4_weight,
-    load_quantized_base,
-    quantize_rtn,
-    sample_calibration_sequences,
     zero_points,
 )
 from qalora_tune.recipe_utils import merge_with_report
+from qalora_tune.tiny import qalora_tiny_llama
 
 SHARED = (Path(__file__).resolve().parents[2] / ".." / "shared").resolve()
 TINYSTORIES = SHARED / "models" / "tinystories656K"
@@ -68,7 +70,7 @@ def test_every_linear_becomes_int4_on_the_gptq_grid_and_loads(tiny, bits):
         assert int((per_group.amax(-1) - per_group.amin(-1)).max()) <= 2**bits - 1
     model = qalora_tiny_llama(["q_proj", "v_proj"], group_size=32, quantizer="gptq", bits=bits)
     load_quantized_base(model, state)
-    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     assert {m.quantizer for m in layers} == {"gptq"} and {m.bits for m in layers} == {bits}
     # the int4 model computes what the calibration left in the full-precision model
     tokens = torch.stack([s[:20] for s in sequences[:4]])

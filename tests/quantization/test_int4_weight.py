@@ -5,14 +5,19 @@ import torch
 import torch.nn.functional as F
 
 from qalora_tune._compat import Int4OpaqueTensor, Int4TilePackedTo4dTensor
-from qalora_tune.quantization import (
+from qalora_tune.quantization import quantize_rtn
+from qalora_tune.quantization.int4_weight import (
     dequantize_int4,
     from_torchao_int4,
-    quantize_rtn,
     to_torchao_int4,
     zero_points,
 )
-from tests.reference import CUDA_SKIP_REASON, assert_within, matmul_error_bound, requires_cuda
+from tests.reference import (
+    CUDA_SKIP_REASON,
+    assert_within,
+    matmul_error_bound,
+    requires_cuda,
+)
 
 
 def _quantized(n=96, k=256, group_size=64):
@@ -130,8 +135,14 @@ def test_tinygemm_layout_zero_points_write_through():
 
 
 def test_tinygemm_layout_with_eight_bit_scales():
-    from qalora_tune.quantization import double_quantize_scales, is_double_quant, with_dense_scales
-    from qalora_tune.quantization.int4_weight import _with_scale_codes
+    from qalora_tune.quantization.double_quant import (
+        double_quantize_scales,
+        is_double_quant,
+    )
+    from qalora_tune.quantization.int4_weight import (
+        _with_scale_codes,
+        with_dense_scales,
+    )
 
     gq = _quantized(n=40)
     rounded, codes, scale_min, scale_step = double_quantize_scales(gq)

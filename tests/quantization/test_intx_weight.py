@@ -10,22 +10,18 @@ from torch import nn
 
 import qalora_tune
 from qalora_tune._compat import IntxUnpackedToInt8Tensor
-from qalora_tune.models import qalora_tiny_llama
-from qalora_tune.modules import Int4Linear, QALoRALinear
+from qalora_tune.modules import QALoRALinear, QuantizedLinear
 from qalora_tune.ops.intx_linear import dequantize_intx
-from qalora_tune.quantization import (
-    GroupQuantizedWeight,
-    dequantize_base,
+from qalora_tune.quantization import GroupQuantizedWeight, quantize_hqq, quantize_rtn
+from qalora_tune.quantization.base_weight import dequantize_base, from_torchao_base
+from qalora_tune.quantization.intx_weight import (
     empty_intx,
-    from_torchao_base,
     from_torchao_intx,
     intx_bits,
     is_intx_weight,
-    quantize_hqq,
-    quantize_rtn,
     to_torchao_intx,
 )
-from qalora_tune.tiny import TINY_LLAMA_SIZES
+from qalora_tune.tiny import TINY_LLAMA_SIZES, qalora_tiny_llama
 from tests.export.merged_models import write_merged
 from tests.reference import UNIT_ROUNDOFF, assert_within
 
@@ -203,7 +199,7 @@ def test_merged_intx_config_names_intx_weight_only(merged_intx):
     assert data["granularity"]["_data"]["group_size"] == group_size
     assert data["mapping_type"]["_data"] == "ASYMMETRIC"
     assert config["torch_dtype"] == "float32"
-    linears = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    linears = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     assert sizes["quantized_parameters"] == sum(m.out_dim * m.in_dim for m in linears)
     # one int8 code per weight plus fp32 scale and zero point per group
     assert sizes["bits_per_quantized_parameter"] == pytest.approx(8 + 2 * 32 / group_size)
@@ -214,7 +210,7 @@ def test_load_merged_gives_intx_layers_with_the_merged_zero_points(merged_intx):
     model, directory, _, _, _, _, bits, group_size = merged_intx
     loaded = qalora_tune.load_merged(directory)
     for name, module in model.named_modules():
-        if not isinstance(module, Int4Linear):
+        if not isinstance(module, QuantizedLinear):
             continue
         mine, theirs = module.weight, loaded.get_submodule(name).weight
         assert isinstance(theirs, IntxUnpackedToInt8Tensor), name
@@ -258,7 +254,7 @@ def test_a_padded_intx_layer_refuses_to_be_written(tmp_path):
     model, _ = _merged_tiny(8, 24, pad_in_dim=True)
     assert model.layers[0].attn.q_proj.padded_in_dim == 144
     assert is_intx_weight(model.layers[0].attn.q_proj.weight)
-    with pytest.raises(ValueError, match="padded intx base"):
+    with pytest.raises(ValueError, match="cannot hold linears padded to whole groups"):
         _write(model, tmp_path / "padded", 8, 24)
     assert not (tmp_path / "padded" / "model.safetensors").exists()
 

@@ -3,9 +3,10 @@
 Covers ``to_plain_int4`` / ``from_plain_int4`` (exact round trip of codes, scales and
 zeros; the nibble layout checked against an independent unpacker written to fbgemm's
 ``pack_int4`` convention; partial last groups and padding; errors), ``plain_int4_bytes``,
-the CPU fallback for ``F.linear`` on ``Int4Tensor`` registered by ``import qalora_tune``
-(against a float64 reference, kernel and dequantizing group sizes), and torchao's own
-safetensors serialization of the tensors built here.
+the linear a plain file computes with once ``qalora_tune.load_merged`` has read it into
+this package's storage (against a float64 reference, kernel and dequantizing group sizes),
+and torchao's own safetensors serialization of the tensors built here. No torchao class is
+patched: stock torchao runs a plain ``Int4Tensor`` only through fbgemm-gpu-genai.
 """
 
 import math
@@ -16,14 +17,15 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import qalora_tune  # noqa: F401  (registers the F.linear fallback on Int4Tensor)
-from qalora_tune._compat import Int4Tensor, flatten_tensor_state_dict, unflatten_tensor_state_dict
-from qalora_tune.quantization import (
-    GroupQuantizedWeight,
+from qalora_tune._compat import (
+    Int4Tensor,
+    flatten_tensor_state_dict,
+    unflatten_tensor_state_dict,
+)
+from qalora_tune.quantization import GroupQuantizedWeight, quantize_hqq, quantize_rtn, to_base
+from qalora_tune.quantization.plain_int4 import (
     from_plain_int4,
     plain_int4_bytes,
-    quantize_hqq,
-    quantize_rtn,
     to_plain_int4,
 )
 from tests.reference import assert_within, matmul_error_bound
@@ -49,6 +51,16 @@ def _reference_dequantize(t: Int4Tensor) -> torch.Tensor:
     scale = t.scale.double().t().repeat_interleave(group_size, dim=1)[:, :k]
     zero = t.zero_point.double().t().repeat_interleave(group_size, dim=1)[:, :k]
     return signed * scale + zero
+
+
+def _plain_linear(x, t, bias=None):
+    """``F.linear`` with the plain weight ``t`` as ``load_merged`` runs it: codes, scales
+    and zeros read back into this package's storage, the input zero-padded to the
+    quantized width (a partial last group)."""
+    padded = math.ceil(t.shape[1] / t.block_size[-1]) * t.block_size[-1]
+    base = to_base(from_plain_int4(t, padded), dtype=x.dtype)
+    x = F.pad(x, (0, padded - x.shape[-1]))
+    return F.linear(x, base, None if bias is None else bias.to(x.dtype))
 
 
 # ---------------------------------------------------------------------- round trip
@@ -138,7 +150,7 @@ def _linear_case(n, k, group_size, dtype, x_shape, seed):
 def test_linear_fp32_matches_float64_reference(x_shape, group_size, with_bias):
     t, x, bias, w_hat = _linear_case(24, 256, group_size, torch.float32, x_shape, group_size)
     bias = bias if with_bias else None
-    out = F.linear(x, t, bias)
+    out = _plain_linear(x, t, bias)
     expected = x.double() @ w_hat.t()
     if bias is not None:
         expected = expected + bias.double()
@@ -150,7 +162,7 @@ def test_linear_fp32_matches_float64_reference(x_shape, group_size, with_bias):
 @pytest.mark.parametrize("x_shape", [(5,), (2, 3)], ids=["2d", "3d"])
 def test_linear_bf16_matches_float64_reference(x_shape):
     t, x, bias, w_hat = _linear_case(24, 256, 64, torch.bfloat16, x_shape, 1)
-    out = F.linear(x, t, bias)
+    out = _plain_linear(x, t, bias)
     expected = x.double() @ w_hat.t() + bias.double()
     assert out.shape == (*x_shape, 24) and out.dtype == torch.bfloat16
     scale = expected.abs().max()
@@ -163,8 +175,8 @@ def test_linear_repeated_calls_and_dtype_change_stay_correct():
     t, x, bias, w_hat = _linear_case(16, 128, 32, torch.float32, (4,), 7)
     expected = x.double() @ w_hat.t() + bias.double()
     for _ in range(2):
-        torch.testing.assert_close(F.linear(x, t, bias).double(), expected, rtol=1e-5, atol=1e-5)
-    out_bf16 = F.linear(x.bfloat16(), t, bias.bfloat16())
+        torch.testing.assert_close(_plain_linear(x, t, bias).double(), expected, rtol=1e-5, atol=1e-5)
+    out_bf16 = _plain_linear(x.bfloat16(), t, bias.bfloat16())
     assert out_bf16.dtype == torch.bfloat16
     ref_bf16 = x.bfloat16().double() @ w_hat.t() + bias.bfloat16().double()
     scale = ref_bf16.abs().max()
@@ -183,7 +195,7 @@ def test_linear_partial_last_group(x_shape):
     assert torch.equal(_reference_dequantize(t), w_hat)
     x = torch.randn(*x_shape, 172)
     bias = torch.randn(20)
-    out = F.linear(x, t, bias)
+    out = _plain_linear(x, t, bias)
     expected = x.double() @ w_hat.t() + bias.double()
     assert out.shape == (*x_shape, 20)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
@@ -194,7 +206,7 @@ def test_linear_group_size_without_kernel_dequantizes(dtype):
     # G = 16 has no int4 kernel: the fallback dequantizes for the call
     t, x, bias, w_hat = _linear_case(12, 96, 16, dtype, (2, 4), 5)
     assert t.block_size == [1, 16]
-    out = F.linear(x, t, bias)
+    out = _plain_linear(x, t, bias)
     expected = x.double() @ w_hat.t() + bias.double()
     assert out.shape == (2, 4, 12) and out.dtype == dtype
     if dtype == torch.float32:
@@ -320,9 +332,9 @@ def test_torchao_safetensors_round_trip(tmp_path, in_features):
     assert torch.equal(back.scale, weight.scale)
     assert torch.equal(back.zero_point, weight.zero_point)
     assert torch.equal(restored["layer.bias"], bias)
-    # and the restored tensor still computes through the fallback
+    # and the restored tensor computes as the written one
     x = torch.randn(3, weight.shape[1]).bfloat16()
-    assert torch.equal(F.linear(x, back), F.linear(x, weight))
+    assert torch.equal(_plain_linear(x, back), _plain_linear(x, weight))
     codes = from_plain_int4(back)
     k = weight.shape[1]
     assert torch.equal(codes.qdata[:, :k], gq.qdata[:, :k])

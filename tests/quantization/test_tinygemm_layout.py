@@ -1,7 +1,10 @@
 import pytest
 import torch
 
-from qalora_tune.quantization.tinygemm_layout import pack_tinygemm_int4, unpack_tinygemm_int4
+from qalora_tune.quantization.tinygemm_layout import (
+    pack_tinygemm_int4,
+    unpack_tinygemm_int4,
+)
 from tests.reference import CUDA_SKIP_REASON, requires_cuda
 
 

@@ -4,11 +4,11 @@ passes with its recipe's keys."""
 
 import pytest
 from omegaconf import OmegaConf
-
 from qalora_eval import CONFIG_KEYS as EVAL_KEYS
 from qalora_finetune import CONFIG_KEYS as FINETUNE_KEYS
 from qalora_generate import CONFIG_KEYS as GENERATE_KEYS
 from qalora_merge import CONFIG_KEYS as MERGE_KEYS
+
 from qalora_tune.recipe_utils import check_config, packaged_config_names, resolve_config
 
 

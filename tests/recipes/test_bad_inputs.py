@@ -223,8 +223,10 @@ FINETUNE_SETTINGS = [
      ["resume_from_checkpoint=True but output_dir=", "holds no epoch_* or step_* checkpoint"]),
     ("unknown-key", ["learning_rate=1"], ["unknown config key learning_rate"]),
     ("misspelled-key", ["epoch=2"], ["unknown config key epoch", "did you mean epochs?"]),
-    ("misspelled-component", ["model._component_=qalora_tune.models.qalora_tiny_lama"],
-     ["cannot be imported", "did you mean qalora_tune.models.qalora_tiny_llama?"]),
+    ("misspelled-component", ["model._component_=qalora_tune.tiny.qalora_tiny_lama"],
+     ["cannot be imported", "did you mean qalora_tune.tiny.qalora_tiny_llama?"]),
+    ("moved-component", ["model._component_=qalora_tune.models.qalora_tiny_llama"],
+     ["has moved to qalora_tune.tiny.qalora_tiny_llama"]),
     ("unknown-argument", ["model.lora_rnk=4"], ["model.lora_rnk is not an argument", "lora_rank"]),
     ("several-problems", ["batch_size=0", "epochs=-1", "shuffle=2"],
      ["3 problems: (1) batch_size=0", "(2) epochs=-1", "(3) shuffle=2"]),
@@ -252,6 +254,11 @@ MODEL_KNOBS = [
     ("quantizer-unknown", ["model.quantizer=awq"], ["model.quantizer='awq' is not a base quantizer"]),
     ("targets-unknown", ["model.lora_attn_modules=[q_proj,query]"], ["model.lora_attn_modules"]),
     ("double-quant-text", ["model.double_quant_scales=sometimes"], ["model.double_quant_scales"]),
+    # an 8-bit (intx) base padded to whole groups has no merged file layout: refused before training
+    ("padded-intx-merge", ["model.bits=8", "model.group_size=48", "model.pad_in_dim=True"],
+     ["cannot hold linears padded to whole groups", "set merged_format=int4_plain"]),
+    ("format-for-intx", ["model.bits=8", "merged_format=int4_tile_packed"],
+     ["merged_format=int4_tile_packed holds int4 kernel bases", "set merged_format=intx"]),
 ]
 
 

@@ -4,7 +4,11 @@ import json
 
 import pytest
 
-from tests.recipes.test_qalora_finetune import _shared_overrides, _tune_run, requires_shared
+from tests.recipes.test_qalora_finetune import (
+    _shared_overrides,
+    _tune_run,
+    requires_shared,
+)
 
 
 def test_gptq_without_calibration_section_fails_in_one_line(tmp_path):

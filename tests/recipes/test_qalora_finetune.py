@@ -221,7 +221,7 @@ def test_narrow_bit_widths_train_merge_and_load(tmp_path, bits):
     layer = model.layers[0].attn.q_proj
     assert layer.bits == bits
     # a b-bit grid stored as int4 codes: each group uses at most 2**bits of the 16 codes
-    codes = qalora_tune.from_torchao_int4(layer.weight).qdata
+    codes = layer.weight.to_quantized().qdata
     per_group = codes.view(codes.shape[0], -1, layer.group_size)
     assert int((per_group.amax(-1) - per_group.amin(-1)).max()) <= 2**bits - 1
     summary = json.loads((out / "summary.json").read_text())["metrics"]
@@ -239,6 +239,7 @@ def test_intx_bases_train_merge_and_load_in_transformers(tmp_path, bits, group_s
     from transformers import AutoModelForCausalLM
 
     import qalora_tune
+    from qalora_tune._compat import IntxUnpackedToInt8Tensor
 
     out = tmp_path / "run"
     result = _tune_run(
@@ -258,7 +259,7 @@ def test_intx_bases_train_merge_and_load_in_transformers(tmp_path, bits, group_s
     ours = qalora_tune.load_merged(merged, device="cpu", dtype=torch.float32)
     layer = ours.layers[0].attn.q_proj
     assert (layer.bits, layer.group_size) == (bits, group_size)
-    assert type(layer.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    assert isinstance(layer.weight, IntxUnpackedToInt8Tensor)  # this package's subclass of it
     hf = AutoModelForCausalLM.from_pretrained(str(merged)).eval()
     assert type(hf.model.layers[0].self_attn.q_proj.weight).__name__ == "IntxUnpackedToInt8Tensor"
     tokens = torch.randint(0, 2048, (2, 48), generator=torch.Generator().manual_seed(0))

@@ -1,7 +1,12 @@
 import pytest
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
 
-from qalora_tune.tiny import TinyTokenizer, generate_examples, glossary, tiny_task_dataset
+from qalora_tune.tiny import (
+    TinyTokenizer,
+    generate_examples,
+    glossary,
+    tiny_task_dataset,
+)
 from qalora_tune.tiny.task import GLOSSARY_SIZE, WORDS_PER_EXAMPLE
 
 

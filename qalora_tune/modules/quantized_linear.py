@@ -1,4 +1,4 @@
-"""Int4Linear: a frozen linear layer whose weight is a torchao int4 (or intx) tensor."""
+"""QuantizedLinear: a frozen linear layer whose weight is a quantized base tensor."""
 
 import math
 from typing import Any, Dict, Optional
@@ -8,49 +8,40 @@ import torch.nn.functional as F
 from torch import nn
 
 from qalora_tune.errors import UserTypeError, UserValueError
-from qalora_tune.ops import int4_dq_linear, int4_linear, intx_linear
-from qalora_tune.quantization import (
-    INT4_KERNEL_GROUP_SIZES,
-    SUPPORTED_BITS,
-    check_double_quant,
+from qalora_tune.modules.config import QALoRAConfig
+from qalora_tune.quantization import get_quantizer, quantize_rtn
+from qalora_tune.quantization.base_weight import (
+    as_base,
     empty_base,
     from_torchao_base,
-    get_quantizer,
-    intx_bits,
-    is_double_quant,
-    is_intx_weight,
     is_quantized_base,
-    quantize_rtn,
-    to_torchao_base,
+    to_base,
     uses_int4_kernel,
-    with_dense_scales,
 )
+from qalora_tune.quantization.double_quant import is_double_quant
+from qalora_tune.quantization.int4_weight import with_dense_scales
+from qalora_tune.quantization.intx_weight import intx_bits, is_intx_weight
 
-__all__ = ["Int4Linear"]
+__all__ = ["Int4Linear", "QuantizedLinear"]
 
 
 def _round_up(value: int, multiple: int) -> int:
     return (value + multiple - 1) // multiple * multiple
 
 
-class Int4Linear(nn.Module):
-    """A frozen linear layer computed through torchao's int4 kernels.
+class QuantizedLinear(nn.Module):
+    """A frozen linear layer whose weight is a quantized base (int4 kernels, or intx).
 
     The weight ``(out_dim, in_dim)`` is quantized asymmetrically per (output row, group of
     ``group_size`` consecutive inputs) with float zero points,
-    ``W[n, k] = (q[n, k] - 8) * s[n, g] + z[n, g]``, and stored as a torchao
-    ``Int4OpaqueTensor`` (CPU) or ``Int4TilePackedTo4dTensor`` (CUDA). Gradients flow to
-    the input, never to the weight.
-
-    A base the int4 kernels cannot hold (8-bit codes, or a group size other than 32, 64,
-    128, 256) is stored as torchao's ``IntxUnpackedToInt8Tensor`` instead (one int8 per
-    code, float scale and zero point per group) and computed by dequantizing it for a
-    dense matmul in every call (``qalora_tune::intx_linear``): less memory than a
-    full-precision base, no int4 speed-up; see
-    :mod:`qalora_tune.quantization.base_weight`. With ``double_quant_scales`` an int4 base
-    keeps its scales as 8-bit codes (``DoubleQuantInt4Tensor``, computed by
-    ``qalora_tune::int4_dq_linear``). Every linear of a QA-LoRA model that has no adapter
-    is one of these; :class:`~qalora_tune.modules.QALoRALinear` adds the adapter.
+    ``W[n, k] = (q[n, k] - 8) * s[n, g] + z[n, g]``, and stored as one of this project's
+    torchao tensor subclasses (:mod:`qalora_tune.quantization`): ``CpuInt4Tensor`` (CPU
+    int4 kernel), ``TileInt4Tensor`` (CUDA tinygemm), ``DoubleQuantInt4Tensor`` (either,
+    with 8-bit scales) or, for 8-bit codes and group sizes without an int4 kernel,
+    ``IntxBaseTensor`` (dequantizing). The forward is ``F.linear(x, weight, bias)``: the
+    weight routes it to its custom op, which carries the input gradient. Gradients flow to
+    the input, never to the weight. Every linear of a QA-LoRA model that has no adapter is
+    one of these; :class:`~qalora_tune.modules.QALoRALinear` adds the adapter.
 
     When ``group_size`` does not divide ``in_dim`` and ``pad_in_dim`` is set, the weight
     gets zero columns up to the next multiple of ``group_size`` and the input is padded
@@ -60,60 +51,44 @@ class Int4Linear(nn.Module):
     Args:
         in_dim (int): input features ``K``.
         out_dim (int): output features ``N``.
-        group_size (int): quantization group size ``G``: 32, 64, 128 or 256 run on the
-            int4 kernels; any other positive size on the dequantizing intx path.
+        config (QALoRAConfig, optional): bits, group size, quantizer, padding and scale
+            storage of the base (the adapter fields are read by ``QALoRALinear``).
         use_bias (bool): whether the layer has a (frozen, full precision) bias.
-        quantizer (str): how full-precision weights are quantized on load: ``"rtn"``
-            (min-max round to nearest) or ``"hqq"`` (half-quadratic); ``"gptq"`` needs
-            calibration data, so such a layer takes only int4 weights (see
-            :func:`~qalora_tune.quantization.calibrate_gptq`).
-        pad_in_dim (bool): allow ``in_dim`` that ``group_size`` does not divide by padding
-            it with zero columns.
         dtype (torch.dtype, optional): dtype of the scales, zeros and compute (fp32, bf16
             or fp16 on CPU, bf16 on CUDA). Defaults to the default dtype on CPU and bf16
             on CUDA.
         device (torch.device, optional): where to build the layer; ``meta`` builds the
             structure without memory.
-        bits (int): bit width of the quantization grid: 2, 3, 4 or 8. With an int4 group
-            size, 2- and 3-bit codes are stored in the int4 layout (``q + 8 - 2**(bits -
-            1)``) and computed by the same kernels, so they change accuracy, not memory or
-            speed; 8-bit codes take the intx path.
-        double_quant_scales (bool): keep the int4 base's per-group scales as 8-bit codes
-            on a per-row grid (double quantization, see
-            :mod:`qalora_tune.quantization.double_quant`): ``(16 - 8) / group_size`` fewer
-            bits per weight in bf16, the zero points (which the merge updates) unchanged.
-            Only for bases on the int4 kernels.
+        **knobs: instead of ``config``, its fields as keywords (``group_size=64,
+            bits=4, ...``), for direct use of the layer.
 
     Raises:
-        ValueError: if ``group_size`` is not positive, or does not divide ``in_dim``
-            while ``pad_in_dim`` is off, or ``double_quant_scales`` is set for a base off
-            the int4 kernels.
+        UserValueError: for a config no layer can hold, or a ``group_size`` that does not
+            divide ``in_dim`` while ``pad_in_dim`` is off.
+        UserTypeError: for both ``config`` and keywords, or an unknown keyword.
     """
 
     def __init__(
         self,
         in_dim: int,
         out_dim: int,
-        group_size: int = 64,
+        config: Optional[QALoRAConfig] = None,
+        *,
         use_bias: bool = False,
-        quantizer: str = "rtn",
-        pad_in_dim: bool = False,
         dtype: Optional[torch.dtype] = None,
         device: Optional[torch.device] = None,
-        bits: int = 4,
-        double_quant_scales: bool = False,
+        **knobs: Any,
     ):
         super().__init__()
-        _validate_base_hparams(in_dim, out_dim, group_size, pad_in_dim, bits)
-        check_double_quant(double_quant_scales, bits, group_size)
-        self.bits = bits
-        self.double_quant_scales = double_quant_scales
-        self._quantize = get_quantizer(quantizer)
+        config = _config(config, knobs)
+        _validate_shape(in_dim, out_dim, config)
+        self.config = config
+        self._quantize = get_quantizer(config.quantizer)
         self.in_dim = in_dim
         self.out_dim = out_dim
-        self.group_size = group_size
-        self.quantizer = quantizer
-        self.padded_in_dim = _round_up(in_dim, group_size)
+        self.padded_in_dim = _round_up(in_dim, config.group_size)
+        group_size, bits = config.group_size, config.bits
+        double_quant_scales = config.double_quant_scales
         device = torch.device(device) if device is not None else torch.get_default_device()
         if device.type == "meta":
             weight = empty_base(
@@ -125,7 +100,7 @@ class Int4Linear(nn.Module):
             init_weight = torch.empty(out_dim, in_dim, device=device, dtype=torch.float32)
             nn.init.kaiming_uniform_(init_weight, a=math.sqrt(5))
             placeholder = quantize_rtn(self._pad_columns(init_weight), group_size, bits)
-            weight = to_torchao_base(
+            weight = to_base(
                 placeholder, device=device, dtype=dtype, double_quant=double_quant_scales
             )
         self.weight = nn.Parameter(weight, requires_grad=False)
@@ -137,12 +112,28 @@ class Int4Linear(nn.Module):
         self.register_load_state_dict_pre_hook(_quantize_incoming_weight)
 
     @property
+    def bits(self) -> int:
+        return self.config.bits
+
+    @property
+    def group_size(self) -> int:
+        return self.config.group_size
+
+    @property
+    def quantizer(self) -> str:
+        return self.config.quantizer
+
+    @property
+    def double_quant_scales(self) -> bool:
+        return self.config.double_quant_scales
+
+    @property
     def n_groups(self) -> int:
         """Quantization groups per output row (and the pooled adapter's input width)."""
         return self.padded_in_dim // self.group_size
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs: Any) -> "Int4Linear":
+    def from_linear(cls, linear: nn.Linear, **kwargs: Any) -> "QuantizedLinear":
         """Build from a full-precision ``nn.Linear``, quantizing its weight.
 
         Args:
@@ -165,7 +156,7 @@ class Int4Linear(nn.Module):
     @classmethod
     def from_int4(
         cls, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, **kwargs: Any
-    ) -> "Int4Linear":
+    ) -> "QuantizedLinear":
         """Wrap an already quantized torchao int4 (or intx) weight.
 
         Args:
@@ -190,12 +181,13 @@ class Int4Linear(nn.Module):
                 "Int4TilePackedTo4dTensor or IntxUnpackedToInt8Tensor (asymmetric, float "
                 f"zero points), got {type(weight).__name__}"
             )
-        kwargs.setdefault("group_size", weight.block_size[-1])
-        if is_intx_weight(weight):
-            kwargs.setdefault("bits", intx_bits(weight))
+        if kwargs.get("config") is None:
+            kwargs.setdefault("group_size", weight.block_size[-1])
+            if is_intx_weight(weight):
+                kwargs.setdefault("bits", intx_bits(weight))
+            kwargs.setdefault("double_quant_scales", is_double_quant(weight))
         kwargs.setdefault("dtype", weight.dtype)
         kwargs.setdefault("device", weight.device)
-        kwargs.setdefault("double_quant_scales", is_double_quant(weight))
         out_dim, in_dim = weight.shape
         module = cls(in_dim, out_dim, use_bias=bias is not None, **kwargs)
         module._check_base(weight)
@@ -247,12 +239,13 @@ class Int4Linear(nn.Module):
             )
 
     def _in_storage(self, weight: torch.Tensor) -> torch.Tensor:
-        """A checked quantized base with its scales as this layer keeps them (8-bit codes
-        with ``double_quant_scales``, else dense)."""
+        """A checked quantized base as this project's class for its layout, with its scales
+        as this layer keeps them (8-bit codes with ``double_quant_scales``, else dense)."""
+        weight = as_base(weight)
         if is_double_quant(weight) and not self.double_quant_scales:
             return with_dense_scales(weight)
         if self.double_quant_scales and not is_double_quant(weight):
-            return to_torchao_base(
+            return to_base(
                 from_torchao_base(weight),
                 device=weight.device,
                 dtype=weight.dtype,
@@ -284,7 +277,7 @@ class Int4Linear(nn.Module):
             )
         target = self.weight.device
         quantized = self._quantize(self._pad_columns(weight.to(target)), self.group_size, self.bits)
-        packed = to_torchao_base(
+        packed = to_base(
             quantized,
             device=target,
             dtype=self.weight.dtype,
@@ -293,26 +286,9 @@ class Int4Linear(nn.Module):
         self.weight = nn.Parameter(packed, requires_grad=False)
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x W^T + bias`` for an input already padded to ``(..., padded_in_dim)``."""
-        weight = self.weight
-        if is_intx_weight(weight):
-            out = intx_linear(x, weight.qdata, weight.scale, weight.zero_point)
-        elif is_double_quant(weight):
-            out = int4_dq_linear(
-                x,
-                weight.qdata,
-                weight.scale_codes,
-                weight.scale_min,
-                weight.scale_step,
-                weight.zero,
-                self.group_size,
-                self.out_dim,
-            )
-        else:
-            out = int4_linear(
-                x, weight.qdata, weight.scale_and_zero, self.group_size, self.out_dim
-            )
-        return out if self.bias is None else out + self.bias
+        """``x W^T + bias`` for an input already padded to ``(..., padded_in_dim)``: plain
+        ``F.linear``, which the base tensor routes to its op (:mod:`qalora_tune.ops`)."""
+        return F.linear(x, self.weight, self.bias)
 
     def pad_input(self, x: torch.Tensor) -> torch.Tensor:
         """Zero-pad ``(..., in_dim)`` to ``(..., padded_in_dim)`` (a no-op without padding)."""
@@ -338,7 +314,7 @@ class Int4Linear(nn.Module):
 
 
 def _quantize_incoming_weight(
-    module: Int4Linear, state_dict: Dict[str, Any], prefix: str, *args: Any
+    module: QuantizedLinear, state_dict: Dict[str, Any], prefix: str, *args: Any
 ) -> None:
     """load_state_dict pre-hook: quantize a full-precision base weight on arrival.
 
@@ -360,21 +336,36 @@ def _quantize_incoming_weight(
     state_dict[key] = module.weight
 
 
-def _validate_base_hparams(
-    in_dim: int, out_dim: int, group_size: int, pad_in_dim: bool, bits: int
-) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise UserValueError(f"bits={bits} is not supported; use one of {SUPPORTED_BITS}")
+def _config(config: Optional[QALoRAConfig], knobs: Dict[str, Any]) -> QALoRAConfig:
+    """``config``, or one made from a layer's keyword arguments (not both)."""
+    if config is not None:
+        if knobs:
+            raise UserTypeError(
+                f"pass either config= or the keyword arguments {sorted(knobs)}, not both"
+            )
+        if not isinstance(config, QALoRAConfig):
+            raise UserTypeError(f"config must be a QALoRAConfig, got {type(config).__name__}")
+        return config
+    unknown = sorted(set(knobs) - set(QALoRAConfig.__dataclass_fields__))
+    if unknown:
+        raise UserTypeError(
+            f"unknown layer arguments {unknown}; the quantization and adapter knobs are "
+            f"{sorted(QALoRAConfig.__dataclass_fields__)}"
+        )
+    return QALoRAConfig(**knobs)
+
+
+def _validate_shape(in_dim: int, out_dim: int, config: QALoRAConfig) -> None:
     if in_dim <= 0 or out_dim <= 0:
         raise UserValueError(f"in_dim and out_dim must be positive, got {in_dim} and {out_dim}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+    if in_dim % config.group_size and not config.pad_in_dim:
         raise UserValueError(
-            f"group_size={group_size!r} must be a positive integer (the int4 kernels have "
-            f"{INT4_KERNEL_GROUP_SIZES}; others run on the dequantizing intx path)"
+            f"group_size={config.group_size} does not divide in_dim={in_dim}; choose a "
+            f"group_size that divides {in_dim}, or set pad_in_dim=True to pad the input with "
+            "zeros (the merge stays exact)"
         )
-    if in_dim % group_size and not pad_in_dim:
-        raise UserValueError(
-            f"group_size={group_size} does not divide in_dim={in_dim}; choose a group_size "
-            f"that divides {in_dim}, or set pad_in_dim=True to pad the input with zeros "
-            "(the merge stays exact)"
-        )
+
+
+Int4Linear = QuantizedLinear
+"""The former name of :class:`QuantizedLinear` (it also holds 8-bit bases), kept so code
+written against it still runs."""

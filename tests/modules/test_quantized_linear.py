@@ -3,15 +3,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qalora_tune import Int4Linear, QALoRALinear
+from qalora_tune import QALoRALinear, QuantizedLinear
 from qalora_tune._compat import Int4OpaqueTensor
-from qalora_tune.quantization import dequantize_int4, zero_points
-from tests.reference import UNIT_ROUNDOFF, assert_within, matmul_error_bound, pooled_lora_reference
+from qalora_tune.quantization.int4_weight import dequantize_int4, zero_points
+from tests.reference import (
+    UNIT_ROUNDOFF,
+    assert_within,
+    matmul_error_bound,
+    pooled_lora_reference,
+)
 
 
 def test_frozen_int4_linear_matches_float64_and_passes_input_gradient():
     linear = nn.Linear(192, 80)
-    layer = Int4Linear.from_linear(linear, group_size=64)
+    layer = QuantizedLinear.from_linear(linear, group_size=64)
     x = torch.randn(3, 5, 192, requires_grad=True)
     out = layer(x)
     dense = dequantize_int4(layer.weight, torch.float64)
@@ -24,7 +29,7 @@ def test_frozen_int4_linear_matches_float64_and_passes_input_gradient():
 
 def test_weight_error_against_float64_is_within_half_a_quantization_step():
     linear = nn.Linear(256, 48, bias=False)
-    layer = Int4Linear.from_linear(linear, group_size=32)
+    layer = QuantizedLinear.from_linear(linear, group_size=32)
     dense = dequantize_int4(layer.weight, torch.float64)
     w = linear.weight.double()
     step = (w.unflatten(1, (8, 32)).amax(-1) - w.unflatten(1, (8, 32)).amin(-1)) / 15
@@ -34,7 +39,7 @@ def test_weight_error_against_float64_is_within_half_a_quantization_step():
 
 def test_in_dim_not_divisible_needs_pad_in_dim():
     with pytest.raises(ValueError, match="group_size=32 does not divide in_dim=172.*pad_in_dim=True"):
-        Int4Linear(172, 64, group_size=32)
+        QuantizedLinear(172, 64, group_size=32)
 
 
 @pytest.mark.parametrize("in_dim,group_size", [(172, 32), (100, 64), (36, 32)])
@@ -84,7 +89,7 @@ def test_meta_device_builds_structure_without_memory():
     assert layer.weight.device.type == "meta" and layer.weight.shape == (11008, 4096)
     assert layer.lora_a.weight.shape == (8, 64) and layer.lora_a.weight.is_meta
     with torch.device("meta"):
-        frozen = Int4Linear(172, 64, group_size=32, pad_in_dim=True)
+        frozen = QuantizedLinear(172, 64, group_size=32, pad_in_dim=True)
     assert frozen.weight.is_meta and frozen.weight.shape == (64, 192)
     with pytest.raises(ValueError, match="meta device"):
         frozen.quantize_base_(torch.randn(64, 172))
@@ -93,7 +98,8 @@ def test_meta_device_builds_structure_without_memory():
 @pytest.mark.parametrize("bits", [4, 8])
 def test_padded_intx_layer_is_exact_and_merges(bits):
     from qalora_tune.ops.intx_linear import dequantize_intx
-    from qalora_tune.quantization import from_torchao_base, is_intx_weight
+    from qalora_tune.quantization.base_weight import from_torchao_base
+    from qalora_tune.quantization.intx_weight import is_intx_weight
 
     torch.manual_seed(bits)
     linear = nn.Linear(100, 40)
