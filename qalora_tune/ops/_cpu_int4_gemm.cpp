@@ -252,28 +252,22 @@ inline void forward_panel(const uint8_t* block, const float* sz, int64_t n_pad, 
   }
 }
 
-// rows k0 .. k0 + rows of W^T for the row blocks [b0, b1), into a (rows, ld) buffer
-inline void transposed_rows(const uint8_t* packed, const uint16_t* sz, int64_t n_pad, int64_t k,
-                            int64_t group, int64_t k0, int64_t rows, int64_t b0, int64_t b1,
-                            uint16_t* out, int64_t ld) {
-  const __m512 table = code_table();
-  Scales sc;
-  for (int64_t b = b0; b < b1; ++b) {
-    const uint8_t* block = packed + b * k * 32;
-    for (int64_t kk = k0; kk < k0 + rows; ++kk) {
-      if (kk == k0 || kk % group == 0) load_scales(sz + (kk / group) * n_pad * 2 + b * kBlockN * 2, sc);
-      __m512 v[4];
-      dequantize64<true>(block + kk * 32, sc, table, v);
-      uint16_t* row = out + (kk - k0) * ld + (b - b0) * kBlockN;
-      _mm512_storeu_si512((void*)row, (__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]));
-      _mm512_storeu_si512((void*)(row + 32), (__m512i)_mm512_cvtne2ps_pbh(v[3], v[2]));
-    }
-  }
+// 64 dequantized values of one row of W^T, stored in bf16 or in fp32
+inline void store64(const __m512 v[4], uint16_t* row) {
+  _mm512_storeu_si512((void*)row, (__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]));
+  _mm512_storeu_si512((void*)(row + 32), (__m512i)_mm512_cvtne2ps_pbh(v[3], v[2]));
 }
 
-inline void transposed_rows(const uint8_t* packed, const float* sz, int64_t n_pad, int64_t k,
+inline void store64(const __m512 v[4], float* row) {
+  for (int j = 0; j < 4; ++j) _mm512_storeu_ps(row + 16 * j, v[j]);
+}
+
+// rows k0 .. k0 + rows of W^T for the row blocks [b0, b1), into a (rows, ld) buffer; T is
+// the compute dtype's storage (uint16_t: bf16, float: fp32), of scales and output alike
+template <typename T>
+inline void transposed_rows(const uint8_t* packed, const T* sz, int64_t n_pad, int64_t k,
                             int64_t group, int64_t k0, int64_t rows, int64_t b0, int64_t b1,
-                            float* out, int64_t ld) {
+                            T* out, int64_t ld) {
   const __m512 table = code_table();
   Scales sc;
   for (int64_t b = b0; b < b1; ++b) {
@@ -281,9 +275,8 @@ inline void transposed_rows(const uint8_t* packed, const float* sz, int64_t n_pa
     for (int64_t kk = k0; kk < k0 + rows; ++kk) {
       if (kk == k0 || kk % group == 0) load_scales(sz + (kk / group) * n_pad * 2 + b * kBlockN * 2, sc);
       __m512 v[4];
-      dequantize64<false>(block + kk * 32, sc, table, v);
-      float* row = out + (kk - k0) * ld + (b - b0) * kBlockN;
-      for (int j = 0; j < 4; ++j) _mm512_storeu_ps(row + 16 * j, v[j]);
+      dequantize64<std::is_same<T, uint16_t>::value>(block + kk * 32, sc, table, v);
+      store64(v, out + (kk - k0) * ld + (b - b0) * kBlockN);
     }
   }
 }

@@ -13,23 +13,28 @@ bit for bit; products accumulate in fp32 and are rounded once to the compute dty
                      of W^T are the operand read as 32-bit pairs
 
 The library is compiled on first use with the system C++ compiler (``$CXX`` or ``c++``)
-into ``$QALORA_TUNE_CACHE_DIR`` (default ``~/.cache/qalora_tune``), keyed by a hash of the
-source and flags, and loaded with ``ctypes``; its OpenMP is the ``libgomp`` torch already
+into ``$QALORA_TUNE_CACHE_DIR``, or else the user's cache (``~/.cache/qalora_tune``) or a
+per-user directory in the system temp dir, never into the installed package; its file
+name is a hash of the source, flags, compiler version and the CPU's ISA flags, and it is
+written under a private name and renamed, so processes building at once each load a
+complete file. It is loaded with ``ctypes``; its OpenMP is the ``libgomp`` torch already
 loaded, so it shares torch's threads (``torch.get_num_threads()``). It needs Linux, a CPU
 with AVX-512 F/BW/VL and AVX512-BF16, and the 64-row AVX-512 packing of
-``cpu_int4_layout``. Elsewhere, or if the build fails (one warning), the chunked paths
-run; ``QALORA_TUNE_NATIVE_INT4=0`` selects them from the start.
+``cpu_int4_layout``. Elsewhere the chunked paths run without trying a build; if the build
+fails (no compiler, no writable cache) they run after one logged warning line;
+``QALORA_TUNE_NATIVE_INT4=0`` selects them from the start.
 """
 
 import ctypes
 import hashlib
+import logging
 import os
+import platform
 import subprocess
 import sys
 import tempfile
-import warnings
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +55,7 @@ _LAYOUT = CpuInt4Layout(64, 4)
 BLOCK_N = 64  # rows of W per packed block; the kernel takes weights of whole blocks
 _DTYPES = (torch.bfloat16, torch.float32)
 
+_log = logging.getLogger(__name__)
 _library: Optional[ctypes.CDLL] = None
 _failed = False
 
@@ -65,41 +71,71 @@ def _cpu_flags() -> set:
     return set()
 
 
-def _cache_dir() -> Path:
+def _cache_dirs() -> List[Path]:
+    """Where the library may be built, in order: ``$QALORA_TUNE_CACHE_DIR`` alone if set,
+    else the user's cache (``$XDG_CACHE_HOME`` or ``~/.cache``) and a per-user directory
+    in the system temp dir (for a read-only home)."""
     configured = os.environ.get(_CACHE_ENV)
     if configured:
-        return Path(configured)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qalora_tune"
+        return [Path(configured)]
+    user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qalora_tune"
+    return [user, Path(tempfile.gettempdir()) / f"qalora_tune-{os.getuid()}"]
+
+
+def _usable(directory: Path) -> bool:
+    """Creates ``directory`` if needed; whether this user owns it and may write to it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return directory.stat().st_uid == os.getuid() and os.access(directory, os.W_OK | os.X_OK)
+    except OSError:
+        return False
+
+
+def _build_key(compiler_version: str) -> str:
+    """Hash of what the library depends on: source, flags, compiler and the CPU's ISA."""
+    cpu = " ".join(sorted(set(_CPU_FLAGS) & _cpu_flags())) + platform.machine()
+    material = [_SOURCE.read_bytes(), " ".join(_FLAGS).encode(), compiler_version.encode(), cpu.encode()]
+    return hashlib.sha256(b"\0".join(material)).hexdigest()[:16]
 
 
 def _build(compiler: str) -> Path:
-    """The compiled library, built into the cache unless an identical build is there."""
-    source = _SOURCE.read_bytes()
+    """The compiled library, built into the first usable cache directory unless an
+    identical build is already in one.
+
+    Raises:
+        OSError: the compiler is missing, or no cache directory is writable.
+        RuntimeError: the compiler failed (its first line of errors).
+        subprocess.SubprocessError: the compiler timed out or failed ``--version``.
+    """
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=True, timeout=60
     ).stdout
-    key = hashlib.sha256(source + " ".join(_FLAGS).encode() + version.encode()).hexdigest()[:16]
-    directory = _cache_dir()
-    target = directory / f"qalora_int4_gemm_{key}.so"
-    if target.exists():
+    name = f"qalora_int4_gemm_{_build_key(version)}.so"
+    directories = _cache_dirs()
+    for directory in directories:
+        if (directory / name).is_file():
+            return directory / name
+    for directory in directories:
+        if not _usable(directory):
+            continue
+        target = directory / name
+        # built under a private name and renamed: processes building at once never see a
+        # half-written file, and the last rename leaves one complete library
+        handle, partial = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=directory)
+        os.close(handle)
+        try:
+            done = subprocess.run(
+                [compiler, *_FLAGS, str(_SOURCE), "-o", partial],
+                capture_output=True, text=True, timeout=600,
+            )
+            if done.returncode != 0:
+                raise RuntimeError((done.stderr.strip().splitlines() or ["compiler failed"])[0])
+            os.replace(partial, target)
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
         return target
-    directory.mkdir(parents=True, exist_ok=True)
-    # built under a private name and renamed: processes building at once never load a
-    # half-written file
-    handle, partial = tempfile.mkstemp(suffix=".so", dir=directory)
-    os.close(handle)
-    try:
-        done = subprocess.run(
-            [compiler, *_FLAGS, str(_SOURCE), "-o", partial],
-            capture_output=True, text=True, timeout=600,
-        )
-        if done.returncode != 0:
-            raise RuntimeError((done.stderr.strip().splitlines() or ["compiler failed"])[0])
-        os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
-    return target
+    raise PermissionError(f"no writable cache directory among {[str(d) for d in directories]}")
 
 
 def _declare(library: ctypes.CDLL) -> None:
@@ -121,11 +157,10 @@ def _load() -> Optional[ctypes.CDLL]:
     except Exception as error:  # no compiler, a failed build: the chunked paths, once
         _failed = True
         first_line = (str(error).splitlines() or [""])[0]
-        warnings.warn(
-            "qalora-tune could not build its CPU int4 GEMM kernel "
-            f"({type(error).__name__}: {first_line}); using the slower chunked path. "
-            f"Set {_ENV}=0 to skip this attempt.",
-            stacklevel=3,
+        _log.warning(
+            "qalora-tune could not build its CPU int4 GEMM kernel (%s: %s); using the "
+            "slower chunked path. Set %s=0 to skip this attempt.",
+            type(error).__name__, first_line, _ENV,
         )
         return None
     _library = library

@@ -1,15 +1,16 @@
 """The native CPU int4 GEMM (``_cpu_int4_native``): exact weights, float64 products,
-thread-count independence, the op's path choice, torch.compile, and the fallback."""
+thread-count independence, the op's path choice and torch.compile (the fallbacks are in
+``test_cpu_int4_native_fallback.py``)."""
 
 import importlib
-import warnings
 
 import pytest
 import torch
 
 import qalora_tune.ops._cpu_int4_native as native
 from qalora_tune.ops import int4_linear, int4_linear_grad_input
-from qalora_tune.quantization import dequantize_int4, quantize_rtn, to_torchao_int4
+from qalora_tune.quantization import quantize_rtn
+from qalora_tune.quantization.int4_weight import dequantize_int4, to_torchao_int4
 from qalora_tune.quantization.int4_weight import dequantize_packed
 from tests.reference import assert_within, matmul_error_bound, seed_each_test  # noqa: F401
 
@@ -136,24 +137,3 @@ def test_native_products_inside_torch_compile_and_inference_mode():
     assert torch.equal(compiled, eager) and torch.equal(x.grad, eager_grad)
     with torch.inference_mode():
         assert torch.equal(layer(x.detach()), eager)
-
-
-def test_a_failed_build_warns_once_and_the_chunked_paths_run(monkeypatch, tmp_path):
-    weight = _weight(128, 256, 64, torch.float32)
-    x = torch.randn(4, 256)
-    expected = native.linear(x, weight.qdata, weight.scale_and_zero, 64, 128)
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setenv("QALORA_TUNE_CACHE_DIR", str(tmp_path / "cache"))
-    native._reset(failed=False)
-    try:
-        with pytest.warns(UserWarning, match="could not build its CPU int4 GEMM kernel"):
-            assert not native.available()
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # no second warning
-            out = int4_linear(x, weight.qdata, weight.scale_and_zero, 64, 128)
-        assert_within(out, expected, matmul_error_bound(x, dequantize_int4(weight, torch.float64),
-                                                         torch.float32, expected.double()), "fallback")
-    finally:
-        monkeypatch.undo()
-        native._reset(failed=False)
-    assert native.available()  # rebuilt from the real cache
