@@ -12,8 +12,8 @@
 #   3. runs train_throughput --device cuda, QA-LoRA vs LoRA and QLoRA in bf16, on
 #      Llama-2-7B (32 layers) and on Llama-3.2-1B's widths (16 layers);
 #   4. runs decode --device cuda (Llama-2-7B sizes), with the fraction of the bandwidth;
-#   5. writes docs/results/{tests,train,train_1b,decode}_cuda.{json,md} and
-#      gpu_check_cuda.{json,md}, a summary with each step's status, seconds and targets.
+#   5. writes docs/results/{train,train_1b,decode}_cuda.{json,md}, each step's log as
+#      <step>.log, and gpu_check_cuda.{json,md}: each step's status, seconds and targets.
 # Every step has its own time limit (the sum stays under 480 s); a step that fails or runs
 # out of time is recorded and the next one runs.
 #
