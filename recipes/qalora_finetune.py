@@ -39,6 +39,7 @@ from torchtune import modules, training, utils
 from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
+from qalora_tune._memory import memory_stats, peak_rss_bytes, reset_peak_rss
 from qalora_tune.checkpointing import (
     choose_merged_format,
     RECIPE_STATE_NAME,
@@ -56,8 +57,6 @@ from qalora_tune.recipe_utils import (
     IGNORE_INDEX,
     OutputDirLock,
     TrainingError,
-    all_reduce_gradients,
-    all_reduce_sum,
     barrier,
     broadcast_parameters,
     build_dataset,
@@ -77,8 +76,10 @@ from qalora_tune.recipe_utils import (
     instantiate_section,
     is_rank_zero,
     load_full_precision,
+    loss_step,
     merge_with_report,
     model_spec_without_adapters,
+    optimizer_step,
     package_versions,
     probe_batch,
     remove_previous_run,
@@ -88,6 +89,7 @@ from qalora_tune.recipe_utils import (
     run_on_rank_zero,
     run_recipe,
     set_interrupt_note,
+    summarize_report,
     summary_json,
     summary_lines,
     training_loader,
@@ -267,8 +269,8 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             f"parameters, dtype {self._dtype}, device {self._device}; the base stores "
             f"{base_bits_per_weight(model):.3f} bits per linear weight"
         )
-        if self._device.type == "cuda":
-            training.log_memory_stats(training.get_memory_stats(device=self._device))
+        if self._log_peak_memory_stats:
+            _info(_format_memory(memory_stats(self._device)))
         return model
 
     def _setup_loss(self, cfg_loss: DictConfig) -> nn.Module:
@@ -365,17 +367,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
     # ------------------------------------------------------------------ training
 
     def _loss_step(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-        labels = batch.pop("labels")
-        with self._activations_ctx:
-            logits = self._model(**batch)
-        # position t predicts token t + 1: shift labels left, pad with the ignore index
-        labels = torch.hstack((labels[..., 1:], torch.full_like(labels[..., :1], IGNORE_INDEX)))
-        if not isinstance(logits, list):
-            labels = labels.reshape(-1)
-            logits = logits.reshape(-1, logits.size(-1))
-        loss = self._loss_fn(logits, labels)
-        del logits
-        return loss
+        return loss_step(self._model, self._loss_fn, batch, self._activations_ctx)
 
     def train(self) -> None:
         """Run the remaining epochs, saving adapter and recipe state after each (and every
@@ -389,6 +381,8 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             _info("torch.compile is on: the first steps compile the model (slow)")
         self._model.train()
         for epoch in range(self.epochs_run, self.total_epochs):
+            if self._log_peak_memory_stats:
+                reset_peak_rss()  # the steps log the peak of training, not of loading
             self._dataloader.sampler.set_epoch(epoch)
             if self._resumed_dataloader_state is not None:  # mid-epoch: skip what was seen
                 self._dataloader.load_state_dict(self._resumed_dataloader_state)
@@ -450,20 +444,10 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
     def _optimizer_step(self, running_loss: torch.Tensor, num_tokens: torch.Tensor):
         """Sum gradients, loss and token counts over ranks, normalise by the global token
         count and step; returns the gradient norm (when clipping) and the step's loss."""
-        totals = torch.stack([running_loss.to(torch.float64), num_tokens.to(torch.float64)])
-        loss_sum, token_count = all_reduce_sum(totals).tolist()
-        all_reduce_gradients(self._adapter_params.values())
-        training.scale_grads(self._model, 1 / torch.tensor(token_count, device=self._device))
-        grad_norm = None
-        if self._clip_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                self._adapter_params.values(), max_norm=float(self._clip_grad_norm)
-            )
-        self._optimizer.step()
-        self._optimizer.zero_grad(set_to_none=True)
-        if self._lr_scheduler is not None:
-            self._lr_scheduler.step()
-        return grad_norm, loss_sum / token_count
+        return optimizer_step(
+            self._model, self._adapter_params.values(), self._optimizer, self._lr_scheduler,
+            running_loss, num_tokens, self._clip_grad_norm,
+        )
 
     def _log_step(self, loss: float, num_tokens, step_start: float, grad_norm) -> None:
         seconds = time.perf_counter() - step_start
@@ -474,8 +458,8 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         }
         if grad_norm is not None:
             values["grad_norm"] = float(grad_norm)
-        if self._device.type == "cuda" and self._log_peak_memory_stats:
-            values.update(training.get_memory_stats(device=self._device))
+        if self._log_peak_memory_stats:  # CUDA's allocator peaks, and the process's RSS
+            values.update(memory_stats(self._device))
         if self._metric_logger is not None:
             self._metric_logger.log_dict(values, step=self.global_step)
 
@@ -542,6 +526,8 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         """Write ``epoch_{epoch}/``: the adapter, the merged int4 model (unless
         ``save_merged_int4=False``) and the recipe state."""
         start = time.perf_counter()
+        if self._log_peak_memory_stats:
+            reset_peak_rss()  # the save's own peak, logged below
         recipe_state = self._recipe_state(epoch, 0)
         layers = self._adapter_modules
         if not self._save_merged_int4:
@@ -567,10 +553,10 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         finally:
             for layer in layers.values():
                 layer.unmerge()  # restores the zeros bit for bit
-        _info(
-            f"Saved {path} in {time.perf_counter() - start:.1f}s; merged int4 vs unmerged "
-            f"logits: max relative error {report['max_relative_logit_error']:.2e}"
-        )
+        saved = f"Saved {path} in {time.perf_counter() - start:.1f}s"
+        if self._log_peak_memory_stats:
+            saved += f" (peak RSS of the merge and export {peak_rss_bytes() / 2**30:.2f} GiB)"
+        _info(f"{saved}; {summarize_report(report)}")
 
     def _restore(self, saved: Dict[str, Any]) -> None:
         check_resume_matches(saved["adapter_config"], self._adapter_metadata, saved["path"])
@@ -622,6 +608,16 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         if self._metric_logger is not None:
             self._metric_logger.close()
         destroy_distributed()
+
+
+def _format_memory(stats: Dict[str, float]) -> str:
+    text = f"Memory: RSS {stats['rss_gib']:.2f} GiB (peak {stats['peak_rss_gib']:.2f} GiB)"
+    if "peak_memory_alloc" in stats:
+        text += (
+            f"; CUDA peak allocated {stats['peak_memory_alloc']:.2f} GiB, reserved "
+            f"{stats['peak_memory_reserved']:.2f} GiB"
+        )
+    return text
 
 
 def recipe_main(cfg: DictConfig) -> None:

@@ -51,10 +51,12 @@ from qalora_tune.recipe_utils import (
     check_output_dir,
     check_settings,
     instantiate_section,
+    merge_weight_error,
     merge_with_report,
     model_spec_without_adapters,
     resolve_dtype,
     run_recipe,
+    summarize_report,
 )
 
 log = utils.get_logger("INFO")
@@ -173,7 +175,10 @@ class QALoRAMergeRecipe:
         else:
             for layer in self._layers.values():
                 layer.merge()
-            report = {"note": "merge_probe_size=0: no probe batch, deviation not measured"}
+            report = {
+                "merge_weight_error": merge_weight_error(self._layers.values(), list(self._layers)),
+                "note": "merge_probe_size=0: no probe batch, logit deviation not measured",
+            }
         report["adapter_dir"] = str(self._adapter_dir)
         metadata = replace(self._metadata, model=self._model_spec)  # the model as configured here
         with atomic_directory(self._merged_dir, setting="merged_dir") as staging:
@@ -186,13 +191,7 @@ class QALoRAMergeRecipe:
         log.info(
             f"Merged {len(self._layers)} adapters into {self._merged_dir} in "
             f"{time.perf_counter() - start:.1f}s: {size['bits_per_quantized_parameter']:.2f} "
-            f"bits per quantized weight"
-            + (
-                f", merged vs unmerged logits max relative error "
-                f"{report['max_relative_logit_error']:.2e}"
-                if "max_relative_logit_error" in report
-                else ""
-            )
+            f"bits per quantized weight, {size['shards']} file(s); {summarize_report(report)}"
         )
         print(json.dumps({k: v for k, v in report.items() if k != "definition"}, indent=2))
         return self._merged_dir

@@ -11,7 +11,7 @@ PACKAGE = ROOT / "qalora_tune"
 
 # low to high; a module may import its own layer and the ones before it
 LAYERS = [
-    {"_compat", "errors", "_files", "_version"},
+    {"_compat", "errors", "_files", "_version", "_memory", "_progress"},
     {"quantization", "data"},
     {"ops"},
     {"modules"},

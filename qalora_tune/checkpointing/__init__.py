@@ -48,7 +48,15 @@ from qalora_tune.checkpointing._merged_int4 import (
     MERGED_DIR_NAME,
     clean_module_name,
     load_merged,
+    merged_state_dict,
     write_merged_int4,
+    write_merged_tensors,
+)
+from qalora_tune.checkpointing._safetensors_io import (
+    SAFETENSORS_INDEX_NAME,
+    SafetensorsReader,
+    ShardedSafetensorsWriter,
+    safetensors_files,
 )
 
 __all__ = [
@@ -68,6 +76,9 @@ __all__ = [
     "QALoRACheckpointer",
     "PROGRESS_NAME",
     "RECIPE_STATE_NAME",
+    "SAFETENSORS_INDEX_NAME",
+    "SafetensorsReader",
+    "ShardedSafetensorsWriter",
     "atomic_directory",
     "atomic_write_text",
     "check_adapter_before_use",
@@ -81,11 +92,14 @@ __all__ = [
     "load_checkpoint_weights",
     "load_hf_weights",
     "load_merged",
+    "merged_state_dict",
     "load_recipe_state",
     "recover_interrupted_writes",
     "read_adapter",
     "read_checkpoint_config",
     "read_hf_config",
+    "safetensors_files",
     "write_adapter",
     "write_merged_int4",
+    "write_merged_tensors",
 ]

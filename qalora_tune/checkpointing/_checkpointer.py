@@ -6,12 +6,15 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import nn
 from torchtune import utils
+
+from qalora_tune._memory import peak_rss_bytes
 
 from qalora_tune._files import is_regular_file_inside, read_json
 from qalora_tune.checkpointing._adapter import (
@@ -36,6 +39,7 @@ from qalora_tune.checkpointing._merged_int4 import (
     MERGED_DIR_NAME,
     write_merged_int4,
 )
+from qalora_tune.checkpointing._safetensors_io import parse_size
 from qalora_tune.errors import UserFileNotFoundError, UserValueError
 
 log = utils.get_logger("INFO")
@@ -66,6 +70,7 @@ OUTPUT_MARKER_NAME = ".qalora-tune-output"
 _EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _FORMAT_NAMES = {"hf": "Hugging Face", "meta": "Meta", "torchtune": "torchtune"}
+
 
 
 class QALoRACheckpointer:
@@ -107,9 +112,13 @@ class QALoRACheckpointer:
             state (an ``epoch_{k}`` or ``step_{n}``, whichever is further on).
         checkpoint_format (str): ``"hf"`` (default), ``"meta"`` or ``"torchtune"``.
             ``config.json`` is required for ``hf`` only: the model builder fixes the sizes.
+        max_shard_size (int or str): bytes per file of ``merged_int4/`` at most (default
+            ``"5GB"``, as Hugging Face): a larger model is written as
+            ``model-0000k-of-0000n.safetensors`` shards with ``model.safetensors.index.json``.
 
     Raises:
-        ValueError: if ``checkpoint_format`` is not one of those values.
+        ValueError: if ``checkpoint_format`` is not one of those values, or
+            ``max_shard_size`` is not a size.
     """
 
     def __init__(
@@ -121,8 +130,10 @@ class QALoRACheckpointer:
         hf_repo_id: Optional[str] = None,
         resume_from_checkpoint: bool = False,
         checkpoint_format: str = "hf",
+        max_shard_size: Union[int, str] = "5GB",
     ):
         check_checkpoint_format(checkpoint_format)
+        self.max_shard_size = parse_size(max_shard_size, "checkpointer.max_shard_size")
         self.checkpoint_format = checkpoint_format
         self.checkpoint_dir = Path(checkpoint_dir).expanduser()
         self.model_type = model_type
@@ -188,7 +199,17 @@ class QALoRACheckpointer:
         paths = find_checkpoint_files(
             self.checkpoint_dir, self.checkpoint_files, self.checkpoint_format
         )
+        start = time.perf_counter()
         load_checkpoint_weights(model, paths, self.checkpoint_format, self.model_type, config)
+        seconds = time.perf_counter() - start
+        size = sum(p.stat().st_size for p in paths)
+        self.last_load = {"bytes": size, "seconds": seconds, "files": len(paths)}
+        utils.log_rank_zero(
+            log,
+            f"Read and quantized {size / 1e9:.2f} GB from {len(paths)} file(s) in "
+            f"{seconds:.1f}s ({size / 1e9 / max(seconds, 1e-9):.3f} GB/s); peak RSS "
+            f"{peak_rss_bytes() / 2**30:.2f} GiB",
+        )
         return config
 
     @property
@@ -403,7 +424,8 @@ class QALoRACheckpointer:
         device = next(merged_model.parameters()).device
         chosen = choose_merged_format(merged_format, merged_model, device)
         sizes = write_merged_int4(
-            merged_model, directory, self.key_map, self.hf_config, spec, chosen
+            merged_model, directory, self.key_map, self.hf_config, spec, chosen,
+            self.max_shard_size,
         )
         self.copy_tokenizer_files(directory)
         where = runs_on(chosen, merged_model)

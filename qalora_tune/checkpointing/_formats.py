@@ -183,6 +183,7 @@ def load_checkpoint_weights(
         meta_to_tune if checkpoint_format == "meta" else _unchanged,
         tied=TIED_KEYS[0] in keys and TIED_KEYS[1] not in keys,
         checkpoint_format=checkpoint_format,
+        total_bytes=sum(p.stat().st_size for p in paths),
     )
 
 

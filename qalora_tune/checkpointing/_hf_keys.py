@@ -66,17 +66,12 @@ class HFKeyMap:
             dim=self.dim,
             head_dim=hf_config.get("head_dim"),
         )
-        if model_type == "QWEN2":
-            tied = hf_config.get("tie_word_embeddings", False)
-            self._to_tune: Converter = lambda sd: qwen2_hf_to_tune(
-                sd, tie_word_embeddings=tied, **kwargs
-            )
-            self._to_hf: Converter = lambda sd: qwen2_tune_to_hf(
-                sd, tie_word_embeddings=tied, **kwargs
-            )
-        else:
-            self._to_tune = lambda sd: hf_to_tune(sd, **kwargs)
-            self._to_hf = lambda sd: tune_to_hf(sd, **kwargs)
+        tied = hf_config.get("tie_word_embeddings", False)
+        self._to_tune, self._to_hf = _converters(model_type, tied, kwargs)
+        # the row-order probes: one column (the converters reshape rows as
+        # (heads, ..., columns), so any column count works once head_dim is explicit)
+        probe_kwargs = dict(kwargs, dim=1, head_dim=kwargs["head_dim"] or self.dim // heads)
+        self._probe_to_tune, self._probe_to_hf = _converters(model_type, tied, probe_kwargs)
 
     def to_tune(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Dense tensors, Hugging Face keys -> torchtune keys (rows reordered as needed).
@@ -102,11 +97,22 @@ class HFKeyMap:
             Tuple[str, torch.Tensor]: the new key and ``index`` such that
             ``converted = source[index]`` for every per-row tensor of that weight.
         """
-        # a stride-0 probe: converters view rows as (heads, ..., dim), which needs no copy
-        probe = torch.arange(out_dim, dtype=torch.float32)[:, None].expand(out_dim, self.dim)
-        converted = (self._to_hf if to_hf else self._to_tune)({key: probe})
+        # a one-column probe whose rows hold their own index (a probe of the weight's
+        # width would be copied by the converter's reshape: 268 MB for a 70B q_proj)
+        probe = torch.arange(out_dim, dtype=torch.float32)[:, None]
+        converted = (self._probe_to_hf if to_hf else self._probe_to_tune)({key: probe})
         (new_key, rows), = converted.items()
         return new_key, rows[:, 0].long()
+
+
+def _converters(model_type: str, tied: bool, kwargs: Dict) -> Tuple[Converter, Converter]:
+    """torchtune's (HF -> torchtune, torchtune -> HF) key converters for ``model_type``."""
+    if model_type == "QWEN2":
+        return (
+            lambda sd: qwen2_hf_to_tune(sd, tie_word_embeddings=tied, **kwargs),
+            lambda sd: qwen2_tune_to_hf(sd, tie_word_embeddings=tied, **kwargs),
+        )
+    return (lambda sd: hf_to_tune(sd, **kwargs), lambda sd: tune_to_hf(sd, **kwargs))
 
 
 def check_model_type(model_type: str, hf_config: Dict) -> None:

@@ -43,6 +43,7 @@ def load_hf_weights(
         HFKeyMap(model_type, hf_config).to_tune,
         tied=bool(hf_config.get("tie_word_embeddings")),
         checkpoint_format="hf",
+        total_bytes=sum(p.stat().st_size for p in paths),
     )
 
 

@@ -36,11 +36,14 @@ from qalora_tune.quantization.base_weight import (
     to_base,
     uses_int4_kernel,
 )
+from qalora_tune.quantization.cpu_int4_blocks import cpu_int4_to_plain_int4, plain_int4_to_cpu_int4
 from qalora_tune.quantization.group_quant import GroupQuantizedWeight
 from qalora_tune.quantization.int4_weight import (
+    CpuInt4Tensor,
     as_int4_base,
     from_torchao_int4,
     tinygemm_int4,
+    with_dense_scales,
 )
 from qalora_tune.quantization.intx_weight import (
     as_intx_base,
@@ -60,6 +63,7 @@ __all__ = [
     "MERGED_FORMATS",
     "RUNS_ON",
     "base_from_file",
+    "file_weight_nbytes",
     "is_file_base",
     "choose_merged_format",
     "portable_weight",
@@ -187,6 +191,12 @@ def portable_weight(
     if merged_format == "intx" and is_intx_weight(module.weight):
         intx = as_stock_intx(reorder_intx_rows(module.weight, rows, device="cpu"))
         return intx, _bytes(intx.qdata, intx.scale, intx.zero_point)
+    if merged_format == "int4_plain" and isinstance(module.weight, CpuInt4Tensor):
+        # the same bits without whole-weight temporaries: a block of rows at a time
+        plain = cpu_int4_to_plain_int4(
+            with_dense_scales(module.weight), rows.cpu(), in_features=module.in_dim
+        )
+        return plain, plain_int4_bytes(plain)
     gq = _permute_rows(from_torchao_base(module.weight), rows)
     if merged_format == "intx":
         intx = _intx_with_float32_grid(gq, module.weight.dtype)
@@ -234,6 +244,15 @@ def _bytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def file_weight_nbytes(tensor: torch.Tensor) -> int:
+    """Bytes a quantized linear of a file format takes: codes, scales and zero points."""
+    if isinstance(tensor, Int4Tensor):
+        return plain_int4_bytes(tensor)
+    if isinstance(tensor, Int4TilePackedTo4dTensor):
+        return _bytes(tensor.qdata, tensor.scale_and_zero)
+    return _bytes(tensor.qdata, tensor.scale, tensor.zero_point)
+
+
 def is_file_base(tensor: torch.Tensor) -> bool:
     """Whether a tensor read from a merged file is a quantized linear (any format)."""
     return isinstance(tensor, (Int4Tensor, Int4TilePackedTo4dTensor, IntxUnpackedToInt8Tensor))
@@ -255,6 +274,9 @@ def base_from_file(
     if isinstance(tensor, IntxUnpackedToInt8Tensor) and not module.config.uses_int4_kernel:
         return as_intx_base(reorder_intx_rows(tensor, rows, device=device, dtype=dtype))
     if isinstance(tensor, Int4Tensor):
+        if device.type == "cpu" and module.config.uses_int4_kernel and not module.double_quant_scales:
+            # the same bits without whole-weight temporaries: a block of rows at a time
+            return plain_int4_to_cpu_int4(tensor, dtype, rows, module.padded_in_dim)
         gq = from_plain_int4(tensor, module.padded_in_dim)
     elif isinstance(tensor, IntxUnpackedToInt8Tensor):
         gq = from_torchao_intx(tensor)

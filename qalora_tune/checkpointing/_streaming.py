@@ -1,13 +1,15 @@
 """Stream checkpoint tensors into a torchtune model one at a time, whatever the key layout."""
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
+from qalora_tune._progress import progress_bar
+from qalora_tune.checkpointing._safetensors_io import SafetensorsReader
 from qalora_tune.errors import UserValueError
 from qalora_tune.modules import QuantizedLinear
 from qalora_tune.quantization import is_quantized_base
@@ -31,8 +33,12 @@ _LAYOUT_KEYS = (
 
 
 def iter_checkpoint_tensors(paths: List[Path]) -> Iterator[Tuple[str, torch.Tensor]]:
-    """Yield ``(key, tensor)`` from safetensors (lazily) or PyTorch pickles, one at a time.
+    """Yield ``(key, tensor)`` from safetensors or PyTorch pickles, one at a time.
 
+    A safetensors tensor is read with ``pread`` into its own memory (no memory map, so a
+    tensor the caller has dropped is gone from the process), the next one already being
+    read by a background thread while the caller works on the current one (quantizing it,
+    say): reading and quantizing overlap, at the cost of one tensor more in memory.
     PyTorch files (``.bin``, ``.pt``, ``.pth``) are memory-mapped
     (``torch.load(..., mmap=True, weights_only=True)``) and each tensor is dropped from the
     loaded dict as it is yielded. A top-level ``{"model": state_dict}`` wrapper, as
@@ -44,10 +50,8 @@ def iter_checkpoint_tensors(paths: List[Path]) -> Iterator[Tuple[str, torch.Tens
     """
     for path in paths:
         if path.suffix == ".safetensors":
-            handle = _read(path, lambda: safe_open(str(path), framework="pt", device="cpu"))
-            with handle:
-                for key in handle.keys():
-                    yield key, _checked(_read(path, lambda: handle.get_tensor(key)), key, path)
+            for key, tensor in _iter_safetensors_ahead(path):
+                yield key, _checked(tensor, key, path)
         else:
             state = _read(
                 path, lambda: torch.load(path, map_location="cpu", mmap=True, weights_only=True)
@@ -61,6 +65,20 @@ def iter_checkpoint_tensors(paths: List[Path]) -> Iterator[Tuple[str, torch.Tens
                 state = state.pop("model")
             for key in list(state):
                 yield key, _checked(state.pop(key), key, path)
+
+
+def _iter_safetensors_ahead(path: Path) -> Iterator[Tuple[str, torch.Tensor]]:
+    """One safetensors file's tensors in file order, each read while the previous one is
+    in the caller's hands."""
+    reader = _read(path, lambda: SafetensorsReader(path))
+    with reader, ThreadPoolExecutor(max_workers=1, thread_name_prefix="qalora-read") as pool:
+        keys = reader.keys()
+        ahead = pool.submit(reader.get_tensor, keys[0]) if keys else None
+        for index, key in enumerate(keys):
+            tensor = _read(path, ahead.result)
+            ahead = pool.submit(reader.get_tensor, keys[index + 1]) if index + 1 < len(keys) else None
+            yield key, tensor
+            del tensor
 
 
 def _read(path: Path, read: Callable[[], Any]) -> Any:
@@ -125,11 +143,13 @@ def load_tensor_stream(
     *,
     tied: bool,
     checkpoint_format: str,
+    total_bytes: Optional[int] = None,
 ) -> None:
     """Load ``tensors`` into ``model``, each converted and loaded on its own.
 
     Loading one tensor at a time lets int4 layers quantize it on arrival: peak memory stays
-    about one full-precision tensor above the quantized model.
+    about one full-precision tensor (two, with the one read ahead) above the quantized
+    model. A progress bar counts the bytes read and quantized.
 
     Args:
         model (nn.Module): a torchtune model (adapter weights are not expected).
@@ -139,6 +159,7 @@ def load_tensor_stream(
         tied (bool): the model ties its output projection to its token embeddings, so
             either copy in the checkpoint fills ``tok_embeddings.weight``.
         checkpoint_format (str): the layout ``convert`` reads, named in error messages.
+        total_bytes (int, optional): the checkpoint's size, for the progress bar.
 
     Raises:
         ValueError: if the checkpoint lacks weights the model needs, holds weights it does
@@ -147,7 +168,9 @@ def load_tensor_stream(
     expected = {key for key in model.state_dict() if "lora_" not in key}
     loaded, unexpected, unexpected_raw = set(), [], []
     tied_value: Optional[torch.Tensor] = None
+    bar = progress_bar(total_bytes, "loading and quantizing", unit="B")
     for raw_key, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
         try:
             converted = convert({raw_key: tensor})
         except Exception:  # torchtune raises a bare Exception for keys it cannot map
@@ -172,6 +195,9 @@ def load_tensor_stream(
                 continue
             _load_one(model, key, value, raw_key)
             loaded.add(key)
+        del tensor, converted
+        bar.update(nbytes)
+    bar.close()
     missing = expected - loaded
     for key in TIED_KEYS:
         if key in missing and tied_value is not None:
@@ -210,13 +236,33 @@ def _load_one(model: nn.Module, key: str, value: torch.Tensor, raw_key: Optional
             f"{expected} (a checkpoint of another model or size); check that the model "
             "builder (model._component_) matches the checkpoint in checkpointer.checkpoint_dir"
         )
+    owner, _, name = key.rpartition(".")
+    module = _submodule(model, owner)
+    current = getattr(module, name, None) if module is not None else None
     try:
-        model.load_state_dict({key: value}, strict=False)
+        if (
+            isinstance(current, torch.Tensor) and not isinstance(module, QuantizedLinear)
+            and type(current.data) is torch.Tensor and not current.is_meta
+        ):
+            # take the tensor read as the parameter itself (in the parameter's dtype and
+            # device): copying it into the placeholder would hold both, e.g. 2 x 1 GB for
+            # a 128k-vocabulary embedding table
+            value = value.detach().to(device=current.device, dtype=current.dtype).contiguous()
+            model.load_state_dict({key: value}, strict=False, assign=True)
+        else:
+            model.load_state_dict({key: value}, strict=False)
     except ValueError as error:  # an int4 layer refusing the weight
         raise UserValueError(
             f"{key}: {error}; check that the model builder (model._component_) matches the "
             "checkpoint in checkpointer.checkpoint_dir"
         ) from None
+
+
+def _submodule(model: nn.Module, path: str) -> Optional[nn.Module]:
+    try:
+        return model.get_submodule(path) if path else model
+    except AttributeError:
+        return None
 
 
 def _expected_shape(model: nn.Module, key: str) -> Optional[Tuple[int, ...]]:

@@ -5,16 +5,20 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
+from torchtune.modules import TiedLinear
 
+from qalora_tune._memory import lazy_zeros
 from qalora_tune.errors import UserValueError
-from qalora_tune.models._knobs import check_group_size_fits
-from qalora_tune.modules import QALoRAConfig, QALoRALinear, QuantizedLinear
+from qalora_tune.models._knobs import check_group_size_fits, check_num_layers
+from qalora_tune.modules import FoldedTiedLinear, QALoRAConfig, QALoRALinear, QuantizedLinear
+from qalora_tune.quantization.base_weight import zero_base
 
 __all__ = [
     "ATTENTION_PROJECTIONS",
     "MLP_PROJECTIONS",
     "base_bits_per_weight",
     "count_parameters",
+    "materialize",
     "qalora_transformer",
     "swap_linears",
     "tensor_nbytes",
@@ -38,15 +42,18 @@ def qalora_transformer(
     pad_in_dim: bool = False,
     bits: int = 4,
     double_quant_scales: bool = False,
+    num_layers: Optional[int] = None,
 ) -> nn.Module:
     """Build a torchtune decoder whose linears are int4, with QA-LoRA adapters on some.
 
     ``base_decoder`` (any torchtune model builder, e.g. ``torchtune.models.llama2.llama2_7b``)
     is built on the ``meta`` device, so its full-precision weights are never allocated.
-    Every ``nn.Linear`` is then replaced on the current default device (the recipe sets
-    it) by a :class:`QALoRALinear` when it is a target, else by a frozen
-    :class:`QuantizedLinear`. The remaining parameters (embeddings, norms) and buffers (RoPE
-    caches) are created on the device in the default dtype and initialised. Weights
+    Every ``nn.Linear`` is then replaced by a :class:`QALoRALinear` when it is a target,
+    else by a frozen :class:`QuantizedLinear`, created on the current default device (the
+    recipe sets it) with an all-zero base: the model is built to be loaded, so no
+    placeholder is drawn or quantized. The adapters are initialised (``A`` random, ``B``
+    zero); the remaining parameters and buffers are created on the device in the default
+    dtype: embeddings zero (placeholders too), norms and RoPE caches initialised. Weights
     loaded afterwards through ``load_state_dict`` are quantized one layer at a time.
 
     Args:
@@ -75,6 +82,9 @@ def qalora_transformer(
             with a float32 grid per row (double quantization): ``(b_s - 8) / group_size``
             fewer bits per weight for ``b_s``-bit scales (16 in bf16), zero points kept in
             full precision so the merge stays exact. Int4 kernel bases only.
+        num_layers (int, optional): keep only the first ``num_layers`` decoder layers (the
+            real widths at a smaller depth, e.g. to check a config's shapes quickly); the
+            checkpoint must then hold that many layers. Default: all of them.
 
     Returns:
         nn.Module: the decoder, on the default device, with only adapters trainable.
@@ -105,7 +115,12 @@ def qalora_transformer(
     dtype = torch.get_default_dtype()
     with torch.device("meta"):
         model = base_decoder()
+    if num_layers is not None:
+        check_num_layers(num_layers, len(model.layers))
+        model.layers = nn.ModuleList(list(model.layers)[:num_layers])
     check_group_size_fits(model, group_size, pad_in_dim)
+    if isinstance(model.output, TiedLinear) and not isinstance(model.output, FoldedTiedLinear):
+        model.output = FoldedTiedLinear(model.output.tied_module)  # see its docstring
     if apply_lora_to_output and not isinstance(getattr(model, "output", None), nn.Linear):
         raise UserValueError(
             "model.apply_lora_to_output=True, but this model's output projection is tied to "
@@ -114,10 +129,11 @@ def qalora_transformer(
     targets = set(lora_attn_modules) | (set(MLP_PROJECTIONS) if apply_lora_to_mlp else set())
     if apply_lora_to_output:
         targets.add("output")
-    swap_linears(model, targets, config, device, dtype)
+    # on meta first, then all-zero placeholders that cost no memory until loaded
+    swap_linears(model, targets, config, torch.device("meta"), dtype)
     if double_quant_scales:
         _warn_where_eight_bit_scales_cost_bits(model, dtype)
-    _materialize(model, device)
+    materialize(model, device, dtype)
     model.requires_grad_(False)
     for module in model.modules():
         if isinstance(module, QALoRALinear):
@@ -194,19 +210,46 @@ def _warn_where_eight_bit_scales_cost_bits(model: nn.Module, dtype: torch.dtype)
 
 
 @torch.no_grad()
-def _materialize(model: nn.Module, device: torch.device) -> None:
-    """Create the meta parameters and buffers left after the linears on ``device``."""
+def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Create on ``device`` what is still on ``meta`` in a model of these builders: int4
+    layers get an all-zero base and initialised adapters, embeddings zeros, norms ones,
+    RoPE caches are built. A loader that assigned its tensors to a model built on ``meta``
+    calls it for what no file holds (the RoPE caches).
+
+    Args:
+        model (nn.Module): the model.
+        device (torch.device): where to create the tensors.
+        dtype (torch.dtype): dtype of the int4 bases' scales and of new parameters.
+    """
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
+            _materialize_int4(module, device, dtype)
             continue
         tensors = list(module.named_parameters(recurse=False)) + list(
             module.named_buffers(recurse=False)
         )
+        if hasattr(module, "rope_init"):
+            # a RoPE cache that waited for real memory: torchtune's Llama3ScaledRoPE on meta
+            # registers no buffer at all (it returns before scaling), so it is built here
+            # when it has no cache yet, or a cache on meta
+            if getattr(module, "is_cache_built", True) and not any(t.is_meta for _, t in tensors):
+                continue
+            if tensors:
+                module.to_empty(device=device, recurse=False)
+            with torch.device(device):
+                module.rope_init()
+            continue
         if not any(t.is_meta for _, t in tensors):
             continue
         module.to_empty(device=device, recurse=False)
-        if hasattr(module, "rope_init"):
-            module.rope_init()
+        if isinstance(module, nn.Embedding):
+            # a placeholder like the linears': zeros that take memory only when written
+            # (drawing 131M-545M normal values for a table the checkpoint replaces took
+            # seconds, and held a second copy of it while it loaded)
+            module.weight = nn.Parameter(
+                lazy_zeros(module.weight.shape, module.weight.dtype, device),
+                requires_grad=module.weight.requires_grad,
+            )
         elif hasattr(module, "reset_parameters"):
             module.reset_parameters()
         else:
@@ -216,6 +259,24 @@ def _materialize(model: nn.Module, device: torch.device) -> None:
                     param.fill_(1.0)
                 else:
                     param.normal_(0.0, 0.02)
+
+
+def _materialize_int4(module: QuantizedLinear, device: torch.device, dtype: torch.dtype) -> None:
+    if not module.weight.is_meta:
+        return
+    base = zero_base(
+        module.out_dim, module.padded_in_dim, module.group_size, module.bits, device, dtype,
+        module.double_quant_scales,
+    )
+    module.weight = nn.Parameter(base, requires_grad=False)
+    if module.bias is not None:
+        module.bias = nn.Parameter(
+            torch.zeros(module.out_dim, device=device, dtype=dtype), requires_grad=False
+        )
+    if isinstance(module, QALoRALinear):
+        module.lora_a.to_empty(device=device)
+        module.lora_b.to_empty(device=device)
+        module.initialize_parameters()
 
 
 def count_parameters(model: nn.Module) -> Dict[str, int]:

@@ -11,7 +11,7 @@ from torch import nn
 from qalora_tune.errors import UserValueError
 from qalora_tune.quantization.int4_weight import INT4_KERNEL_GROUP_SIZES
 
-__all__ = ["check_group_size_fits"]
+__all__ = ["check_group_size_fits", "check_num_layers"]
 
 def check_group_size_fits(model: nn.Module, group_size: int, pad_in_dim: bool) -> None:
     """Refuse, without padding, a linear whose ``in_dim`` ``group_size`` does not divide.
@@ -54,3 +54,16 @@ def _not_int(value: object) -> bool:
 
 def _join(values: Iterable[int]) -> str:
     return ", ".join(map(str, values))
+
+
+def check_num_layers(num_layers: int, available: int) -> None:
+    """Refuse a ``model.num_layers`` that is not between 1 and the model's layer count.
+
+    Raises:
+        ValueError: naming ``model.num_layers`` and the range it takes.
+    """
+    if _not_int(num_layers) or not 1 <= num_layers <= available:
+        raise UserValueError(
+            f"model.num_layers={num_layers!r} must be an integer from 1 to {available} "
+            "(this model's layers), or null for all of them"
+        )

@@ -9,7 +9,7 @@ int4 base::
 """
 
 from functools import partial
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 from torch import nn
 from torchtune.models.llama2 import llama2, llama2_7b, llama2_13b, llama2_70b
@@ -22,9 +22,8 @@ from torchtune.models.qwen2_5 import (
     qwen2_5_7b_base,
     qwen2_5_14b_base,
 )
-from torchtune.modules import TiedLinear
-
 from qalora_tune.models._component_builders import qalora_transformer
+from qalora_tune.modules import FoldedTiedLinear
 
 __all__ = [
     "MODEL_BUILDERS",
@@ -62,6 +61,8 @@ _BUILDER_DOC = """QA-LoRA {title}: torchtune's ``{base}`` with an int4 base and 
         pad_in_dim (bool): zero-pad linears whose ``in_dim`` ``group_size`` does not divide.
         bits (int): bit width of the base, from 2, 3, 4, 8 (this version implements 2, 3, 4).
         double_quant_scales (bool): store the int4 base's scales as 8-bit codes.
+        num_layers (int, optional): keep only the first ``num_layers`` decoder layers
+            (same widths, smaller depth); default: all of them.
 
     Returns:
         TransformerDecoder: see :func:`~qalora_tune.models.qalora_transformer`.
@@ -81,6 +82,7 @@ def _model_builder(name: str, base: Callable[[], nn.Module], title: str) -> Call
         pad_in_dim: bool = False,
         bits: int = 4,
         double_quant_scales: bool = False,
+        num_layers: Optional[int] = None,
     ) -> nn.Module:
         return qalora_transformer(
             base,
@@ -95,6 +97,7 @@ def _model_builder(name: str, base: Callable[[], nn.Module], title: str) -> Call
             pad_in_dim=pad_in_dim,
             bits=bits,
             double_quant_scales=double_quant_scales,
+            num_layers=num_layers,
         )
 
     base_name = getattr(base, "__name__", None) or base.func.__name__
@@ -120,7 +123,8 @@ def tied_llama(
     (the layout of llama2.c-style small models such as stories260K and TinyStories-656K).
 
     Returns:
-        TransformerDecoder: with ``output`` a :class:`torchtune.modules.TiedLinear`.
+        TransformerDecoder: with ``output`` a :class:`~qalora_tune.modules.FoldedTiedLinear`
+        (torchtune's ``TiedLinear``, computed as one 2D product).
     """
     model = llama2(
         vocab_size=vocab_size,
@@ -134,7 +138,7 @@ def tied_llama(
         rope_base=rope_base,
     )
     del model.output  # an nn.Linear; the tied projection is a plain callable
-    model.output = TiedLinear(model.tok_embeddings)
+    model.output = FoldedTiedLinear(model.tok_embeddings)
     return model
 
 

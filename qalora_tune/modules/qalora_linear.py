@@ -1,7 +1,7 @@
 """QALoRALinear: a frozen quantized base plus a group-pooled low-rank adapter."""
 
 import math
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -12,6 +12,7 @@ from qalora_tune.modules.config import QALoRAConfig
 from qalora_tune.modules.quantized_linear import QuantizedLinear
 from qalora_tune.ops import pooled_lora
 from qalora_tune.quantization.base_weight import shift_zero_points_, stored_zero_points
+from qalora_tune.quantization.intx_weight import is_intx_weight
 
 __all__ = ["QALoRALinear"]
 
@@ -204,6 +205,39 @@ class QALoRALinear(QuantizedLinear, AdapterModule):
         self._premerge_zeros = stored_zero_points(self.weight).clone()
         shift_zero_points_(self.weight, delta)
         self.merged = True
+
+    @torch.no_grad()
+    def merge_rounding(
+        self,
+    ) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype]]:
+        """What the merge changed beyond the adapter: the error of the merged weight, per
+        (row, group), in weight units.
+
+        Codes and scales are untouched, so every weight of group ``g`` in row ``n`` is off
+        from the dequantized base plus the scaled adapter ``(alpha/r)(B A)/G`` by the same
+        amount: the rounding of the new zero point to its storage dtype (for an intx base,
+        of its integer-domain zero point, times the scale).
+
+        Returns:
+            Tuple, or None for a layer not merged in this process (no previous zero
+            points): ``error`` (merged minus exact dequantized value), ``exact`` (the exact
+            new zero point ``z + delta``), ``delta`` (the adapter's shift), all
+            ``(out_dim, n_groups)`` float64, and the zero points' storage dtype.
+        """
+        if not self.merged or self._premerge_zeros is None:
+            return None
+        delta = self.zero_point_delta()
+        stored = stored_zero_points(self.weight)
+        before = self._premerge_zeros.double()
+        if is_intx_weight(self.weight):  # w = (c - zp) s, so z = -zp s
+            scale = self.weight.scale.double()
+            exact_zp = before - delta / scale
+            error = (exact_zp - stored.double()) * scale
+            exact = -exact_zp * scale
+        else:
+            exact = before + delta
+            error = stored.double() - exact
+        return error, exact, delta, stored.dtype
 
     @torch.no_grad()
     def unmerge(self) -> None:

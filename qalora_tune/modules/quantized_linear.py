@@ -18,6 +18,7 @@ from qalora_tune.quantization.base_weight import (
     to_base,
     uses_int4_kernel,
 )
+from qalora_tune.quantization.cpu_int4_blocks import quantize_rtn_to_cpu_int4
 from qalora_tune.quantization.double_quant import is_double_quant
 from qalora_tune.quantization.int4_weight import with_dense_scales
 from qalora_tune.quantization.intx_weight import intx_bits, is_intx_weight
@@ -275,14 +276,29 @@ class QuantizedLinear(nn.Module):
                 "cannot load weights into a layer on the meta device; build the model on "
                 "cpu or cuda"
             )
-        target = self.weight.device
-        quantized = self._quantize(self._pad_columns(weight.to(target)), self.group_size, self.bits)
-        packed = to_base(
-            quantized,
-            device=target,
-            dtype=self.weight.dtype,
-            double_quant=self.double_quant_scales,
-        )
+        target, dtype = self.weight.device, self.weight.dtype
+        if (
+            self.quantizer == "rtn" and target.type == "cpu" and not self.double_quant_scales
+            and uses_int4_kernel(self.bits, self.group_size)
+        ):
+            # the current base (a placeholder, typically) goes first, as nothing below can
+            # fail (a 128k-vocabulary output layer's base is 0.3 GB); then the same bits as
+            # the general path, a block of rows at a time
+            self.weight = nn.Parameter(
+                empty_base(self.out_dim, self.padded_in_dim, self.group_size, self.bits, "meta",
+                           dtype),
+                requires_grad=False,
+            )
+            packed = quantize_rtn_to_cpu_int4(
+                weight.to(target), self.group_size, self.bits, dtype, self.padded_in_dim
+            )
+        else:
+            quantized = self._quantize(
+                self._pad_columns(weight.to(target)), self.group_size, self.bits
+            )
+            packed = to_base(
+                quantized, device=target, dtype=dtype, double_quant=self.double_quant_scales
+            )
         self.weight = nn.Parameter(packed, requires_grad=False)
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,7 @@ __all__ = [
     "stored_zero_points",
     "to_base",
     "uses_int4_kernel",
+    "zero_base",
 ]
 
 
@@ -169,3 +170,49 @@ def shift_zero_points_(weight: torch.Tensor, delta: torch.Tensor) -> None:
         stored.copy_(stored.double() - delta / weight.scale.double())
     else:
         stored.copy_(stored.double() + delta)
+
+
+@torch.no_grad()
+def zero_base(
+    out_dim: int,
+    in_dim: int,
+    group_size: int,
+    bits: int,
+    device: Union[str, torch.device],
+    dtype: Optional[torch.dtype] = None,
+    double_quant: bool = False,
+) -> torch.Tensor:
+    """A base whose weights are all zero (codes, scales and zero points all 0: with a zero
+    scale any code dequantizes to the zero point), made without quantizing anything: the
+    placeholder of a layer whose weight is loaded next. On the CPU its inner tensors are
+    lazily allocated zeros (:func:`~qalora_tune._memory.lazy_zeros`), which cost no
+    memory until written; elsewhere it is packed from zero codes.
+
+    Args:
+        out_dim (int): ``N``.
+        in_dim (int): ``K``, a multiple of ``group_size``.
+        group_size (int): quantization group size.
+        bits (int): code width.
+        device (str or torch.device): where to build it.
+        dtype (torch.dtype, optional): dtype of scales, zeros and compute.
+        double_quant (bool): 8-bit scales (int4 kernel bases only).
+    """
+    from qalora_tune._memory import lazy_zeros  # the quantization package is imported first
+
+    device = torch.device(device)
+    if device.type not in ("cpu", "meta") and uses_int4_kernel(bits, group_size):
+        gq = GroupQuantizedWeight(
+            qdata=torch.zeros((out_dim, in_dim), dtype=torch.uint8),
+            scale=torch.zeros(out_dim, in_dim // group_size),
+            zero=torch.zeros(out_dim, in_dim // group_size),
+            group_size=group_size,
+            bits=bits,
+        )
+        return to_base(gq, device=device, dtype=dtype, double_quant=double_quant)
+    weight = empty_base(out_dim, in_dim, group_size, bits, device, dtype, double_quant)
+    if device.type == "meta":
+        return weight
+    names, context = weight.__tensor_flatten__()
+    zeros = {name: lazy_zeros(getattr(weight, name).shape, getattr(weight, name).dtype, device)
+             for name in names}
+    return type(weight).__tensor_unflatten__(zeros, context, weight.shape, weight.stride())

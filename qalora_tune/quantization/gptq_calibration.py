@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qalora_tune._progress import progress_bar
 from qalora_tune.errors import UserValueError
 from qalora_tune.quantization.base_weight import to_base
 from qalora_tune.quantization.gptq import HessianAccumulator, quantize_gptq
@@ -250,11 +251,15 @@ def calibrate_gptq(
             )
         return [module(h) for h in hidden] if outputs else []
 
-    for i, layer in enumerate(model.layers):
-        hidden = calibrate(layer, f"layers.{i}.", hidden)
-    if isinstance(output, nn.Linear):
-        hidden = [model.norm(h) for h in hidden]
-        calibrate(output, "output", hidden, outputs=False)
+    steps = len(model.layers) + isinstance(output, nn.Linear)
+    with progress_bar(steps, "GPTQ calibration", unit="layer") as bar:
+        for i, layer in enumerate(model.layers):
+            hidden = calibrate(layer, f"layers.{i}.", hidden)
+            bar.update()
+        if isinstance(output, nn.Linear):
+            hidden = [model.norm(h) for h in hidden]
+            calibrate(output, "output", hidden, outputs=False)
+            bar.update()
     del hidden
 
     state = {}

@@ -47,7 +47,11 @@ from qalora_tune.recipe_utils._evaluation import (
 from qalora_tune.recipe_utils._finetune_preflight import finetune_preflight
 from qalora_tune.recipe_utils._full_precision import load_full_precision
 from qalora_tune.recipe_utils._instantiate import instantiate_section
-from qalora_tune.recipe_utils._merge_report import merge_with_report
+from qalora_tune.recipe_utils._merge_report import (
+    merge_weight_error,
+    merge_with_report,
+    summarize_report,
+)
 from qalora_tune.recipe_utils._output_dir import (
     LOCK_NAME,
     OutputDirLock,
@@ -86,6 +90,7 @@ from qalora_tune.recipe_utils._summary import (
     summary_json,
     summary_lines,
 )
+from qalora_tune.recipe_utils._train_step import loss_step, optimizer_step
 from qalora_tune.recipe_utils._training_state import (
     capture_rng,
     check_data_order,
@@ -142,9 +147,12 @@ __all__ = [
     "is_rank_zero",
     "join_problems",
     "load_full_precision",
+    "loss_step",
+    "merge_weight_error",
     "merge_with_report",
     "model_spec_without_adapters",
     "next_token_loss",
+    "optimizer_step",
     "package_versions",
     "packaged_config_names",
     "padded_collate",
@@ -161,6 +169,7 @@ __all__ = [
     "run_recipe",
     "set_interrupt_note",
     "shard_indices",
+    "summarize_report",
     "summary_json",
     "summary_lines",
     "tokenizer_vocab_size",

@@ -23,6 +23,7 @@ __all__ = [
     "check_output_dir",
     "check_tokenizer_fits",
     "resolve_dtype",
+    "text_vocab_size",
     "tokenizer_vocab_size",
 ]
 
@@ -152,11 +153,11 @@ def resolve_dtype(
 
 
 def check_cuda_only_options(cfg: Union[DictConfig, Mapping[str, Any]], device: torch.device) -> None:
-    """Refuse options that need CUDA when running elsewhere; warn about ignored ones.
+    """Refuse options that need CUDA when running elsewhere.
 
     ``enable_activation_offloading`` (CUDA streams and pinned memory) is an error off
-    CUDA; ``log_peak_memory_stats`` (CUDA's allocator statistics) is ignored with a
-    warning.
+    CUDA. (``log_peak_memory_stats`` works everywhere: off CUDA it logs the process's
+    resident memory, now and at its peak.)
 
     Raises:
         ValueError: naming the option to turn off.
@@ -167,11 +168,6 @@ def check_cuda_only_options(cfg: Union[DictConfig, Mapping[str, Any]], device: t
         raise UserValueError(
             f"enable_activation_offloading=True needs a CUDA device (device={device.type}); "
             "set enable_activation_offloading=False"
-        )
-    if cfg.get("log_peak_memory_stats", False):
-        log.warning(
-            f"log_peak_memory_stats=True is ignored on {device.type}: peak memory is "
-            "measured by CUDA's allocator"
         )
 
 
@@ -234,8 +230,32 @@ def tokenizer_vocab_size(tokenizer: Any) -> Optional[int]:
     return max(sizes) if sizes else None
 
 
+# special tokens only multimodal inputs produce (torchtune's Llama 3 tokenizer has
+# "<|image|>" at id 128256, one past the text models' 128256-row table)
+_MEDIA_TOKEN_WORDS = ("image", "video", "audio", "vision")
+
+
+def text_vocab_size(tokenizer: Any) -> Optional[int]:
+    """:func:`tokenizer_vocab_size` without the multimodal placeholder tokens at the top of
+    the id range, which text never produces (None when the tokenizer tells none)."""
+    size = tokenizer_vocab_size(tokenizer)
+    specials = getattr(tokenizer, "special_tokens", None)
+    if size is None or not isinstance(specials, Mapping):
+        return size
+    media = {
+        i for name, i in specials.items()
+        if isinstance(i, int) and any(word in str(name).lower() for word in _MEDIA_TOKEN_WORDS)
+    }
+    while size - 1 in media:
+        size -= 1
+    return size
+
+
 def check_tokenizer_fits(tokenizer: Any, model: nn.Module, setting: str = "tokenizer.path") -> None:
     """Refuse a tokenizer that produces ids the model's embedding table does not have.
+
+    Multimodal placeholder tokens at the top of the id range (``<|image|>`` of torchtune's
+    Llama 3 tokenizer, one past Llama 3's table) are not counted: text never produces them.
 
     Args:
         tokenizer: the built tokenizer.
@@ -247,7 +267,7 @@ def check_tokenizer_fits(tokenizer: Any, model: nn.Module, setting: str = "token
     """
     embeddings = getattr(model, "tok_embeddings", None)
     rows = getattr(embeddings, "num_embeddings", None)
-    size = tokenizer_vocab_size(tokenizer)
+    size = text_vocab_size(tokenizer)
     if rows is None or size is None or size <= rows:
         return
     raise UserValueError(

@@ -11,6 +11,7 @@ from qalora_tune.recipe_utils._calibration import CALIBRATION_CONFIG_KEYS
 from qalora_tune.recipe_utils._settings import (
     SettingsSchema,
     boolean,
+    byte_size,
     device_name,
     non_negative_int,
     non_negative_number,
@@ -81,6 +82,8 @@ _MODEL_AND_RUN: SettingsSchema = {
     "merge_probe_size": non_negative_int("8"),
     "merged_format": one_of(*MERGED_FORMATS),
     "checkpointer.checkpoint_dir": text("/tmp/Llama-2-7b-hf"),
+    "checkpointer.max_shard_size": byte_size("5GB"),
+    "model.num_layers": positive_int("2").optional(),
     "tokenizer.path": text("/tmp/Llama-2-7b-hf/tokenizer.model"),
 }
 

@@ -11,6 +11,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from qalora_tune.checkpointing._safetensors_io import parse_size
+
 __all__ = [
     "Setting",
     "SettingsSchema",
@@ -108,6 +110,19 @@ def text(example: str) -> Setting:
 def one_of(*values: str) -> Setting:
     """One of ``values`` (texts)."""
     return Setting(lambda v: v in values, f"one of {', '.join(values)}", values[0])
+
+
+def byte_size(example: str = "5GB") -> Setting:
+    """A positive size: bytes as an integer, or a text such as ``"5GB"`` or ``"500MB"``."""
+
+    def accepts(value: Any) -> bool:
+        try:
+            parse_size(value)
+        except ValueError:
+            return False
+        return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+    return Setting(accepts, "a size in bytes or a text such as 5GB or 500MB", example)
 
 
 def device_name() -> Setting:

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from qalora_tune._files import read_json
+from qalora_tune.recipe_utils._merge_report import summarize_report
 
 __all__ = ["format_metrics", "summary_json", "summary_lines"]
 
@@ -19,7 +20,7 @@ def format_metrics(metrics: Dict[str, float]) -> str:
 
 def summary_lines(metrics: Dict[str, Dict[str, float]], latest: Optional[Path]) -> List[str]:
     """The summary's lines: a table of ``metrics`` per model, then the newest epoch's
-    adapter and merged model (with its size and measured merge deviation)."""
+    adapter and merged model (its size, files, and the merge's two figures)."""
     lines = ["", "QA-LoRA summary"]
     if metrics:
         lines.append(
@@ -37,11 +38,12 @@ def summary_lines(metrics: Dict[str, Dict[str, float]], latest: Optional[Path]) 
         merged = latest / "merged_int4"
         if merged.is_dir():
             report = read_json(merged / "merge_report.json", "the merge report")
+            size = report["size"]
             lines.append(
-                f"    merged int4: {merged} ({report['size']['bits_per_quantized_parameter']:.2f}"
-                f" bits per quantized weight; merged vs unmerged logits: max relative error "
-                f"{report['max_relative_logit_error']:.2e})"
+                f"    merged int4: {merged} ({size['bits_per_quantized_parameter']:.2f}"
+                f" bits per quantized weight, {size.get('shards', 1)} file(s))"
             )
+            lines.append(f"      {summarize_report(report)}")
             if "format" in report:  # written since merged_format exists
                 lines.append(f"    merged format: {report['format']}, runs on {report['runs_on']}")
     return lines

@@ -31,6 +31,8 @@ def _merged_tiny(seed: int = 0, **knobs):
         ["q_proj", "v_proj"], apply_lora_to_mlp=True, lora_rank=4, lora_alpha=8,
         group_size=knobs.pop("group_size", 32), **knobs,
     )
+    # a built model holds all-zero placeholders until its weights load: load random ones
+    model.load_state_dict(qalora_tiny_llama.full_precision().state_dict(), strict=False)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, QALoRALinear):

@@ -49,7 +49,7 @@ def test_unsupported_dtypes_name_dtype(dtype, reason):
     assert message.endswith("set dtype to one of fp32, bf16")
 
 
-def test_offloading_off_cuda_is_an_error_and_peak_memory_a_warning(caplog):
+def test_offloading_off_cuda_is_an_error_and_peak_memory_is_measured_everywhere(caplog):
     with pytest.raises(ValueError, match="enable_activation_offloading=True needs a CUDA device"):
         check_cuda_only_options({"enable_activation_offloading": True}, CPU)
     logger = logging.getLogger("torchtune")
@@ -58,8 +58,19 @@ def test_offloading_off_cuda_is_an_error_and_peak_memory_a_warning(caplog):
         check_cuda_only_options({"log_peak_memory_stats": True}, CPU)
     finally:
         logger.removeHandler(caplog.handler)
-    assert "log_peak_memory_stats=True is ignored on cpu" in caplog.text
+    assert "log_peak_memory_stats" not in caplog.text  # no longer ignored on CPU
     check_cuda_only_options({"enable_activation_offloading": True}, torch.device("cuda"))
+
+
+def test_cpu_memory_stats_are_the_process_rss_and_follow_an_allocation():
+    from qalora_tune._memory import memory_stats, peak_rss_bytes
+
+    before = memory_stats(CPU)
+    assert set(before) == {"rss_gib", "peak_rss_gib"}
+    assert 0 < before["rss_gib"] <= before["peak_rss_gib"]
+    block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, touched
+    assert peak_rss_bytes() >= before["rss_gib"] * 2**30 + block.numel() * 0.9
+    del block
 
 
 def test_output_dir_is_probed_without_being_created(tmp_path):
@@ -161,3 +172,20 @@ def test_run_recipe_reports_ctrl_c_in_one_line_with_the_registered_note(capsys):
     assert exit_info.value.code == 130
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == ["qalora_finetune: interrupted: stopped at global step 7; resume with: tune run x"]
+
+
+class _Llama3Like:
+    """torchtune's Llama 3 tokenizer: 128000 text tokens, specials up to "<|image|>" at
+    128256, one past the text models' table."""
+
+    vocab_size = 128257
+    special_tokens = {"<|begin_of_text|>": 128000, "<|eot_id|>": 128009, "<|image|>": 128256}
+
+
+def test_a_multimodal_placeholder_past_the_table_does_not_count():
+    model = nn.Module()
+    model.tok_embeddings = nn.Embedding(128256, 1, device="meta")
+    check_tokenizer_fits(_Llama3Like(), model)
+    model.tok_embeddings = nn.Embedding(128009, 1, device="meta")
+    with pytest.raises(ValueError, match="has 128256 token ids but the model's embedding table has 128009"):
+        check_tokenizer_fits(_Llama3Like(), model)

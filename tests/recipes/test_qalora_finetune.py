@@ -173,10 +173,15 @@ def test_bf16_checkpointing_accumulation_clipping_and_torchao_optimizer(tmp_path
         "max_steps_per_epoch=3", "batch_size=4", "clip_grad_norm=1.0",
         "optimizer._component_=torchao.optim.AdamW8bit",
         "metric_logger._component_=torchtune.training.metric_logging.DiskLogger",
+        "log_peak_memory_stats=True",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     log = "".join(p.read_text() for p in (out / "logs").glob("*.txt"))
     assert len(_logged_losses(out)) == 3 and "grad_norm:" in log
+    # on CPU the peak memory is the process's RSS, logged each step and for the save
+    peaks = [float(v) for v in re.findall(r"peak_rss_gib:([\d.]+)", log)]
+    assert len(peaks) == 3 and all(0.1 < peak < 16 for peak in peaks)
+    assert "Memory: RSS" in result.stderr and "peak RSS of the merge and export" in result.stderr
     weights = load_file(str(out / "epoch_0" / "adapter" / "adapter_model.safetensors"))
     assert all(w.dtype == __import__("torch").bfloat16 for w in weights.values())
     assert any(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)
