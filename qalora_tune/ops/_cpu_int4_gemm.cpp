@@ -102,17 +102,34 @@ inline void dequantize64(const uint8_t* bytes, const Scales& sc, const __m512 ta
 
 // ------------------------------------------------------------------ micro-kernels
 
+// the micro-kernels' register tile: zeroed, then written (init) or added to C
+template <int R, int NJ>
+inline void zero_tile(__m512 (&acc)[R][NJ]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NJ; ++j)
+      acc[r][j] = _mm512_setzero_ps();
+}
+
+template <int R, int NJ>
+inline void store_tile(const __m512 (&acc)[R][NJ], float* c, int64_t ldc, bool init) {
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NJ; ++j) {
+      float* out = c + r * ldc + 16 * j;
+      _mm512_storeu_ps(out, init ? acc[r][j] : _mm512_add_ps(_mm512_loadu_ps(out), acc[r][j]));
+    }
+}
+
 // C[R, 16 NJ] (+)= A[R, 2P] . B[P, 16 NJ] for bf16: A rows are read as 32-bit pairs and
 // broadcast, B holds pairs (B[2p, c], B[2p + 1, c]) per 32-bit lane.
 template <int R, int NJ>
 inline void micro_bf16(const uint16_t* a, int64_t lda, const uint32_t* b, int64_t ldb,
                        int64_t pairs, float* c, int64_t ldc, bool init) {
   __m512 acc[R][NJ];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < NJ; ++j)
-      acc[r][j] = _mm512_setzero_ps();
+  zero_tile<R, NJ>(acc);
   const uint32_t* a32 = (const uint32_t*)a;
   const int64_t lda32 = lda / 2;
   for (int64_t p = 0; p < pairs; ++p) {
@@ -127,13 +144,7 @@ inline void micro_bf16(const uint16_t* a, int64_t lda, const uint32_t* b, int64_
         acc[r][j] = _mm512_dpbf16_ps(acc[r][j], (__m512bh)av, (__m512bh)bv[j]);
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < NJ; ++j) {
-      float* out = c + r * ldc + 16 * j;
-      _mm512_storeu_ps(out, init ? acc[r][j] : _mm512_add_ps(_mm512_loadu_ps(out), acc[r][j]));
-    }
+  store_tile<R, NJ>(acc, c, ldc, init);
 }
 
 // C[R, 16 NJ] (+)= A[R, S] . B[S, 16 NJ] in fp32
@@ -141,11 +152,7 @@ template <int R, int NJ>
 inline void micro_fp32(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t steps,
                        float* c, int64_t ldc, bool init) {
   __m512 acc[R][NJ];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < NJ; ++j)
-      acc[r][j] = _mm512_setzero_ps();
+  zero_tile<R, NJ>(acc);
   for (int64_t s = 0; s < steps; ++s) {
     __m512 bv[NJ];
 #pragma GCC unroll 4
@@ -157,13 +164,7 @@ inline void micro_fp32(const float* a, int64_t lda, const float* b, int64_t ldb,
       for (int j = 0; j < NJ; ++j) acc[r][j] = _mm512_fmadd_ps(av, bv[j], acc[r][j]);
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < NJ; ++j) {
-      float* out = c + r * ldc + 16 * j;
-      _mm512_storeu_ps(out, init ? acc[r][j] : _mm512_add_ps(_mm512_loadu_ps(out), acc[r][j]));
-    }
+  store_tile<R, NJ>(acc, c, ldc, init);
 }
 
 template <typename T>
