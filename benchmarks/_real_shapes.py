@@ -29,17 +29,10 @@ __all__ = [
     "write_stand_in_tokenizer",
 ]
 
-_LLAMA = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_act": "silu",
-    "attention_bias": False,
-    "mlp_bias": False,
-    "initializer_range": 0.02,
-    "pretraining_tp": 1,
-    "use_cache": True,
-    "torch_dtype": "bfloat16",
-}
+_COMMON = {"hidden_act": "silu", "initializer_range": 0.02, "use_cache": True,
+           "torch_dtype": "bfloat16"}
+_LLAMA = dict(_COMMON, architectures=["LlamaForCausalLM"], model_type="llama",
+              attention_bias=False, mlp_bias=False, pretraining_tp=1)
 _LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192, "rope_type": "llama3"}
 
@@ -76,29 +69,19 @@ SHAPES: Dict[str, Dict[str, Any]] = {
                           intermediate_size=8192, num_attention_heads=24, num_hidden_layers=28,
                           head_dim=128, rope_scaling=dict(_LLAMA3_ROPE, factor=32.0),
                           tie_word_embeddings=True),
-    "qwen2_5_7b": {
-        "config": {
-            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
-            "hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
-            "num_key_value_heads": 4, "num_hidden_layers": 28, "vocab_size": 152064,
-            "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-            "tie_word_embeddings": False, "use_sliding_window": False, "sliding_window": 131072,
-            "max_window_layers": 28, "initializer_range": 0.02, "use_cache": True,
-            "torch_dtype": "bfloat16", "bos_token_id": 151643, "eos_token_id": 151643,
-        },
-        "packaged_config": "qwen2_5_7B_qalora", "tokenizer": "qwen2",
-    },
-    "mistral_7b": {
-        "config": {
-            "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_act": "silu",
-            "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
-            "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 32000,
-            "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-            "sliding_window": 4096, "tie_word_embeddings": False, "initializer_range": 0.02,
-            "use_cache": True, "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2,
-        },
-        "packaged_config": "mistral_7B_qalora", "tokenizer": "sentencepiece",
-    },
+    "qwen2_5_7b": _shape(
+        dict(_COMMON, architectures=["Qwen2ForCausalLM"], model_type="qwen2"),
+        "qwen2_5_7B_qalora", "qwen2", hidden_size=3584, intermediate_size=18944,
+        num_attention_heads=28, num_key_value_heads=4, num_hidden_layers=28, vocab_size=152064,
+        max_position_embeddings=131072, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        tie_word_embeddings=False, use_sliding_window=False, sliding_window=131072,
+        max_window_layers=28, bos_token_id=151643, eos_token_id=151643),
+    "mistral_7b": _shape(
+        dict(_COMMON, architectures=["MistralForCausalLM"], model_type="mistral"),
+        "mistral_7B_qalora", "sentencepiece", hidden_size=4096, intermediate_size=14336,
+        num_attention_heads=32, num_key_value_heads=8, num_hidden_layers=32, vocab_size=32000,
+        max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=10000.0,
+        sliding_window=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
 }
 
 

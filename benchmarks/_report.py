@@ -1,10 +1,12 @@
 """What the benchmark scripts share: the machine's name and writing their outputs."""
 
+import argparse
 import json
 import os
 import platform
+import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 
 def cpu_model_name() -> str:
@@ -41,3 +43,29 @@ def write_outputs(json_path: Optional[Path], markdown_path: Optional[Path], repo
     if markdown_path:
         markdown_path.parent.mkdir(parents=True, exist_ok=True)
         markdown_path.write_text(markdown)
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--json``, ``--markdown`` and ``--plot``: where a benchmark writes its report."""
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None)
+
+
+def parse_with_quick(parser: argparse.ArgumentParser, quick_defaults: Dict[str, Any],
+                     argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse ``argv`` (default: the command line); ``--quick`` swaps in ``quick_defaults``,
+    and options given explicitly still win."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if parser.parse_known_args(argv)[0].quick:
+        parser.set_defaults(**quick_defaults)
+    return parser.parse_args(argv)
+
+
+def publish(report: Any, markdown: str, args: argparse.Namespace, plot: Any = None) -> None:
+    """Print ``markdown``, write ``args.json``/``args.markdown``, and ``plot(report, args.plot)``
+    when a plot path was given."""
+    print(markdown)
+    write_outputs(args.json, args.markdown, report, markdown, indent=1)
+    if args.plot and plot is not None:
+        plot(report, args.plot)

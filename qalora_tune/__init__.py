@@ -5,7 +5,6 @@ its base tensor classes (:mod:`qalora_tune.ops`). Architecture: ``docs/design.md
 """
 
 from qalora_tune._version import __version__
-from qalora_tune.checkpointing import load_merged
 from qalora_tune.errors import UserError
 from qalora_tune.modules import Int4Linear, QALoRAConfig, QALoRALinear, QuantizedLinear
 from qalora_tune.ops import int4_linear, pool_groups, pooled_lora
@@ -19,6 +18,7 @@ from qalora_tune.quantization import (
     quantize_rtn,
     to_base,
 )
+from qalora_tune.tasks import load_merged  # a merged model, with model.load_task
 
 __all__ = [
     "__version__",

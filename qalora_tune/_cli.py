@@ -1,8 +1,11 @@
-"""``qalora-tune``: list and copy the packaged configs, export a merged model to GGUF.
+"""``qalora-tune``: list and copy the packaged configs, export a merged model to GGUF,
+export and inspect task packages.
 
     qalora-tune configs                      # names accepted by --config
     qalora-tune cp llama2_7B_qalora my.yaml  # a copy to edit, then --config my.yaml
     qalora-tune export-gguf MERGED_DIR OUT.gguf [--dense-type f16|f32] [--linear-type q4_1|f32] [--force]
+    qalora-tune export-task MERGED_DIR TASK_DIR [--base BASE_DIR] [--name NAME] [--force]
+    qalora-tune task-info TASK_DIR [--base BASE_DIR]
 """
 
 import argparse
@@ -13,6 +16,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from qalora_tune.recipe_utils import packaged_config_names, resolve_config
+from qalora_tune.tasks.cli import TASK_COMMANDS, add_task_commands, run_task_command
 
 __all__ = ["main"]
 
@@ -25,7 +29,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     copy.add_argument("name", help="packaged config name, e.g. llama2_7B_qalora")
     copy.add_argument("destination", help="file or directory to copy it to")
     _add_export_gguf_parser(commands)
+    add_task_commands(commands)  # task packages: qalora_tune.tasks.cli
     args = parser.parse_args(argv)
+    if args.command in TASK_COMMANDS:
+        return _task_command(args)
     if args.command == "configs":
         print("\n".join(packaged_config_names()))
         return 0
@@ -44,6 +51,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     shutil.copyfile(source, destination)
     print(f"copied {source.name} to {destination}")
+    return 0
+
+
+def _task_command(args) -> int:
+    try:
+        print(run_task_command(args))
+    except (ValueError, TypeError, OSError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"qalora-tune: error: {message}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -13,6 +13,7 @@ from typing import Dict
 import torch
 
 __all__ = [
+    "format_memory",
     "lazy_zeros",
     "memory_stats",
     "peak_rss_bytes",
@@ -78,6 +79,17 @@ def memory_stats(device: torch.device) -> Dict[str, float]:
             peak_memory_reserved=torch.cuda.max_memory_reserved(device) / 2**30,
         )
     return stats
+
+
+def format_memory(stats: Dict[str, float]) -> str:
+    """One log line of :func:`memory_stats`: RSS and its peak, and CUDA's peaks if any."""
+    text = f"Memory: RSS {stats['rss_gib']:.2f} GiB (peak {stats['peak_rss_gib']:.2f} GiB)"
+    if "peak_memory_alloc" in stats:
+        text += (
+            f"; CUDA peak allocated {stats['peak_memory_alloc']:.2f} GiB, reserved "
+            f"{stats['peak_memory_reserved']:.2f} GiB"
+        )
+    return text
 
 
 def lazy_zeros(shape, dtype: torch.dtype, device=None) -> torch.Tensor:

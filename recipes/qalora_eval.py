@@ -18,7 +18,8 @@
   and order; equal to the training base up to floating-point summation order);
 - ``merged``: ``checkpoint.merged_dir`` (a ``merged_int4/`` written by ``qalora_finetune``
   or ``qalora_merge``), loaded with :func:`qalora_tune.load_merged`; ``model`` and
-  ``checkpointer`` are not needed.
+  ``checkpointer`` are not needed. ``task=PATH`` applies a task package
+  (:mod:`qalora_tune.tasks`) to it.
 
 Each dataset of ``datasets`` (``_component_`` entries built with ``tokenizer``; a mapping
 of names to entries also works) gives the mean next-token NLL over its labelled tokens,
@@ -51,7 +52,6 @@ from qalora_tune.checkpointing import (
     check_adapter_before_use,
     clean_module_name,
     load_adapter_into,
-    load_merged,
     read_adapter,
 )
 from qalora_tune.errors import UserFileNotFoundError, UserValueError
@@ -75,6 +75,7 @@ from qalora_tune.recipe_utils import (
     resolve_dtype,
     run_recipe,
 )
+from qalora_tune.tasks import load_merged  # with task= (qalora_tune.tasks)
 
 log = utils.get_logger("INFO")
 
@@ -106,6 +107,7 @@ class QALoRAEvalRecipe:
         problems.check(check_device, cfg.device)
         problems.check(resolve_dtype, cfg.get("dtype"), torch.device("cpu"), ("fp32", "bf16"))
         checkpoint = problems.check(_check_checkpoint, cfg)
+        self._task = problems.check(_check_task, cfg)  # task=: qalora_tune.tasks package
         self._lm_eval_cfg = problems.check(_check_lm_eval, cfg.get("lm_eval"))
         problems.check(check_output_dir, cfg.output_dir)
         problems.extend(component_file_problems(cfg.get("tokenizer"), "tokenizer"))
@@ -208,7 +210,7 @@ class QALoRAEvalRecipe:
         return model
 
     def _setup_merged(self, merged_dir: Path) -> nn.Module:
-        return load_merged(merged_dir, device=self._device, dtype=self._dtype)
+        return load_merged(merged_dir, device=self._device, dtype=self._dtype, task=self._task)
 
     def _setup_datasets(self, cfg_datasets: Any) -> Dict[str, DataLoader]:
         """One loader per dataset, in config order, keyed by the dataset's name."""
@@ -233,6 +235,7 @@ class QALoRAEvalRecipe:
         the results (what ``eval_results.json`` holds)."""
         results: Dict[str, Any] = {
             "checkpoint": {"kind": self._kind, "path": str(self._checkpoint_path)},
+            **({"task": str(self._task)} if self._task else {}),
             "dtype": str(self._dtype).removeprefix("torch."),
             "device": str(self._device),
             "batch_size": self._batch_size,
@@ -240,7 +243,8 @@ class QALoRAEvalRecipe:
             "datasets": {},
             "versions": {"qalora_tune": qalora_tune.__version__, "torch": torch.__version__},
         }
-        print(f"qalora_eval: {self._kind} ({self._checkpoint_path}), {results['dtype']}")
+        task = f" with task {self._task}" if self._task else ""
+        print(f"qalora_eval: {self._kind} ({self._checkpoint_path}){task}, {results['dtype']}")
         for name, loader in self._datasets.items():
             start = time.perf_counter()
             metrics = evaluate_lm(self._model, loader, self._device, max_batches=self._max_batches)
@@ -338,6 +342,28 @@ def _check_checkpoint(cfg: DictConfig) -> Tuple[str, Optional[Path]]:
     if kind == "adapter":
         return kind, _existing_dir(section.get("adapter_dir"), "checkpoint.adapter_dir", "adapter")
     return kind, Path(cfg.checkpointer.checkpoint_dir).expanduser()
+
+
+def _check_task(cfg: DictConfig) -> Optional[Path]:
+    """``task`` (a task package for the merged model), or None.
+
+    Raises:
+        ValueError: with a kind other than ``merged``, or a package that does not exist.
+    """
+    if not cfg.get("task"):
+        return None
+    if cfg.checkpoint.get("kind") != "merged":
+        raise UserValueError(
+            "task= applies a task package to a merged model; set checkpoint.kind=merged "
+            "(checkpoint.merged_dir: the base) or drop task"
+        )
+    task = Path(str(cfg.task)).expanduser()
+    if not task.is_dir():
+        raise UserFileNotFoundError(
+            f"task={task} does not exist; set task to a task package directory (qalora-tune "
+            "export-task, or tune run qalora_merge ... merged_format=zero_table)"
+        )
+    return task
 
 
 def _existing_dir(value: Optional[str], setting: str, produced: str) -> Path:

@@ -22,8 +22,6 @@ fp32/bf16 on CPU or CUDA, data parallel over ``N`` processes, and an exact
 (``save_every_n_steps``).
 """
 
-import contextlib
-import math
 import sys
 import time
 from functools import partial
@@ -39,13 +37,14 @@ from torchtune import modules, training, utils
 from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
-from qalora_tune._memory import memory_stats, peak_rss_bytes, reset_peak_rss
+from qalora_tune._memory import format_memory, memory_stats, peak_rss_bytes, reset_peak_rss
 from qalora_tune.checkpointing import (
-    choose_merged_format,
     RECIPE_STATE_NAME,
     AdapterConfig,
+    adopt_pooling,
     atomic_write_text,
     check_resume_matches,
+    choose_merged_format,
     recover_interrupted_writes,
 )
 from qalora_tune.errors import UserValueError
@@ -56,7 +55,8 @@ from qalora_tune.recipe_utils import (
     FINETUNE_KEYS,
     IGNORE_INDEX,
     OutputDirLock,
-    TrainingError,
+    adapter_config_for,
+    adapters_disabled,
     barrier,
     broadcast_parameters,
     build_dataset,
@@ -65,6 +65,7 @@ from qalora_tune.recipe_utils import (
     capture_rng,
     check_config,
     check_data_order,
+    check_finite_loss,
     check_saved_adapter,
     check_tokenizer_fits,
     destroy_distributed,
@@ -74,18 +75,16 @@ from qalora_tune.recipe_utils import (
     gather_objects,
     init_distributed,
     instantiate_section,
+    interrupt_note,
     is_rank_zero,
     load_full_precision,
     loss_step,
     merge_with_report,
-    model_spec_without_adapters,
     optimizer_step,
-    package_versions,
     probe_batch,
     remove_previous_run,
     resolve_dtype,
     restore_rng,
-    resume_command,
     run_on_rank_zero,
     run_recipe,
     set_interrupt_note,
@@ -164,18 +163,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
     def _interrupt_note(self) -> str:
         """What Ctrl-C reports: where training stopped, the last checkpoint, how to resume."""
         latest = self._checkpointer.latest_checkpoint_dir() if self._checkpointer else None
-        where = (
-            f"at global step {self.global_step} (epoch {self.epochs_run + 1} of "
-            f"{self.total_epochs})"
-            if self.global_step
-            else "before the first optimizer step"
-        )
-        if latest is None:
-            return f"stopped {where}; no checkpoint was written; run the same command to start again"
-        return (
-            f"stopped {where}; the last checkpoint is {latest}; resume with: "
-            f"{resume_command()}"
-        )
+        return interrupt_note(latest, self.global_step, self.epochs_run, self.total_epochs)
 
     # ------------------------------------------------------------------ setup
 
@@ -270,7 +258,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             f"{base_bits_per_weight(model):.3f} bits per linear weight"
         )
         if self._log_peak_memory_stats:
-            _info(_format_memory(memory_stats(self._device)))
+            _info(format_memory(memory_stats(self._device)))
         return model
 
     def _setup_loss(self, cfg_loss: DictConfig) -> nn.Module:
@@ -332,16 +320,6 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             self._model, self._val_dataloader, self._device, sum_across_ranks=self._world_size > 1
         )
 
-    @contextlib.contextmanager
-    def _adapters_disabled(self):
-        for module in self._adapter_modules.values():
-            module.disabled = True
-        try:
-            yield
-        finally:
-            for module in self._adapter_modules.values():
-                module.disabled = False
-
     def _evaluate_full_precision(self, cfg_model: DictConfig) -> Dict[str, float]:
         model, _ = load_full_precision(
             cfg_model._component_, self._checkpointer, self._device, self._dtype,
@@ -359,7 +337,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             return
         if self._val_cfg.get("full_precision_baseline", False):
             self._metrics["full-precision base"] = self._evaluate_full_precision(self._model_cfg)
-        with self._adapters_disabled():
+        with adapters_disabled(self._adapter_modules.values()):
             self._metrics["int4 base"] = self._evaluate()
         for name, values in self._metrics.items():
             _info(f"{name}: {format_metrics(values)}")
@@ -408,17 +386,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
                 grad_norm, step_loss = self._optimizer_step(running_loss, num_tokens)
                 self.global_step += 1
                 steps_done += 1
-                if not math.isfinite(step_loss):
-                    last_good = self._checkpointer.latest_checkpoint_dir()
-                    raise TrainingError(
-                        f"the loss became {step_loss} at step {self.global_step}; lower "
-                        "optimizer.lr or set clip_grad_norm; "
-                        + (
-                            f"the last good checkpoint, {last_good}, is kept as it was"
-                            if last_good is not None
-                            else "no checkpoint was saved"
-                        )
-                    )
+                check_finite_loss(step_loss, self.global_step, self._checkpointer)
                 progress.update(1)
                 progress.set_description(f"{epoch + 1}|{self.global_step}|Loss: {step_loss:.4f}")
                 if self.global_step % self._log_every_n_steps == 0:
@@ -466,26 +434,9 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
     # ------------------------------------------------------------------ checkpoints
 
     def _adapter_config(self) -> AdapterConfig:
-        first = next(iter(self._adapter_modules.values()))
-        knobs = first.config
-        return AdapterConfig(
-            rank=knobs.rank,
-            alpha=knobs.alpha,
-            group_size=knobs.group_size,
-            bits=knobs.bits,
-            quantizer=knobs.quantizer,
-            pad_in_dim=knobs.pad_in_dim,
-            double_quant_scales=knobs.double_quant_scales,
-            lora_dropout=knobs.dropout,
-            target_modules=sorted(self._adapter_modules),
-            model=model_spec_without_adapters(self._model_cfg),
-            model_type=self._checkpointer.model_type,
-            checkpoint_format=self._checkpointer.checkpoint_format,
-            dtype=str(self._dtype).removeprefix("torch."),
-            base_checkpoint_dir=str(self._checkpointer.checkpoint_dir),
-            base_fingerprint=self._checkpointer.base_fingerprint(),
-            calibration=self._calibration,
-            versions=package_versions(),
+        return adapter_config_for(
+            self._adapter_modules, self._model_cfg, self._checkpointer, self._dtype,
+            self._calibration,
         )
 
     def _recipe_state(self, epoch: int, steps_done: int) -> Dict[str, Any]:
@@ -559,6 +510,11 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         _info(f"{saved}; {summarize_report(report)}")
 
     def _restore(self, saved: Dict[str, Any]) -> None:
+        # a checkpoint of earlier qalora-tune (mean pooling) resumes in its own convention
+        pooling = adopt_pooling(self._adapter_modules.values(), saved["adapter_config"])
+        if pooling != self._adapter_metadata.pooling:
+            _info(f"{saved['path']} was trained with {pooling} pooling: resuming it so")
+            self._adapter_metadata = self._adapter_config()
         check_resume_matches(saved["adapter_config"], self._adapter_metadata, saved["path"])
         check_saved_adapter(saved["adapter"], self._adapter_params, saved["path"])
         with unreadable_state(saved["path"] / RECIPE_STATE_NAME):
@@ -608,16 +564,6 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         if self._metric_logger is not None:
             self._metric_logger.close()
         destroy_distributed()
-
-
-def _format_memory(stats: Dict[str, float]) -> str:
-    text = f"Memory: RSS {stats['rss_gib']:.2f} GiB (peak {stats['peak_rss_gib']:.2f} GiB)"
-    if "peak_memory_alloc" in stats:
-        text += (
-            f"; CUDA peak allocated {stats['peak_memory_alloc']:.2f} GiB, reserved "
-            f"{stats['peak_memory_reserved']:.2f} GiB"
-        )
-    return text
 
 
 def recipe_main(cfg: DictConfig) -> None:

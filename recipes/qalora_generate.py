@@ -2,6 +2,7 @@
 
     tune run qalora_generate --config tiny_qalora_generate
     tune run qalora_generate --config tinystories656K_qalora_generate prompt="Once upon a time" max_new_tokens=64
+    tune run qalora_generate --config tinystories656K_qalora_generate merged_dir=/models/base_int4 task=/tasks/shakespeare
 
 The model comes from ``merged_dir`` (a ``merged_int4/`` directory written by
 ``qalora_finetune`` or ``qalora_merge``) through :func:`qalora_tune.load_merged`: a
@@ -17,7 +18,6 @@ import torch
 from omegaconf import DictConfig, ListConfig
 from torchtune import generation, utils
 
-from qalora_tune.checkpointing import load_merged
 from qalora_tune.recipe_utils import (
     GENERATE_KEYS,
     GENERATE_SETTINGS,
@@ -31,6 +31,7 @@ from qalora_tune.recipe_utils import (
     resolve_dtype,
     run_recipe,
 )
+from qalora_tune.tasks import load_merged  # with task= (qalora_tune.tasks)
 
 log = utils.get_logger("INFO")
 
@@ -41,7 +42,8 @@ class QALoRAGenerateRecipe:
     """Load ``merged_dir`` and complete ``prompt`` (a string or a list of strings).
 
     Args:
-        cfg (DictConfig): ``merged_dir``, ``tokenizer``, ``prompt``, ``max_new_tokens``,
+        cfg (DictConfig): ``merged_dir`` (and optionally ``task``, a task package applied
+            to it), ``tokenizer``, ``prompt``, ``max_new_tokens``,
             ``temperature``, ``top_k``, ``seed``, ``device`` and ``dtype`` (null: the
             stored dtype).
 
@@ -64,6 +66,13 @@ class QALoRAGenerateRecipe:
                 f"merged_dir={self._merged_dir} does not exist; train first (tune run "
                 "qalora_finetune ...) or set merged_dir to a merged_int4/ directory"
             )
+        # task=: a task package (qalora_tune.tasks) whose zero points replace merged_dir's
+        self._task = Path(cfg.task).expanduser() if cfg.get("task") else None
+        if self._task is not None and not self._task.is_dir():
+            problems.add(
+                f"task={self._task} does not exist; set task to a task package directory "
+                "(qalora-tune export-task, or tune run qalora_merge ... merged_format=zero_table)"
+            )
         problems.extend(component_file_problems(cfg.get("tokenizer"), "tokenizer"))
         problems.raise_if_any()
         self._device = utils.get_device(device=cfg.device)
@@ -73,10 +82,13 @@ class QALoRAGenerateRecipe:
     def setup(self, cfg: DictConfig) -> None:
         """Load the merged model and the tokenizer."""
         start = time.perf_counter()
-        self._model = load_merged(self._merged_dir, device=self._device, dtype=self._dtype)
+        self._model = load_merged(
+            self._merged_dir, device=self._device, dtype=self._dtype, task=self._task
+        )
         self._tokenizer = instantiate_section(cfg.tokenizer, "tokenizer")
         check_tokenizer_fits(self._tokenizer, self._model)
-        log.info(f"Loaded {self._merged_dir} in {time.perf_counter() - start:.1f}s")
+        task = f" with task {self._task}" if self._task else ""
+        log.info(f"Loaded {self._merged_dir}{task} in {time.perf_counter() - start:.1f}s")
 
     @torch.inference_mode()
     def generate(self, cfg: DictConfig) -> List[str]:

@@ -2,6 +2,8 @@
 
     tune run qalora_merge --config tiny_qalora adapter_dir=/tmp/qalora-tune/tiny_qalora/epoch_0/adapter
     tune run qalora_merge --config my_run.yaml adapter_dir=... merged_dir=/models/my_int4
+    tune run qalora_merge --config my_run.yaml adapter_dir=... merged_format=zero_table \
+        merged_dir=/tasks/my_task base_dir=/models/base_int4     # a task package (zero points)
 
 Use the config the adapter was trained with: its ``model`` and ``checkpointer`` sections
 rebuild the same int4 base (quantized the same way), the adapter is loaded bit for bit and
@@ -58,6 +60,7 @@ from qalora_tune.recipe_utils import (
     run_recipe,
     summarize_report,
 )
+from qalora_tune.tasks.merge_output import zero_table_output
 
 log = utils.get_logger("INFO")
 
@@ -84,7 +87,10 @@ class QALoRAMergeRecipe:
         problems.extend(check_settings(cfg, MERGE_SETTINGS))
         problems.raise_if_any()
         self._adapter_dir = Path(cfg.adapter_dir).expanduser()
-        default_merged = self._adapter_dir.parent / "merged_int4"
+        # merged_format=zero_table: a task package (qalora_tune.tasks) instead of a model
+        self._zero_table = problems.check(zero_table_output, cfg, self._adapter_dir)
+        default_name = self._zero_table.default_dir_name if self._zero_table else "merged_int4"
+        default_merged = self._adapter_dir.parent / default_name
         self._merged_dir = Path(cfg.get("merged_dir") or default_merged).expanduser()
         problems.check(check_device, cfg.device)
         problems.check(resolve_dtype, cfg.dtype, torch.device("cpu"))
@@ -98,6 +104,12 @@ class QALoRAMergeRecipe:
             "checkpointer.checkpoint_dir": cfg.checkpointer.checkpoint_dir,
         }))
         problems.check(check_output_dir, self._merged_dir.parent, "merged_dir")
+        if self._zero_table is not None:
+            problems.add(self._zero_table.base_dir_problem({
+                "adapter_dir": self._adapter_dir,
+                "checkpointer.checkpoint_dir": cfg.checkpointer.checkpoint_dir,
+                "merged_dir": self._merged_dir,
+            }))
         problems.raise_if_any()
         self._device = utils.get_device(device=cfg.device)
         self._dtype = resolve_dtype(cfg.dtype, self._device)
@@ -130,7 +142,8 @@ class QALoRAMergeRecipe:
         )
         self._model_spec = model_spec_without_adapters(cfg.model)
         self._model = self._setup_model(cfg.model)
-        choose_merged_format(self._merged_format, self._model, self._device)  # refuse before merging
+        file_format = self._zero_table.base_format if self._zero_table else self._merged_format
+        choose_merged_format(file_format, self._model, self._device)  # refuse before merging
         self._check_and_load(adapter)
         self._probe = self._setup_probe(cfg) if self._probe_size > 0 else None
 
@@ -170,6 +183,13 @@ class QALoRAMergeRecipe:
     def merge(self) -> Path:
         """Merge, measure and write ``merged_dir`` atomically; return its path."""
         start = time.perf_counter()
+        metadata = replace(self._metadata, model=self._model_spec)  # the model as configured here
+        if self._zero_table is not None:  # the task-free base, before the adapters go in
+            done = self._zero_table.write_base(
+                self._model, self._layers.values(), self._checkpointer, metadata
+            )
+            if done:
+                log.info(done)
         if self._probe is not None:
             report = merge_with_report(self._model, self._layers.values(), self._probe, self._device)
         else:
@@ -180,13 +200,17 @@ class QALoRAMergeRecipe:
                 "note": "merge_probe_size=0: no probe batch, logit deviation not measured",
             }
         report["adapter_dir"] = str(self._adapter_dir)
-        metadata = replace(self._metadata, model=self._model_spec)  # the model as configured here
-        with atomic_directory(self._merged_dir, setting="merged_dir") as staging:
-            report = self._checkpointer.write_merged(
-                staging, self._model, metadata, report, self._merged_format
+        if self._zero_table is not None:  # a task package instead of a model
+            report = self._zero_table.write_task(
+                self._model, self._merged_dir, self._checkpointer, report, self._adapter_dir
             )
-            if self._finish_merged is not None:
-                self._finish_merged(staging)
+        else:
+            with atomic_directory(self._merged_dir, setting="merged_dir") as staging:
+                report = self._checkpointer.write_merged(
+                    staging, self._model, metadata, report, self._merged_format
+                )
+                if self._finish_merged is not None:
+                    self._finish_merged(staging)
         size = report["size"]
         log.info(
             f"Merged {len(self._layers)} adapters into {self._merged_dir} in "

@@ -79,6 +79,10 @@ def assert_compiled_matches_eager(layer, x):
     torch._dynamo.reset()
     out = torch.compile(layer, fullgraph=True)(x)
     out.sum().backward()
-    torch.testing.assert_close(out, eager)
-    for got, want in zip([t.grad for t in [x, *params]], eager_grads):
-        torch.testing.assert_close(got, want)
+    for got, want in zip([out, *(t.grad for t in [x, *params])], [eager, *eager_grads]):
+        # compiled kernels may sum (and round 16-bit sums) in another order: the difference
+        # is a few units of rounding of the largest summands, so the absolute tolerance
+        # follows the tensor's scale (sum pooling's adapter gradients are ~G times mean's)
+        rtol = {torch.float32: 1.3e-6, torch.bfloat16: 1.6e-2, torch.float16: 1e-3}[want.dtype]
+        atol = max(1e-5, 4 * torch.finfo(want.dtype).eps * want.abs().max().item())
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)

@@ -17,6 +17,7 @@ LAYERS = [
     {"modules"},
     {"models"},
     {"checkpointing"},
+    {"tasks"},
     {"recipe_utils"},
     {"export", "tiny", "demo", "_cli", "__init__", "__main__", "configs"},
 ]

@@ -3,6 +3,7 @@
 from qalora_tune.checkpointing._adapter import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
+    adopt_pooling,
     check_adapter_before_use,
     check_adapter_matches,
     check_resume_matches,
@@ -39,6 +40,7 @@ from qalora_tune.checkpointing._hf_weights import (
     read_hf_config,
 )
 from qalora_tune.checkpointing._merged_formats import (
+    MERGE_OUTPUT_FORMATS,
     MERGED_FORMATS,
     RUNS_ON,
     choose_merged_format,
@@ -69,6 +71,7 @@ __all__ = [
     "HF_MODEL_TYPES",
     "MERGED_DIR_NAME",
     "MERGED_FORMATS",
+    "MERGE_OUTPUT_FORMATS",
     "RUNS_ON",
     "MERGE_REPORT_NAME",
     "OUTPUT_MARKER_NAME",
@@ -81,6 +84,7 @@ __all__ = [
     "ShardedSafetensorsWriter",
     "atomic_directory",
     "atomic_write_text",
+    "adopt_pooling",
     "check_adapter_before_use",
     "check_adapter_matches",
     "check_resume_matches",

@@ -6,17 +6,22 @@
 ``LoraConfig`` with ``use_qalora`` and ``qalora_group_size``, plus this project's own
 description under the key ``"qalora_tune"``.
 
-Pooling conventions differ (``docs/design.md``): this project averages each group, PEFT
-multiplies that average by ``n_groups = in_dim / group_size``. Instead of rescaling ``A``
-(which would round), the PEFT config carries ``lora_alpha = alpha / n_groups`` per module
-(``alpha_pattern``), so PEFT's formula gives the same function from the same tensors, and
-reading the adapter back is exact (a row permutation at most).
+Pooling conventions differ (``docs/design.md``): this project sums each group (adapters
+written by earlier qalora-tune averaged it; their metadata says ``"pooling": "mean"``, or
+nothing), PEFT multiplies the average by ``n_groups = in_dim / group_size``. Instead of
+rescaling ``A`` (which would round), the PEFT config carries ``lora_alpha = alpha *
+group_size / n_groups`` per module (``alpha / n_groups`` for a mean-pooled adapter) in
+``alpha_pattern``, so PEFT's formula gives the same function from the same tensors, and
+reading the adapter back is exact (a row permutation at most). A mean-pooled adapter loads
+into layers switched to mean pooling (:func:`adopt_pooling`): the same function and the
+same merged zero points as when it was written, bit for bit.
 """
 
 import json
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -31,6 +36,7 @@ __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
     "PEFT_PREFIX",
+    "adopt_pooling",
     "check_adapter_before_use",
     "check_adapter_matches",
     "check_resume_matches",
@@ -64,6 +70,14 @@ def write_adapter(
     metadata = as_adapter_config(metadata)
     if not layers:
         raise UserValueError("there are no adapted layers to write")
+    poolings = {layer.pooling for layer in layers.values()}
+    if len(poolings) > 1:
+        raise UserValueError(
+            f"the adapted layers mix pooling conventions {sorted(poolings)}; an adapter is "
+            "written in one: load every layer's adapter from the same file"
+        )
+    # the description says what the tensors are: the layers' own convention
+    metadata = replace(metadata, pooling=poolings.pop())
     tensors: Dict[str, torch.Tensor] = {}
     module_alpha: Dict[str, float] = {}
     for name, layer in layers.items():
@@ -73,7 +87,8 @@ def write_adapter(
         b = layer.lora_b.weight.detach()[rows.to(layer.lora_b.weight.device)]
         tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.cpu().contiguous()
         tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.cpu().contiguous()
-        module_alpha[module] = layer.alpha / layer.n_groups
+        # PEFT applies lora_alpha / r to mean * n_groups; the layer, scaling to the mean
+        module_alpha[module] = layer.alpha * layer.pooling_factor / layer.n_groups
     save_file(tensors, str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
     config = _peft_config(module_alpha, metadata)
     (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2))
@@ -210,6 +225,22 @@ def check_adapter_before_use(
                 )
 
 
+def adopt_pooling(
+    layers: Iterable[QALoRALinear], metadata: Union[AdapterConfig, Mapping[str, Any]]
+) -> str:
+    """Set every layer to the adapter's pooling convention (``AdapterConfig.pooling``:
+    ``"mean"`` for adapters written before the entry existed), so that its tensors, loaded
+    unchanged, give the function and merge they were trained for.
+
+    Returns:
+        str: the convention.
+    """
+    pooling = as_adapter_config(metadata).pooling
+    for layer in layers:
+        layer.pooling = pooling
+    return pooling
+
+
 # (description key, the setting that changes it) compared by check_adapter_matches
 _MATCHED_SETTINGS = (
     ("group_size", "model.group_size"),
@@ -276,6 +307,9 @@ def load_adapter_into(
         base_fingerprint (str): the fingerprint of the base the model was loaded from.
         pad_in_dim (bool): the model's ``pad_in_dim`` setting.
 
+    The layers take the adapter's pooling convention (:func:`adopt_pooling`): an adapter
+    written with mean pooling (earlier qalora-tune) computes and merges as it did then.
+
     Raises:
         ValueError: if the model has no QA-LoRA layers, or the adapter was trained for
             another base, quantization or set of layers (see :func:`check_adapter_matches`).
@@ -306,6 +340,7 @@ def load_adapter_into(
             f"adapter: {extra}; only in the model: {lacking}); it was trained for another "
             "model: set model._component_ and the adapter targets to those it was trained with"
         )
+    adopt_pooling(layers.values(), metadata)
     for name, layer in layers.items():
         for part in ("lora_a", "lora_b"):
             value = adapter[f"{name}.{part}.weight"]

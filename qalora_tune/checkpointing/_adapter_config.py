@@ -12,14 +12,24 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 
 from qalora_tune.errors import UserValueError
 from qalora_tune.models import MOVED_BUILDERS
+from qalora_tune.modules import POOLINGS
 
-__all__ = ["AdapterConfig", "POOLING_NOTE", "as_adapter_config"]
+__all__ = ["AdapterConfig", "POOLING_NOTES", "as_adapter_config"]
 
-POOLING_NOTE = (
-    "the adapter's input is the mean over each group of group_size inputs; for sum pooling "
-    "(paper, Algorithm 1) divide lora_A by group_size; PEFT multiplies the mean by n_groups, "
-    "which lora_alpha/alpha_pattern here already account for (alpha / n_groups)"
-)
+POOLING_NOTES = {
+    "sum": (
+        "the adapter's input is the sum over each group of group_size inputs (the paper's "
+        "Algorithm 1); PEFT multiplies the mean by n_groups, which lora_alpha/alpha_pattern "
+        "here already account for (alpha * group_size / n_groups)"
+    ),
+    "mean": (
+        "the adapter's input is the mean over each group of group_size inputs (qalora-tune "
+        "before 0.2); for sum pooling divide lora_A by group_size; PEFT multiplies the mean "
+        "by n_groups, which lora_alpha/alpha_pattern here already account for "
+        "(alpha / n_groups)"
+    ),
+}
+"""The ``pooling_note`` written beside ``pooling``, for readers of the JSON."""
 
 
 @dataclass
@@ -45,7 +55,9 @@ class AdapterConfig:
         base_fingerprint (str, optional): the base checkpoint's fingerprint.
         calibration (Dict[str, Any], optional): GPTQ calibration settings of the base.
         versions (Dict[str, str]): package versions at training time.
-        pooling (str): the pooled input's convention (``"mean"``).
+        pooling (str): the pooled input's convention, one of
+            :data:`~qalora_tune.modules.POOLINGS`: ``"sum"`` (what this version trains) or
+            ``"mean"`` (adapters of earlier versions; a file without the entry is one).
     """
 
     rank: int
@@ -65,7 +77,7 @@ class AdapterConfig:
     base_fingerprint: Optional[str] = None
     calibration: Optional[Dict[str, Any]] = None
     versions: Dict[str, str] = field(default_factory=dict)
-    pooling: str = "mean"
+    pooling: str = "sum"
 
     @property
     def model_builder(self) -> Optional[str]:
@@ -78,7 +90,9 @@ class AdapterConfig:
         if self.calibration is None:
             del data["calibration"]
         data.update(
-            format="qalora_tune", pooling_note=POOLING_NOTE, model_builder=self.model_builder
+            format="qalora_tune",
+            pooling_note=POOLING_NOTES.get(self.pooling),
+            model_builder=self.model_builder,
         )
         return data
 
@@ -100,6 +114,8 @@ class AdapterConfig:
                     f"{source} has no qalora_tune.{required}; it was not written by qalora-tune: "
                     "use the adapter_config.json written with the adapter"
                 )
+        # written before the entry existed: the group mean was the only convention
+        values.setdefault("pooling", "mean")
         if "model" not in values and isinstance(data.get("model_builder"), str):
             values["model"] = {"_component_": data["model_builder"]}
         model = values.get("model")
@@ -124,6 +140,7 @@ class AdapterConfig:
             ("model", "an object", isinstance(self.model, dict)),
             ("base_fingerprint", "a text or null", self.base_fingerprint is None or isinstance(self.base_fingerprint, str)),
             ("calibration", "an object or null", self.calibration is None or isinstance(self.calibration, dict)),
+            ("pooling", f"one of {', '.join(POOLINGS)}", self.pooling in POOLINGS),
         )
         for key, kind, ok in checks:
             if not ok:

@@ -6,6 +6,11 @@
 | ``int4_tile_packed`` | ``Int4TilePackedTo4dTensor`` (tinygemm layout, bf16) | CUDA sm80+ (PyTorch's tinygemm kernel) | 4.5 |
 | ``int4_plain`` | ``Int4Tensor`` (two codes per byte) | CUDA with fbgemm-gpu-genai; elsewhere through ``qalora_tune.load_merged`` | 4.5 |
 
+``zero_table`` (``qalora_merge`` only) writes no model: a *task package* of the merged zero
+points, 16/G bits per weight in bf16 (64/G from an ``intx`` base, whose zeros it keeps exactly
+as float64 ``z = -zp * s``), with the fingerprint of the base's codes and scales
+(:mod:`qalora_tune.tasks`); the task-free base is written once in the ``auto`` format.
+
 ``auto`` (the default) picks a format that runs, without this package, where the model was
 trained: ``int4_tile_packed`` on a CUDA GPU for bases on the int4 kernels, ``intx``
 everywhere else. ``qalora_tune.load_merged`` reads all three and repacks them for the
@@ -61,6 +66,8 @@ from qalora_tune.quantization.plain_int4 import (
 
 __all__ = [
     "MERGED_FORMATS",
+    "MERGE_OUTPUT_FORMATS",
+    "TASK_FORMAT",
     "RUNS_ON",
     "base_from_file",
     "file_weight_nbytes",
@@ -73,6 +80,10 @@ __all__ = [
 
 MERGED_FORMATS = ("auto", "intx", "int4_tile_packed", "int4_plain", "gguf")
 """Values of ``merged_format``; ``gguf`` writes the ``auto`` format plus ``model.gguf``."""
+
+TASK_FORMAT = "zero_table"
+MERGE_OUTPUT_FORMATS = MERGED_FORMATS + (TASK_FORMAT,)
+"""Values of ``qalora_merge``'s ``merged_format``: a model format, or ``zero_table``."""
 
 RUNS_ON = {
     "intx": "any device with stock torch + torchao + transformers (dequantizing)",
@@ -99,6 +110,12 @@ def choose_merged_format(requested: str, model: torch.nn.Module, device: torch.d
             (int4 formats need bits <= 4 and a group size of the int4 kernels; formats
             other than ``int4_plain`` need linears whose ``in_dim`` the group size divides).
     """
+    if requested == TASK_FORMAT:
+        raise UserValueError(
+            f"merged_format={TASK_FORMAT} writes a task package, which only qalora_merge "
+            f"writes (tune run qalora_merge ... merged_format={TASK_FORMAT}); set merged_format "
+            f"to one of {', '.join(MERGED_FORMATS)}"
+        )
     if requested not in MERGED_FORMATS:
         raise UserValueError(
             f"merged_format={requested!r} is not a merged format; set merged_format to one of "

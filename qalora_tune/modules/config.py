@@ -18,13 +18,18 @@ from qalora_tune.quantization.group_quant import (
 )
 from qalora_tune.quantization.int4_weight import INT4_KERNEL_GROUP_SIZES
 
-__all__ = ["BASE_QUANTIZERS", "QALORA_BITS", "QALoRAConfig"]
+__all__ = ["BASE_QUANTIZERS", "POOLINGS", "QALORA_BITS", "QALoRAConfig"]
 
 QALORA_BITS = SUPPORTED_BITS
 """The base bit widths QA-LoRA defines (all implemented here)."""
 
 BASE_QUANTIZERS = tuple(QUANTIZERS) + tuple(CALIBRATED_QUANTIZERS)
 """Every value ``model.quantizer`` accepts."""
+
+POOLINGS = ("sum", "mean")
+"""How the adapter pools each group of inputs: ``"sum"`` (what this version trains, the
+paper's Algorithm 1; LoRA's learning rate transfers, ``docs/design.md`` section 2) or
+``"mean"`` (adapters written by earlier qalora-tune, loaded as they were trained)."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,9 @@ class QALoRAConfig:
         rank (int): adapter rank ``r`` (useful up to ``in_dim / group_size``).
         alpha (float): adapter scaling numerator; the update is scaled by ``alpha / rank``.
         dropout (float): dropout on the adapter's input, in ``[0, 1)``.
+        pooling (str): how the adapter pools each group, one of :data:`POOLINGS`. Not a
+            ``model.*`` setting: new adapters sum, and loading an adapter takes the
+            convention it records.
 
     Raises:
         UserValueError: for a value no layer can be built with, naming the ``model.*``
@@ -60,6 +68,7 @@ class QALoRAConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
+    pooling: str = "sum"
 
     def __post_init__(self) -> None:
         _check(_is_int(self.bits) and self.bits in QALORA_BITS,
@@ -90,11 +99,20 @@ class QALoRAConfig:
         _check(_is_number(self.dropout) and 0.0 <= self.dropout < 1.0,
                f"model.lora_dropout={self.dropout!r} is not a probability in [0, 1); set "
                "model.lora_dropout to e.g. 0.0 or 0.05")
+        _check(self.pooling in POOLINGS,
+               f"pooling={self.pooling!r} is not a pooling convention; use one of {_join(POOLINGS)} "
+               "(an adapter's adapter_config.json records its own)")
 
     @property
     def scaling(self) -> float:
         """The adapter's output scale, ``alpha / rank``."""
         return self.alpha / self.rank
+
+    @property
+    def pooling_factor(self) -> int:
+        """What the group mean is multiplied by to give the adapter's pooled input:
+        ``group_size`` (sum pooling) or 1 (mean pooling)."""
+        return self.group_size if self.pooling == "sum" else 1
 
     @property
     def uses_int4_kernel(self) -> bool:

@@ -1,6 +1,7 @@
 """QALoRALinear: a frozen quantized base plus a group-pooled low-rank adapter."""
 
 import math
+from dataclasses import replace
 from typing import Any, List, Optional, Tuple
 
 import torch
@@ -23,15 +24,23 @@ class QALoRALinear(QuantizedLinear, AdapterModule):
     The frozen base ``W`` (``out_dim x in_dim``) is a :class:`QuantizedLinear`'s: quantized
     asymmetrically per (output row, group of ``group_size`` consecutive inputs) with float
     zero points, ``W[n, k] = (q[n, k] - 8) * s[n, g] + z[n, g]``. The adapter sees the input
-    averaged over the same groups::
+    summed over the same groups::
 
-        y = x W^T + (alpha / rank) * B A pool(dropout(x))
+        y = x W^T + (alpha / rank) * B A pool(dropout(x)),    pool(x)[g] = sum_{k in g} x[k]
 
     with ``A`` of shape ``(rank, n_groups)`` and ``B`` of shape ``(out_dim, rank)``, ``B``
-    starting at zero. As the update is constant inside a group, :meth:`merge` folds it into
-    the zero points, ``z += (alpha / rank) (B A) / group_size``, and the layer stays the
-    same int4 tensor. With ``pad_in_dim`` the padded input columns are zeros: the last
-    group's pooled value is its sum over ``group_size``, and the merge stays exact.
+    starting at zero and ``A`` drawn as torchtune's LoRA draws a ``(rank, in_dim)`` A
+    (uniform, bound ``1 / sqrt(in_dim)``). The adapter is then exactly a LoRA whose ``A``
+    is constant on each group, so Adam moves it as it moves LoRA and LoRA's learning rate
+    carries over, whatever the group size (``docs/design.md`` section 2). As the update is
+    constant inside a group, :meth:`merge` folds it into the zero points,
+    ``z += (alpha / rank) (B A)``, and the layer stays the same int4 tensor. With
+    ``pad_in_dim`` the padded input columns are zeros and the merge stays exact.
+
+    ``pooling="mean"`` is the convention of adapters written by earlier qalora-tune: the
+    group average, ``A`` initialised with fan-in ``n_groups`` and ``z += (alpha / rank)
+    (B A) / group_size``; such adapters load into it unchanged (the checkpoint loaders set
+    it from the adapter's metadata, see :data:`~qalora_tune.modules.config.POOLINGS`).
 
     Args:
         in_dim (int): input features ``K``.
@@ -44,7 +53,8 @@ class QALoRALinear(QuantizedLinear, AdapterModule):
             default dtype on CPU and bf16 on CUDA.
         device (torch.device, optional): where to build the layer.
         **knobs: instead of ``config``, its fields as keywords, e.g.
-            ``QALoRALinear(4096, 4096, rank=16, alpha=32, group_size=64)``.
+            ``QALoRALinear(4096, 4096, rank=16, alpha=32, group_size=64)``;
+            ``pooling="mean"`` builds the convention of earlier adapters (see above).
 
     Raises:
         UserValueError: for a config no layer can hold (see :class:`QALoRAConfig`), or a
@@ -124,8 +134,14 @@ class QALoRALinear(QuantizedLinear, AdapterModule):
         return super().from_int4(weight, bias=bias, **_adapter_kwargs(rank, alpha), **kwargs)
 
     def initialize_parameters(self) -> None:
-        """Kaiming-uniform ``A`` (as ``nn.Linear``) and zero ``B``: the layer starts as the base."""
-        nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
+        """Zero ``B``, so the layer starts as the base, and ``A`` uniform with bound
+        ``1 / sqrt(in_dim)``, as torchtune's LoRA draws its ``A`` (``pooling="mean"``:
+        ``1 / sqrt(n_groups)``, ``nn.Linear``'s default on ``A``'s own shape)."""
+        if self.pooling == "sum":
+            bound = 1.0 / math.sqrt(self.n_groups * self.group_size)
+            nn.init.uniform_(self.lora_a.weight, -bound, bound)
+        else:
+            nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_b.weight)
 
     def adapter_params(self) -> List[str]:
@@ -142,7 +158,27 @@ class QALoRALinear(QuantizedLinear, AdapterModule):
 
     @property
     def scaling(self) -> float:
-        return self.config.scaling
+        """The factor on ``B A`` applied to the group *mean* of the input (what the op
+        ``qalora_tune::pooled_lora`` takes): ``alpha / rank`` times ``group_size`` for sum
+        pooling, ``alpha / rank`` for mean pooling."""
+        return self.config.scaling * self.config.pooling_factor
+
+    @property
+    def pooling(self) -> str:
+        """The pooling convention, ``"sum"`` or ``"mean"`` (:data:`POOLINGS`). Setting it
+        (as the adapter loaders do, from an adapter's metadata) changes the function the
+        current ``A`` and ``B`` compute; it does not redraw them."""
+        return self.config.pooling
+
+    @pooling.setter
+    def pooling(self, value: str) -> None:
+        self.config = replace(self.config, pooling=value)
+
+    @property
+    def pooling_factor(self) -> int:
+        """What the group mean is multiplied by to give the adapter's pooled input:
+        ``group_size`` (sum pooling) or 1 (mean pooling)."""
+        return self.config.pooling_factor
 
     # ------------------------------------------------------------------ compute
 
@@ -174,7 +210,8 @@ class QALoRALinear(QuantizedLinear, AdapterModule):
 
     @torch.no_grad()
     def zero_point_delta(self) -> torch.Tensor:
-        """The adapter as a zero-point shift, ``(alpha / r) (B A) / G``, in float64.
+        """The adapter as a zero-point shift in float64: ``(alpha / r) (B A)`` (sum pooling;
+        ``(alpha / r) (B A) / G`` for mean pooling).
 
         Returns:
             torch.Tensor: ``(out_dim, n_groups)``.
@@ -256,7 +293,10 @@ class QALoRALinear(QuantizedLinear, AdapterModule):
         self.merged = False
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
+        return (
+            f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, "
+            f"pooling={self.pooling}, merged={self.merged}"
+        )
 
 
 def _adapter_kwargs(rank: Optional[int], alpha: Optional[float]):

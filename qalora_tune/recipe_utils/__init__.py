@@ -34,12 +34,14 @@ from qalora_tune.recipe_utils._distributed import (
     world_size_and_rank,
 )
 from qalora_tune.recipe_utils._entry import (
+    interrupt_note,
     resume_command,
     run_recipe,
     set_interrupt_note,
 )
 from qalora_tune.recipe_utils._errors import TrainingError
 from qalora_tune.recipe_utils._evaluation import (
+    adapters_disabled,
     evaluate_lm,
     full_logits,
     next_token_loss,
@@ -47,6 +49,7 @@ from qalora_tune.recipe_utils._evaluation import (
 from qalora_tune.recipe_utils._finetune_preflight import finetune_preflight
 from qalora_tune.recipe_utils._full_precision import load_full_precision
 from qalora_tune.recipe_utils._instantiate import instantiate_section
+from qalora_tune.recipe_utils._lr_schedule import get_cosine_schedule_with_floor
 from qalora_tune.recipe_utils._merge_report import (
     merge_weight_error,
     merge_with_report,
@@ -71,6 +74,7 @@ from qalora_tune.recipe_utils._preflight import (
     tokenizer_vocab_size,
 )
 from qalora_tune.recipe_utils._provenance import (
+    adapter_config_for,
     model_spec_without_adapters,
     package_versions,
 )
@@ -90,7 +94,7 @@ from qalora_tune.recipe_utils._summary import (
     summary_json,
     summary_lines,
 )
-from qalora_tune.recipe_utils._train_step import loss_step, optimizer_step
+from qalora_tune.recipe_utils._train_step import check_finite_loss, loss_step, optimizer_step
 from qalora_tune.recipe_utils._training_state import (
     capture_rng,
     check_data_order,
@@ -107,43 +111,48 @@ __all__ = [
     "EVAL_SETTINGS",
     "FINETUNE_KEYS",
     "FINETUNE_SETTINGS",
-    "IGNORE_INDEX",
     "GENERATE_KEYS",
     "GENERATE_SETTINGS",
+    "IGNORE_INDEX",
     "LOCK_NAME",
     "MERGE_KEYS",
     "MERGE_SETTINGS",
     "OutputDirLock",
     "Problems",
     "TrainingError",
+    "adapter_config_for",
+    "adapters_disabled",
     "all_reduce_gradients",
     "all_reduce_sum",
     "barrier",
-    "capture_rng",
-    "check_data_order",
-    "check_saved_adapter",
     "broadcast_parameters",
     "build_dataset",
     "calibrate_base",
     "calibration_settings",
+    "capture_rng",
     "check_config",
+    "check_cuda_only_options",
+    "check_data_order",
+    "check_device",
+    "check_finite_loss",
     "check_merge_target",
+    "check_output_dir",
     "check_run_dir",
+    "check_saved_adapter",
     "check_settings",
+    "check_tokenizer_fits",
     "component_file_problems",
     "config_problems",
-    "check_cuda_only_options",
-    "check_device",
-    "check_output_dir",
-    "check_tokenizer_fits",
     "destroy_distributed",
     "evaluate_lm",
     "finetune_preflight",
     "format_metrics",
     "full_logits",
     "gather_objects",
+    "get_cosine_schedule_with_floor",
     "init_distributed",
     "instantiate_section",
+    "interrupt_note",
     "is_rank_zero",
     "join_problems",
     "load_full_precision",
@@ -160,11 +169,11 @@ __all__ = [
     "previous_run_outputs",
     "probe_batch",
     "remove_previous_run",
-    "resume_command",
     "resolve_config",
     "resolve_config_argv",
     "resolve_dtype",
     "restore_rng",
+    "resume_command",
     "run_on_rank_zero",
     "run_recipe",
     "set_interrupt_note",

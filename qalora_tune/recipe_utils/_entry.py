@@ -18,6 +18,7 @@ traceback of user errors too.
 import errno
 import os
 import sys
+from pathlib import Path
 from typing import Callable, List, Optional
 
 from omegaconf import DictConfig
@@ -27,7 +28,7 @@ from qalora_tune.errors import UserError
 from qalora_tune.recipe_utils._configs import parse_recipe_config
 from qalora_tune.recipe_utils._output_dir import release_all_locks
 
-__all__ = ["resume_command", "run_recipe", "set_interrupt_note"]
+__all__ = ["interrupt_note", "resume_command", "run_recipe", "set_interrupt_note"]
 
 _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 _interrupt_note: Optional[Callable[[], str]] = None
@@ -51,6 +52,19 @@ def resume_command(argv: Optional[List[str]] = None, extra: str = "resume_from_c
         if a.split("=", 1)[0] not in (key, "overwrite")
     ]
     return " ".join(["tune", "run", name, *kept, extra])
+
+
+def interrupt_note(latest: Optional[Path], global_step: int, epochs_run: int, total_epochs: int) -> str:
+    """The training recipe's Ctrl-C line: where it stopped, the last checkpoint (``latest``,
+    ``None`` when nothing was saved) and the command that resumes it."""
+    where = (
+        f"at global step {global_step} (epoch {epochs_run + 1} of {total_epochs})"
+        if global_step
+        else "before the first optimizer step"
+    )
+    if latest is None:
+        return f"stopped {where}; no checkpoint was written; run the same command to start again"
+    return f"stopped {where}; the last checkpoint is {latest}; resume with: {resume_command()}"
 
 
 def run_recipe(name: str, recipe_main: Callable[[DictConfig], None], argv: Optional[List[str]] = None) -> None:

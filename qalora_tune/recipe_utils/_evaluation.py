@@ -1,7 +1,8 @@
 """Held-out loss, perplexity and next-token accuracy of a causal language model."""
 
+import contextlib
 import math
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +11,7 @@ from torch import nn
 from qalora_tune.errors import UserValueError
 from qalora_tune.recipe_utils._distributed import all_reduce_sum
 
-__all__ = ["evaluate_lm", "full_logits", "next_token_loss"]
+__all__ = ["adapters_disabled", "evaluate_lm", "full_logits", "next_token_loss"]
 
 IGNORE_INDEX = -100
 
@@ -96,3 +97,16 @@ def evaluate_lm(
         "exact_match": exact / sequences,
         "tokens": int(count),
     }
+
+
+@contextlib.contextmanager
+def adapters_disabled(layers: Iterable[Any]) -> Iterator[None]:
+    """Run the QA-LoRA ``layers`` as their int4 base alone inside the block."""
+    layers = list(layers)
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.disabled = False

@@ -1,11 +1,14 @@
 """What outputs record about how they were made: the model without adapters, versions."""
 
 from importlib.metadata import version
-from typing import Any, Dict
+from typing import Any, Dict, Mapping, Optional
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["model_spec_without_adapters", "package_versions"]
+from qalora_tune.checkpointing import AdapterConfig
+
+__all__ = ["adapter_config_for", "model_spec_without_adapters", "package_versions"]
 
 _ADAPTER_KNOBS = ("lora_rank", "lora_alpha", "lora_dropout")
 
@@ -33,3 +36,44 @@ def package_versions() -> Dict[str, str]:
         "torchao": version("torchao"),
         "torchtune": version("torchtune"),
     }
+
+
+def adapter_config_for(
+    layers: Mapping[str, Any],
+    cfg_model: DictConfig,
+    checkpointer: Any,
+    dtype: torch.dtype,
+    calibration: Optional[Dict[str, Any]],
+) -> AdapterConfig:
+    """What ``adapter_config.json`` records for a run's adapters: their knobs (one
+    ``QALoRAConfig`` shared by every layer), targets, the model that rebuilds the base,
+    the base's identity and the package versions.
+
+    Args:
+        layers (Mapping[str, Any]): the QA-LoRA layers by module name.
+        cfg_model (DictConfig): the ``model`` section.
+        checkpointer (Any): the run's checkpointer (model type, base directory, fingerprint).
+        dtype (torch.dtype): the training dtype.
+        calibration (Dict[str, Any], optional): the GPTQ calibration settings, if any.
+    """
+    knobs = next(iter(layers.values())).config
+    return AdapterConfig(
+        rank=knobs.rank,
+        alpha=knobs.alpha,
+        group_size=knobs.group_size,
+        bits=knobs.bits,
+        quantizer=knobs.quantizer,
+        pad_in_dim=knobs.pad_in_dim,
+        double_quant_scales=knobs.double_quant_scales,
+        lora_dropout=knobs.dropout,
+        pooling=knobs.pooling,
+        target_modules=sorted(layers),
+        model=model_spec_without_adapters(cfg_model),
+        model_type=checkpointer.model_type,
+        checkpoint_format=checkpointer.checkpoint_format,
+        dtype=str(dtype).removeprefix("torch."),
+        base_checkpoint_dir=str(checkpointer.checkpoint_dir),
+        base_fingerprint=checkpointer.base_fingerprint(),
+        calibration=calibration,
+        versions=package_versions(),
+    )

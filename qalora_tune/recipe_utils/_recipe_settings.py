@@ -6,13 +6,14 @@ The recipes share these tables from here, so that no recipe imports another.
 
 from typing import Tuple
 
-from qalora_tune.checkpointing import MERGED_FORMATS
+from qalora_tune.checkpointing import MERGE_OUTPUT_FORMATS, MERGED_FORMATS
 from qalora_tune.recipe_utils._calibration import CALIBRATION_CONFIG_KEYS
 from qalora_tune.recipe_utils._settings import (
     SettingsSchema,
     boolean,
     byte_size,
     device_name,
+    fraction,
     non_negative_int,
     non_negative_number,
     one_of,
@@ -107,18 +108,24 @@ FINETUNE_SETTINGS: SettingsSchema = {
     "optimizer.lr": positive_number("1e-3"),
     "optimizer.weight_decay": non_negative_number("0.01"),
     "lr_scheduler.num_warmup_steps": non_negative_int("100"),
+    "lr_scheduler.min_lr_ratio": fraction("0.1"),
     "validation.batch_size": positive_int("8"),
     "validation.max_batches": positive_int("10").optional(),
     "validation.full_precision_baseline": boolean(),
 }
 
 # a training config (every key the fine-tuning recipe reads) plus the adapter to merge
-MERGE_KEYS: Tuple[str, ...] = FINETUNE_KEYS + ("adapter_dir", "merged_dir")
+MERGE_KEYS: Tuple[str, ...] = FINETUNE_KEYS + ("adapter_dir", "merged_dir") + (
+    "base_dir", "task_name",  # merged_format=zero_table (qalora_tune.tasks)
+)
 
 MERGE_SETTINGS: SettingsSchema = {
     **FINETUNE_SETTINGS,
     "adapter_dir": text("/tmp/qalora-tune/tiny_qalora/epoch_0/adapter").needed(),
     "merged_dir": text("/tmp/qalora-tune/my_int4").optional(),
+    "merged_format": one_of(*MERGE_OUTPUT_FORMATS),  # zero_table: qalora_tune.tasks
+    "base_dir": text("/models/base_int4").optional(),
+    "task_name": text("shakespeare").optional(),
 }
 
 GENERATE_KEYS: Tuple[str, ...] = (
@@ -129,6 +136,7 @@ GENERATE_KEYS: Tuple[str, ...] = (
     "output_dir",
     "prompt",
     "seed",
+    "task",
     "temperature",
     "tokenizer",
     "top_k",
@@ -138,6 +146,7 @@ GENERATE_SETTINGS: SettingsSchema = {
     "device": device_name().needed(),
     "dtype": text("bf16").optional(),
     "merged_dir": text("/tmp/qalora-tune/tiny_qalora/epoch_0/merged_int4").needed(),
+    "task": text("/tasks/shakespeare").optional(),
     "prompt": prompt_text().needed(),
     "max_new_tokens": positive_int("64").needed(),
     "temperature": non_negative_number("0.8"),
@@ -167,6 +176,7 @@ EVAL_KEYS: Tuple[str, ...] = (
     "max_batches",
     "model",
     "output_dir",
+    "task",
     "tokenizer",
 )
 
@@ -178,6 +188,7 @@ EVAL_SETTINGS: SettingsSchema = {
     "max_batches": positive_int("10").optional(),
     "checkpoint.adapter_dir": text("/tmp/qalora-tune/run/epoch_0/adapter").optional(),
     "checkpoint.merged_dir": text("/tmp/qalora-tune/run/epoch_0/merged_int4").optional(),
+    "task": text("/tasks/shakespeare").optional(),
     "checkpointer.checkpoint_dir": text("/tmp/Llama-2-7b-hf"),
     "tokenizer.path": text("/tmp/Llama-2-7b-hf/tokenizer.model"),
     "lm_eval.limit": positive_int("100").optional(),

@@ -19,6 +19,7 @@ __all__ = [
     "boolean",
     "check_settings",
     "device_name",
+    "fraction",
     "join_problems",
     "non_negative_int",
     "non_negative_number",
@@ -97,6 +98,11 @@ def positive_number(example: str = "1.0") -> Setting:
 
 def non_negative_number(example: str = "0.0") -> Setting:
     return Setting(lambda v: _is_number(v) and v >= 0, "a non-negative number", example)
+
+
+def fraction(example: str = "0.1") -> Setting:
+    """A number in ``[0, 1]`` (a ratio of another setting)."""
+    return Setting(lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]", example)
 
 
 def boolean() -> Setting:

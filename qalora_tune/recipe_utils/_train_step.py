@@ -6,6 +6,7 @@ and QLoRA models through the same two functions.
 """
 
 import contextlib
+import math
 from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
@@ -14,8 +15,9 @@ from torchtune import training
 
 from qalora_tune.recipe_utils._data_loaders import IGNORE_INDEX
 from qalora_tune.recipe_utils._distributed import all_reduce_gradients, all_reduce_sum
+from qalora_tune.recipe_utils._errors import TrainingError
 
-__all__ = ["loss_step", "optimizer_step"]
+__all__ = ["check_finite_loss", "loss_step", "optimizer_step"]
 
 
 def loss_step(
@@ -93,3 +95,23 @@ def optimizer_step(
     if lr_scheduler is not None:
         lr_scheduler.step()
     return grad_norm, loss_sum / token_count
+
+
+def check_finite_loss(step_loss: float, global_step: int, checkpointer: Any) -> None:
+    """Stop a run whose loss stopped being finite, naming the last good checkpoint.
+
+    Raises:
+        TrainingError: if ``step_loss`` is NaN or infinite.
+    """
+    if math.isfinite(step_loss):
+        return
+    last_good = checkpointer.latest_checkpoint_dir()
+    kept = (
+        f"the last good checkpoint, {last_good}, is kept as it was"
+        if last_good is not None
+        else "no checkpoint was saved"
+    )
+    raise TrainingError(
+        f"the loss became {step_loss} at step {global_step}; lower optimizer.lr or set "
+        f"clip_grad_norm; {kept}"
+    )

@@ -16,7 +16,12 @@ from qalora_tune.tiny.base import (
 )
 from qalora_tune.tiny.dataset import TinyTaskDataset, encode_example, tiny_task_dataset
 from qalora_tune.tiny.metrics import answer_metrics, to_qalora_
-from qalora_tune.tiny.model import TINY_LLAMA_SIZES, build_tiny_base, qalora_tiny_llama
+from qalora_tune.tiny.model import (
+    TINY_LLAMA_SIZES,
+    build_tiny_base,
+    qalora_tiny_llama,
+    tiny_llama_sizes,
+)
 from qalora_tune.tiny.task import generate_examples, glossary
 from qalora_tune.tiny.tokenizer import TOKENIZER_FILENAME, TinyTokenizer, tiny_tokenizer
 
@@ -34,6 +39,7 @@ __all__ = [
     "load_tiny_base",
     "prepare_tiny_base",
     "qalora_tiny_llama",
+    "tiny_llama_sizes",
     "tiny_task_dataset",
     "tiny_tokenizer",
     "to_qalora_",

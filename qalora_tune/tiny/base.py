@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 import torch
+from torchtune.models.llama2 import llama2
 
 from qalora_tune.checkpointing import (
     atomic_directory,
@@ -28,7 +29,7 @@ from qalora_tune.tiny.hf_checkpoint import (
     save_hf_checkpoint,
 )
 from qalora_tune.tiny.metrics import answer_metrics, to_qalora_
-from qalora_tune.tiny.model import TINY_LLAMA_SIZES, build_tiny_base
+from qalora_tune.tiny.model import TINY_LLAMA_SIZES, build_tiny_base, tiny_llama_sizes
 from qalora_tune.tiny.pretrain import pretrain
 from qalora_tune.tiny.tokenizer import TOKENIZER_FILENAME, TinyTokenizer
 
@@ -71,6 +72,7 @@ def prepare_tiny_base(
     max_seconds: Optional[float] = DEFAULT_MAX_SECONDS,
     num_validation: int = DEFAULT_NUM_VALIDATION,
     log: Optional[Callable[[str], None]] = print,
+    embed_dim: int = 128,
 ) -> str:
     """Make the tiny base in ``checkpoint_dir`` unless a finished one is already there.
 
@@ -93,16 +95,25 @@ def prepare_tiny_base(
             then depends on the machine's speed. Default: no limit, all ``steps`` run.
         num_validation (int): validation examples for ``base_metrics.json``.
         log (Callable[[str], None], optional): progress sink; None for quiet.
+        embed_dim (int): the base's width (:func:`tiny_llama_sizes`); 128, the embedded
+            default's, unless a wider base is wanted.
 
     Returns:
         str: ``checkpoint_dir``.
 
     Raises:
         ValueError: if ``checkpoint_dir`` is a non-empty directory that is not a finished
-            tiny base, or an argument is out of range.
+            tiny base, holds a base of another width, or an argument is out of range.
     """
     checkpoint_dir = os.path.abspath(checkpoint_dir)
+    sizes = tiny_llama_sizes(embed_dim)
     if is_complete_tiny_base(checkpoint_dir):
+        found = _stored_sizes(checkpoint_dir)
+        if found != sizes:
+            raise UserValueError(
+                f"{checkpoint_dir!r} holds a tiny base of width {found.get('embed_dim')}, not "
+                f"{embed_dim}; choose another checkpoint_dir for a base of width {embed_dim}"
+            )
         if log is not None:
             log(f"[tiny base] reusing {checkpoint_dir}")
         return checkpoint_dir
@@ -122,7 +133,7 @@ def prepare_tiny_base(
     tokenizer = TinyTokenizer()
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
         torch.manual_seed(seed)
-        model = build_tiny_base()
+        model = build_tiny_base(embed_dim)
         train_info = pretrain(
             model, tokenizer, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
             max_seconds=max_seconds, log=log,
@@ -149,7 +160,7 @@ def prepare_tiny_base(
             "pretrain_seconds": round(pretrain_seconds, 2),
             "seconds": round(time.perf_counter() - start, 2),
         },
-        "sizes": TINY_LLAMA_SIZES,
+        "sizes": sizes,
     }
     _write_atomically(checkpoint_dir, state_dict, tokenizer, metrics)
     if log is not None:
@@ -170,21 +181,27 @@ def _write_atomically(
     # the checkpointer's atomic_directory: built under a temporary name, renamed when done
     # (an empty placeholder directory is replaced; a foreign one was refused earlier)
     with atomic_directory(checkpoint_dir) as staging:
-        save_hf_checkpoint(state_dict, TINY_LLAMA_SIZES, str(staging))
+        save_hf_checkpoint(state_dict, metrics["sizes"], str(staging))
         tokenizer.save(str(staging / TOKENIZER_FILENAME))
         (staging / METRICS_FILENAME).write_text(json.dumps(metrics, indent=2))
         (staging / COMPLETE_MARKER).touch()
 
 
+def _stored_sizes(checkpoint_dir: str) -> Dict[str, Any]:
+    """The sizes a finished base records (bases written before other widths: the default)."""
+    metrics = json.loads((Path(checkpoint_dir) / METRICS_FILENAME).read_text())
+    return metrics.get("sizes", TINY_LLAMA_SIZES)
+
+
 def load_tiny_base(checkpoint_dir: str) -> torch.nn.Module:
-    """The fp32 torchtune decoder stored in a finished tiny base directory.
+    """The fp32 torchtune decoder stored in a finished tiny base directory (of any width).
 
     Raises:
         ValueError: if ``checkpoint_dir`` is not a finished tiny base.
     """
     if not is_complete_tiny_base(checkpoint_dir):
         raise UserValueError(f"{checkpoint_dir!r} is not a finished tiny base")
-    model = build_tiny_base()
+    model = llama2(**_stored_sizes(checkpoint_dir))
     directory = Path(checkpoint_dir)
     load_hf_weights(
         model, find_checkpoint_files(directory, None), "LLAMA2", read_hf_config(directory)

@@ -5,10 +5,11 @@ from typing import Any, Dict, List
 from torch import nn
 from torchtune.models.llama2 import llama2
 
+from qalora_tune.errors import UserValueError
 from qalora_tune.models import qalora_llama2
 from qalora_tune.tiny.tokenizer import TinyTokenizer
 
-__all__ = ["TINY_LLAMA_SIZES", "build_tiny_base", "qalora_tiny_llama"]
+__all__ = ["TINY_LLAMA_SIZES", "build_tiny_base", "qalora_tiny_llama", "tiny_llama_sizes"]
 
 TINY_LLAMA_SIZES: Dict[str, Any] = {
     "vocab_size": TinyTokenizer().vocab_size,  # 57: <pad>, <bos>, <eos> + 54 characters
@@ -25,9 +26,36 @@ Every linear has ``in_dim`` 128 or 256: 4 or 8 quantization groups of 32.
 """
 
 
-def build_tiny_base() -> nn.Module:
-    """A freshly initialised ``llama2(**TINY_LLAMA_SIZES)`` (fp32)."""
-    return llama2(**TINY_LLAMA_SIZES)
+HEAD_DIM = 32
+"""Width of an attention head of the tiny bases, whatever their width."""
+
+
+def tiny_llama_sizes(embed_dim: int = 128) -> Dict[str, Any]:
+    """The tiny base's sizes at another width: :data:`TINY_LLAMA_SIZES` with ``embed_dim``
+    changed, one head per 32 features and a feed-forward width of ``2 * embed_dim``
+    (``tiny_llama_sizes(128) == TINY_LLAMA_SIZES``). Wider tiny bases are what
+    ``benchmarks/lr_transfer.py`` measures learning-rate transfer across width on.
+
+    Raises:
+        UserValueError: if ``embed_dim`` is not a positive multiple of 32.
+    """
+    if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim <= 0 or (
+        embed_dim % HEAD_DIM
+    ):
+        raise UserValueError(f"embed_dim must be a positive multiple of {HEAD_DIM}, got {embed_dim!r}")
+    heads = embed_dim // HEAD_DIM
+    return {
+        **TINY_LLAMA_SIZES,
+        "embed_dim": embed_dim,
+        "num_heads": heads,
+        "num_kv_heads": heads,
+        "intermediate_dim": 2 * embed_dim,
+    }
+
+
+def build_tiny_base(embed_dim: int = 128) -> nn.Module:
+    """A freshly initialised ``llama2(**tiny_llama_sizes(embed_dim))`` (fp32)."""
+    return llama2(**tiny_llama_sizes(embed_dim))
 
 
 def qalora_tiny_llama(

@@ -1,10 +1,13 @@
 """The adapter on disk in PEFT's layout (``qalora_tune.checkpointing._adapter``).
 
 Covers ``write_adapter`` (PEFT keys, shapes, Hugging Face row order, the PEFT
-``adapter_config.json`` with per-module ``lora_alpha = alpha / n_groups``), the key
-property that PEFT's QA-LoRA formula (``mean * n_groups`` pooling) applied to the written
-tensors reproduces the layer's adapter output, ``read_adapter`` (bit-exact torchtune
-tensors back, and its errors on missing, foreign or truncated files) and
+``adapter_config.json`` with per-module ``lora_alpha = alpha * group_size / n_groups``
+for sum pooling and ``alpha / n_groups`` for the mean pooling of earlier qalora-tune), the
+key property that PEFT's QA-LoRA formula (``mean * n_groups`` pooling) applied to the
+written tensors reproduces the layer's adapter output in both conventions,
+``read_adapter`` (bit-exact torchtune tensors back, and its errors on missing, foreign or
+truncated files), ``load_adapter_into`` (an adapter of the old mean convention loads
+into a sum-pooled model with the function and merged zero points it had, bit for bit) and
 ``check_adapter_matches`` and ``check_resume_matches`` (each mismatch names the key and
 the setting to change).
 """
@@ -23,13 +26,16 @@ from qalora_tune.checkpointing import (
     ADAPTER_WEIGHTS_NAME,
     AdapterConfig,
     HFKeyMap,
+    adopt_pooling,
     check_adapter_matches,
     check_resume_matches,
+    load_adapter_into,
     read_adapter,
     write_adapter,
 )
 from qalora_tune.models import qalora_transformer
 from qalora_tune.modules import QALoRALinear
+from qalora_tune.quantization.int4_weight import zero_points
 
 HEADS, KV_HEADS, DIM, HIDDEN, GROUP, RANK, ALPHA = 4, 2, 64, 128, 32, 4, 8.0
 HF_CONFIG = dict(num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, hidden_size=DIM)
@@ -62,8 +68,9 @@ def _peft_key(index, tune_module, part):
     return f"base_model.model.model.layers.{index}.{HF_MODULES[tune_module]}.{part}.weight"
 
 
-@pytest.fixture(scope="module")
-def layers():
+def _adapted_layers(pooling="sum", seed=0, adapter_seed=None):
+    """The QA-LoRA layers of a small llama2 (base drawn with ``seed``) with non-trivial
+    adapters (drawn next, or with ``adapter_seed``), in ``pooling``."""
     base = functools.partial(
         llama2,
         vocab_size=64,
@@ -74,7 +81,7 @@ def layers():
         max_seq_len=32,
         intermediate_dim=HIDDEN,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = qalora_transformer(
         base,
         ["q_proj", "k_proj", "v_proj", "output_proj"],
@@ -84,11 +91,24 @@ def layers():
         group_size=GROUP,
     )
     found = {n: m for n, m in model.named_modules() if isinstance(m, QALoRALinear)}
+    if adapter_seed is not None:
+        torch.manual_seed(adapter_seed)
     with torch.no_grad():
         for layer in found.values():
+            layer.pooling = pooling
             layer.lora_a.weight.normal_()
             layer.lora_b.weight.normal_()  # B starts at zero: make it non-trivial
     return found
+
+
+@pytest.fixture(scope="module", params=["sum", "mean"])
+def pooling(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def layers(pooling):
+    return _adapted_layers(pooling)
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +117,9 @@ def key_map():
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(layers, key_map, tmp_path_factory):
+def adapter_dir(layers, pooling, key_map, tmp_path_factory):
     directory = tmp_path_factory.mktemp("adapter")
-    write_adapter(directory, layers, key_map, dict(METADATA))
+    write_adapter(directory, layers, key_map, dict(METADATA, pooling=pooling))
     return directory
 
 
@@ -146,7 +166,7 @@ def test_written_b_rows_are_in_hugging_face_order(layers, adapter_dir):
     assert not torch.equal(q_b, layers["layers.0.attn.q_proj"].lora_b.weight.detach())
 
 
-def test_adapter_config_is_a_peft_qalora_config(layers, adapter_dir):
+def test_adapter_config_is_a_peft_qalora_config(layers, pooling, adapter_dir):
     config = json.loads((adapter_dir / ADAPTER_CONFIG_NAME).read_text())
     assert config["peft_type"] == "LORA"
     assert config["use_qalora"] is True
@@ -155,14 +175,16 @@ def test_adapter_config_is_a_peft_qalora_config(layers, adapter_dir):
     assert config["lora_dropout"] == 0.0
     assert config["target_modules"] == sorted(m.rsplit(".", 1)[-1] for m in HF_MODULES.values())
     written = config["qalora_tune"]
-    assert {k: written[k] for k in METADATA} == METADATA  # and the AdapterConfig defaults
-    assert AdapterConfig.from_dict(written) == AdapterConfig.from_dict(METADATA)
+    assert {k: written[k] for k in METADATA} == dict(METADATA, pooling=pooling)
+    assert AdapterConfig.from_dict(written) == AdapterConfig.from_dict(dict(METADATA, pooling=pooling))
     for tune_name, layer in layers.items():
         leaf = HF_MODULES[tune_name.split(".", 2)[2]].rsplit(".", 1)[-1]
         effective = config["alpha_pattern"].get(leaf, config["lora_alpha"])
         n_groups = 4 if leaf == "down_proj" else 2
         assert layer.n_groups == n_groups
-        assert effective == ALPHA / n_groups, leaf
+        # PEFT scales mean * n_groups by lora_alpha / r: sum pooling is mean * GROUP
+        expected = ALPHA * GROUP / n_groups if pooling == "sum" else ALPHA / n_groups
+        assert effective == expected, leaf
 
 
 def _peft_delta(x, a, b_hf, lora_alpha, rank):
@@ -224,7 +246,7 @@ def test_peft_parses_the_config(adapter_dir):
 # ---------------------------------------------------------------------- read_adapter
 
 
-def test_read_adapter_returns_the_trained_tensors_bit_for_bit(layers, key_map, adapter_dir):
+def test_read_adapter_returns_the_trained_tensors_bit_for_bit(layers, pooling, key_map, adapter_dir):
     tensors, metadata = read_adapter(adapter_dir, key_map)
     expected = {}
     for name, layer in layers.items():
@@ -234,7 +256,75 @@ def test_read_adapter_returns_the_trained_tensors_bit_for_bit(layers, key_map, a
     for key, value in expected.items():
         assert tensors[key].dtype == value.dtype
         assert torch.equal(tensors[key], value), key
-    assert metadata == AdapterConfig.from_dict(METADATA)
+    assert metadata == AdapterConfig.from_dict(dict(METADATA, pooling=pooling))
+
+
+# ---------------------------------------------------------------------- old adapters
+
+
+@pytest.mark.parametrize("written_pooling", [None, "mean"])
+def test_a_mean_pooled_adapter_loads_with_its_function_and_merge_bit_for_bit(
+    tmp_path, key_map, written_pooling
+):
+    """An adapter of earlier qalora-tune (mean pooling; its metadata says so, or says nothing)
+    loaded into a model of this version (sum pooling) computes what it computed, and
+    merges into the zeros the old formula z + (alpha / r) (B A) / G gives."""
+    old = _adapted_layers("mean", seed=1)
+    metadata = {k: v for k, v in METADATA.items() if k != "pooling"}
+    if written_pooling is not None:
+        metadata["pooling"] = written_pooling
+    write_adapter(tmp_path, old, key_map, metadata)
+    if written_pooling is None:  # as earlier versions wrote it: no pooling entry at all
+        config = json.loads((tmp_path / ADAPTER_CONFIG_NAME).read_text())
+        del config["qalora_tune"]["pooling"], config["qalora_tune"]["pooling_note"]
+        (tmp_path / ADAPTER_CONFIG_NAME).write_text(json.dumps(config))
+    tensors, read_metadata = read_adapter(tmp_path, key_map)
+    new = _adapted_layers("sum", seed=1, adapter_seed=2)
+    assert all(layer.pooling == "sum" for layer in new.values())
+    load_adapter_into(new, tensors, read_metadata, tmp_path, METADATA["base_fingerprint"], False)
+    x = torch.randn(3, 5, HIDDEN)
+    for name, layer in new.items():
+        assert layer.pooling == "mean", name
+        reference = old[name]
+        inputs = x[..., : layer.in_dim]
+        with torch.no_grad():
+            assert torch.equal(layer(inputs), reference(inputs)), name
+            before = zero_points(layer.weight).double()
+            a, b = reference.lora_a.weight.double(), reference.lora_b.weight.double()
+            expected = (before + (b @ a) * (ALPHA / RANK / GROUP)).float()
+            layer.merge()
+            assert torch.equal(zero_points(layer.weight), expected), name
+            layer.unmerge()
+
+
+def test_sum_and_mean_adapters_of_the_same_function_merge_alike():
+    """The two conventions are one function apart by A_sum = A_mean / G (exact in binary
+    for a power-of-two G): same outputs, same merged zeros."""
+    mean = _adapted_layers("mean", seed=3)
+    total = _adapted_layers("sum", seed=3)
+    x = torch.randn(4, HIDDEN)
+    for name, layer in total.items():
+        with torch.no_grad():
+            layer.lora_a.weight.copy_(mean[name].lora_a.weight / GROUP)
+            layer.lora_b.weight.copy_(mean[name].lora_b.weight)
+            inputs = x[..., : layer.in_dim]
+            torch.testing.assert_close(layer(inputs), mean[name](inputs), rtol=1e-6, atol=1e-6)
+            assert torch.equal(layer.zero_point_delta(), mean[name].zero_point_delta()), name
+
+
+def test_an_unknown_pooling_is_refused(tmp_path):
+    layers = _adapted_layers("sum")
+    with pytest.raises(ValueError, match="qalora_tune.pooling='max', not one of sum, mean"):
+        AdapterConfig.from_dict(dict(METADATA, pooling="max"), tmp_path / "adapter_config.json")
+    with pytest.raises(ValueError, match="qalora_tune.pooling='max'"):
+        adopt_pooling(layers.values(), dict(METADATA, pooling="max"))
+    assert all(layer.pooling == "sum" for layer in layers.values())
+
+
+def test_the_written_pooling_is_the_layers_whatever_the_description_says(tmp_path, key_map):
+    write_adapter(tmp_path, _adapted_layers("sum"), key_map, dict(METADATA, pooling="mean"))
+    _, metadata = read_adapter(tmp_path, key_map)
+    assert metadata.pooling == "sum"
 
 
 def test_an_adapter_config_that_lies_about_its_types_is_refused(tmp_path):

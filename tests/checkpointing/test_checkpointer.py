@@ -127,7 +127,7 @@ def _tune_state(layers):
     }
 
 
-METADATA = {"rank": 4, "alpha": 8.0, "group_size": 32, "bits": 4, "lora_dropout": 0.0}
+METADATA = {"rank": 4, "alpha": 8.0, "group_size": 32, "bits": 4, "lora_dropout": 0.0, "pooling": "sum"}
 
 
 def test_save_then_resume_round_trips_the_latest_epoch(tmp_path):

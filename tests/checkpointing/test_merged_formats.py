@@ -164,6 +164,9 @@ def test_auto_picks_a_format_that_runs_where_the_model_was_trained():
         choose_merged_format("int4_plain", eight_bit, torch.device("cpu"))
     with pytest.raises(UserValueError, match="merged_format='zip' is not a merged format"):
         choose_merged_format("zip", model, torch.device("cpu"))
+    # a task package is no model format: only qalora_merge writes it (qalora_tune.tasks)
+    with pytest.raises(UserValueError, match="only qalora_merge writes"):
+        choose_merged_format("zero_table", model, torch.device("cpu"))
 
 
 def test_padded_linears_are_written_as_plain_int4_and_refused_elsewhere():

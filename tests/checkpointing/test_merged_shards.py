@@ -10,7 +10,6 @@ import weakref
 import pytest
 import torch
 from safetensors import safe_open
-from torch import nn
 
 import qalora_tune
 from qalora_tune.checkpointing import (
@@ -20,26 +19,17 @@ from qalora_tune.checkpointing import (
     write_merged_tensors,
 )
 from qalora_tune.checkpointing._hf_keys import HFKeyMap
-from qalora_tune.modules import QALoRALinear, QuantizedLinear
-from qalora_tune.tiny import TINY_LLAMA_SIZES, qalora_tiny_llama
+from qalora_tune.modules import QuantizedLinear
+from qalora_tune.tiny import TINY_LLAMA_SIZES
 from qalora_tune.tiny.hf_checkpoint import hf_llama_config
+from tests.export.merged_models import merged_tiny_model
 
-ATTENTION = ["q_proj", "k_proj", "v_proj", "output_proj"]
 FORMATS = ("intx", "int4_tile_packed", "int4_plain")
 
 
 @pytest.fixture(scope="module")
 def merged_model():
-    torch.manual_seed(0)
-    plain = qalora_tiny_llama.full_precision()
-    model = qalora_tiny_llama(ATTENTION, apply_lora_to_mlp=True, lora_rank=2, lora_alpha=4.0,
-                              group_size=32)
-    model.load_state_dict(plain.state_dict(), strict=False)
-    for layer in model.modules():
-        if isinstance(layer, QALoRALinear):
-            nn.init.normal_(layer.lora_b.weight, std=0.05)
-            layer.merge()
-    return model.eval()
+    return merged_tiny_model(bits=4, group_size=32)
 
 
 def _write(model, directory, merged_format, max_shard_size):

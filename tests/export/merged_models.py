@@ -30,9 +30,11 @@ def merged_tiny_model(bits: int, group_size: int, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def write_merged(model: nn.Module, directory: Path, bits: int, group_size: int) -> dict:
-    """Write a merged tiny llama as a ``merged_int4/`` directory (weights and configs);
-    returns ``write_merged_int4``'s sizes."""
+def write_merged(
+    model: nn.Module, directory: Path, bits: int, group_size: int, merged_format: str = "int4_plain"
+) -> dict:
+    """Write a merged tiny llama as a ``merged_int4/`` directory (weights and configs) in
+    ``merged_format``; returns ``write_merged_int4``'s sizes."""
     config = hf_llama_config(TINY_LLAMA_SIZES)
     spec = {
         "model": {
@@ -42,7 +44,7 @@ def write_merged(model: nn.Module, directory: Path, bits: int, group_size: int) 
         "model_type": "LLAMA2",
     }
     directory.mkdir(parents=True, exist_ok=True)
-    return write_merged_int4(model, directory, HFKeyMap("LLAMA2", config), config, spec)
+    return write_merged_int4(model, directory, HFKeyMap("LLAMA2", config), config, spec, merged_format)
 
 
 def write_merged_tiny(directory: Path, bits: int = 4, group_size: int = 32, seed: int = 0) -> nn.Module:

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qalora_tune import QALoRALinear, QuantizedLinear
+from qalora_tune.modules import QALoRAConfig
 from qalora_tune._compat import Int4OpaqueTensor
 from qalora_tune.quantization import get_quantizer, quantize_rtn
 from qalora_tune.quantization.int4_weight import (
@@ -495,3 +496,66 @@ def test_compiled_cpu_chunks_give_the_eager_layer_bit_for_bit(monkeypatch, dtype
     assert fused._kernels
     for eager, compiled in zip(results["eager"], results["compiled"]):
         assert torch.equal(eager, compiled)
+
+
+# ------------------------------------------------------------------ parametrization
+
+
+def test_sum_pooling_is_a_lora_whose_a_is_constant_on_each_group():
+    """Sum pooling (the default): the adapter is (alpha / r) B A_dense x with
+    A_dense[j, k] = A[j, k // G], i.e. torchtune's LoRA with A tied within groups."""
+    layer = _layer(in_dim=256, out_dim=48, rank=4, alpha=8.0, group_size=64)
+    assert layer.pooling == "sum" and layer.pooling_factor == 64
+    x = torch.randn(5, 256)
+    a_dense = layer.lora_a.weight.double().repeat_interleave(64, dim=1)
+    expected = x.double() @ a_dense.t() @ layer.lora_b.weight.double().t() * (8.0 / 4)
+    with torch.no_grad():
+        layer.disabled = True
+        base = layer(x)
+        layer.disabled = False
+        adapter = layer(x) - base
+    assert_within(adapter, expected, 1e-5 * (expected.abs() + base.double().abs()) + 1e-6, "adapter")
+    delta = layer.zero_point_delta()
+    assert torch.equal(delta, layer.lora_b.weight.double() @ layer.lora_a.weight.double() * 2.0)
+
+
+@pytest.mark.parametrize("pooling, fan_in", [("sum", 1024), ("mean", 1024 // 32)])
+def test_a_is_drawn_uniform_with_the_fan_in_of_its_convention(pooling, fan_in):
+    """Sum pooling draws A as torchtune's LoRA draws a (rank, in_dim) A; mean pooling keeps
+    earlier qalora-tune's nn.Linear default on A's own (rank, n_groups) shape."""
+    torch.manual_seed(0)
+    layer = QALoRALinear(1024, 64, rank=64, alpha=16.0, group_size=32, pooling=pooling)
+    a = layer.lora_a.weight
+    bound = 1 / fan_in**0.5
+    assert a.abs().max() <= bound and a.abs().max() > 0.95 * bound
+    assert a.std().item() == pytest.approx(bound / 3**0.5, rel=0.05)
+    assert torch.count_nonzero(layer.lora_b.weight) == 0
+    if pooling == "mean":  # the same draws as before this version
+        torch.manual_seed(0)
+        old = QALoRALinear(1024, 64, rank=64, alpha=16.0, group_size=32, pooling="sum")
+        torch.manual_seed(1)
+        torch.nn.init.kaiming_uniform_(old.lora_a.weight, a=5**0.5)
+        torch.manual_seed(1)
+        layer.initialize_parameters()
+        assert torch.equal(layer.lora_a.weight, old.lora_a.weight)
+
+
+def test_an_unknown_pooling_is_refused():
+    with pytest.raises(ValueError, match="pooling='max' is not a pooling convention"):
+        QALoRALinear(128, 32, rank=2, alpha=4.0, group_size=32, pooling="max")
+    layer = QALoRALinear(128, 32, rank=2, alpha=4.0, group_size=32)
+    with pytest.raises(ValueError, match="pooling='max'"):
+        layer.pooling = "max"
+    assert layer.pooling == "sum" and layer.config.pooling == "sum"
+
+
+def test_pooling_is_part_of_the_layer_config():
+    """The convention lives in QALoRAConfig (one validated config per layer); switching a
+    layer's convention replaces its config and changes nothing else."""
+    config = QALoRAConfig(rank=2, alpha=4.0, group_size=32, pooling="mean")
+    layer = QALoRALinear(128, 32, config)
+    assert layer.pooling == "mean" and layer.pooling_factor == 1 and layer.scaling == 2.0
+    layer.pooling = "sum"
+    assert layer.config == QALoRAConfig(rank=2, alpha=4.0, group_size=32)
+    assert layer.pooling_factor == 32 and layer.scaling == 2.0 * 32
+    assert config.pooling == "mean"  # the config given is left alone

@@ -182,6 +182,8 @@ def _check(outcome, ws: Workspace, before, *named, recipe="qalora_finetune", cod
 # ---------------------------------------------------------------------- 1. settings of fine-tuning
 
 
+FLOOR_SCHEDULE = "qalora_tune.recipe_utils.get_cosine_schedule_with_floor"
+
 FINETUNE_SETTINGS = [
     ("batch_size-text", ["batch_size=abc"], ["batch_size='abc' is not a positive integer"]),
     ("batch_size-zero", ["batch_size=0"], ["batch_size=0 is not a positive integer"]),
@@ -205,6 +207,8 @@ FINETUNE_SETTINGS = [
     ("accumulation-zero", ["gradient_accumulation_steps=0"], ["gradient_accumulation_steps=0"]),
     ("save_every-zero", ["save_every_n_steps=0"], ["save_every_n_steps=0"]),
     ("probe-negative", ["merge_probe_size=-1"], ["merge_probe_size=-1", "non-negative integer"]),
+    ("merged_format-zero_table", ["merged_format=zero_table"],
+     ["merged_format='zero_table' is not one of auto"]),  # task packages: qalora_merge only
     ("shard-size-text", ["checkpointer.max_shard_size=big"],
      ["checkpointer.max_shard_size='big' is not a size", "e.g. 5GB"]),
     ("shard-size-zero", ["checkpointer.max_shard_size=0"], ["checkpointer.max_shard_size=0 is not a size"]),
@@ -213,6 +217,13 @@ FINETUNE_SETTINGS = [
     ("compile-int", ["compile=3"], ["compile=3 is not True or False"]),
     ("resume-text", ["resume_from_checkpoint=yes please"], ["resume_from_checkpoint='yes please'"]),
     ("warmup-negative", ["lr_scheduler.num_warmup_steps=-5"], ["lr_scheduler.num_warmup_steps=-5"]),
+    ("floor-above-one", [f"lr_scheduler._component_={FLOOR_SCHEDULE}", "lr_scheduler.min_lr_ratio=1.5"],
+     ["lr_scheduler.min_lr_ratio=1.5 is not a number in [0, 1]", "e.g. 0.1"]),
+    ("floor-text", [f"lr_scheduler._component_={FLOOR_SCHEDULE}", "lr_scheduler.min_lr_ratio=low"],
+     ["lr_scheduler.min_lr_ratio='low' is not a number in [0, 1]"]),
+    ("floor-on-torchtune-cosine",
+     ["lr_scheduler._component_=torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup",
+      "lr_scheduler.min_lr_ratio=0.1"], ["lr_scheduler.min_lr_ratio is not an argument"]),
     ("val_batch-zero", ["validation.batch_size=0"], ["validation.batch_size=0"]),
     ("val_batches-text", ["validation.max_batches=all"], ["validation.max_batches='all'"]),
     ("device-gpu", ["device=gpu"], ["device='gpu' is not a device: cpu, cuda or cuda:N"]),
@@ -722,6 +733,21 @@ MERGES = [
      ["model.embed_tokens.weight"]),
     ("probe-size-text", lambda ws: ["merge_probe_size=some"], ["merge_probe_size='some'"]),
     ("unknown-key", lambda ws: ["merge_dir=/tmp/x"], ["unknown config key merge_dir", "did you mean merged_dir?"]),
+    # task packages (merged_format=zero_table, qalora_tune.tasks)
+    ("format-unknown", lambda ws: ["merged_format=zip"], ["merged_format='zip' is not one of", "zero_table"]),
+    ("base-dir-without-zero-table", lambda ws: [f"base_dir={ws.root / 'b'}"],
+     ["base_dir is read only with merged_format=zero_table"]),
+    ("task-name-without-zero-table", lambda ws: ["task_name=poems"],
+     ["task_name is read only with merged_format=zero_table"]),
+    ("base-dir-foreign", lambda ws: (
+        (ws.root / "photos").mkdir(), _write(ws.root / "photos" / "cat.jpg", b"meow"),
+        ["merged_format=zero_table", f"base_dir={ws.root / 'photos'}"])[-1],
+     ["base_dir=", "holds files qalora-tune did not write"]),
+    ("base-dir-is-the-adapter", lambda ws: ["merged_format=zero_table", f"base_dir={ws.adapter}"],
+     ["base_dir=", "overlaps adapter_dir="]),
+    ("base-dir-is-a-file", lambda ws: (_write(ws.root / "file", "x"),
+                                       ["merged_format=zero_table", f"base_dir={ws.root / 'file'}"])[-1],
+     ["base_dir=", "is a file"]),
 ]
 
 
@@ -801,7 +827,35 @@ GENERATES = [
     ("weights-shape", lambda ws, m: _edit_spec(ws, _component_="qalora_tune.models.qalora_tinystories656k"),
      ["model.embed_tokens.weight has shape (57, 128) where the model it describes has (2048, 128)"]),
     ("unknown-key", lambda ws, m: ["max_new_token=3"], ["did you mean max_new_tokens?"]),
+    # task= (a task package applied to merged_dir, qalora_tune.tasks)
+    ("task-missing", lambda ws, m: ["task=/no/such/place/task"], ["task=/no/such/place/task does not exist"]),
+    ("task-a-number", lambda ws, m: ["task=7"], ["task=7 is not a non-empty text"]),
+    ("task-not-a-package", lambda ws, m: _task_dir(ws, "task.json", "{"), ["task.json is not valid JSON"]),
+    ("task-pickle-payload", lambda ws, m: _task_dir(ws, "zero_points.safetensors", _planted_pickle(m)),
+     ["zero_points.safetensors cannot be read"]),
+    ("task-another-model", lambda ws, m: _task_dir(ws, None, None, hidden_size=256),
+     ["does not fit the base", "hidden_size=256"]),
+    ("task-nan", lambda ws, m: _task_dir(ws, None, None, nan=True), ["NaN or infinite zero points"]),
 ]
+
+
+def _task_dir(ws: Workspace, name: Optional[str], content, hidden_size=None, nan=False) -> List[str]:
+    """A task package of the merged model itself, one file replaced or damaged."""
+    from qalora_tune.tasks import export_task_from_merged
+
+    task = ws.root / "task"
+    export_task_from_merged(ws.merged, task)
+    if name is not None:
+        _write(task / name, content)
+    if hidden_size is not None:
+        meta = json.loads((task / "task.json").read_text())
+        meta["base"]["config"]["hidden_size"] = hidden_size
+        (task / "task.json").write_text(json.dumps(meta))
+    if nan:
+        zeros = load_file(str(task / "zero_points.safetensors"))
+        next(iter(zeros.values()))[0, 0] = float("nan")
+        save_file(zeros, str(task / "zero_points.safetensors"))
+    return [f"task={task}"]
 
 
 @pytest.mark.parametrize("make, named", [c[1:] for c in GENERATES], ids=[c[0] for c in GENERATES])
@@ -871,6 +925,10 @@ EVALS = [
     ("merged-payload", "merged", lambda ws, m: _planted_spec(ws, m), ["never allowed to run other code"]),
     ("device-gpu", "merged", lambda ws, m: ["device=gpu"], ["device='gpu'"]),
     ("datasets-empty", "merged", lambda ws, m: ["datasets=[]"], ["datasets is empty"]),
+    ("task-with-an-adapter", "adapter", lambda ws, m: _task_dir(ws, None, None), ["task=", "checkpoint.kind=merged"]),
+    ("task-missing", "merged", lambda ws, m: ["task=/no/such/place"], ["task=/no/such/place does not exist"]),
+    ("task-pickle-payload", "merged", lambda ws, m: _task_dir(ws, "zero_points.safetensors", _planted_pickle(m)),
+     ["zero_points.safetensors cannot be read"]),
 ]
 
 

@@ -63,7 +63,7 @@ def test_stories260k_trains_saves_and_applies_overrides(tmp_path):
     config = json.loads((adapter / "adapter_config.json").read_text())
     ours = config["qalora_tune"]
     assert ours["rank"] == 1 and ours["alpha"] == 2 and ours["group_size"] == 32
-    assert ours["pad_in_dim"] is True and ours["pooling"] == "mean"
+    assert ours["pad_in_dim"] is True and ours["pooling"] == "sum"
     assert config["peft_type"] == "LORA" and config["use_qalora"] and config["r"] == 1
     # w2's input (172) is padded to 192 = 6 groups of 32 (PEFT key names)
     prefix = "base_model.model.model.layers.0"
@@ -107,6 +107,34 @@ def test_tinystories656k_saves_every_epoch_and_resumes(tmp_path):
     after = load_file(str(out / "epoch_2" / "adapter" / "adapter_model.safetensors"))
     assert (out / "epoch_2" / "merged_int4" / "model.safetensors").is_file()
     assert any(not before[k].equal(after[k]) for k in before)  # training went on
+
+
+def test_a_mean_pooled_checkpoint_resumes_in_mean_pooling(tmp_path):
+    """A checkpoint written before sum pooling (its adapter metadata says "mean") resumes
+    with its layers in mean pooling, and the next epoch's adapter says so (with PEFT's
+    alpha_pattern of a mean-pooled adapter, alpha / n_groups)."""
+    out = tmp_path / "run"
+    common = [
+        "--config", "tiny_qalora", f"output_dir={out}", "max_steps_per_epoch=3",
+        "prepare_base.steps=5", "prepare_base.batch_size=8", "prepare_base.num_validation=8",
+        "dataset.num_examples=200", "validation.dataset.num_examples=50", "save_merged_int4=False",
+        "validation.full_precision_baseline=False",
+    ]
+    first = _tune_run(*common, "epochs=1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    config_path = out / "epoch_0" / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    assert config["qalora_tune"]["pooling"] == "sum"
+    assert config["lora_alpha"] == 16.0 * 32 / 4  # alpha * G / n_groups (128 inputs)
+    config["qalora_tune"]["pooling"] = "mean"
+    config_path.write_text(json.dumps(config))
+
+    resumed = _tune_run(*common, "epochs=2", "resume_from_checkpoint=True", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "was trained with mean pooling: resuming it so" in resumed.stdout + resumed.stderr
+    config = json.loads((out / "epoch_1" / "adapter" / "adapter_config.json").read_text())
+    assert config["qalora_tune"]["pooling"] == "mean"
+    assert config["lora_alpha"] == 16.0 / 4
 
 
 def test_config_path_is_accepted_and_unknown_names_fail_in_one_line(tmp_path):

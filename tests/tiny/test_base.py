@@ -88,3 +88,27 @@ def test_to_qalora_starts_at_the_int4_base_with_only_adapters_trainable(tiny_bas
     trainable = {n.rsplit(".", 2)[-2] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"lora_a", "lora_b"}
     assert all(torch.count_nonzero(m.lora_b.weight) == 0 for m in layers)
+
+
+def test_wider_sizes_keep_the_shape_and_scale_the_width():
+    from qalora_tune.tiny import tiny_llama_sizes
+
+    assert tiny_llama_sizes(128) == TINY_LLAMA_SIZES
+    wide = tiny_llama_sizes(512)
+    assert (wide["embed_dim"], wide["num_heads"], wide["intermediate_dim"]) == (512, 16, 1024)
+    assert wide["num_layers"] == TINY_LLAMA_SIZES["num_layers"]
+    for bad in (0, 100, 128.0, True):
+        with pytest.raises(ValueError, match="positive multiple of 32"):
+            tiny_llama_sizes(bad)
+
+
+def test_a_wider_base_is_made_loaded_and_not_confused_with_another_width(tmp_path):
+    directory = str(tmp_path / "w64")
+    prepare_tiny_base(directory, steps=2, batch_size=4, num_validation=4, log=None, embed_dim=64)
+    model = load_tiny_base(directory)
+    assert model.tok_embeddings.embedding_dim == 64
+    config = json.load(open(os.path.join(directory, "config.json")))
+    assert config["hidden_size"] == 64 and config["intermediate_size"] == 128
+    assert prepare_tiny_base(directory, log=None, embed_dim=64) == directory  # reused
+    with pytest.raises(ValueError, match="width 64, not 128"):
+        prepare_tiny_base(directory, log=None)
