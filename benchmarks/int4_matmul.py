@@ -15,7 +15,8 @@ interleaved:
   each chunk built by the fused compiled kernel of ``_cpu_int4_fused``; CUDA: unpack the
   tinygemm codes with tensor ops, dequantize the layer, one GEMM);
 - ``dequant_eager`` (CPU): the same chunks built by the eager ATen passes;
-- ``op``: ``qalora_tune::int4_linear``, which picks one of the two by ``M``;
+- ``op``: ``qalora_tune::int4_linear``, which picks its path by ``M`` (on CPU, where it
+  runs, the native GEMM of ``_cpu_int4_native``; column ``op path``);
 - ``grad_input``: ``qalora_tune::int4_linear_grad_input`` (``grad @ W``); on CPU also
   ``grad_eager``, its chunks built by the eager passes; on CUDA ``grad_identity``, the
   earlier way that dequantized through tinygemm's identity product.
@@ -42,6 +43,7 @@ from qalora_tune.ops._cpu_int4_chunked import (
     chunked_int4_grad_input,
     chunked_int4_linear,
 )
+from qalora_tune.ops import _cpu_int4_native as native_int4
 from qalora_tune.ops._cpu_int4_fused import use_compiled
 from qalora_tune.quantization import quantize_rtn
 from qalora_tune.quantization.int4_weight import (
@@ -164,6 +166,8 @@ def op_path(device: torch.device, dtype: torch.dtype, rows: int, numel: int) -> 
     (the op's own decision, asked here)."""
     if device.type == "cuda":
         return "kernel" if rows < int4_linear_module.CUDA_DEQUANTIZE_MIN_ROWS else "dequant"
+    if int4_linear_module._cpu_takes_native(rows, dtype) and native_int4.available():
+        return "native"  # the C++ GEMM of _cpu_int4_native (weights of whole 64-row blocks)
     compiled = use_compiled(numel)
     if not int4_linear_module._cpu_takes_chunks(rows, dtype, compiled):
         return "kernel"

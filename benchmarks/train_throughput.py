@@ -14,6 +14,10 @@ MLP) for each method:
     lora_{fp32,bf16}    torchtune ``lora_llama2``: dense base and adapters in that dtype
     qlora_{fp32,bf16}   torchtune ``lora_llama2(quantize_base=True)``: NF4 base, the rest
                         (and NF4's dequantized weight) in that dtype
+    qalora_chunked_{fp32,bf16}  (only when named in ``--methods``) ``qalora_*`` with the
+                        native CPU int4 GEMM switched off (``QALORA_TUNE_NATIVE_INT4=0``
+                        during its steps): the chunked dequantize + BLAS path it replaced,
+                        timed in the same process, interleaved
 
 The fp32 variants are CPU references (the CPU int4 kernel is a bf16 kernel; in fp32
 QA-LoRA dequantizes cache-sized chunks for BLAS, see ``qalora_tune/ops``).
@@ -28,8 +32,18 @@ above the RSS before the build.
 
 Shapes: ``llama2_7b_layers`` is Llama-2-7B's decoder layer (dim 4096, MLP 11008, 32
 heads) repeated ``--layers`` times with random weights, vocab ``--vocab``;
+``llama3_2_1b_layers`` the same with Llama-3.2-1B's widths (dim 2048, MLP 8192, 32 heads,
+8 KV heads; built by torchtune's Llama 2 builder, whose RoPE differs, which does not change
+the work of a step);
 ``tinystories656K`` is the real checkpoint in ``../shared/models`` (output tied to the
 embeddings, group size 32).
+
+Where the time goes: one extra profiled step per method (``torch.profiler``), each
+operator's own CPU time put in one category: the int4 base's products (BLAS GEMMs on
+dequantized chunks, the chunks' dequantization, copies, and the int4 ops' own time, which
+is the native kernel where it runs), the pooled adapter, attention, other GEMMs (all of
+LoRA's and QLoRA's products), other copies and the rest (norms, activations, loss,
+optimizer).
 
 Base bits per weight: the bytes the frozen linear weights of the decoder layers hold
 (codes, scales, zero points, NF4 block scalers), times 8, over their logical number of
@@ -42,6 +56,7 @@ the table.
 import argparse
 import ctypes
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -60,6 +75,9 @@ METHODS = (
     "qalora_fp32", "qalora_bf16", "qalora_dq_fp32", "qalora_dq_bf16",
     "lora_fp32", "lora_bf16", "qlora_fp32", "qlora_bf16",
 )
+# A/B methods: qalora_* with the native CPU int4 GEMM off, run only when asked for
+EXTRA_METHODS = ("qalora_chunked_fp32", "qalora_chunked_bf16")
+NATIVE_SWITCH = "QALORA_TUNE_NATIVE_INT4"
 ADAPTER_TARGETS = ["q_proj", "k_proj", "v_proj", "output_proj"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 QLORA_TINYSTORIES_REASON = (
@@ -68,6 +86,9 @@ QLORA_TINYSTORIES_REASON = (
 )
 
 LLAMA2_7B_LAYER = dict(num_heads=32, num_kv_heads=32, embed_dim=4096, intermediate_dim=11008)
+# Llama-3.2-1B's widths (grouped-query attention, 8 KV heads), 16 layers in the real model
+LLAMA3_2_1B_LAYER = dict(num_heads=32, num_kv_heads=8, embed_dim=2048, intermediate_dim=8192)
+LAYERS_ON_CUDA = {"llama2_7b_layers": 32, "llama3_2_1b_layers": 16}
 TINY = dict(vocab_size=256, num_layers=2, num_heads=4, num_kv_heads=4, embed_dim=256,
             intermediate_dim=512)
 
@@ -78,6 +99,8 @@ TINY = dict(vocab_size=256, num_layers=2, num_heads=4, num_kv_heads=4, embed_dim
 def _shape_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     if args.shape == "llama2_7b_layers":
         dims = dict(LLAMA2_7B_LAYER, vocab_size=args.vocab, num_layers=args.layers)
+    elif args.shape == "llama3_2_1b_layers":
+        dims = dict(LLAMA3_2_1B_LAYER, vocab_size=args.vocab, num_layers=args.layers)
     elif args.shape == "tinystories656K":
         from qalora_tune.models import qalora_tinystories656k
 
@@ -146,8 +169,8 @@ def _qalora(args: argparse.Namespace, dtype: torch.dtype, double_quant: bool) ->
 
 def build(method: str, args: argparse.Namespace, state: Optional[Dict[str, torch.Tensor]]) -> nn.Module:
     """One method's model with only its adapters trainable (the base weights of ``state``)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    if method not in METHODS + EXTRA_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS + EXTRA_METHODS}")
     kind, dtype_name = method.rsplit("_", 1)
     dtype = DTYPES[dtype_name]
     if kind.startswith("qalora"):
@@ -181,6 +204,19 @@ class Trainer:
         self.losses: List[float] = []
 
     def step(self) -> None:
+        if not self.method.startswith("qalora_chunked"):
+            return self._step()
+        previous = os.environ.get(NATIVE_SWITCH)
+        os.environ[NATIVE_SWITCH] = "0"
+        try:
+            self._step()
+        finally:
+            if previous is None:
+                del os.environ[NATIVE_SWITCH]
+            else:
+                os.environ[NATIVE_SWITCH] = previous
+
+    def _step(self) -> None:
         logits = self.model(self.tokens[:, :-1])
         loss = nn.functional.cross_entropy(
             logits.float().flatten(0, 1), self.tokens[:, 1:].flatten()
@@ -234,35 +270,71 @@ def measure_throughput(trainers: List[Trainer], args: argparse.Namespace) -> Dic
     return results
 
 
-def qalora_op_breakdown(trainer: Trainer) -> Dict[str, float]:
-    """Share of one QA-LoRA step spent in the int4 base matmuls and in the pooled update.
+_BASE_OPS = ("qalora_tune::int4_linear", "qalora_tune::int4_dq_linear",
+             "qalora_tune::int4_linear_grad_input", "qalora_tune::intx_linear",
+             "qalora_tune::intx_linear_grad_input")
+_GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int4pack_mm_for_cpu",
+          "aten::_weight_int4pack_mm")
+_COPIES = ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::contiguous",
+           "aten::constant_pad_nd", "aten::cat")
+BREAKDOWN_CATEGORIES = (
+    "base: BLAS GEMM on dequantized chunks", "base: chunk dequantization",
+    "base: copies", "base: int4 ops' own time (native kernel / chunk loop)",
+    "pooled adapter", "attention", "other GEMMs", "other copies", "other",
+)
 
-    Profiled (``torch.profiler``, CPU time of the ops and their children) on one extra
-    step; forward and backward ops are counted together.
-    """
+
+def _region(event) -> Optional[str]:
+    """The region an event runs in: the int4 base, the pooled adapter or attention."""
+    while event is not None:
+        name = event.name
+        if name in _BASE_OPS or name.startswith("GeneratedBackwardFor_qalora_tune_int4") \
+                or name.startswith("GeneratedBackwardFor_qalora_tune_intx"):
+            return "base"
+        if "pooled_lora" in name:
+            return "pooled adapter"
+        if "scaled_dot_product" in name:
+            return "attention"
+        event = event.cpu_parent
+    return None
+
+
+def _category(event) -> str:
+    region, name = _region(event), event.name
+    if region == "base":
+        if name in _GEMMS:
+            return "base: BLAS GEMM on dequantized chunks"
+        if name in _COPIES:
+            return "base: copies"
+        if name in _BASE_OPS or name.startswith("GeneratedBackwardFor"):
+            return "base: int4 ops' own time (native kernel / chunk loop)"
+        return "base: chunk dequantization"  # compiled chunk kernels and the eager passes
+    if region is not None:
+        return region
+    if name in _GEMMS or name in ("aten::linear", "aten::matmul"):
+        return "other GEMMs"
+    if name in _COPIES:
+        return "other copies"
+    return "other"
+
+
+def step_breakdown(trainer: Trainer) -> Dict[str, float]:
+    """Milliseconds of one profiled training step per category (``BREAKDOWN_CATEGORIES``)
+    and ``step``, the step's CPU time: each operator's own (self) CPU time counted once,
+    in the category of the region it runs in and of its name."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU]
-    if trainer.device.type == "cuda":
-        activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities) as prof:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
         with torch.profiler.record_function("train_step"):
             trainer.step()
-    kinds = {
-        "qalora_tune::int4_linear": "int4 base",
-        "qalora_tune::int4_dq_linear": "int4 base",
-        "qalora_tune::int4_linear_grad_input": "int4 base",
-        "qalora_tune::pooled_lora": "pooled update",
-        "GeneratedBackwardFor_qalora_tune_pooled_lora_default": "pooled update",
-    }
-    totals = {"int4 base": 0.0, "pooled update": 0.0}
-    step_total = 0.0
-    for event in prof.key_averages():
-        if event.key in kinds:
-            totals[kinds[event.key]] += event.cpu_time_total
-        elif event.key == "train_step":
-            step_total = event.cpu_time_total
-    return {f"{kind} share": value / step_total for kind, value in totals.items()}
+    totals = {category: 0.0 for category in BREAKDOWN_CATEGORIES}
+    step = 0.0
+    for event in prof.events():
+        if event.name == "train_step":
+            step = event.cpu_time_total / 1e3
+        elif event.device_type == torch.autograd.DeviceType.CPU:
+            totals[_category(event)] += event.self_cpu_time_total / 1e3
+    return dict(totals, step=step)
 
 
 # ---------------------------------------------------------------------------- CPU memory
@@ -382,6 +454,7 @@ def markdown_table(report: Dict[str, Any]) -> str:
         if m in results
     }
     head = ["method", "tokens/s", "s/step"] + [f"vs {m}" for m in reference]
+    head += [f"vs {m}" for m in results if m.startswith("qalora_chunked")]
     head += ["peak training memory (MiB)", "base bits/weight"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, numbers in results.items():
@@ -389,23 +462,42 @@ def markdown_table(report: Dict[str, Any]) -> str:
         peak = numbers.get("peak_cuda_allocated_mib", memory.get("train_peak_mib"))
         row = [method, f"{numbers['tokens_per_s']:.1f}", f"{numbers['median_seconds_per_step']:.3f}"]
         row += [f"{numbers['tokens_per_s'] / value:.2f}x" for value in reference.values()]
+        row += [f"{numbers['tokens_per_s'] / results[m]['tokens_per_s']:.2f}x"
+                for m in results if m.startswith("qalora_chunked")]
         row.append("-" if peak is None else f"{peak:.0f}")
         row.append(f"{numbers['base_bits_per_weight']:.3f}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
+def breakdown_table(breakdown: Dict[str, Dict[str, float]]) -> str:
+    """Where one step's CPU time goes, in ms per category, one column per method."""
+    methods = list(breakdown)
+    lines = ["| ms in one profiled step | " + " | ".join(methods) + " |",
+             "|---|" + "---|" * len(methods)]
+    for category in BREAKDOWN_CATEGORIES + ("step",):
+        cells = []
+        for method in methods:
+            value, step = breakdown[method][category], breakdown[method]["step"]
+            cells.append(f"{value:.1f}" if category == "step" else f"{value:.1f} ({value / step:.0%})")
+        lines.append(f"| {category} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--shape", choices=["llama2_7b_layers", "tinystories656K", "tiny"], default="llama2_7b_layers")
-    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: 1 on CPU, 32 on CUDA)")
+    parser.add_argument("--shape", choices=["llama2_7b_layers", "llama3_2_1b_layers", "tinystories656K", "tiny"],
+                        default="llama2_7b_layers")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="decoder layers (default: 1 on CPU; on CUDA the real model's, 32 or 16)")
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=None)
+    parser.add_argument("--methods", nargs="+", choices=METHODS + EXTRA_METHODS, default=None)
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the profiled step per method")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=1, help="steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=5)
@@ -413,12 +505,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU peak-RSS child runs")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
-    parser.add_argument("--memory-worker", choices=METHODS, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-worker", choices=METHODS + EXTRA_METHODS, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but CUDA is not available")
     if args.layers is None:
-        args.layers = 32 if args.device == "cuda" else 1
+        args.layers = LAYERS_ON_CUDA.get(args.shape, 1) if args.device == "cuda" else 1
     if args.methods is None:
         on_cpu = args.device == "cpu"
         args.methods = [m for m in METHODS if on_cpu or m.endswith("_bf16")]
@@ -452,12 +544,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "results": measure_throughput(trainers, args),
         "skipped": getattr(args, "skipped", {}),
     }
-    qalora = [t for t in trainers if t.method.startswith("qalora")]
-    report["qalora_breakdown"] = {t.method: qalora_op_breakdown(t) for t in qalora}
-    del trainers, qalora
+    if not args.no_breakdown:
+        report["breakdown"] = {t.method: step_breakdown(t) for t in trainers}
+    del trainers
     if args.device == "cpu" and not args.no_memory:
         report["memory"] = measure_cpu_memory(args.methods, argv)
     table = markdown_table(report)
+    if "breakdown" in report:
+        table += "\n\n" + breakdown_table(report["breakdown"])
     for method, reason in report["skipped"].items():
         table += f"\n\n{method}: not run; {reason}."
     print(table)

@@ -5,8 +5,10 @@ torchao's int4 subclasses run inference only: the kernels have no derivative and
 subclasses are created with ``requires_grad=False``. QA-LoRA backpropagates through the
 frozen base to the adapters of earlier layers, so this op supplies
 ``grad_x = grad_y @ W`` as the op ``qalora_tune::int4_linear_grad_input``. In the CPU
-layout the weight is dequantized one cache-sized chunk at a time (``_cpu_int4_chunked``),
-so no dense copy of the layer exists. In tinygemm's layout (CUDA) the codes are unpacked
+layout, bf16 and fp32 products run a C++ GEMM that dequantizes the weight into its own
+packed panels (``_cpu_int4_native``); where it cannot run (no AVX512-BF16, no compiler,
+fp16), the weight is dequantized one cache-sized chunk at a time for BLAS
+(``_cpu_int4_chunked``). Either way no dense copy of the layer exists. In tinygemm's layout (CUDA) the codes are unpacked
 with tensor ops (``tinygemm_layout``) and the current layer is dequantized whole, used by
 one GEMM and freed; tinygemm itself runs only the forward of few rows (decode), where it
 is built to win. The ops take the subclass's inner tensors, so ``torch.compile`` sees one
@@ -22,6 +24,7 @@ from qalora_tune.ops._cpu_int4_chunked import (
     chunked_int4_grad_input,
     chunked_int4_linear,
 )
+from qalora_tune.ops import _cpu_int4_native as native
 from qalora_tune.ops._cpu_int4_fused import use_compiled
 from qalora_tune.quantization.int4_weight import (
     dequantize_packed,
@@ -41,6 +44,17 @@ CPU_DEQUANTIZE_MIN_ROWS = 256
 CPU_COMPILED_DEQUANTIZE_MIN_ROWS = 128
 
 
+# From this many rows of x on, the bf16 forward leaves the CPU int4 kernel for the native
+# GEMM (``_cpu_int4_native``), which has no fast path for a handful of rows: on a Llama-2-7B
+# layer's shapes it was 0.5-0.9x the kernel's time at 16 rows and 1.3-13x at 1 row
+# (1 thread, docs/results/performance.md, fast path 7). fp32 always takes it.
+CPU_NATIVE_MIN_ROWS = 16
+
+
+def _cpu_takes_native(rows: int, dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 or rows >= CPU_NATIVE_MIN_ROWS
+
+
 def _cpu_takes_chunks(rows: int, dtype: torch.dtype, compiled: bool) -> bool:
     # The CPU int4 kernel has no fast fp32 path (11008x4096 at M = 128: ~120x slower than
     # in bf16): fp32 always, and other dtypes for large M, run BLAS on dequantized chunks.
@@ -49,6 +63,10 @@ def _cpu_takes_chunks(rows: int, dtype: torch.dtype, compiled: bool) -> bool:
 
 
 def _cpu_forward(x2d, qdata, scale_and_zero, group_size, out_features):
+    if _cpu_takes_native(x2d.shape[0], scale_and_zero.dtype) and native.supports(
+        qdata, scale_and_zero
+    ):
+        return native.linear(x2d, qdata, scale_and_zero, group_size, out_features)
     compiled = use_compiled(qdata.numel() * 2)
     if _cpu_takes_chunks(x2d.shape[0], scale_and_zero.dtype, compiled):
         return chunked_int4_linear(
@@ -150,7 +168,9 @@ def int4_linear_grad_input(
         torch.Tensor: ``(..., in_features)`` in ``scale_and_zero.dtype``.
     """
     grad2d = grad.reshape(-1, grad.shape[-1]).to(scale_and_zero.dtype)
-    if qdata.dim() == 2:  # CPU layout: dequantized chunk by chunk, as in the forward
+    if qdata.dim() == 2 and native.supports(qdata, scale_and_zero):
+        grad_x = native.grad_input(grad2d, qdata, scale_and_zero, group_size, in_features)
+    elif qdata.dim() == 2:  # CPU layout: dequantized chunk by chunk, as in the forward
         grad_x = chunked_int4_grad_input(
             grad2d, qdata, scale_and_zero, group_size, in_features
         )

@@ -25,9 +25,42 @@ def test_every_method_trains_and_is_reported(tmp_path):
         # a step that did nothing would leave the loss at its initial value and finite
         assert torch.isfinite(torch.tensor(numbers["final_loss"]))
     assert "| qalora_fp32 |" in (tmp_path / "train.md").read_text()
-    assert set(saved["qalora_breakdown"]) == {
-        "qalora_fp32", "qalora_bf16", "qalora_dq_fp32", "qalora_dq_bf16"
-    }
+    assert set(saved["breakdown"]) == set(train_throughput.METHODS)
+    for method, breakdown in saved["breakdown"].items():
+        parts = sum(breakdown[c] for c in train_throughput.BREAKDOWN_CATEGORIES)
+        # every operator's own time once: the parts add up to (nearly) the whole step
+        assert 0.5 * breakdown["step"] < parts <= 1.01 * breakdown["step"], method
+    assert saved["breakdown"]["lora_fp32"]["base: chunk dequantization"] == 0
+    assert saved["breakdown"]["qalora_fp32"]["pooled adapter"] > 0
+    assert "| ms in one profiled step |" in (tmp_path / "train.md").read_text()
+
+
+def test_the_chunked_methods_switch_the_native_gemm_off_during_their_steps(monkeypatch, tmp_path):
+    import qalora_tune.ops._cpu_int4_native as native
+
+    seen = []
+    original = native.available
+    monkeypatch.setattr(native, "available", lambda: seen.append(original()) or seen[-1])
+    monkeypatch.delenv(train_throughput.NATIVE_SWITCH, raising=False)
+    report = train_throughput.main(
+        ["--shape", "tiny", "--repeats", "1", "--no-memory", "--no-breakdown",
+         "--methods", "qalora_chunked_fp32", "--json", str(tmp_path / "t.json")]
+    )
+    assert seen and not any(seen)  # asked only inside its steps, and always off there
+    assert train_throughput.NATIVE_SWITCH not in __import__("os").environ
+    assert report["results"]["qalora_chunked_fp32"]["tokens_per_s"] > 0
+
+
+def test_the_1b_shape_has_llama_3_2_1b_widths_and_its_layer_count_on_cuda():
+    args = train_throughput.parse_args(["--shape", "llama3_2_1b_layers", "--vocab", "64"])
+    dims = train_throughput._shape_kwargs(args)
+    assert (dims["embed_dim"], dims["intermediate_dim"], dims["num_heads"], dims["num_kv_heads"]) == (
+        2048, 8192, 32, 8)
+    assert dims["num_layers"] == 1  # on CPU one layer; on CUDA the real model's 16
+    assert train_throughput.LAYERS_ON_CUDA["llama3_2_1b_layers"] == 16
+    # every method builds on it, QLoRA's NF4 included (its scaler blocks fit k_proj's 2048 x 512)
+    model = train_throughput.build("qlora_bf16", args, None)
+    assert model.layers[0].attn.k_proj.weight.shape == (512, 2048)
 
 
 def test_the_methods_train_the_same_adapter_targets():

@@ -477,6 +477,7 @@ def test_compiled_cpu_chunks_give_the_eager_layer_bit_for_bit(monkeypatch, dtype
     # the whole layer: forward, input and adapter gradients, and the merged output
     import qalora_tune.ops._cpu_int4_fused as fused
 
+    monkeypatch.setenv("QALORA_TUNE_NATIVE_INT4", "0")  # the chunked paths, not the native GEMM
     layer = _layer(256, 192, dtype=dtype)
     x = torch.randn(300, 256, dtype=dtype)  # past both bf16 row thresholds
     grad = torch.randn(300, 192, dtype=dtype)

@@ -16,6 +16,12 @@ from tests.reference import assert_within, matmul_error_bound
 
 
 @pytest.fixture(autouse=True)
+def chunked_paths(monkeypatch):
+    # the compiled chunks run where the native GEMM does not; these tests are about them
+    monkeypatch.setenv("QALORA_TUNE_NATIVE_INT4", "0")
+
+
+@pytest.fixture(autouse=True)
 def fresh_kernels():
     fused._reset(failed=False)
     yield
