@@ -51,56 +51,12 @@ from qalora_tune.errors import UserValueError
 from qalora_tune.export import gguf_finisher
 from qalora_tune.models import base_bits_per_weight, count_parameters
 from qalora_tune.modules import QALoRALinear
-from qalora_tune.recipe_utils import (
-    FINETUNE_KEYS,
-    IGNORE_INDEX,
-    OutputDirLock,
-    adapter_config_for,
-    adapters_disabled,
-    barrier,
-    broadcast_parameters,
-    build_dataset,
-    calibrate_base,
-    calibration_settings,
-    capture_rng,
-    check_config,
-    check_data_order,
-    check_finite_loss,
-    check_saved_adapter,
-    check_tokenizer_fits,
-    destroy_distributed,
-    evaluate_lm,
-    finetune_preflight,
-    format_metrics,
-    gather_objects,
-    init_distributed,
-    instantiate_section,
-    interrupt_note,
-    is_rank_zero,
-    load_full_precision,
-    loss_step,
-    merge_with_report,
-    optimizer_step,
-    probe_batch,
-    remove_previous_run,
-    resolve_dtype,
-    restore_rng,
-    run_on_rank_zero,
-    run_recipe,
-    set_interrupt_note,
-    summarize_report,
-    summary_json,
-    summary_lines,
-    training_loader,
-    unreadable_state,
-    validation_loader,
-    world_size_and_rank,
-)
+from qalora_tune import recipe_utils
 
 log = utils.get_logger("INFO")
 _info = partial(utils.log_rank_zero, log)  # every rank runs the same steps: log once
 
-CONFIG_KEYS = FINETUNE_KEYS  # every top-level key the recipe reads
+CONFIG_KEYS = recipe_utils.FINETUNE_KEYS  # every top-level key the recipe reads
 
 
 class QALoRAFinetuneRecipe(FTRecipeInterface):
@@ -121,11 +77,11 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
     """
 
     def __init__(self, cfg: DictConfig) -> None:
-        finetune_preflight(cfg)
+        recipe_utils.finetune_preflight(cfg)
         self._device = utils.get_device(device=cfg.device)
-        init_distributed(cfg.device)
-        self._world_size, self._rank = world_size_and_rank()
-        self._dtype = resolve_dtype(cfg.dtype, self._device, allowed=("fp32", "bf16"))
+        recipe_utils.init_distributed(cfg.device)
+        self._world_size, self._rank = recipe_utils.world_size_and_rank()
+        self._dtype = recipe_utils.resolve_dtype(cfg.dtype, self._device, allowed=("fp32", "bf16"))
         self._output_dir = Path(cfg.output_dir).expanduser()
         self._log_every_n_steps = cfg.get("log_every_n_steps", 1)
         self._log_peak_memory_stats = cfg.get("log_peak_memory_stats", False)
@@ -143,9 +99,11 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         self._save_every_n_steps = cfg.get("save_every_n_steps", None)
         self._batch_size = cfg.batch_size
         self._shuffle = cfg.get("shuffle", True)
-        self._calibration = calibration_settings(cfg, default_dataset=cfg.get("dataset"))
-        self._lock = OutputDirLock(self._output_dir, "qalora_finetune")
-        if is_rank_zero():  # one writer: rank 0 holds the output directory
+        self._calibration = recipe_utils.calibration_settings(
+            cfg, default_dataset=cfg.get("dataset")
+        )
+        self._lock = recipe_utils.OutputDirLock(self._output_dir, "qalora_finetune")
+        if recipe_utils.is_rank_zero():  # one writer: rank 0 holds the output directory
             self._lock.acquire()
             for line in recover_interrupted_writes(self._output_dir):
                 log.info(f"output_dir: {line}")
@@ -158,12 +116,14 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         self._resumed_dataloader_state: Optional[Dict[str, Any]] = None
         self._metrics: Dict[str, Dict[str, float]] = {}
         self._checkpointer = None
-        set_interrupt_note(self._interrupt_note)
+        recipe_utils.set_interrupt_note(self._interrupt_note)
 
     def _interrupt_note(self) -> str:
         """What Ctrl-C reports: where training stopped, the last checkpoint, how to resume."""
         latest = self._checkpointer.latest_checkpoint_dir() if self._checkpointer else None
-        return interrupt_note(latest, self.global_step, self.epochs_run, self.total_epochs)
+        return recipe_utils.interrupt_note(
+            latest, self.global_step, self.epochs_run, self.total_epochs
+        )
 
     # ------------------------------------------------------------------ setup
 
@@ -172,23 +132,24 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         if cfg.get("prepare_base") is not None:
             # the RNG streams stay as seeded whether the base is made now or reused
             with torch.random.fork_rng(devices=[]):
-                run_on_rank_zero(lambda: instantiate_section(cfg.prepare_base, "prepare_base"))
-                if not is_rank_zero():
-                    instantiate_section(cfg.prepare_base, "prepare_base")  # reuses (checks) rank 0's base
+                prepare = lambda: recipe_utils.instantiate_section(cfg.prepare_base, "prepare_base")
+                recipe_utils.run_on_rank_zero(prepare)
+                if not recipe_utils.is_rank_zero():
+                    prepare()  # reuses (checks) rank 0's base
         self._checkpointer = self._setup_checkpointer(cfg.checkpointer)
         self._checkpointer.run_config = OmegaConf.to_yaml(cfg, resolve=True)
         self._model_cfg = cfg.model
-        self._tokenizer = instantiate_section(cfg.tokenizer, "tokenizer")
+        self._tokenizer = recipe_utils.instantiate_section(cfg.tokenizer, "tokenizer")
         self._model = self._setup_model(cfg.model)
-        choose_merged_format(self._merged_format, self._model, self._device)  # refuse before training
-        check_tokenizer_fits(self._tokenizer, self._model)
+        choose_merged_format(self._merged_format, self._model, self._device)  # before training
+        recipe_utils.check_tokenizer_fits(self._tokenizer, self._model)
         self._loss_fn = self._setup_loss(cfg.loss)
         self._optimizer = self._setup_optimizer(cfg.optimizer)
         self._dataloader = self._setup_data(cfg.dataset, self._batch_size, self._shuffle)
         self._steps_per_epoch = self._count_steps_per_epoch()
         self._lr_scheduler = self._setup_lr_scheduler(cfg.get("lr_scheduler"))
         self._val_dataloader, self._val_cfg = self._setup_validation(cfg.get("validation"))
-        self._probe_batch = probe_batch(
+        self._probe_batch = recipe_utils.probe_batch(
             (self._val_dataloader or self._dataloader).dataset, self._merge_probe_size,
             self._tokenizer.pad_id,
         )
@@ -197,7 +158,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         if self._resume_from_checkpoint:
             self._restore(self._checkpointer.load_resume_state())
         # identical adapters on every rank (each initialised its own from seed + rank)
-        broadcast_parameters(self._adapter_params.values())
+        recipe_utils.broadcast_parameters(self._adapter_params.values())
         # last, so that a failed setup leaves the output directory as it was
         self._metric_logger = self._setup_metric_logger(cfg.metric_logger)
         if self._metric_logger is not None:
@@ -206,10 +167,12 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
 
     def _setup_metric_logger(self, cfg_metric_logger: DictConfig) -> Optional[Any]:
         """The metric logger, on rank 0 only (the logged values are global)."""
-        return instantiate_section(cfg_metric_logger, "metric_logger") if is_rank_zero() else None
+        if not recipe_utils.is_rank_zero():
+            return None
+        return recipe_utils.instantiate_section(cfg_metric_logger, "metric_logger")
 
     def _setup_checkpointer(self, cfg_checkpointer: DictConfig) -> Any:
-        checkpointer = instantiate_section(
+        checkpointer = recipe_utils.instantiate_section(
             cfg_checkpointer,
             "checkpointer",
             output_dir=str(self._output_dir),
@@ -222,11 +185,13 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
     def _setup_model(self, cfg_model: DictConfig) -> nn.Module:
         start = time.perf_counter()
         with training.set_default_dtype(self._dtype), self._device:
-            model = instantiate_section(cfg_model, "model")
+            model = recipe_utils.instantiate_section(cfg_model, "model")
         if self._calibration is not None:
-            self._hf_config = calibrate_base(
+            self._hf_config = recipe_utils.calibrate_base(
                 model, cfg_model._component_, self._checkpointer, self._calibration,
-                lambda cfg_dataset: build_dataset(cfg_dataset, self._tokenizer, "calibration.dataset"),
+                lambda cfg_dataset: recipe_utils.build_dataset(
+                    cfg_dataset, self._tokenizer, "calibration.dataset"
+                ),
                 self._device, self._dtype,
             )
         else:
@@ -262,7 +227,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         return model
 
     def _setup_loss(self, cfg_loss: DictConfig) -> nn.Module:
-        loss_fn = instantiate_section(cfg_loss, "loss")
+        loss_fn = recipe_utils.instantiate_section(cfg_loss, "loss")
         if self._compile:
             loss_fn = training.compile_loss(loss_fn)
         if hasattr(loss_fn, "num_output_chunks"):
@@ -270,12 +235,13 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         return loss_fn
 
     def _setup_optimizer(self, cfg_optimizer: DictConfig) -> Optimizer:
-        return instantiate_section(cfg_optimizer, "optimizer", list(self._adapter_params.values()))
+        params = list(self._adapter_params.values())
+        return recipe_utils.instantiate_section(cfg_optimizer, "optimizer", params)
 
     def _setup_data(self, cfg_dataset: Any, batch_size: int, shuffle: bool) -> StatefulDataLoader:
         """This rank's loader: every ``world_size``-th example of each epoch's order."""
-        dataset = build_dataset(cfg_dataset, self._tokenizer)
-        return training_loader(
+        dataset = recipe_utils.build_dataset(cfg_dataset, self._tokenizer)
+        return recipe_utils.training_loader(
             dataset, batch_size, self._world_size, self._rank, shuffle, self.seed,
             self._tokenizer.pad_id,
         )
@@ -294,7 +260,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
     def _setup_lr_scheduler(self, cfg_lr_scheduler: Optional[DictConfig]) -> Optional[Any]:
         if cfg_lr_scheduler is None:
             return None
-        return instantiate_section(
+        return recipe_utils.instantiate_section(
             cfg_lr_scheduler,
             "lr_scheduler",
             self._optimizer,
@@ -306,8 +272,10 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         ``max_batches * batch_size``; all when ``max_batches`` is null)."""
         if cfg_validation is None:
             return None, None
-        dataset = build_dataset(cfg_validation.dataset, self._tokenizer, "validation.dataset")
-        loader = validation_loader(
+        dataset = recipe_utils.build_dataset(
+            cfg_validation.dataset, self._tokenizer, "validation.dataset"
+        )
+        loader = recipe_utils.validation_loader(
             dataset, cfg_validation.get("batch_size", 8), cfg_validation.get("max_batches"),
             self._world_size, self._rank, self.seed, self._tokenizer.pad_id,
         )
@@ -316,16 +284,16 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
     # ------------------------------------------------------------------ evaluation
 
     def _evaluate(self) -> Dict[str, float]:
-        return evaluate_lm(
+        return recipe_utils.evaluate_lm(
             self._model, self._val_dataloader, self._device, sum_across_ranks=self._world_size > 1
         )
 
     def _evaluate_full_precision(self, cfg_model: DictConfig) -> Dict[str, float]:
-        model, _ = load_full_precision(
+        model, _ = recipe_utils.load_full_precision(
             cfg_model._component_, self._checkpointer, self._device, self._dtype,
             otherwise="set validation.full_precision_baseline=False",
         )
-        metrics = evaluate_lm(
+        metrics = recipe_utils.evaluate_lm(
             model, self._val_dataloader, self._device, sum_across_ranks=self._world_size > 1
         )
         del model
@@ -337,24 +305,24 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             return
         if self._val_cfg.get("full_precision_baseline", False):
             self._metrics["full-precision base"] = self._evaluate_full_precision(self._model_cfg)
-        with adapters_disabled(self._adapter_modules.values()):
+        with recipe_utils.adapters_disabled(self._adapter_modules.values()):
             self._metrics["int4 base"] = self._evaluate()
         for name, values in self._metrics.items():
-            _info(f"{name}: {format_metrics(values)}")
+            _info(f"{name}: {recipe_utils.format_metrics(values)}")
 
     # ------------------------------------------------------------------ training
 
     def _loss_step(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-        return loss_step(self._model, self._loss_fn, batch, self._activations_ctx)
+        return recipe_utils.loss_step(self._model, self._loss_fn, batch, self._activations_ctx)
 
     def train(self) -> None:
         """Run the remaining epochs, saving adapter and recipe state after each (and every
         ``save_every_n_steps`` optimizer steps, when set)."""
-        if self._overwrite and is_rank_zero():
-            removed = remove_previous_run(self._output_dir)
+        if self._overwrite and recipe_utils.is_rank_zero():
+            removed = recipe_utils.remove_previous_run(self._output_dir)
             if removed:
                 _info(f"overwrite=True: removed the previous run's {', '.join(removed)}")
-        barrier()
+        recipe_utils.barrier()
         if self._compile:
             _info("torch.compile is on: the first steps compile the model (slow)")
         self._model.train()
@@ -369,13 +337,13 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             progress = tqdm(
                 total=self._steps_per_epoch,
                 initial=steps_done,
-                disable=not (sys.stderr.isatty() and is_rank_zero()),
+                disable=not (sys.stderr.isatty() and recipe_utils.is_rank_zero()),
             )
             running_loss, num_tokens, micro_batches = 0.0, 0, 0
             step_start = time.perf_counter()
             for batch in self._dataloader:
                 utils.batch_to_device(batch, self._device)
-                batch_tokens = (batch["labels"] != IGNORE_INDEX).sum()
+                batch_tokens = (batch["labels"] != recipe_utils.IGNORE_INDEX).sum()
                 loss = self._loss_step(batch) * batch_tokens
                 running_loss += loss.detach()
                 num_tokens += batch_tokens
@@ -386,7 +354,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
                 grad_norm, step_loss = self._optimizer_step(running_loss, num_tokens)
                 self.global_step += 1
                 steps_done += 1
-                check_finite_loss(step_loss, self.global_step, self._checkpointer)
+                recipe_utils.check_finite_loss(step_loss, self.global_step, self._checkpointer)
                 progress.update(1)
                 progress.set_description(f"{epoch + 1}|{self.global_step}|Loss: {step_loss:.4f}")
                 if self.global_step % self._log_every_n_steps == 0:
@@ -406,13 +374,13 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
                     self._metric_logger.log_dict(
                         {f"val_{k}": v for k, v in metrics.items()}, step=self.global_step
                     )
-                _info(f"epoch {epoch + 1} validation: {format_metrics(metrics)}")
+                _info(f"epoch {epoch + 1} validation: {recipe_utils.format_metrics(metrics)}")
             self.save_checkpoint(epoch)
 
     def _optimizer_step(self, running_loss: torch.Tensor, num_tokens: torch.Tensor):
         """Sum gradients, loss and token counts over ranks, normalise by the global token
         count and step; returns the gradient norm (when clipping) and the step's loss."""
-        return optimizer_step(
+        return recipe_utils.optimizer_step(
             self._model, self._adapter_params.values(), self._optimizer, self._lr_scheduler,
             running_loss, num_tokens, self._clip_grad_norm,
         )
@@ -434,39 +402,34 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
     # ------------------------------------------------------------------ checkpoints
 
     def _adapter_config(self) -> AdapterConfig:
-        return adapter_config_for(
+        return recipe_utils.adapter_config_for(
             self._adapter_modules, self._model_cfg, self._checkpointer, self._dtype,
             self._calibration,
         )
 
     def _recipe_state(self, epoch: int, steps_done: int) -> Dict[str, Any]:
         """Everything an exact resume needs, gathered from every rank (call on all)."""
-        rng = capture_rng(self._device)
         progress = {
             "epoch": epoch,
             "epochs_run": self.epochs_run,
             "steps_done_in_epoch": steps_done,
             "global_step": self.global_step,
         }
-        return {
-            "progress": progress,
-            "optimizer": self._optimizer.state_dict(),
-            "lr_scheduler": None if self._lr_scheduler is None else self._lr_scheduler.state_dict(),
-            "epochs_run": self.epochs_run,
-            "global_step": self.global_step,
+        run = {
             "seed": self.seed,
             "total_epochs": self.total_epochs,
             "max_steps_per_epoch": self.max_steps_per_epoch,
-            "data_order": self._data_order(),
-            "dataloader_per_rank": gather_objects(self._dataloader.state_dict()),
-            "rng_per_rank": gather_objects(rng),
         }
+        return recipe_utils.recipe_state(
+            progress, self._optimizer, self._lr_scheduler, run, self._data_order(),
+            self._dataloader, self._device,
+        )
 
     def save_step_checkpoint(self, epoch: int, steps_done: int) -> None:
         """Write ``step_{global_step}/`` (adapter and recipe state) in the middle of an epoch."""
         start = time.perf_counter()
         state = self._recipe_state(epoch, steps_done)
-        path = run_on_rank_zero(
+        path = recipe_utils.run_on_rank_zero(
             lambda: self._checkpointer.save_step_checkpoint(
                 self.global_step, self._adapter_modules, self._adapter_metadata, state
             )
@@ -479,24 +442,26 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         start = time.perf_counter()
         if self._log_peak_memory_stats:
             reset_peak_rss()  # the save's own peak, logged below
-        recipe_state = self._recipe_state(epoch, 0)
+        state = self._recipe_state(epoch, 0)
         layers = self._adapter_modules
         if not self._save_merged_int4:
-            path = run_on_rank_zero(
+            path = recipe_utils.run_on_rank_zero(
                 lambda: self._checkpointer.save_checkpoint(
-                    epoch, layers, self._adapter_metadata, recipe_state
+                    epoch, layers, self._adapter_metadata, state
                 )
             )
             _info(f"Saved {path} in {time.perf_counter() - start:.1f}s")
             return
         # every rank merges (a zero-point update), so that all can evaluate the merged model
-        report = merge_with_report(self._model, layers.values(), self._probe_batch, self._device)
+        report = recipe_utils.merge_with_report(
+            self._model, layers.values(), self._probe_batch, self._device
+        )
         try:
             if epoch == self.total_epochs - 1 and self._val_dataloader is not None:
                 self._metrics["QA-LoRA merged int4"] = self._evaluate()
-            path = run_on_rank_zero(
+            path = recipe_utils.run_on_rank_zero(
                 lambda: self._checkpointer.save_checkpoint(
-                    epoch, layers, self._adapter_metadata, recipe_state,
+                    epoch, layers, self._adapter_metadata, state,
                     merged_model=self._model, merge_report=report,
                     merged_format=self._merged_format, finish_merged=self._finish_merged,
                 )
@@ -507,7 +472,7 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         saved = f"Saved {path} in {time.perf_counter() - start:.1f}s"
         if self._log_peak_memory_stats:
             saved += f" (peak RSS of the merge and export {peak_rss_bytes() / 2**30:.2f} GiB)"
-        _info(f"{saved}; {summarize_report(report)}")
+        _info(f"{saved}; {recipe_utils.summarize_report(report)}")
 
     def _restore(self, saved: Dict[str, Any]) -> None:
         # a checkpoint of earlier qalora-tune (mean pooling) resumes in its own convention
@@ -516,24 +481,22 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
             _info(f"{saved['path']} was trained with {pooling} pooling: resuming it so")
             self._adapter_metadata = self._adapter_config()
         check_resume_matches(saved["adapter_config"], self._adapter_metadata, saved["path"])
-        check_saved_adapter(saved["adapter"], self._adapter_params, saved["path"])
-        with unreadable_state(saved["path"] / RECIPE_STATE_NAME):
+        recipe_utils.check_saved_adapter(saved["adapter"], self._adapter_params, saved["path"])
+        with recipe_utils.unreadable_state(saved["path"] / RECIPE_STATE_NAME):
             state = saved["recipe_state"]
             mid_epoch = state["progress"]["steps_done_in_epoch"] > 0
             if mid_epoch:
-                check_data_order(saved["path"], state["data_order"], self._data_order())
+                recipe_utils.check_data_order(
+                    saved["path"], state["data_order"], self._data_order()
+                )
             with torch.no_grad():
                 for name, param in self._adapter_params.items():
                     param.copy_(saved["adapter"][name])
-            self._optimizer.load_state_dict(state["optimizer"])
-            if self._lr_scheduler is not None and state["lr_scheduler"] is not None:
-                self._lr_scheduler.load_state_dict(state["lr_scheduler"])
-            self.epochs_run = state["epochs_run"]
-            self.global_step = state["global_step"]
-            self._steps_done_in_epoch = state["progress"]["steps_done_in_epoch"]
-            if mid_epoch:
-                self._resumed_dataloader_state = state["dataloader_per_rank"][self._rank]
-            restore_rng(state["rng_per_rank"], self._rank, self._device)
+            progress, self._resumed_dataloader_state = recipe_utils.apply_recipe_state(
+                state, self._optimizer, self._lr_scheduler, self._rank, self._device
+            )
+            self.epochs_run, self.global_step = progress["epochs_run"], progress["global_step"]
+            self._steps_done_in_epoch = progress["steps_done_in_epoch"]
         where = (
             f"step {self._steps_done_in_epoch} of epoch {self.epochs_run + 1}"
             if mid_epoch
@@ -557,30 +520,31 @@ class QALoRAFinetuneRecipe(FTRecipeInterface):
         """A short report: validation metrics per model and where the outputs are; also
         written to ``{output_dir}/summary.json`` (call on rank 0)."""
         latest = self._checkpointer.latest_epoch_dir()
-        atomic_write_text(self._output_dir / "summary.json", summary_json(self._metrics, latest))
-        return "\n".join(summary_lines(self._metrics, latest))
+        summary = recipe_utils.summary_json(self._metrics, latest)
+        atomic_write_text(self._output_dir / "summary.json", summary)
+        return "\n".join(recipe_utils.summary_lines(self._metrics, latest))
 
     def cleanup(self) -> None:
         if self._metric_logger is not None:
             self._metric_logger.close()
-        destroy_distributed()
+        recipe_utils.destroy_distributed()
 
 
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point: ``tune run qalora_finetune --config NAME_OR_PATH [key=value ...]``."""
-    check_config(cfg, CONFIG_KEYS, "qalora_finetune")
+    recipe_utils.check_config(cfg, CONFIG_KEYS, "qalora_finetune")
     recipe = QALoRAFinetuneRecipe(cfg=cfg)
     recipe.setup(cfg=cfg)
     recipe.evaluate_baselines()
     recipe.train()
-    if is_rank_zero():
+    if recipe_utils.is_rank_zero():
         print(recipe.summary())
     recipe.cleanup()
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     """Parse the command line (a packaged config name or a path), then run the recipe."""
-    run_recipe("qalora_finetune", recipe_main, argv)
+    recipe_utils.run_recipe("qalora_finetune", recipe_main, argv)
 
 
 if __name__ == "__main__":

@@ -96,9 +96,11 @@ from qalora_tune.recipe_utils._summary import (
 )
 from qalora_tune.recipe_utils._train_step import check_finite_loss, loss_step, optimizer_step
 from qalora_tune.recipe_utils._training_state import (
+    apply_recipe_state,
     capture_rng,
     check_data_order,
     check_saved_adapter,
+    recipe_state,
     restore_rng,
     unreadable_state,
 )
@@ -124,6 +126,7 @@ __all__ = [
     "adapters_disabled",
     "all_reduce_gradients",
     "all_reduce_sum",
+    "apply_recipe_state",
     "barrier",
     "broadcast_parameters",
     "build_dataset",
@@ -168,6 +171,7 @@ __all__ = [
     "parse_recipe_config",
     "previous_run_outputs",
     "probe_batch",
+    "recipe_state",
     "remove_previous_run",
     "resolve_config",
     "resolve_config_argv",

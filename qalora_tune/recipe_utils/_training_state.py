@@ -3,16 +3,19 @@ that a saved state fits the run that loads it."""
 
 import contextlib
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
 from qalora_tune.errors import UserError, UserValueError
+from qalora_tune.recipe_utils._distributed import gather_objects
 
 __all__ = [
+    "apply_recipe_state",
     "capture_rng",
     "check_data_order",
     "check_saved_adapter",
+    "recipe_state",
     "restore_rng",
     "unreadable_state",
 ]
@@ -97,3 +100,51 @@ def unreadable_state(state_file: Path) -> Iterator[None]:
             f"{state_file.parent} to resume from the checkpoint before it, or set "
             "resume_from_checkpoint=False"
         ) from None
+
+
+def recipe_state(
+    progress: Dict[str, int],
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Optional[Any],
+    run: Dict[str, Any],
+    data_order: Dict[str, Any],
+    dataloader: Any,
+    device: torch.device,
+) -> Dict[str, Any]:
+    """Everything an exact resume needs beyond the adapter, gathered from every rank (call
+    it on all ranks): progress, optimizer and scheduler states, the run's fixed settings
+    (``run``: seed, total epochs, steps per epoch), the data order, and each rank's data
+    loader position and RNG streams."""
+    return {
+        "progress": progress,
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": None if lr_scheduler is None else lr_scheduler.state_dict(),
+        "epochs_run": progress["epochs_run"],
+        "global_step": progress["global_step"],
+        **run,
+        "data_order": data_order,
+        "dataloader_per_rank": gather_objects(dataloader.state_dict()),
+        "rng_per_rank": gather_objects(capture_rng(device)),
+    }
+
+
+def apply_recipe_state(
+    state: Mapping[str, Any],
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Optional[Any],
+    rank: int,
+    device: torch.device,
+) -> Tuple[Dict[str, int], Optional[Dict[str, Any]]]:
+    """Load a :func:`recipe_state` into the optimizer, scheduler and RNG of rank ``rank``.
+
+    Returns:
+        Tuple[Dict[str, int], Optional[Dict[str, Any]]]: the saved progress, and this
+        rank's data loader state when the state was saved in the middle of an epoch.
+    """
+    optimizer.load_state_dict(state["optimizer"])
+    if lr_scheduler is not None and state["lr_scheduler"] is not None:
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+    restore_rng(state["rng_per_rank"], rank, device)
+    progress = dict(state["progress"], epochs_run=state["epochs_run"], global_step=state["global_step"])
+    mid_epoch = progress["steps_done_in_epoch"] > 0
+    return progress, state["dataloader_per_rank"][rank] if mid_epoch else None
