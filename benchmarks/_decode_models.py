@@ -198,8 +198,9 @@ def make_weights(
 ) -> Weights:
     """Base weights and non-zero pooled adapters on every target linear.
 
-    ``A ~ N(0, 1)``; ``B ~ N(0, 1)`` scaled so that the dense update
-    ``(alpha / r) B A / G`` has about ``adapter_scale`` times the RMS of the base weight.
+    ``A ~ N(0, 1)``; ``B ~ N(0, 1)`` scaled so that the dense update of the sum-pooled
+    layer, ``(alpha / r) B A`` with ``A`` repeated over each group, has about
+    ``adapter_scale`` times the RMS of the base weight.
     """
     base = checkpoint_base(shape) if shape.checkpoint_dir else random_base(shape, device, seed)
     generator = torch.Generator().manual_seed(seed + 1)
@@ -209,15 +210,17 @@ def make_weights(
         a = torch.randn(shape.rank, n_groups, generator=generator)
         b = torch.randn(linear.out_features, shape.rank, generator=generator)
         weight_rms = base[f"{name}.weight"].float().pow(2).mean().sqrt().item()
-        update_rms = shape.alpha / shape.rank * math.sqrt(shape.rank) / shape.group_size
+        update_rms = shape.alpha / shape.rank * math.sqrt(shape.rank)
         b *= adapter_scale * weight_rms / update_rms
         adapters[name] = (a.to(device), b.to(device))
     return Weights(base, adapters)
 
 
-def dense_lora_a(a: torch.Tensor, group_size: int) -> torch.Tensor:
-    """A torchtune LoRA ``A`` ``(r, K)`` equal in function to a pooled ``A`` ``(r, K/G)``."""
-    return a.repeat_interleave(group_size, dim=1) / group_size
+def dense_lora_a(a: torch.Tensor, group_size: int, pooling: str = "sum") -> torch.Tensor:
+    """A torchtune LoRA ``A`` ``(r, K)`` equal in function to a pooled ``A`` ``(r, K/G)``
+    (QA-LoRA layers pool by group sum; adapters of qalora-tune 0.1 by group mean)."""
+    dense = a.repeat_interleave(group_size, dim=1)
+    return dense / group_size if pooling == "mean" else dense
 
 
 def dense_update(a: torch.Tensor, b: torch.Tensor, shape: Shape) -> torch.Tensor:
