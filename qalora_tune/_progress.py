@@ -8,13 +8,16 @@ the run is alive and how fast it goes. Only rank 0 of a multi-process run shows 
 
 import os
 import sys
+import weakref
 from typing import Any, Optional
 
 from tqdm import tqdm
 
-__all__ = ["LOG_INTERVAL_S", "progress_bar"]
+__all__ = ["LOG_INTERVAL_S", "close_progress_bars", "progress_bar"]
 
 LOG_INTERVAL_S = 15.0
+
+_open_bars: "weakref.WeakSet[tqdm]" = weakref.WeakSet()
 
 
 def _is_rank_zero() -> bool:
@@ -45,4 +48,14 @@ def progress_bar(total: Optional[float], desc: str, unit: str = "it", **kwargs: 
         leave=True,
     )
     options.update(kwargs)
-    return tqdm(**options)
+    bar = tqdm(**options)
+    _open_bars.add(bar)
+    return bar
+
+
+def close_progress_bars() -> None:
+    """Close every bar still open (an error interrupted its step), so that what is
+    printed next starts on a line of its own."""
+    for bar in list(_open_bars):
+        bar.close()
+        _open_bars.discard(bar)

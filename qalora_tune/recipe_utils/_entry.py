@@ -24,6 +24,7 @@ from typing import Callable, List, Optional
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue
 
+from qalora_tune._progress import close_progress_bars
 from qalora_tune.errors import UserError
 from qalora_tune.recipe_utils._configs import parse_recipe_config
 from qalora_tune.recipe_utils._output_dir import release_all_locks
@@ -116,5 +117,6 @@ def _fail(name: str, message: str, error: BaseException) -> None:
 
 
 def _print(line: str) -> None:
+    close_progress_bars()  # a bar cut short by the error ends its line first
     sys.stdout.flush()
     print(line, file=sys.stderr, flush=True)

@@ -652,3 +652,14 @@ def test_eight_bit_scales_warn_where_they_cost_bits():
         warnings.simplefilter("error")
         with torch.device("meta"), set_default_dtype(torch.bfloat16):  # 64 and 172 groups
             qalora_llama3_2_1b(["q_proj"], group_size=32, double_quant_scales=True)
+
+
+@pytest.mark.parametrize("num_layers", [0, -1, 33, 2.5, "two"])
+def test_num_layers_out_of_range_is_refused_naming_the_setting(num_layers):
+    from qalora_tune.errors import UserValueError
+    from qalora_tune.models._knobs import check_num_layers
+
+    with pytest.raises(UserValueError, match=r"model.num_layers=.* must be an integer from 1 to 32"):
+        check_num_layers(num_layers, 32)
+    check_num_layers(1, 32)
+    check_num_layers(32, 32)
