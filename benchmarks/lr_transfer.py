@@ -87,6 +87,7 @@ from _report import (
     parse_with_quick,
     publish,
 )
+
 # what tests use from here, and the components the points' configs name
 # (``lr_transfer.adapted_model``, ``lr_transfer.adamw_lora_plus``)
 __all__ = [

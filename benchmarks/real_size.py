@@ -79,6 +79,7 @@ __all__ = [
     "run_phase",
 ]
 
+
 def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--child-write":
