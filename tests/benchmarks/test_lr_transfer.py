@@ -11,6 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import _lr_transfer_sweep  # noqa: E402
 import lr_transfer  # noqa: E402
 
 from qalora_tune.modules import QALoRALinear
@@ -143,7 +144,7 @@ def test_a_rerun_reads_every_point_from_the_cache(quick, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a cached point must not run again")
 
-    monkeypatch.setattr(lr_transfer, "_quiet_run_point", refuse)
+    monkeypatch.setattr(_lr_transfer_sweep, "_quiet_run_point", refuse)  # what Sweep.run calls
     again = lr_transfer.main(argv)
     assert sorted(json.dumps(p, sort_keys=True) for p in again["points"]) == sorted(
         json.dumps(p, sort_keys=True) for p in report["points"])
