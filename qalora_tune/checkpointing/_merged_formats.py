@@ -214,6 +214,9 @@ def portable_weight(
             with_dense_scales(module.weight), rows.cpu(), in_features=module.in_dim
         )
         return plain, plain_int4_bytes(plain)
+    if merged_format == "intx" and isinstance(module.weight, CpuInt4Tensor):
+        intx = _intx_from_cpu_int4(module, rows)
+        return intx, _bytes(intx.qdata, intx.scale, intx.zero_point)
     gq = _permute_rows(from_torchao_base(module.weight), rows)
     if merged_format == "intx":
         intx = _intx_with_float32_grid(gq, module.weight.dtype)
@@ -245,6 +248,30 @@ def _intx_with_float32_grid(gq: GroupQuantizedWeight, dtype: torch.dtype) -> tor
     return IntxUnpackedToInt8Tensor(
         qdata=intx.qdata, scale=intx.scale, zero_point=intx.zero_point,
         target_dtype=intx.target_dtype, block_size=tuple(intx.block_size), dtype=dtype,
+        activation_quantization=None,
+    )
+
+
+def _intx_from_cpu_int4(module: QuantizedLinear, rows: torch.Tensor) -> torch.Tensor:
+    """:func:`_intx_with_float32_grid` of a CPU int4 kernel weight, bit for bit, without
+    whole-weight temporaries: the weight is first repacked to the plain layout a block of
+    rows at a time, whose signed nibbles ``q - 8`` are intx's int4 codes, then unpacked a
+    block of rows at a time into the int8 codes (peak: the output and one block)."""
+    plain = cpu_int4_to_plain_int4(
+        with_dense_scales(module.weight), rows.cpu(), in_features=module.in_dim
+    )
+    n, k = plain.shape
+    codes = torch.empty(n, k, dtype=torch.int8)
+    step = max(1, (1 << 22) // k)
+    for start in range(0, n, step):
+        packed = plain.qdata[start : start + step]
+        low, high = (packed << 4) >> 4, packed >> 4  # arithmetic shifts sign-extend
+        codes[start : start + step] = torch.stack((low, high), dim=-1).flatten(-2)[:, :k]
+    scale = plain.scale.t().float().contiguous()
+    zero_point = (-plain.zero_point.t().double() / scale.double()).float().contiguous()
+    return IntxUnpackedToInt8Tensor(
+        qdata=codes, scale=scale, zero_point=zero_point, target_dtype=torch.int4,
+        block_size=(1, plain.block_size[-1]), dtype=module.weight.dtype,
         activation_quantization=None,
     )
 

@@ -198,3 +198,32 @@ def test_a_padded_plain_file_is_refused_by_stock_loading_in_one_line_naming_this
     # while this package reads it back as the merged model
     ours = qalora_tune.load_merged(directory)(TOKENS)
     assert _relative(ours, model(TOKENS)) < 1e-5
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_intx_export_of_a_cpu_int4_base_in_row_blocks_is_the_whole_weight_conversion(bits, dtype):
+    # the block-wise conversion (bounded memory) must write the very bits of the
+    # whole-weight one: codes, fp32 scales and zero points, rows reordered
+    from qalora_tune.checkpointing._merged_formats import (
+        _intx_from_cpu_int4,
+        _intx_with_float32_grid,
+        _permute_rows,
+    )
+    from qalora_tune.quantization.base_weight import from_torchao_base
+
+    torch.manual_seed(bits)
+    with torch.device("cpu"):
+        layer = QALoRALinear.from_linear(
+            torch.nn.Linear(256, 200, bias=False, dtype=dtype), rank=2, alpha=4.0,
+            group_size=32, bits=bits,
+        )
+    rows = torch.randperm(200)
+    ours = _intx_from_cpu_int4(layer, rows)
+    reference = _intx_with_float32_grid(_permute_rows(from_torchao_base(layer.weight), rows), dtype)
+    assert type(ours) is type(reference)
+    for field in ("qdata", "scale", "zero_point"):
+        a, b = getattr(ours, field), getattr(reference, field)
+        assert a.dtype == b.dtype and torch.equal(a, b), field
+    assert ours.target_dtype == reference.target_dtype and ours.dtype == reference.dtype
+    assert tuple(ours.block_size) == tuple(reference.block_size)
