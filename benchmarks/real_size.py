@@ -25,9 +25,10 @@ the full-precision embeddings and norms, as in ``merged_int4/``):
 - load + quantize <= model bytes + the largest bf16 tensor + 1.5 GB;
 - training <= model bytes + adapters with gradients and AdamW state + 1.5 GB (activations
   of ``--seq-len`` tokens are inside the 1.5 GB);
-- merge and export at the end of ``finetune`` <= the training peak + one merged layer in
-  flight (the largest quantized layer as written: the export streams one tensor at a time
-  and builds the merge report on the model itself) + 64 MB of working buffers, and the
+- merge and export at the end of ``finetune`` <= the training peak + 3 x the largest
+  quantized layer as written (the export streams one tensor at a time and builds the merge
+  report on the model itself; the layer, its plain repacking on the way to intx and what the
+  allocator keeps of the previous one) + 64 MB of working buffers, and the
   offline ``merge`` (which loads the base as well) <= the fine-tuning's load or training
   peak + the same;
 - ``load_merged`` and transformers (load + first forward), above the RSS of the imports
