@@ -48,7 +48,7 @@ from typing import List, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _real_shapes  # noqa: E402
-from _real_size_bounds import ALLOWANCE, GB, LOADER_RATIO, WORKING_BUFFERS, check_bounds, model_bytes  # noqa: E402
+from _real_size_bounds import ALLOWANCE, GB, IN_FLIGHT_LAYERS, LOADER_RATIO, WORKING_BUFFERS, check_bounds, model_bytes  # noqa: E402
 from _real_size_phases import (  # noqa: E402
     PHASES,
     ROOT,
@@ -64,6 +64,7 @@ from _report import command_line, cpu_model_name, write_outputs  # noqa: E402
 __all__ = [
     "ALLOWANCE",
     "GB",
+    "IN_FLIGHT_LAYERS",
     "LOADER_RATIO",
     "PHASES",
     "WORKING_BUFFERS",
