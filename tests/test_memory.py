@@ -5,7 +5,15 @@ import sys
 import pytest
 import torch
 
-from qalora_tune._memory import lazy_zeros, peak_rss_bytes, reset_peak_rss, rss_bytes
+from qalora_tune import _memory
+from qalora_tune._memory import (
+    FreeMemoryReleaser,
+    lazy_zeros,
+    peak_rss_bytes,
+    release_free_memory,
+    reset_peak_rss,
+    rss_bytes,
+)
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
 
@@ -32,3 +40,34 @@ def test_the_peak_follows_an_allocation_and_restarts_when_reset():
     if not reset_peak_rss():
         pytest.skip("this kernel refuses /proc/self/clear_refs")
     assert peak_rss_bytes() < high - (64 << 20)
+
+
+@pytest.mark.skipif(_memory._MALLOC_TRIM is None, reason="needs glibc's malloc_trim (Linux)")
+def test_released_memory_leaves_the_resident_set():
+    """Freed tensors in holes between live ones stay resident until released: the pattern
+    of a checkpoint streamed through quantization (a big temporary, a small result, ...)."""
+    big, small = [], []
+    for _ in range(3000):  # 64 KiB each: below glibc's mmap threshold, so from its heap
+        big.append(torch.ones(16384))
+        small.append(torch.ones(256))  # pins the heap between the big ones
+    before_free = rss_bytes()
+    del big
+    held = rss_bytes()
+    assert held > before_free - 50 * 2**20  # freed, but still resident (holes in the heap)
+    assert release_free_memory()
+    assert rss_bytes() < held - 100 * 2**20  # of 187 MiB freed
+    assert small[-1].sum() == 256  # the live tensors are untouched
+
+
+def test_the_releaser_releases_once_per_interval(monkeypatch):
+    calls = []
+    monkeypatch.setattr(_memory, "release_free_memory", lambda: calls.append(1) or True)
+    releaser = FreeMemoryReleaser(every_bytes=100)
+    for nbytes in (40, 40, 40, 10, 90, 250):
+        releaser.count(nbytes)
+    assert len(calls) == 3  # at 120, at 100 (10 + 90), at 250
+
+
+def test_release_is_a_no_op_without_glibc(monkeypatch):
+    monkeypatch.setattr(_memory, "_MALLOC_TRIM", None)
+    assert release_free_memory() is False

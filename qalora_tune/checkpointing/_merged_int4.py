@@ -32,6 +32,7 @@ from qalora_tune._compat import (
     read_torchao_safetensors_tensor,
 )
 from qalora_tune._files import read_json
+from qalora_tune._memory import FreeMemoryReleaser
 from qalora_tune._progress import progress_bar
 from qalora_tune.checkpointing._atomic import atomic_write_text
 from qalora_tune.checkpointing._hf_keys import HFKeyMap
@@ -50,6 +51,7 @@ from qalora_tune.checkpointing._safetensors_io import (
     SafetensorsReader,
     ShardedSafetensorsWriter,
     safetensors_files,
+    tensor_bytes,
 )
 from qalora_tune.errors import UserFileNotFoundError, UserValueError
 from qalora_tune.models import materialize
@@ -167,6 +169,7 @@ def write_merged_tensors(
         UserValueError: if no weight is a quantized linear.
     """
     writer = ShardedSafetensorsWriter(directory, max_shard_size, metadata={"format": "pt"})
+    releaser = FreeMemoryReleaser()  # each converted layer's temporaries fragment the heap
     names: List[str] = []
     dtype = None
     quantized_params = quantized_bytes = 0
@@ -180,6 +183,7 @@ def write_merged_tensors(
             metadata.pop("tensor_names")
             writer.add(data, metadata)
             names.append(hf_key)
+            releaser.count(sum(tensor_bytes(t) for t in data.values()))
             del value, data  # nothing of this tensor stays while the next one is made
             bar.update()
         if dtype is None:
@@ -365,9 +369,11 @@ def load_merged(
     key_map = HFKeyMap(str(spec.get("model_type")), hf_config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     loaded = set()
+    releaser = FreeMemoryReleaser()  # each layer's conversion temporaries
     with progress_bar(_count_tensors(files), f"loading {path.name}", unit="tensor") as bar:
         for file in files:
             for hf_key, value in _read_tensors(file):
+                releaser.count(tensor_bytes(value))  # of a subclass: numel x its dtype's size
                 loaded |= _load_one(model, key_map, hf_key, value, expected, path, device, dtype)
                 bar.update()
     missing = set(expected) - loaded

@@ -8,6 +8,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 import torch
 from torch import nn
 
+from qalora_tune._memory import FreeMemoryReleaser, release_free_memory
 from qalora_tune._progress import progress_bar
 from qalora_tune.checkpointing._safetensors_io import SafetensorsReader
 from qalora_tune.errors import UserValueError
@@ -169,6 +170,7 @@ def load_tensor_stream(
     loaded, unexpected, unexpected_raw = set(), [], []
     tied_value: Optional[torch.Tensor] = None
     bar = progress_bar(total_bytes, "loading and quantizing", unit="B")
+    releaser = FreeMemoryReleaser()  # the bf16 tensors freed between int4 ones fragment the heap
     for raw_key, tensor in tensors:
         nbytes = tensor.numel() * tensor.element_size()
         try:
@@ -196,8 +198,10 @@ def load_tensor_stream(
             _load_one(model, key, value, raw_key)
             loaded.add(key)
         del tensor, converted
+        releaser.count(nbytes)
         bar.update(nbytes)
     bar.close()
+    release_free_memory()
     missing = expected - loaded
     for key in TIED_KEYS:
         if key in missing and tied_value is not None:
