@@ -37,7 +37,9 @@ LORA_FP32 = "LoRA fp32"
 LORA_PTQ = "LoRA -> PTQ"
 QLORA_PTQ = "QLoRA NF4 -> merge -> PTQ"
 QALORA = "QA-LoRA merged"
-METHOD_ORDER = (FP32_BASE, INT_BASE, LORA_FP32, LORA_PTQ, QLORA_PTQ, QALORA)
+QALORA_DEFAULTS = "QA-LoRA merged, packaged defaults"
+METHOD_ORDER = (FP32_BASE, INT_BASE, LORA_FP32, LORA_PTQ, QLORA_PTQ, QALORA, QALORA_DEFAULTS)
+DEFAULTS_CONFIG = "tinystories656K_qalora"  # the packaged config of this benchmark's model
 BASELINES = (LORA_PTQ, QLORA_PTQ)
 TRAINED_BASELINE = {LORA_PTQ: "lora", QLORA_PTQ: "qlora"}
 

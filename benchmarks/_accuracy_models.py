@@ -24,23 +24,34 @@ from torch import nn
 State = dict[str, torch.Tensor]
 
 
-def train(model: nn.Module, batches: Iterator[Batch], steps: int, lr: float) -> list[float]:
-    """AdamW (no weight decay) on the trainable parameters, linear warmup over 10% of the
-    steps then cosine decay to zero, through the fine-tuning recipe's loss and optimizer
-    steps (one micro-batch per step). Stops at the first non-finite loss, before its
-    update.
+def train(
+    model: nn.Module,
+    batches: Iterator[Batch],
+    steps: int,
+    lr: float,
+    warmup_steps: int | None = None,
+    min_lr_ratio: float = 0.0,
+) -> list[float]:
+    """AdamW (no weight decay) on the trainable parameters, linear warmup (over 10% of the
+    steps unless ``warmup_steps`` is given) then cosine decay to ``min_lr_ratio * lr``
+    (zero by default), through the fine-tuning recipe's loss and optimizer steps (one
+    micro-batch per step). Stops at the first non-finite loss, before its update.
 
     Returns:
         List[float]: the training loss of every step run.
     """
-    from torchtune.training.lr_schedulers import get_cosine_schedule_with_warmup
-
-    from qalora_tune.recipe_utils import IGNORE_INDEX, loss_step, optimizer_step
+    from qalora_tune.recipe_utils import (
+        IGNORE_INDEX,
+        get_cosine_schedule_with_floor,
+        loss_step,
+        optimizer_step,
+    )
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warmup = max(1, round(WARMUP_FRACTION * steps)) if steps else 0
-    schedule = get_cosine_schedule_with_warmup(optimizer, warmup, max(steps, 1))
+    if warmup_steps is None:
+        warmup_steps = max(1, round(WARMUP_FRACTION * steps)) if steps else 0
+    schedule = get_cosine_schedule_with_floor(optimizer, warmup_steps, max(steps, 1), min_lr_ratio)
     loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
     model.train()
     losses: list[float] = []
@@ -158,8 +169,11 @@ class Models:
         alpha: float,
         seed: int,
         target: TargetData,
+        legacy_mean: bool = True,
     ) -> nn.Module:
-        """The project's QA-LoRA model on the int-b base, adapters initialised with ``seed``."""
+        """The project's QA-LoRA model on the int-b base, adapters initialised with ``seed``;
+        with ``legacy_mean`` its layers mean-pool (this benchmark's tuned rows), else they
+        keep the builders' pooling and initialisation (the packaged defaults' row)."""
         from qalora_tune.quantization.gptq_calibration import load_quantized_base
 
         torch.manual_seed(seed)
@@ -174,6 +188,8 @@ class Models:
             bits=bits,
         )
         load_quantized_base(model, self._quantized_state(None, bits, group_size, quantizer, target))
+        if not legacy_mean:
+            return model
         # this benchmark's "mean"/"sum" rows are alphas on a mean-pooled layer (qalora_alpha):
         # the layers' earlier convention, A drawn again in it (the builders now sum)
         from qalora_tune.modules import QALoRALinear

@@ -18,6 +18,7 @@ from _accuracy_common import (
     LORA_PTQ,
     METHOD_ORDER,
     QALORA,
+    QALORA_DEFAULTS,
     QLORA_PTQ,
     QUANTIZER_NAMES,
     RANK,
@@ -126,10 +127,16 @@ def lr_table(rows: Sequence[dict[str, Any]], target: str) -> str:
         deviation = r.get("merge_deviation_mean")
         lines.append(
             f"| {_label(r)} | {r['bits'] or '-'} | {r['group_size'] or '-'} | {r['lr']:.3g} | {pooling} | "
-            f"{'yes' if r['lr_bracketed'] else 'no (edge)'} | "
+            f"{_bracketed(r)} | "
             f"{'-' if deviation is None else f'{100 * deviation:.4f}%'} |"
         )
     return "\n".join(lines)
+
+
+def _bracketed(row: dict[str, Any]) -> str:
+    if row["method"] == QALORA_DEFAULTS:
+        return f"not searched: {row['packaged']['config']}'s lr"
+    return "yes" if row["lr_bracketed"] else "no (edge)"
 
 
 def comparison_lines(
@@ -241,6 +248,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         LORA_PTQ: "tab:blue",
         QLORA_PTQ: "tab:orange",
         QALORA: "tab:green",
+        QALORA_DEFAULTS: "tab:olive",
     }
     styles = {"rtn": "-", "hqq": "--", "gptq": ":"}
     for axis, (target, g) in zip(axes.flat, panels):

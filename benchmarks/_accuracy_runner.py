@@ -9,12 +9,14 @@ from typing import Any
 from _accuracy_common import (
     ALPHA,
     BASELINES,
+    DEFAULTS_CONFIG,
     FP32_BASE,
     INT_BASE,
     LORA_FP32,
     LORA_PTQ,
     MODEL_SUBDIR,
     QALORA,
+    QALORA_DEFAULTS,
     QLORA_PTQ,
     TRAINED_BASELINE,
     _finite,
@@ -323,6 +325,11 @@ class Benchmark:
         run = self.qalora_run(target, bits, group_size, quantizer, lr, pooling, seed)
         model = self.models.qalora(bits, group_size, quantizer, run["alpha"], seed, target)
         model.load_state_dict(run["adapter"], strict=False)
+        return self.merged_scores(model, target)
+
+    def merged_scores(self, model: nn.Module, target: TargetData) -> dict[str, float]:
+        """A trained QA-LoRA model's unmerged test perplexity, then merged: validation, test
+        and TinyStories perplexity and the merged-vs-unmerged deviation (merges ``model``)."""
         unmerged = self.scores(model, target, ("test",))["test"]
         merge_all(model)
         scores = _rename(self.scores(model, target, ("val", "test", "tinystories")))
@@ -402,6 +409,57 @@ class Benchmark:
                         f"{target.name}: QA-LoRA b={bits} G={group_size} {quantizer} skipped: {error}"
                     )
 
+    def packaged_defaults(self) -> dict[str, Any]:
+        """The learning rate and schedule of the packaged config of this benchmark's model
+        (:data:`DEFAULTS_CONFIG`), as a user who changes nothing trains with them."""
+        from omegaconf import OmegaConf
+
+        from qalora_tune.recipe_utils import resolve_config
+
+        config = OmegaConf.load(resolve_config(DEFAULTS_CONFIG))
+        scheduler = config.get("lr_scheduler", {})
+        return {
+            "config": DEFAULTS_CONFIG,
+            "lr": float(config.optimizer.lr),
+            "warmup_steps": int(scheduler.get("num_warmup_steps", 0)),
+            "min_lr_ratio": float(scheduler.get("min_lr_ratio", 0.0)),
+            "pooling": str(config.model.get("pooling", "sum")),
+        }
+
+    def packaged_defaults_rows(self, target: TargetData) -> None:
+        """Per ``(b, G)``, QA-LoRA as the packaged config trains it, with no learning-rate
+        search: the builders' pooling and initialisation, the config's learning rate,
+        warmup and schedule floor (rank, alpha, steps and batches are this benchmark's), on
+        the tuning quantizer's base, first seed."""
+        defaults = self.packaged_defaults()
+        quantizer, seed = self.tuning_quantizer(), self.args.seeds[0]
+        for bits, group_size in self.combos():
+            row = self.add_row(target, QALORA_DEFAULTS, quantizer, bits, group_size,
+                               lr=defaults["lr"], pooling=defaults["pooling"], alpha=ALPHA,
+                               lr_bracketed=None, packaged=defaults)
+            reason = self.is_skipped(target, bits, group_size, quantizer)
+            if reason:
+                row["skipped"] = reason
+                continue
+            model = self.models.qalora(bits, group_size, quantizer, ALPHA, seed, target,
+                                       legacy_mean=False)
+            start = time.perf_counter()
+            losses = train(
+                model,
+                training_batches(target.train, self.args.batch_size, self.args.steps, seed),
+                self.args.steps,
+                defaults["lr"],
+                warmup_steps=defaults["warmup_steps"],
+                min_lr_ratio=defaults["min_lr_ratio"],
+            )
+            self._record_training("qalora_defaults", target, defaults["lr"], seed, losses,
+                                  time.perf_counter() - start, bits=bits,
+                                  group_size=group_size, quantizer=quantizer)
+            scores = self.merged_scores(model, target)
+            self.set_seeded(row, seed, scores)
+            _log(f"{target.name}: packaged defaults b={bits} G={group_size}: "
+                 f"val ppl {scores['val_ppl']:.3f}")
+
     def qalora_seed(self, target: TargetData, row: dict[str, Any], seed: int) -> None:
         """Add one seed's numbers to a QA-LoRA row (trained at the row's tuned settings)."""
         scores = self.qalora_evaluation(
@@ -479,6 +537,8 @@ class Benchmark:
             ("QLoRA", self.tune_baseline, (QLORA_PTQ,)),
             ("QA-LoRA", self.qalora_rows, ()),
         ]
+        if self.args.packaged_defaults:
+            phases.append(("QA-LoRA packaged defaults", self.packaged_defaults_rows, ()))
         if target.name in self.args.seed_targets and len(self.args.seeds) > 1:
             phases.append(("seeds", self.seed_headline, ()))
         for phase, work, extra in phases:

@@ -137,6 +137,16 @@ def _config_lr(config: str) -> float:
     return float(OmegaConf.load(resolve_config(config)).optimizer.lr)
 
 
+def _config_seed(config: str) -> int | None:
+    """The ``seed`` a packaged config sets (``None`` for a random one)."""
+    from omegaconf import OmegaConf
+
+    from qalora_tune.recipe_utils import resolve_config
+
+    seed = OmegaConf.load(resolve_config(config)).get("seed")
+    return None if seed is None else int(seed)
+
+
 # ------------------------------------------------------------------------- components
 
 

@@ -136,13 +136,18 @@ def markdown_report(report: dict[str, Any]) -> str:
         lines.append(f"| {AXES[axis]} | " + " | ".join(cells) + " |")
     if report.get("defaults"):
         lines += ["", "## The packaged defaults (no lr override)", "",
-                  "| command | metric | default lr | default (merged int4) | best lr in the sweep | "
-                  "best (mean of seeds) | default vs best |", "|---|---|---|---|---|---|---|"]
+                  "Each default is run once per seed (the config's own, then `seed=S`); default "
+                  "and best are means over the same seeds (of the loss: geometric means of "
+                  "perplexities).", "",
+                  "| command | metric | default lr | default, mean of seeds (merged int4) | "
+                  "per seed | best lr in the sweep | best (mean of seeds) | default vs best |",
+                  "|---|---|---|---|---|---|---|---|"]
         for row in report["defaults"]:
+            per_seed = ", ".join(f"{v:.4f}" for v in row.get("default_per_seed", [row["default"]]))
             lines.append(
                 f"| `{row['command']}` | {row['metric']} | {row['default_lr']:.3g} | "
-                f"{row['default']:.4f} ({row['merged_int4']:.4f}) | {row['best_lr']:.3g} | "
-                f"{row['best']:.4f} | {_pct(row['excess'])} |")
+                f"{row['default']:.4f} ({row['merged_int4']:.4f}) | {per_seed} | "
+                f"{row['best_lr']:.3g} | {row['best']:.4f} | {_pct(row['excess'])} |")
     for title, key in (("LoRA+ (lr of B / lr of A)", "lora_plus"), ("Schedule floor", "schedule")):
         side = report.get(key) or {}
         if not side:

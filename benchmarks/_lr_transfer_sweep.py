@@ -19,6 +19,7 @@ from _lr_transfer_cases import (
     TINY_PRETRAIN,
     Case,
     _config_lr,
+    _config_seed,
     _config_warmup,
     _log,
     case_by_name,
@@ -149,11 +150,13 @@ def run_sweep(args: argparse.Namespace, sweep: Sweep) -> dict[str, Any]:
     return side
 
 
-def run_defaults(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+def run_defaults(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     """Run ``tune run qalora_finetune --config X model.bits=B output_dir=...`` (the packaged
-    defaults, nothing else changed) for every packaged-config case of ``--cases``, ``--jobs``
-    at a time; their summary metrics by case name. A finished run whose command and config
-    file are unchanged (``defaults.json`` beside its summary) is read, not run again."""
+    defaults, nothing else changed) for every packaged-config case of ``--cases``, once per
+    seed of ``--seeds`` (``seed=S`` added for a seed other than the config's own), ``--jobs``
+    at a time; each case's summary metrics, one per seed, by case name. A finished run whose
+    command and config file are unchanged (``defaults.json`` beside its summary) is read,
+    not run again."""
     import hashlib
     import shutil
     import subprocess
@@ -163,11 +166,15 @@ def run_defaults(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
     tune = str(Path(sys.executable).with_name("tune"))
     cases = [case for case in (case_by_name(n) for n in args.cases) if "config" in case.axes]
+    runs = [(case, seed) for case in cases for seed in args.seeds]
 
-    def run(case: Case) -> dict[str, Any]:
-        output_dir = args.work_dir / "defaults" / f"{case.config}_b{case.bits}"
+    def run(case: Case, seed: int) -> dict[str, Any]:
+        own_seed = seed == _config_seed(case.config)
+        name = f"{case.config}_b{case.bits}" + ("" if own_seed else f"_seed{seed}")
+        output_dir = args.work_dir / "defaults" / name
         command = [tune, "run", "qalora_finetune", "--config", case.config,
-                   f"model.bits={case.bits}", f"output_dir={output_dir}"]
+                   f"model.bits={case.bits}", *([] if own_seed else [f"seed={seed}"]),
+                   f"output_dir={output_dir}"]
         stamp = {"command": command[1:],
                  "config_sha256": hashlib.sha256(Path(resolve_config(case.config)).read_bytes()).hexdigest()}
         stamp_path, summary_path = output_dir / "defaults.json", output_dir / "summary.json"
@@ -189,27 +196,42 @@ def run_defaults(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         return json.loads(summary_path.read_text())["metrics"]
 
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        return dict(zip((c.name for c in cases), pool.map(run, cases)))
+        metrics = list(pool.map(lambda pair: run(*pair), runs))
+    by_case: dict[str, list[dict[str, Any]]] = {case.name: [] for case in cases}
+    for (case, _), found in zip(runs, metrics):
+        by_case[case.name].append(found)
+    return by_case
 
 
 def check_defaults(args: argparse.Namespace, sweep: Sweep) -> list[dict[str, Any]]:
-    """The packaged defaults (:func:`run_defaults`) against the best of each case's sweep
-    (sum pooling, mean over seeds): perplexity for text, loss for the tiny task."""
+    """The packaged defaults (:func:`run_defaults`, one run per seed) against the best of
+    each case's sweep, both as the mean over the same seeds (of the loss, so the geometric
+    mean of perplexities): perplexity for text, loss for the tiny task."""
     rows = []
-    for name, metrics in run_defaults(args).items():
+    for name, runs in run_defaults(args).items():
         case = case_by_name(name)
         curve = sweep.curve(case.name, "sum")
         best = best_lr(curve)
         text = case.config != "tiny_qalora"  # text: perplexity; the tiny task: loss
-        default = metrics["QA-LoRA"]["perplexity" if text else "loss"]
+        metric = "perplexity" if text else "loss"
+
+        def mean(values: list[float]) -> float:
+            if text:
+                return math.exp(sum(math.log(v) for v in values) / len(values))
+            return sum(values) / len(values)
+
+        per_seed = [found["QA-LoRA"][metric] for found in runs]
+        default = mean(per_seed)
         reference = math.exp(curve[best]) if text else curve[best]
         rows.append({
             "case": case.name,
             "command": "tune run qalora_finetune --config " + f"{case.config} model.bits={case.bits}",
             "metric": "validation perplexity" if text else "validation loss",
             "default_lr": _config_lr(case.config),
+            "seeds": list(args.seeds),
+            "default_per_seed": per_seed,
             "default": default,
-            "merged_int4": metrics["QA-LoRA merged int4"]["perplexity" if text else "loss"],
+            "merged_int4": mean([found["QA-LoRA merged int4"][metric] for found in runs]),
             "best_lr": best,
             "best": reference,
             "excess": default / reference - 1.0,

@@ -82,6 +82,7 @@ from _accuracy_common import (
     MODEL_SUBDIR,
     POOLINGS,
     QALORA,
+    QALORA_DEFAULTS,
     QLORA_PTQ,
     QUANTIZER_NAMES,
     QUICK_DEFAULTS,
@@ -116,6 +117,7 @@ __all__ = [
     "LORA_FP32",
     "LORA_PTQ",
     "QALORA",
+    "QALORA_DEFAULTS",
     "QLORA_PTQ",
     "QUANTIZER_NAMES",
     "TARGETS",
@@ -232,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick",
         action="store_true",
         help="a few steps of everything, 4-bit G32, one seed (for the test)",
+    )
+    parser.add_argument(
+        "--packaged-defaults",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="add QA-LoRA trained with the packaged config's lr and schedule, not searched",
     )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)

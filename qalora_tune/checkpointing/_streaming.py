@@ -101,6 +101,34 @@ def _read(path: Path, read: Callable[[], Any]) -> Any:
         ) from None
 
 
+# elements per finiteness check where aminmax cannot run (float8, say), and per count of
+# the bad values: isfinite holds an abs() copy and three boolean masks of its input, 2.5 x
+# a bf16 tensor's bytes (2.7 GB for a 152064 x 3584 vocabulary table); a chunk at a time,
+# in float32 (which every float dtype converts to), about 40 MB
+_CHECK_CHUNK = 1 << 22
+
+
+def _non_finite_per_chunk(tensor: torch.Tensor) -> Iterator[int]:
+    for chunk in tensor.reshape(-1).split(_CHECK_CHUNK):
+        yield int((~torch.isfinite(chunk.float())).sum())
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite, without a temporary the size of ``tensor``.
+
+    One ``aminmax`` pass (NaN propagates to both ends, an infinity is an end): no
+    temporaries and several times faster than ``isfinite`` (which held 2.7 GB for
+    Qwen2.5-7B's vocabulary tables and set its load peak).
+    """
+    if tensor.numel() == 0:
+        return True
+    try:
+        low, high = torch.aminmax(tensor)
+    except (RuntimeError, NotImplementedError):  # a dtype without aminmax
+        return not any(_non_finite_per_chunk(tensor))
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+
+
 def _checked(tensor: Any, key: str, path: Path) -> Any:
     """``tensor``, after refusing NaN or infinite values in a floating-point one: a damaged
     base would quantize to NaN scales and surface much later as a NaN loss."""
@@ -108,9 +136,9 @@ def _checked(tensor: Any, key: str, path: Path) -> Any:
         isinstance(tensor, torch.Tensor)
         and type(tensor) is torch.Tensor
         and tensor.is_floating_point()
-        and not bool(torch.isfinite(tensor).all())
+        and not _all_finite(tensor)
     ):
-        bad = int((~torch.isfinite(tensor)).sum())
+        bad = sum(_non_finite_per_chunk(tensor))
         raise UserValueError(
             f"{path}: {key} holds {bad} NaN or infinite value(s); the base checkpoint is "
             "damaged: download it again into checkpointer.checkpoint_dir"

@@ -189,7 +189,7 @@ def test_quick_run_reports_every_requested_row(quick):
 def test_quick_run_gives_every_method_the_same_budget_and_tunes_each(quick):
     report, _ = quick
     trainings = report["trainings"]
-    assert {t["method"] for t in trainings} == {"lora", "qlora", "qalora"}
+    assert {t["method"] for t in trainings} == {"lora", "qlora", "qalora", "qalora_defaults"}
     assert all(t["steps_run"] == 3 and t["final_loss"] is not None for t in trainings)
     for row in report["rows"]:
         if row["method"] in TRAINED or row["method"] == accuracy.LORA_FP32:
@@ -218,6 +218,32 @@ def test_quick_run_merged_qalora_matches_unmerged_and_training_moved_it(quick):
             assert row["test_ppl"][0] == pytest.approx(row["unmerged_test_ppl"][0], rel=0.005)
             (base,) = _rows(report, target, accuracy.INT_BASE, quantizer)
             assert row["test_ppl"][0] != pytest.approx(base["test_ppl"][0], rel=1e-4)
+
+
+@needs_shared
+def test_quick_run_reports_the_packaged_defaults_without_a_search(quick):
+    """One row per target on the tuning quantizer's base, trained at the packaged config's
+    learning rate and schedule with the builders' (sum) pooling, never in the search log."""
+    from omegaconf import OmegaConf
+
+    from qalora_tune.recipe_utils import resolve_config
+
+    report, paths = quick
+    config = OmegaConf.load(resolve_config("tinystories656K_qalora"))
+    for target in accuracy.TARGETS:
+        (row,) = [r for r in report["rows"]
+                  if r["target"] == target and r["method"] == accuracy.QALORA_DEFAULTS]
+        assert row["quantizer"] == "rtn" and (row["bits"], row["group_size"]) == (4, 32)
+        assert row["lr"] == float(config.optimizer.lr) and row["pooling"] == "sum"
+        assert row["packaged"]["min_lr_ratio"] == float(config.lr_scheduler.min_lr_ratio)
+        assert row["packaged"]["warmup_steps"] == int(config.lr_scheduler.num_warmup_steps)
+        assert row["merge_deviation_mean"] < 0.005
+        (tuned,) = _rows(report, target, accuracy.QALORA, "rtn")
+        assert row["test_ppl"][0] != pytest.approx(tuned["test_ppl"][0], rel=1e-4)
+    assert not [s for s in report["lr_search"] if s["method"] == accuracy.QALORA_DEFAULTS]
+    markdown = paths["md"].read_text()
+    assert "| QA-LoRA merged, packaged defaults (rtn) |" in markdown
+    assert "not searched: tinystories656K_qalora's lr" in markdown
 
 
 @needs_shared

@@ -172,6 +172,8 @@ def test_a_sum_point_is_the_recipe_run_with_the_same_overrides(quick, tmp_path):
 
 
 def test_check_defaults_runs_the_packaged_command_and_compares_with_the_sweep(tmp_path, monkeypatch):
+    """One packaged run per seed (the config's own seed unchanged, another as ``seed=S``),
+    their mean log perplexity against the sweep's best mean over the same seeds."""
     import subprocess
 
     name = "tinystories656K_qalora G32 b2"
@@ -182,23 +184,33 @@ def test_check_defaults_runs_the_packaged_command_and_compares_with_the_sweep(tm
             point = lr_transfer.Point(name, "sum", lr, seed)
             sweep.results[point.key()] = {**lr_transfer.dataclasses.asdict(point), "loss": loss}
     commands = []
+    factors = {"0": 1.01, "1": 1.03}  # per seed: the mean of their logs is about 2% above
 
     def fake_run(command, cwd, capture_output, text):
         commands.append((command, cwd))
+        seed = next((c.split("=", 1)[1] for c in command if c.startswith("seed=")), "0")
         output_dir = Path(next(c for c in command if c.startswith("output_dir=")).split("=", 1)[1])
         output_dir.mkdir(parents=True)
-        metrics = {"QA-LoRA": {"perplexity": math.exp(3.9) * 1.02},
-                   "QA-LoRA merged int4": {"perplexity": math.exp(3.9) * 1.02}}
+        metrics = {"QA-LoRA": {"perplexity": math.exp(3.9) * factors[seed]},
+                   "QA-LoRA merged int4": {"perplexity": math.exp(3.9) * factors[seed]}}
         (output_dir / "summary.json").write_text(json.dumps({"metrics": metrics}))
         return subprocess.CompletedProcess(command, 0, "", "")
 
     monkeypatch.setattr(subprocess, "run", fake_run)
     (row,) = lr_transfer.check_defaults(args, sweep)
-    (command, cwd), = commands
-    assert command[1:] == ["run", "qalora_finetune", "--config", "tinystories656K_qalora",
-                           "model.bits=2", f"output_dir={tmp_path / 'defaults' / 'tinystories656K_qalora_b2'}"]
-    assert cwd == args.shared or not args.shared.is_dir()
+    assert lr_transfer._config_seed("tinystories656K_qalora") == 0
+    assert sorted(command[1:] for command, _ in commands) == [
+        ["run", "qalora_finetune", "--config", "tinystories656K_qalora", "model.bits=2",
+         f"output_dir={tmp_path / 'defaults' / 'tinystories656K_qalora_b2'}"],
+        ["run", "qalora_finetune", "--config", "tinystories656K_qalora", "model.bits=2",
+         "seed=1", f"output_dir={tmp_path / 'defaults' / 'tinystories656K_qalora_b2_seed1'}"],
+    ]
+    assert all(cwd == args.shared or not args.shared.is_dir() for _, cwd in commands)
     assert row["best_lr"] == 0.03 and row["best"] == pytest.approx(math.exp(3.9))
-    assert row["excess"] == pytest.approx(0.02)
+    assert row["excess"] == pytest.approx(math.sqrt(1.01 * 1.03) - 1)
+    assert row["default_per_seed"] == pytest.approx([math.exp(3.9) * 1.01, math.exp(3.9) * 1.03])
+    assert row["seeds"] == [0, 1]
     assert row["metric"] == "validation perplexity"
     assert row["default_lr"] == lr_transfer._config_lr("tinystories656K_qalora")
+    lr_transfer.check_defaults(args, sweep)  # a second check reads the finished runs
+    assert len(commands) == 2
