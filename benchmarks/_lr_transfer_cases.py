@@ -129,6 +129,16 @@ def _config_warmup(case: Case) -> int:
     return int(OmegaConf.load(resolve_config(case.config)).lr_scheduler.num_warmup_steps)
 
 
+def _config_floor(case: Case) -> float:
+    """The cosine floor (``lr_scheduler.min_lr_ratio``, a fraction of the peak) a case's
+    config trains with; 0 for a scheduler without one (cosine to zero)."""
+    from omegaconf import OmegaConf
+
+    from qalora_tune.recipe_utils import resolve_config
+
+    return float(OmegaConf.load(resolve_config(case.config)).lr_scheduler.get("min_lr_ratio", 0.0))
+
+
 def _config_lr(config: str) -> float:
     from omegaconf import OmegaConf
 

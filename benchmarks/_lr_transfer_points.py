@@ -25,7 +25,7 @@ class Point:
     lr: float
     seed: int
     b_lr_ratio: float = 1.0
-    min_lr_ratio: float | None = None  # None: the config's schedule (cosine to zero)
+    min_lr_ratio: float | None = None  # None: the config's own floor
     warmup_steps: int | None = None  # None: the config's warmup
 
     @classmethod

@@ -18,6 +18,7 @@ from _lr_transfer_cases import (
     ROOT,
     TINY_PRETRAIN,
     Case,
+    _config_floor,
     _config_lr,
     _config_seed,
     _config_warmup,
@@ -141,7 +142,10 @@ def run_sweep(args: argparse.Namespace, sweep: Sweep) -> dict[str, Any]:
     for study, name, label, variant, _ in variants:
         plain = sweep.curve(name, "sum")
         if not any(e["case"] == name for e in side[study]):
-            reference = "B/A = 1" if study == "lora_plus" else "cosine to 0"
+            case = case_by_name(name)
+            reference = ("B/A = 1" if study == "lora_plus" else
+                         f"as packaged: warmup {_config_warmup(case)} steps, cosine to "
+                         f"{_config_floor(case):g} x peak")
             side[study].append({"case": name, "variant": reference, "best_lr": best_lr(plain),
                                 "best_loss": min(plain.values())})
         curve = sweep.curve(name, "sum", **variant)

@@ -16,7 +16,11 @@ Llama-2-7B decoder layer's seven linears (so the weights do not fit in any cache
 - ``dense bf16``: ``x @ W^T`` with ``x`` of one row, ``W`` dense bf16 (LoRA merged);
 - ``int4 kernel``: PyTorch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``) on the
   same weights at group size ``--group-size`` (codes plus bf16 scale and zero per group);
-- ``int4_linear op``: ``qalora_tune::int4_linear``, which is what the merged model calls.
+- ``int4_linear op``: ``qalora_tune::int4_linear``, the op (what ``torch.compile`` and
+  training call);
+- ``merged layer (F.linear)``: ``F.linear`` on the merged model's weight (a
+  ``CpuInt4Tensor``), what an eager merged model's decode calls: its one-row path runs the
+  kernel without the op's dispatch.
 
 Times are medians over ``--repeats`` interleaved passes over all the linears.
 """
@@ -31,7 +35,10 @@ import torch
 from _report import add_output_arguments, command_line, cpu_model_name, publish
 
 from qalora_tune._compat import cpu_int4pack, cpu_int4pack_mm
+import torch.nn.functional as F
+
 from qalora_tune.ops import int4_linear
+from qalora_tune.quantization.int4_weight import CpuInt4Tensor
 
 # (in_dim, out_dim) of a Llama-2-7B decoder layer's linears: q, k, v, o, w1, w3, w2
 LLAMA2_7B_LAYER = [(4096, 4096)] * 4 + [(4096, 11008)] * 2 + [(11008, 4096)]
@@ -75,10 +82,15 @@ def _linears(args: argparse.Namespace) -> List[Dict[str, torch.Tensor]]:
     linears = []
     for in_dim, out_dim in shapes * args.layers:
         codes = torch.randint(0, 16, (out_dim, in_dim), dtype=torch.int32)
+        packed = cpu_int4pack(codes)
+        scale_and_zero = torch.randn(in_dim // args.group_size, out_dim, 2, dtype=torch.bfloat16)
         linears.append({
             "dense": torch.randn(out_dim, in_dim, dtype=torch.bfloat16),
-            "packed": cpu_int4pack(codes),
-            "scale_and_zero": torch.randn(in_dim // args.group_size, out_dim, 2, dtype=torch.bfloat16),
+            "packed": packed,
+            "scale_and_zero": scale_and_zero,
+            "merged": CpuInt4Tensor(qdata=packed, scale_and_zero=scale_and_zero,
+                                    block_size=[1, args.group_size],
+                                    shape=torch.Size([out_dim, in_dim])),
         })
     return linears
 
@@ -106,15 +118,21 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
             int4_linear(xs[lin["dense"].shape[1]], lin["packed"], lin["scale_and_zero"], g,
                         lin["dense"].shape[0])
 
+    def merged() -> None:
+        for lin in linears:
+            F.linear(xs[lin["dense"].shape[1]], lin["merged"])
+
     with torch.no_grad():
         seconds = _median_seconds(
-            {"stream": buffer.sum, "dense bf16": dense, "int4 kernel": kernel, "int4_linear op": op},
+            {"stream": buffer.sum, "dense bf16": dense, "int4 kernel": kernel, "int4_linear op": op,
+             "merged layer (F.linear)": merged},
             args.repeats)
     dense_bytes = sum(lin["dense"].numel() * 2 for lin in linears)
     int4_bytes = sum(lin["packed"].numel() * lin["packed"].element_size()
                      + lin["scale_and_zero"].numel() * 2 for lin in linears)
     read = {"stream": buffer.numel() * 2, "dense bf16": dense_bytes,
-            "int4 kernel": int4_bytes, "int4_linear op": int4_bytes}
+            "int4 kernel": int4_bytes, "int4_linear op": int4_bytes,
+            "merged layer (F.linear)": int4_bytes}
     stream_rate = read["stream"] / seconds["stream"]
     rows = {name: {"ms": 1e3 * s, "bytes": read[name], "gb_per_s": read[name] / s / 1e9,
                    "of_stream": read[name] / s / stream_rate} for name, s in seconds.items()}
@@ -123,6 +141,7 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
         "bytes_ratio": dense_bytes / int4_bytes,
         "measured_ratio_kernel": seconds["dense bf16"] / seconds["int4 kernel"],
         "measured_ratio_op": seconds["dense bf16"] / seconds["int4_linear op"],
+        "measured_ratio_merged": seconds["dense bf16"] / seconds["merged layer (F.linear)"],
         # int4 read at the full stream rate against the bf16 GEMV as it runs
         "ceiling_ratio": seconds["dense bf16"] / (int4_bytes / stream_rate),
     }
@@ -146,7 +165,8 @@ def markdown(report: Dict[str, Any]) -> str:
         f"- bytes read, bf16 / int4: **{m['bytes_ratio']:.2f}x** (the decode ratio when both "
         "kernels reach the same fraction of the bandwidth);",
         f"- measured, dense bf16 time / int4 time: kernel {m['measured_ratio_kernel']:.2f}x, "
-        f"op {m['measured_ratio_op']:.2f}x;",
+        f"op {m['measured_ratio_op']:.2f}x, merged layer (F.linear) "
+        f"{m['measured_ratio_merged']:.2f}x;",
         f"- ceiling, int4 at the full stream rate against this bf16 GEMV: "
         f"**{m['ceiling_ratio']:.2f}x**.", "",
     ]

@@ -125,7 +125,7 @@ QUICK_DEFAULTS = {
     "sum_grid": [0.03],
     "max_lr_extensions": 0,
     "lora_plus_ratios": [4.0],
-    "schedule_floors": [0.1],
+    "schedule_floors": [0.0],
     "warmup_factors": [2.0],
     "lora_plus_cases": ["tiny w128 G64 b2 r8"],
     "schedule_cases": ["tiny w128 G64 b2 r8"],
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="lr(B) / lr(A) ratios measured at --lora-plus-cases (sum pooling)")
     parser.add_argument("--lora-plus-cases", nargs="*",
                         default=["tinystories656K_qalora G32 b2", "tiny w512 G64 b2 r8"])
-    parser.add_argument("--schedule-floors", nargs="*", type=float, default=[0.1],
+    parser.add_argument("--schedule-floors", nargs="*", type=float, default=[0.0],
                         help="cosine floors (fraction of the peak) measured at --schedule-cases")
     parser.add_argument("--warmup-factors", nargs="*", type=float, default=[3.0],
                         help="warmups (times the case's own) measured at --schedule-cases")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from qalora_tune.ops.int4_dq_linear import int4_dq_linear
-from qalora_tune.ops.int4_linear import int4_linear
+from qalora_tune.ops.int4_linear import int4_linear, one_row_int4_linear
 from qalora_tune.ops.intx_linear import intx_linear
 from qalora_tune.quantization.double_quant import DoubleQuantInt4Tensor
 from qalora_tune.quantization.int4_weight import CpuInt4Tensor, TileInt4Tensor
@@ -46,7 +46,9 @@ def _register(cls: type, compute: Callable[[torch.Tensor, Any], torch.Tensor]) -
 
 
 def _int4(x: torch.Tensor, weight: Any) -> torch.Tensor:
-    return int4_linear(x, weight.qdata, weight.scale_and_zero, weight.block_size[1], weight.shape[0])
+    args = (weight.qdata, weight.scale_and_zero, weight.block_size[1], weight.shape[0])
+    out = one_row_int4_linear(x, *args)  # decode: the kernel without the op's dispatch
+    return out if out is not None else int4_linear(x, *args)
 
 
 def _int4_double_quant(x: torch.Tensor, weight: DoubleQuantInt4Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from qalora_tune.quantization.int4_weight import (
     tinygemm_padded_in_features,
 )
 
-__all__ = ["int4_linear", "int4_linear_grad_input", "int4_matmul"]
+__all__ = ["int4_linear", "int4_linear_grad_input", "int4_matmul", "one_row_int4_linear"]
 
 
 # From this many rows of x on, dequantizing chunks for a bf16/fp16 GEMM beats the CPU int4
@@ -107,6 +107,47 @@ def int4_matmul(
     else:
         y = _tinygemm_forward(x2d, qdata, scale_and_zero, group_size, out_features)
     return y[:, :out_features].reshape(*x.shape[:-1], out_features).to(x.dtype).contiguous()
+
+
+def one_row_int4_linear(
+    x: torch.Tensor,
+    qdata: torch.Tensor,
+    scale_and_zero: torch.Tensor,
+    group_size: int,
+    out_features: int,
+) -> Optional[torch.Tensor]:
+    """Decode's fast path: ``x @ W^T`` for one row of ``x`` straight through the CPU int4
+    kernel, or ``None`` where :func:`int4_linear` must run instead.
+
+    At one row the kernel reads the weight at about 77% of the memory bandwidth, and the
+    op's eager dispatch and its body's checks around it cost 20-40 us per call, 17% of
+    a Llama-2-7B layer's decode (``benchmarks/decode_roofline.py``). This path applies
+    only where the op would call that same kernel with the same arguments, so the result
+    is the op's bit for bit: eager (not while ``torch.compile`` traces, which keeps the
+    op as one node), no gradient wanted for ``x``, the CPU layout, one row, and ``x``
+    already in the scales' dtype, bf16 or fp16 (fp32 takes the native GEMM).
+
+    Args:
+        x (torch.Tensor): ``(..., in_dim)`` with one row (``x.numel() == in_dim``).
+        qdata, scale_and_zero, group_size, out_features: as :func:`int4_linear`.
+
+    Returns:
+        Optional[torch.Tensor]: ``(..., out_features)`` in ``x.dtype``, or ``None``.
+    """
+    if (
+        x.numel() != x.shape[-1]
+        or qdata.dim() != 2
+        or x.dtype is not scale_and_zero.dtype
+        or x.dtype is torch.float32
+        or x.device.type != "cpu"
+        or (x.requires_grad and torch.is_grad_enabled())
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    y = cpu_int4pack_mm(x.reshape(1, -1).contiguous(), qdata, group_size, scale_and_zero)
+    if y.shape[-1] != out_features:  # rows padded for the packing
+        y = y[:, :out_features].contiguous()
+    return y.view(*x.shape[:-1], out_features)
 
 
 @torch.library.custom_op("qalora_tune::int4_linear", mutates_args=())

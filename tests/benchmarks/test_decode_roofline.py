@@ -16,7 +16,8 @@ def test_a_small_run_reports_rates_and_consistent_ratios(tmp_path):
         "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md"),
     ])
     m = report["measurement"]
-    assert set(m["rows"]) == {"stream", "dense bf16", "int4 kernel", "int4_linear op"}
+    assert set(m["rows"]) == {"stream", "dense bf16", "int4 kernel", "int4_linear op",
+                              "merged layer (F.linear)"}
     # widths / 4: 4 x 1024x1024 + 2 x 1024x2752 + 2752x1024, bf16 = 2 bytes a weight
     weights = 4 * 1024 * 1024 + 3 * 1024 * 2752
     assert m["rows"]["dense bf16"]["bytes"] == 2 * weights
@@ -25,6 +26,8 @@ def test_a_small_run_reports_rates_and_consistent_ratios(tmp_path):
     assert m["bytes_ratio"] == pytest.approx(2 / (0.5 + 4 / 64))
     rows = m["rows"]
     assert m["measured_ratio_kernel"] == pytest.approx(rows["dense bf16"]["ms"] / rows["int4 kernel"]["ms"])
+    assert m["measured_ratio_merged"] == pytest.approx(
+        rows["dense bf16"]["ms"] / rows["merged layer (F.linear)"]["ms"])
     assert rows["stream"]["of_stream"] == pytest.approx(1.0)
     for row in rows.values():
         assert row["ms"] > 0 and row["gb_per_s"] == pytest.approx(row["bytes"] / row["ms"] / 1e6)
