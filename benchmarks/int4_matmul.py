@@ -18,8 +18,9 @@ interleaved:
 - ``op``: ``qalora_tune::int4_linear``, which picks its path by ``M`` (on CPU, where it
   runs, the native GEMM of ``_cpu_int4_native``; column ``op path``);
 - ``grad_input``: ``qalora_tune::int4_linear_grad_input`` (``grad @ W``); on CPU also
-  ``grad_eager``, its chunks built by the eager passes; on CUDA ``grad_identity``, the
-  earlier way that dequantized through tinygemm's identity product.
+  ``grad_dequant`` and ``grad_eager``, ``grad @ W`` over dequantized chunks built by the
+  fused compiled kernel or by the eager passes; on CUDA ``grad_identity``, the earlier way
+  that dequantized through tinygemm's identity product.
 
 Times are medians in ms; ``x dense`` is the time over ``dense``'s. Bases are RTN-quantized
 random weights at group size ``--group-size``. The first call of every method on each
@@ -154,6 +155,8 @@ def methods_for(weight, dense, group_size: int, dtype: torch.dtype,
     methods["op"] = lambda x, g: int4_linear(x, qdata, scale_and_zero, group_size, out_dim)
     methods["grad_input"] = lambda x, g: int4_linear_grad_input(g, qdata, scale_and_zero, group_size, in_dim)
     if device.type == "cpu":
+        methods["grad_dequant"] = lambda x, g: chunked_int4_grad_input(
+            g, qdata, scale_and_zero, group_size, in_dim, compiled=True)
         methods["grad_eager"] = lambda x, g: chunked_int4_grad_input(
             g, qdata, scale_and_zero, group_size, in_dim, compiled=False)
     if device.type == "cuda":

@@ -19,7 +19,7 @@ def test_a_short_cpu_run_writes_every_method(tmp_path, dtype):
     ])
     rows = report["results"]
     assert [(r["in_dim"], r["out_dim"], r["rows"]) for r in rows] == [(256, 128, 1), (256, 128, 300)]
-    expected = {"dense", "dequant", "dequant_eager", "op", "grad_input", "grad_eager"}
+    expected = {"dense", "dequant", "dequant_eager", "op", "grad_input", "grad_dequant", "grad_eager"}
     expected |= {"kernel"} if dtype == "bf16" else set()
     for row in rows:
         assert set(row["ms"]) == expected
@@ -51,7 +51,7 @@ def test_the_timed_methods_compute_the_same_product():
         got = methods[name](x, grad).double()
         torch.testing.assert_close(got, want, rtol=0, atol=2e-2 * want.abs().max().item())
     want_grad = grad.double() @ dense.double()
-    for name in ("grad_input", "grad_eager"):
+    for name in ("grad_input", "grad_dequant", "grad_eager"):
         got_grad = methods[name](x, grad).double()
         torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=2e-2 * want_grad.abs().max().item())
 
