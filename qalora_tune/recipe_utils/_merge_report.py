@@ -15,7 +15,7 @@ The report gives two figures a user must not confuse:
 """
 
 import math
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -23,12 +23,17 @@ from torch import nn
 from qalora_tune._memory import release_free_memory
 from qalora_tune._progress import progress_bar
 from qalora_tune.modules import QALoRALinear
-from qalora_tune.recipe_utils._evaluation import full_logits, next_token_loss
+from qalora_tune.recipe_utils._evaluation import IGNORE_INDEX
 
 __all__ = ["LOGIT_BUDGET_BYTES", "merge_with_report", "merge_weight_error", "summarize_report"]
 
 LOGIT_BUDGET_BYTES = 256 << 20
 """float32 logits of one probe forward at most: longer probes run a few sequences at a time."""
+
+COMPARE_BUDGET_BYTES = 32 << 20
+"""float32 logits compared at once: the two forwards' outputs stay in the model's dtype and
+are compared a slice of positions at a time (a 512-token sequence of a 128k vocabulary
+has 262 MB of fp32 logits; whole, its comparison held five such copies)."""
 
 _LAYERS_PER_RELEASE = 16  # merged layers between two release_free_memory() calls
 
@@ -148,18 +153,26 @@ def merge_with_report(
         for start in range(0, batch, step):
             part = slice(start, start + step)
             _toggle(adapters, merged=False)
-            unmerged = full_logits(model(tokens[part]))
+            unmerged = _joined(model(tokens[part]))
             _toggle(adapters, merged=True)
-            merged = full_logits(model(tokens[part]))
-            difference = merged - unmerged
-            errors.append(difference.norm(dim=-1) / unmerged.norm(dim=-1).clamp_min(1e-30))
-            max_abs = max(max_abs, difference.abs().max().item())
-            if labels is not None:
-                for name, logits in (("unmerged", unmerged), ("merged", merged)):
-                    loss, count = next_token_loss(logits, labels[part])
-                    sums[name][0] += loss
-                    sums[name][1] += count
-            del unmerged, merged, difference
+            merged = _joined(model(tokens[part]))
+            rows = unmerged.shape[0]
+            width = max(1, COMPARE_BUDGET_BYTES // max(1, rows * unmerged.shape[-1] * 4))
+            part_errors = []
+            for first in range(0, seq, width):
+                positions = slice(first, first + width)
+                before, after = unmerged[:, positions].float(), merged[:, positions].float()
+                difference = after - before
+                part_errors.append(difference.norm(dim=-1) / before.norm(dim=-1).clamp_min(1e-30))
+                max_abs = max(max_abs, difference.abs().max().item())
+                if labels is not None:
+                    for name, logits in (("unmerged", before), ("merged", after)):
+                        loss, count = _next_token_loss_at(logits, labels[part], first)
+                        sums[name][0] += loss
+                        sums[name][1] += count
+                del before, after, difference
+            errors.append(torch.cat(part_errors, dim=1))
+            del unmerged, merged
             bar.update(tokens[part].shape[0])
     model.train(was_training)
     release_free_memory()  # the probe's activations, freed in the heap's holes
@@ -185,6 +198,25 @@ def merge_with_report(
         "merge_weight_error)"
     )
     return report
+
+
+def _joined(output: Any) -> torch.Tensor:
+    """A model's logits ``(batch, seq, vocab)`` in its own dtype (torchtune's chunked
+    output joined)."""
+    return torch.cat(output, dim=1) if isinstance(output, list) else output
+
+
+def _next_token_loss_at(logits: torch.Tensor, labels: torch.Tensor, first: int) -> Tuple[float, int]:
+    """Summed next-token cross-entropy and labelled-token count of the positions
+    ``first, first + 1, ...`` that ``logits`` ``(batch, positions, vocab)`` hold: position
+    ``t`` predicts ``labels[:, t + 1]`` (the last position predicts nothing)."""
+    targets = labels[:, first + 1 : first + 1 + logits.shape[1]]
+    logits = logits[:, : targets.shape[1]]
+    mask = targets != IGNORE_INDEX
+    if not bool(mask.any()):
+        return 0.0, 0
+    loss = torch.nn.functional.cross_entropy(logits[mask], targets[mask], reduction="sum")
+    return loss.item(), int(mask.sum())
 
 
 def _layer_names(model: nn.Module, adapters: List[QALoRALinear]) -> List[str]:

@@ -87,3 +87,32 @@ def test_a_probe_run_a_few_sequences_at_a_time_reports_the_same(monkeypatch):
     line = summarize_report(whole)
     assert "merge error in weight space (zero-point rounding)" in line
     assert "merged vs unmerged logits (kernel rounding, not merge error)" in line
+
+
+@pytest.mark.parametrize("positions", [1, 5, 12])
+def test_logits_compared_a_slice_of_positions_at_a_time_report_the_same(monkeypatch, positions):
+    """The comparison (and the probe's losses) over slices of ``positions`` positions equal
+    the whole batch's, with masked labels and a slice left over at the end."""
+    tokens = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(4))
+    labels = tokens.clone()
+    labels[0, :5] = -100  # a prompt without loss
+    labels[2, 7:] = -100  # padding
+    reports = []
+    for budget in (1 << 30, 3 * positions * 64 * 4):
+        model = _small_model(2)
+        adapters = [m for m in model.modules() if isinstance(m, QALoRALinear)]
+        monkeypatch.setattr(merge_report, "COMPARE_BUDGET_BYTES", budget)
+        reports.append(merge_with_report(model, adapters, {"tokens": tokens, "labels": labels},
+                                         torch.device("cpu")))
+    whole, slices = reports
+    for key in ("max_relative_logit_error", "mean_relative_logit_error", "max_abs_logit_error"):
+        assert slices[key] == pytest.approx(whole[key], rel=1e-6), key
+    for name in ("unmerged", "merged"):
+        assert slices[name]["loss"] == pytest.approx(whole[name]["loss"], rel=1e-6)
+    # against a float64 reference of the losses: the labelled next-token predictions
+    model = _small_model(2)
+    with torch.no_grad():
+        logits = model(tokens).double()
+    targets, mask = labels[:, 1:], labels[:, 1:] != -100
+    reference = torch.nn.functional.cross_entropy(logits[:, :-1][mask], targets[mask], reduction="mean")
+    assert whole["unmerged"]["loss"] == pytest.approx(reference.item(), rel=1e-5)
