@@ -4,6 +4,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
@@ -27,10 +28,11 @@ def command_line(script: str, argv: Sequence[str]) -> str:
     """The command that reproduces this run: the ``QALORA_TUNE_*`` variables set in the
     environment (they switch code paths) and ``TORCHINDUCTOR_CACHE_DIR`` (compile times
     depend on it), as they were when this module was imported; ``python``, the script and
-    its arguments."""
-    switches = [f"{name}={value}" for name, value in sorted(_ENVIRONMENT_AT_START.items())
+    its arguments, each quoted for a POSIX shell where it needs it (a case name with
+    spaces)."""
+    switches = [f"{name}={shlex.quote(value)}" for name, value in sorted(_ENVIRONMENT_AT_START.items())
                 if name.startswith("QALORA_TUNE_") or name == "TORCHINDUCTOR_CACHE_DIR"]
-    return " ".join([*switches, "python", script, *argv])
+    return " ".join([*switches, "python", shlex.quote(script), *map(shlex.quote, argv)])
 
 
 def write_outputs(json_path: Optional[Path], markdown_path: Optional[Path], report: Any,

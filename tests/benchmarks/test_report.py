@@ -19,6 +19,15 @@ def test_the_command_line_carries_the_switches_that_select_code_paths(monkeypatc
     )
 
 
+def test_the_command_line_quotes_arguments_a_shell_would_split():
+    line = _report.command_line("benchmarks/x.py", ["--cases", "tiny w512 G64 b2 r8", "--b", "it's"])
+    assert line.startswith("python benchmarks/x.py --cases 'tiny w512 G64 b2 r8' --b ")
+    import shlex
+
+    assert shlex.split(line) == ["python", "benchmarks/x.py", "--cases", "tiny w512 G64 b2 r8",
+                                 "--b", "it's"]
+
+
 def test_the_command_line_ignores_what_inductor_sets_after_start(monkeypatch):
     monkeypatch.setattr(_report, "_ENVIRONMENT_AT_START", {})
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_user")  # as inductor does
