@@ -119,9 +119,10 @@ def one_row_int4_linear(
     """Decode's fast path: ``x @ W^T`` for one row of ``x`` straight through the CPU int4
     kernel, or ``None`` where :func:`int4_linear` must run instead.
 
-    At one row the kernel reads the weight at about 77% of the memory bandwidth, and the
-    op's eager dispatch and its body's checks around it cost 20-40 us per call, 17% of
-    a Llama-2-7B layer's decode (``benchmarks/decode_roofline.py``). This path applies
+    At one row the kernel reads the weight at about 80% of the memory bandwidth, and the
+    op's eager dispatch and its body's checks around it cost 9-17% on top of it over a
+    Llama-2-7B layer's linears; through this path, 1% (``benchmarks/decode_roofline.py``,
+    docs/results/performance.md). This path applies
     only where the op would call that same kernel with the same arguments, so the result
     is the op's bit for bit: eager (not while ``torch.compile`` traces, which keeps the
     op as one node), no gradient wanted for ``x``, the CPU layout, one row, and ``x``
