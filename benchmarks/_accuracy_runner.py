@@ -34,6 +34,7 @@ from _accuracy_common import (
 )
 from _accuracy_data import TargetData, tinystories_batches, training_batches
 from _accuracy_models import Models, State, adapter_state, merge_all, perplexity, train
+from _report import packaged_config
 from torch import nn
 
 
@@ -412,11 +413,7 @@ class Benchmark:
     def packaged_defaults(self) -> dict[str, Any]:
         """The learning rate and schedule of the packaged config of this benchmark's model
         (:data:`DEFAULTS_CONFIG`), as a user who changes nothing trains with them."""
-        from omegaconf import OmegaConf
-
-        from qalora_tune.recipe_utils import resolve_config
-
-        config = OmegaConf.load(resolve_config(DEFAULTS_CONFIG))
+        config = packaged_config(DEFAULTS_CONFIG)
         scheduler = config.get("lr_scheduler", {})
         return {
             "config": DEFAULTS_CONFIG,

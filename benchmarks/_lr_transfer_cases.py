@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _report import packaged_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SHARED = ROOT.parent / "shared"
@@ -109,51 +110,31 @@ def tiny_base_dir(work_dir: Path, width: int) -> Path:
 
 def builder_of(case: Case, default: str) -> str:
     """The model builder a case's config names (the tiny widths build their own)."""
-    from omegaconf import OmegaConf
-
-    from qalora_tune.recipe_utils import resolve_config
-
     if case.width is not None:
         return default
-    return OmegaConf.load(resolve_config(case.config)).model._component_
+    return packaged_config(case.config).model._component_
 
 
 def _config_warmup(case: Case) -> int:
     """The warmup steps a case trains with (the tiny widths: ``TINY_PROTOCOL``)."""
-    from omegaconf import OmegaConf
-
-    from qalora_tune.recipe_utils import resolve_config
-
     if case.width is not None:
         return int(TINY_PROTOCOL["lr_scheduler.num_warmup_steps"])
-    return int(OmegaConf.load(resolve_config(case.config)).lr_scheduler.num_warmup_steps)
+    return int(packaged_config(case.config).lr_scheduler.num_warmup_steps)
 
 
 def _config_floor(case: Case) -> float:
     """The cosine floor (``lr_scheduler.min_lr_ratio``, a fraction of the peak) a case's
     config trains with; 0 for a scheduler without one (cosine to zero)."""
-    from omegaconf import OmegaConf
-
-    from qalora_tune.recipe_utils import resolve_config
-
-    return float(OmegaConf.load(resolve_config(case.config)).lr_scheduler.get("min_lr_ratio", 0.0))
+    return float(packaged_config(case.config).lr_scheduler.get("min_lr_ratio", 0.0))
 
 
 def _config_lr(config: str) -> float:
-    from omegaconf import OmegaConf
-
-    from qalora_tune.recipe_utils import resolve_config
-
-    return float(OmegaConf.load(resolve_config(config)).optimizer.lr)
+    return float(packaged_config(config).optimizer.lr)
 
 
 def _config_seed(config: str) -> int | None:
     """The ``seed`` a packaged config sets (``None`` for a random one)."""
-    from omegaconf import OmegaConf
-
-    from qalora_tune.recipe_utils import resolve_config
-
-    seed = OmegaConf.load(resolve_config(config)).get("seed")
+    seed = packaged_config(config).get("seed")
     return None if seed is None else int(seed)
 
 

@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: the machine's name and writing their outputs."""
+"""What the benchmark scripts share: the machine's name, the packaged configs and writing
+their outputs."""
 
 import argparse
 import json
@@ -8,6 +9,15 @@ import shlex
 import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
+
+
+def packaged_config(name: str) -> Any:
+    """A packaged config (``configs/<name>.yaml``) as OmegaConf reads it, unresolved."""
+    from omegaconf import OmegaConf
+
+    from qalora_tune.recipe_utils import resolve_config
+
+    return OmegaConf.load(resolve_config(name))
 
 
 def cpu_model_name() -> str:

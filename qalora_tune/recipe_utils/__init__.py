@@ -44,6 +44,7 @@ from qalora_tune.recipe_utils._evaluation import (
     adapters_disabled,
     evaluate_lm,
     full_logits,
+    joined_logits,
     next_token_loss,
 )
 from qalora_tune.recipe_utils._finetune_preflight import finetune_preflight
@@ -151,6 +152,7 @@ __all__ = [
     "finetune_preflight",
     "format_metrics",
     "full_logits",
+    "joined_logits",
     "gather_objects",
     "get_cosine_schedule_with_floor",
     "init_distributed",

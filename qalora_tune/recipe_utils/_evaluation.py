@@ -11,29 +11,37 @@ from torch import nn
 from qalora_tune.errors import UserValueError
 from qalora_tune.recipe_utils._distributed import all_reduce_sum
 
-__all__ = ["adapters_disabled", "evaluate_lm", "full_logits", "next_token_loss"]
+__all__ = ["adapters_disabled", "evaluate_lm", "full_logits", "joined_logits", "next_token_loss"]
 
 IGNORE_INDEX = -100
 
 
+def joined_logits(output) -> torch.Tensor:
+    """A model's logits ``(batch, seq, vocab)`` in its own dtype, joining torchtune's
+    chunked output."""
+    return torch.cat(output, dim=1) if isinstance(output, list) else output
+
+
 def full_logits(output) -> torch.Tensor:
     """A model's logits ``(batch, seq, vocab)`` in fp32, joining torchtune's chunked output."""
-    if isinstance(output, list):
-        output = torch.cat(output, dim=1)
-    return output.float()
+    return joined_logits(output).float()
 
 
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[float, int]:
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, first: int = 0) -> Tuple[float, int]:
     """Summed next-token cross-entropy (nats) and the number of labelled tokens.
 
     Args:
-        logits (torch.Tensor): ``(batch, seq, vocab)``.
+        logits (torch.Tensor): ``(batch, positions, vocab)``: the logits of positions
+            ``first, first + 1, ...`` (by default all of them).
         labels (torch.Tensor): ``(batch, seq)`` aligned with the tokens, ``-100`` where no
-            loss is taken; position ``t`` predicts ``labels[t + 1]``.
+            loss is taken; position ``t`` predicts ``labels[t + 1]`` (the last position
+            predicts nothing).
+        first (int): the position of ``logits[:, 0]``, for logits taken a slice of
+            positions at a time.
     """
-    labels = labels[:, 1:]
-    mask = labels != IGNORE_INDEX
-    loss = F.cross_entropy(logits[:, :-1][mask], labels[mask], reduction="sum")
+    targets = labels[:, first + 1 : first + 1 + logits.shape[1]]
+    mask = targets != IGNORE_INDEX
+    loss = F.cross_entropy(logits[:, : targets.shape[1]][mask], targets[mask], reduction="sum")
     return loss.item(), int(mask.sum())
 
 

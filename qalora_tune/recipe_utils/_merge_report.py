@@ -15,7 +15,7 @@ The report gives two figures a user must not confuse:
 """
 
 import math
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ from torch import nn
 from qalora_tune._memory import release_free_memory
 from qalora_tune._progress import progress_bar
 from qalora_tune.modules import QALoRALinear
-from qalora_tune.recipe_utils._evaluation import IGNORE_INDEX
+from qalora_tune.recipe_utils._evaluation import joined_logits, next_token_loss
 
 __all__ = ["LOGIT_BUDGET_BYTES", "merge_with_report", "merge_weight_error", "summarize_report"]
 
@@ -107,7 +107,6 @@ def _toggle(adapters: List[QALoRALinear], merged: bool) -> None:
         release_free_memory()
 
 
-
 @torch.no_grad()
 def merge_with_report(
     model: nn.Module,
@@ -153,9 +152,9 @@ def merge_with_report(
         for start in range(0, batch, step):
             part = slice(start, start + step)
             _toggle(adapters, merged=False)
-            unmerged = _joined(model(tokens[part]))
+            unmerged = joined_logits(model(tokens[part]))
             _toggle(adapters, merged=True)
-            merged = _joined(model(tokens[part]))
+            merged = joined_logits(model(tokens[part]))
             rows = unmerged.shape[0]
             width = max(1, COMPARE_BUDGET_BYTES // max(1, rows * unmerged.shape[-1] * 4))
             part_errors = []
@@ -168,7 +167,7 @@ def merge_with_report(
                 max_abs = max(max_abs, -low.item(), high.item())
                 if labels is not None:
                     for name, logits in (("unmerged", before), ("merged", after)):
-                        loss, count = _next_token_loss_at(logits, labels[part], first)
+                        loss, count = next_token_loss(logits, labels[part], first)
                         sums[name][0] += loss
                         sums[name][1] += count
                 del before, after, difference
@@ -199,25 +198,6 @@ def merge_with_report(
         "merge_weight_error)"
     )
     return report
-
-
-def _joined(output: Any) -> torch.Tensor:
-    """A model's logits ``(batch, seq, vocab)`` in its own dtype (torchtune's chunked
-    output joined)."""
-    return torch.cat(output, dim=1) if isinstance(output, list) else output
-
-
-def _next_token_loss_at(logits: torch.Tensor, labels: torch.Tensor, first: int) -> Tuple[float, int]:
-    """Summed next-token cross-entropy and labelled-token count of the positions
-    ``first, first + 1, ...`` that ``logits`` ``(batch, positions, vocab)`` hold: position
-    ``t`` predicts ``labels[:, t + 1]`` (the last position predicts nothing)."""
-    targets = labels[:, first + 1 : first + 1 + logits.shape[1]]
-    logits = logits[:, : targets.shape[1]]
-    mask = targets != IGNORE_INDEX
-    if not bool(mask.any()):
-        return 0.0, 0
-    loss = torch.nn.functional.cross_entropy(logits[mask], targets[mask], reduction="sum")
-    return loss.item(), int(mask.sum())
 
 
 def _layer_names(model: nn.Module, adapters: List[QALoRALinear]) -> List[str]:
