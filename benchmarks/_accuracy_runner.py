@@ -73,9 +73,17 @@ class Benchmark:
         return {split: perplexity(model, batches[split]) for split in splits}
 
     def _train(
-        self, kind: str, model: nn.Module, target: TargetData, lr: float, seed: int, **extra: Any
+        self,
+        kind: str,
+        model: nn.Module,
+        target: TargetData,
+        lr: float,
+        seed: int,
+        schedule: dict[str, Any] | None = None,
+        **extra: Any,
     ) -> tuple[list[float], float]:
-        """Train ``model`` on the target's batches for ``seed``, and record the run;
+        """Train ``model`` on the target's batches for ``seed`` (``schedule``: the warmup and
+        floor keywords of :func:`train`, its defaults if unset), and record the run;
         returns the losses and the seconds it took."""
         start = time.perf_counter()
         losses = train(
@@ -83,6 +91,7 @@ class Benchmark:
             training_batches(target.train, self.args.batch_size, self.args.steps, seed),
             self.args.steps,
             lr,
+            **(schedule or {}),
         )
         seconds = time.perf_counter() - start
         self._record_training(kind, target, lr, seed, losses, seconds, **extra)
@@ -440,18 +449,10 @@ class Benchmark:
                 continue
             model = self.models.qalora(bits, group_size, quantizer, ALPHA, seed, target,
                                        legacy_mean=False)
-            start = time.perf_counter()
-            losses = train(
-                model,
-                training_batches(target.train, self.args.batch_size, self.args.steps, seed),
-                self.args.steps,
-                defaults["lr"],
-                warmup_steps=defaults["warmup_steps"],
-                min_lr_ratio=defaults["min_lr_ratio"],
-            )
-            self._record_training("qalora_defaults", target, defaults["lr"], seed, losses,
-                                  time.perf_counter() - start, bits=bits,
-                                  group_size=group_size, quantizer=quantizer)
+            schedule = {"warmup_steps": defaults["warmup_steps"],
+                        "min_lr_ratio": defaults["min_lr_ratio"]}
+            self._train("qalora_defaults", model, target, defaults["lr"], seed, schedule,
+                        bits=bits, group_size=group_size, quantizer=quantizer)
             scores = self.merged_scores(model, target)
             self.set_seeded(row, seed, scores)
             _log(f"{target.name}: packaged defaults b={bits} G={group_size}: "
